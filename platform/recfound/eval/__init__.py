@@ -1,0 +1,1 @@
+"""Metrics, baselines and reports on a built dataset's test split."""

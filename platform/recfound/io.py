@@ -1,0 +1,56 @@
+"""Storage through fsspec: local paths, s3://, gs://, memory:// and gzip, all read and written the same way."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def open_binary(url: str) -> BinaryIO:
+    """Open for reading, decompressing ``.gz`` (by magic bytes, so a mislabelled file still reads)."""
+    raw = fsspec.open(url, "rb").open()
+    head = raw.read(2)
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+
+
+def iter_lines(url: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each non-blank line."""
+    with open_binary(url) as handle:
+        for number, line in enumerate(io.TextIOWrapper(handle, encoding="utf-8"), start=1):
+            if line.strip():
+                yield number, line
+
+
+def sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Write JSON so a reader never sees half a file: write a sibling temp file, then move it into place."""
+    fs, path = url_to_fs(url)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+    fs.mv(tmp, path)
+
+
+def read_json(url: str) -> Any:
+    with fsspec.open(url, "r") as handle:
+        return json.load(handle)

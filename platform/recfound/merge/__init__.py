@@ -1,0 +1,1 @@
+"""Model Merge of TMoLE checkpoints (linear, TIES, slerp)."""

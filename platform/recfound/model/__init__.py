@@ -1,0 +1,1 @@
+"""One causal LM that embeds and generates, adapted per task by TMoLE."""

@@ -1,0 +1,1 @@
+"""Ray Serve deployment, item index and the model registry."""
