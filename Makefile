@@ -1,5 +1,5 @@
 # One environment for everything: .venv, built from this repo's own files.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

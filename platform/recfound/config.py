@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import types
+from enum import Enum
 import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -104,6 +105,8 @@ def load_config(cls: type[C], path: str | None = None, overrides: list[str] | No
 
 
 def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "|".join(str(m.value) for m in annotation)
     if isinstance(annotation, type):
         return annotation.__name__
     if typing.get_origin(annotation) is typing.Literal:
@@ -124,7 +127,9 @@ def describe(cls: type[Config], prefix: str = "") -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, Config):
             lines.extend(describe(annotation, key + "."))
             continue
-        default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        value = value.value if isinstance(value, Enum) else value
+        default = "required" if field.is_required() else f"default: {value!r}"
         lines.append(f"  {key} ({_type_name(annotation)}; {default})")
         doc = field.description or ""
         lines.extend(textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      "))

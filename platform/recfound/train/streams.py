@@ -1,0 +1,75 @@
+"""Per-task row streams on a training worker: any number of rows per step, epochs restarting on their own.
+
+Each task is its own Ray Data dataset, split across workers by Ray Train. S2Sched changes how many rows of each
+task a step takes, so a worker pulls rows on demand from a buffer instead of fixed-size batches. Every rank takes
+the same counts at the same step, so the equal-sized streaming splits reach their epoch ends together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+Rows = dict[str, np.ndarray]
+
+
+class Shard(Protocol):
+    """What a worker needs of a dataset shard (ray.data.DataIterator satisfies it)."""
+
+    def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]: ...
+
+
+def concat_rows(parts: list[Rows]) -> Rows:
+    keys = parts[0].keys()
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+class TaskStream:
+    """Rows of one task's shard on demand; tracks (epoch, position) so a resumed run can skip what it consumed."""
+
+    def __init__(self, shard: Shard, chunk: int = 64, epoch: int = 0, position: int = 0) -> None:
+        self.shard, self.chunk = shard, chunk
+        self.epoch, self.position = epoch, 0
+        self._buffer: Rows | None = None
+        self._batches = self._open()
+        self._skip(position)
+
+    def _open(self) -> Iterator[Rows]:
+        return iter(self.shard.iter_batches(batch_size=self.chunk, batch_format="numpy", prefetch_batches=2))
+
+    def _next_chunk(self) -> Rows:
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._open()
+            try:
+                return next(self._batches)
+            except StopIteration:
+                raise RuntimeError("a task's shard has no rows on this worker") from None
+
+    def _buffered(self) -> int:
+        return 0 if self._buffer is None else len(next(iter(self._buffer.values())))
+
+    def _skip(self, n: int) -> None:
+        if n:
+            self.take(n)
+
+    def take(self, n: int) -> Rows:
+        """The next ``n`` rows, crossing epoch boundaries when the shard runs out."""
+        parts: list[Rows] = []
+        while n > 0:
+            if not self._buffered():
+                self._buffer = self._next_chunk()
+            assert self._buffer is not None
+            k = min(n, self._buffered())
+            parts.append({key: v[:k] for key, v in self._buffer.items()})
+            self._buffer = {key: v[k:] for key, v in self._buffer.items()}
+            self.position += k
+            n -= k
+        return concat_rows(parts)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}

@@ -1,0 +1,124 @@
+"""What rank 0 says about a run: one line per step, TensorBoard events, and loss/weight plots at the end.
+
+Throughput is reported as tokens/s and as a share of a peak: on CPU the peak is this machine's own measured
+GEMM rate (datasheets mean nothing for a shared VM); on GPU it is the datasheet bf16 dense peak (MFU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; the first match wins.
+DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def measured_gemm_peak(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square fp32 matmul here, best of ``repeats``: the CPU reference for the FLOP share."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, label): datasheet MFU on a known GPU, otherwise the measured GEMM peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peak in DATASHEET_BF16.items():
+            if fragment in name:
+                return peak, "mfu"
+    return measured_gemm_peak(device), "flop_share"
+
+
+def flops_per_token(num_params: int) -> float:
+    """nanoGPT's 6N estimate: forward 2N plus backward 4N per token (attention's quadratic term ignored)."""
+    return 6.0 * num_params
+
+
+@dataclass
+class StepRecord:
+    step: int
+    lr: float
+    seconds: float
+    tokens: int
+    samples: int
+    losses: dict[str, float]
+    weights: dict[str, float]
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Telemetry:
+    """Formats and keeps rank 0's per-step records; ``history`` is what checkpoints and plots are made from."""
+
+    def __init__(self, log_dir: Path | None, flops_per_token: float, peak: tuple[float, str], every: int) -> None:
+        self.flops_per_token, (self.peak, self.peak_label), self.every = flops_per_token, peak, every
+        self.history: list[dict] = []
+        self._writer = None
+        if log_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir))
+
+    def log(self, record: StepRecord, world_size: int) -> dict[str, float]:
+        tokens_per_s = record.tokens * world_size / record.seconds
+        share = tokens_per_s * self.flops_per_token / (self.peak * world_size)
+        row = asdict(record) | {"tokens_per_s": tokens_per_s, self.peak_label: share}
+        self.history.append(row)
+        if self._writer is not None:
+            for task, loss in record.losses.items():
+                self._writer.add_scalar(f"loss/{task}", loss, record.step)
+            for task, weight in record.weights.items():
+                self._writer.add_scalar(f"weight/{task}", weight, record.step)
+            self._writer.add_scalar("throughput/tokens_per_s", tokens_per_s, record.step)
+            self._writer.add_scalar(f"throughput/{self.peak_label}", share, record.step)
+        if record.step % self.every == 0:
+            losses = " ".join(f"{t}={v:.3f}" for t, v in record.losses.items())
+            print(
+                f"step {record.step} | lr {record.lr:.2e} | {record.seconds * 1e3:.0f} ms | "
+                f"{tokens_per_s:,.0f} tok/s | {record.samples * world_size / record.seconds:.1f} samples/s | "
+                f"{self.peak_label} {share:.1%} | {losses}",
+                flush=True,
+            )
+        return {"tokens_per_s": tokens_per_s, self.peak_label: share}
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def write_history(history: list[dict], out: Path) -> None:
+    out.write_text("\n".join(json.dumps(row) for row in history) + "\n")
+
+
+def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
+    """Per-task loss curves and S2Sched weights over time, as PNGs next to the checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, title, name in (("losses", "per-task loss", "losses.png"), ("weights", "S2Sched weights", "weights.png")):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        tasks = sorted({t for row in history for t in row[key]})
+        for task in tasks:
+            points = [(row["step"], row[key][task]) for row in history if task in row[key]]
+            ax.plot(*zip(*points), label=task)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
