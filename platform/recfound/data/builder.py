@@ -1,0 +1,235 @@
+"""Raw sources -> the multi-task dataset: ``tasks/<task>/<split>.parquet``, items, interactions, manifest.
+
+The manifest is written last and atomically: a directory without one is a build that did not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from pydantic import Field, field_validator, model_validator
+
+from recfound import __version__
+from recfound.config import Config, InputURL
+from recfound.data.context import Context
+from recfound.data.embedding_tasks import build_i2i, build_q2i, build_u2i, q2i_mode
+from recfound.data.generative_tasks import (
+    build_query_rewriting, build_sentiment_analysis, build_sequential_recommendation, build_user_profile,
+)  # fmt: skip
+from recfound.data.gritlm import SPLIT_PLACEHOLDER, gritlm_urls, read_gritlm
+from recfound.data.item_tasks import (
+    build_attribute_value_extraction, build_item_profile, build_product_matching, build_product_relation_prediction,
+    unavailable_qa,
+)  # fmt: skip
+from recfound.data.rows import EmbeddingRow, Row, Sample, TaskUnavailable
+from recfound.data.loading import load
+from recfound.data.sources import BadRowPolicy, BadRows, DataError
+from recfound.data.synthetic import SyntheticConfig, write_catalogue
+from recfound.data.tables import (
+    INTERACTION_SCHEMA, ITEM_SCHEMA, SCHEMAS, cap, interaction_columns, item_columns, task_columns, write_parquet,
+)  # fmt: skip
+from recfound.data.templates import TEMPLATE_VERSION
+from recfound.io import exists, sha256, write_json
+from recfound.tasks import ALL_TASKS, INTERACTIONS, ITEMS, MANIFEST, QUARANTINE, SPLITS, mode_of, task_path
+
+log = logging.getLogger(__name__)
+
+BUILDERS: dict[str, Callable[[Context], list[Sample]]] = {
+    "u2i": build_u2i,
+    "q2i": build_q2i,
+    "i2i": build_i2i,
+    "query_rewriting": build_query_rewriting,
+    "sequential_recommendation": build_sequential_recommendation,
+    "product_relation_prediction": build_product_relation_prediction,
+    "sentiment_analysis": build_sentiment_analysis,
+    "attribute_value_extraction": build_attribute_value_extraction,
+    "product_matching": build_product_matching,
+    "user_profile": build_user_profile,
+    "item_profile": build_item_profile,
+    "answerability_prediction": unavailable_qa,
+    "answer_generation": unavailable_qa,
+}
+assert tuple(BUILDERS) == ALL_TASKS
+
+
+class BuildConfig(Config):
+    reviews: InputURL | None = None
+    """Amazon reviews, JSON lines (gzip ok; 2018 or 2023 schema, detected per file). Unset (and no gritlm): a
+    synthetic catalogue is generated under <out>/raw/ and built from."""
+    meta: InputURL | None = None
+    """Amazon item metadata for the reviewed items (2018 or 2023 schema). Without it items are titled by review
+    summaries and the item-level generative tasks are skipped."""
+    queries: InputURL | None = None
+    """Shopping Queries (ESCI) judgements: parquet, CSV or JSON lines with query, product_id, esci_label
+    [, product_title, product_brand], or an OpenSearch judgement-list JSON. Used by q2i and query_rewriting."""
+    gritlm: str | None = None
+    """Published RecFound (GritLM) JSON lines, added to the rows built from reviews. With '{split}' in the URL
+    the train/valid/test files keep their split; a single file is split by a seeded hash of each row's id."""
+    out: str = "runs/data/synthetic"
+    """Output directory (local path or fsspec URL)."""
+    seed: int = 0
+    """Seed for negatives, option order, paraphrases and hash splits: same inputs and seed, identical files."""
+    tasks: list[str] | None = None
+    """Tasks to build (comma list). Unset: every task the sources support; the others are skipped with the
+    reason in the manifest. A listed task that cannot be built is an error. Names: u2i, q2i, i2i,
+    query_rewriting, sequential_recommendation, product_relation_prediction, sentiment_analysis,
+    attribute_value_extraction, product_matching, user_profile, item_profile, answerability_prediction,
+    answer_generation."""
+    kcore: int = Field(5, ge=1)
+    """Keep only users and items with at least this many interactions (iterated; the real slices are 5-core)."""
+    num_negatives: int = Field(1, ge=1)
+    """Hard negatives per embedding row (the paper uses 1)."""
+    max_history: int = Field(20, ge=1)
+    """Most recent items shown as a user's history (u2i, sequential_recommendation, user_profile)."""
+    sr_options: int = Field(10, ge=2, le=20)
+    """Lettered options per sequential_recommendation prompt: the next item plus sampled negatives."""
+    holdout: float = Field(0.1, gt=0, lt=0.5)
+    """Fraction of item-level and query rows hashed into test, and again into valid."""
+    on_bad_rows: BadRowPolicy = "error"
+    """error: stop at the first malformed input row; skip: count it and write it to <out>/quarantine.jsonl."""
+    max_rows_per_task: int | None = Field(None, ge=1)
+    """Cap on the rows of each split of each task (a seeded sample), for quick experiments."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    """The generated catalogue, used only when neither reviews nor gritlm is given."""
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    @field_validator("gritlm")
+    @classmethod
+    def _gritlm_exists(cls, url: str | None) -> str | None:
+        if url is not None and not (gritlm_urls(url) or exists(url)):
+            raise ValueError(f"no such file: {url}" + (" for any split" if SPLIT_PLACEHOLDER in url else ""))
+        return url
+
+    @model_validator(mode="after")
+    def _needs_reviews(self) -> BuildConfig:
+        if self.reviews is None and (self.meta or self.queries):
+            raise ValueError("meta and queries describe the items of a reviews file: set reviews too")
+        return self
+
+
+def _requested(tasks: list[str] | None) -> list[str] | None:
+    unknown = [t for t in tasks or [] if t not in ALL_TASKS]
+    if unknown:
+        raise DataError("tasks", f"unknown task {unknown[0]!r}; known tasks: {', '.join(ALL_TASKS)}")
+    return list(dict.fromkeys(tasks)) if tasks else None
+
+
+def _clear(out: str) -> None:
+    """Remove what a previous build left (manifest first), so stale task files never pass for new ones."""
+    fs, root = url_to_fs(out)
+    for name in (MANIFEST, "tasks", ITEMS, INTERACTIONS, QUARANTINE):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+
+
+def _sources(cfg: BuildConfig, urls: dict[str, str]) -> list[dict[str, str]]:
+    files = [(role, url) for role, url in urls.items() if url]
+    if cfg.gritlm:
+        files += [("gritlm", url) for url in (gritlm_urls(cfg.gritlm) or {"": cfg.gritlm}).values()]
+    return [{"role": role, "url": url, "sha256": sha256(url)} for role, url in files]
+
+
+def _build_tasks(
+    requested: list[str] | None, ctx: Context | None, extra: dict[str, list[Sample]], cfg: BuildConfig
+) -> tuple[dict[str, dict[str, list[Row]]], dict[str, str]]:
+    """Rows per task and split, and the reason for each task left out (an error if it was asked for)."""
+    built: dict[str, dict[str, list[Row]]] = {}
+    skipped: dict[str, str] = {}
+    for task in requested or ALL_TASKS:
+        samples: list[Sample] = []
+        reason = "no reviews given and no gritlm= rows for it"
+        if ctx is not None:
+            try:
+                samples = BUILDERS[task](ctx)
+                reason = "the sources yield no rows for it"
+            except TaskUnavailable as why:
+                reason = str(why)
+        samples += extra.get(task, [])
+        if not samples:
+            if requested:
+                raise DataError("tasks", f"task {task!r} was requested but cannot be built: {reason}")
+            log.info("skipping %s: %s", task, reason)
+            skipped[task] = reason
+            continue
+        built[task] = {
+            split: cap([row for s, row in samples if s == split], cfg.max_rows_per_task, cfg.seed, f"{task}:{split}")
+            for split in SPLITS
+        }
+    return built, skipped
+
+
+def _texts(built: dict[str, dict[str, list[Row]]]) -> dict[str, str]:
+    """Item id -> text of every item an embedding row names (GritLM rows name items only by their text)."""
+    texts: dict[str, str] = {}
+    for splits in built.values():
+        for rows in splits.values():
+            for row in rows:
+                if isinstance(row, EmbeddingRow):
+                    texts.update(zip((row.pos_item, *row.neg_items), (row.pos, *row.neg), strict=True))
+    return texts
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Build every requested (or every possible) task from the configured sources; returns the manifest."""
+    requested = _requested(cfg.tasks)
+    out = cfg.out.rstrip("/")
+    _clear(out)
+    bad = BadRows(cfg.on_bad_rows)
+    synthetic = cfg.reviews is None and cfg.gritlm is None
+    urls = write_catalogue(cfg.synthetic, f"{out}/raw") if synthetic else {
+        k: v for k, v in {"reviews": cfg.reviews, "meta": cfg.meta, "queries": cfg.queries}.items() if v}  # fmt: skip
+    loaded = load(urls, bad, cfg.kcore) if urls else None
+    ctx = None
+    if loaded is not None:
+        ctx = Context(seed=cfg.seed, catalogue=loaded.catalogue, timelines=loaded.timelines,
+                      judgements=loaded.judgements, source="synthetic" if synthetic else "amazon_reviews",
+                      num_negatives=cfg.num_negatives, max_history=cfg.max_history, sr_options=cfg.sr_options,
+                      holdout=cfg.holdout)  # fmt: skip
+    extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
+    built, skipped = _build_tasks(requested, ctx, extra, cfg)
+    if not built:
+        raise DataError(out, "no task could be built from the given sources: " + json.dumps(skipped))
+
+    for task, splits in built.items():
+        for split, rows in splits.items():
+            write_parquet(f"{out}/{task_path(task, split)}", task_columns(task, split, rows), SCHEMAS[mode_of(task)])
+    texts = _texts(built)
+    catalogue = ctx.catalogue if ctx else {}
+    timelines = ctx.timelines if ctx else {}
+    write_parquet(f"{out}/{ITEMS}", item_columns(catalogue, texts), ITEM_SCHEMA)
+    write_parquet(f"{out}/{INTERACTIONS}", interaction_columns(timelines), INTERACTION_SCHEMA)
+    if cfg.on_bad_rows == "skip":
+        with fsspec.open(f"{out}/{QUARANTINE}", "w") as handle:
+            handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in bad.rows)
+
+    counts = {task: {split: len(rows) for split, rows in splits.items()} for task, splits in built.items()}
+    manifest: dict[str, Any] = {
+        "tasks": counts,
+        "rows": {split: sum(c[split] for c in counts.values()) for split in SPLITS},
+        "items": len(set(catalogue) | set(texts)),
+        "users": len(timelines),
+        "interactions": sum(len(t) for t in timelines.values()),
+        "sources": _sources(cfg, urls),
+        "synthetic": synthetic,
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"),
+        "template_version": TEMPLATE_VERSION,
+        "skipped_tasks": skipped,
+        "quarantined": {"total": len(bad.rows), "by_file": bad.counts(), "policy": cfg.on_bad_rows},
+        "filtered": loaded.counts if loaded else {},
+        "recfound_version": __version__,
+    }
+    if "q2i" in built and ctx is not None:
+        pseudo, why = q2i_mode(ctx)
+        manifest["q2i"] = {"pseudo_queries": pseudo, "reason": why}
+    write_json(f"{out}/{MANIFEST}", manifest)  # last: its presence marks a finished build
+    return manifest

@@ -1,0 +1,159 @@
+"""U2I, Q2I and I2I rows: a query text, the positive item's text, and hard negatives.
+
+Negatives never include the positive or, for a user's rows, any item the user consumed: a false negative
+teaches the model to push apart exactly the pairs it should retrieve.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+from recfound.data.context import Context
+from recfound.data.esci import Esci
+from recfound.data.rows import EmbeddingRow, Sample
+from recfound.data.templates import ITEM_INSTRUCTIONS, QUERY_INSTRUCTIONS, history_text, pick
+
+# Clean negatives first: an irrelevant product is surely wrong, a substitute may satisfy the query.
+_HARDNESS = {Esci.IRRELEVANT: 0, Esci.COMPLEMENT: 1, Esci.SUBSTITUTE: 2}
+_STARS = re.compile(r"^\s*(one|two|three|four|five|[1-5])\s+stars?\b", re.IGNORECASE)
+PSEUDO_QUERY_MIN_RATING = 4  # a satisfied reviewer's summary names what they were looking for
+GENERIC_SUMMARY_ITEMS = 3
+
+
+def _row(ctx: Context, task: str, rng: random.Random, query: str, positive: str, exclude: frozenset[str],
+         user: str, source: str, hard: Sequence[str] = ()) -> EmbeddingRow:  # fmt: skip
+    negs = list(hard[: ctx.num_negatives])
+    negs += ctx.negatives(rng, positive, exclude | set(negs), ctx.num_negatives - len(negs))
+    item = ctx.catalogue[positive]
+    return EmbeddingRow(
+        query_instruction=pick(rng, QUERY_INSTRUCTIONS[task]),
+        query=query,
+        pos_instruction=ITEM_INSTRUCTIONS[task],
+        pos=item.text,
+        pos_item=positive,
+        neg=tuple(ctx.catalogue[n].text for n in negs),
+        neg_items=tuple(negs),
+        user=user,
+        category=item.category,
+        source=source,
+    )
+
+
+def history(ctx: Context, user: str, end: int) -> str:
+    """Titles of the user's items before position ``end``, at most ``max_history``, oldest first."""
+    timeline = ctx.timelines[user]
+    return history_text([ctx.catalogue[i.item].title for _, i in timeline[max(0, end - ctx.max_history) : end]])
+
+
+def build_u2i(ctx: Context) -> list[Sample]:
+    """One row per interaction after the first: history so far -> that item; its split is the target's."""
+    out: list[Sample] = []
+    for user, timeline in ctx.timelines.items():
+        own = frozenset(i.item for _, i in timeline)
+        for t in range(1, len(timeline)):
+            split, target = timeline[t]
+            rng = ctx.rng("u2i", user, t)
+            out.append((split, _row(ctx, "u2i", rng, history(ctx, user, t), target.item, own, user, ctx.source)))
+    return out
+
+
+def esci_pairs(ctx: Context) -> dict[str, tuple[list[str], list[str]]]:
+    """query -> (exact-match items, other judged items hardest-last), keeping only items with catalogue text."""
+    judged = defaultdict(list)
+    for j in ctx.judgements:
+        if j.item in ctx.catalogue:
+            judged[j.query].append(j)
+    out = {}
+    for query in sorted(judged):
+        positives = sorted(j.item for j in judged[query] if j.label is Esci.EXACT)
+        others = sorted((_HARDNESS[j.label], j.item) for j in judged[query] if j.label is not Esci.EXACT)
+        if positives:
+            out[query] = (positives, [item for _, item in others])
+    return out
+
+
+def q2i_mode(ctx: Context) -> tuple[bool, str]:
+    """(uses pseudo-queries, why): real queries need judged products whose text is in the catalogue."""
+    if not ctx.judgements:
+        return True, "no query log given (queries=): review summaries serve as pseudo-queries"
+    pairs = esci_pairs(ctx)
+    queries = len({j.query for j in ctx.judgements})
+    if pairs:
+        return False, f"ESCI: {len(pairs)} of {queries} queries have an exact match with text in the catalogue"
+    return True, (f"none of the {queries} ESCI queries has an exact-match product with text in the catalogue; "
+                  "review summaries serve as pseudo-queries")  # fmt: skip
+
+
+def _normal(summary: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", summary.lower()).split())
+
+
+def _generic_summaries(ctx: Context) -> set[str]:
+    """Summaries written about several different items ("Great product!") say nothing about any one of them."""
+    items_by_summary: dict[str, set[str]] = defaultdict(set)
+    for timeline in ctx.timelines.values():
+        for _, event in timeline:
+            items_by_summary[_normal(event.summary)].add(event.item)
+    return {s for s, items in items_by_summary.items() if len(items) >= GENERIC_SUMMARY_ITEMS}
+
+
+def _is_query_like(summary: str, generic: set[str]) -> bool:
+    return 2 <= len(summary.split()) <= 12 and not _STARS.match(summary) and _normal(summary) not in generic
+
+
+def build_q2i(ctx: Context) -> list[Sample]:
+    """Query -> item. A query's rows share one split (by query hash) so no query is both trained and tested;
+    pseudo-queries keep their review's split so a held-out review's words are never trained on."""
+    pseudo, _ = q2i_mode(ctx)
+    out: list[Sample] = []
+    if not pseudo:
+        for query, (positives, others) in esci_pairs(ctx).items():
+            split = ctx.split(f"query:{query}")
+            for positive in positives:
+                rng = ctx.rng("q2i", query, positive)
+                out.append((split, _row(ctx, "q2i", rng, query, positive, frozenset(positives), "", "esci", others)))
+        return out
+    generic = _generic_summaries(ctx)
+    for user, timeline in ctx.timelines.items():
+        own = frozenset(i.item for _, i in timeline)
+        for t, (split, event) in enumerate(timeline):
+            if event.rating >= PSEUDO_QUERY_MIN_RATING and _is_query_like(event.summary, generic):
+                rng = ctx.rng("q2i", user, t)
+                source = f"{ctx.source}:review_summary"
+                out.append((split, _row(ctx, "q2i", rng, event.summary, event.item, own, "", source)))
+    return out
+
+
+def related_pairs(ctx: Context) -> dict[tuple[str, str], str]:
+    """(anchor, related item) -> relation: also_buy, then also_view, then consecutive training purchases.
+
+    Only training transitions count, so a user's held-out next item is never learned as "related".
+    """
+    pairs: dict[tuple[str, str], str] = {}
+    for relation in ("also_buy", "also_view"):
+        for item in ctx.catalogue.values():
+            for other in getattr(item, relation):
+                pairs.setdefault((item.item_id, other), relation)
+    for timeline in ctx.timelines.values():
+        for (s1, a), (s2, b) in zip(timeline, timeline[1:], strict=False):
+            if s1 == s2 == "train":
+                pairs.setdefault((a.item, b.item), "next_item")
+    return dict(sorted(pairs.items()))
+
+
+def build_i2i(ctx: Context) -> list[Sample]:
+    """Item -> related item. Rows split by the anchor item, so an anchor's positives are evaluated together."""
+    pairs = related_pairs(ctx)
+    related: dict[str, set[str]] = defaultdict(set)
+    for anchor, other in pairs:
+        related[anchor].add(other)
+    out: list[Sample] = []
+    for (anchor, other), relation in pairs.items():
+        rng = ctx.rng("i2i", anchor, other)
+        exclude = frozenset(related[anchor] | {anchor})
+        row = _row(ctx, "i2i", rng, ctx.catalogue[anchor].text, other, exclude, "", f"{ctx.source}:{relation}")
+        out.append((ctx.split(f"item:{anchor}"), row))
+    return out

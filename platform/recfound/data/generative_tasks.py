@@ -1,0 +1,104 @@
+"""User-understanding generative tasks (sequential recommendation, sentiment, user profile) and query rewriting.
+
+Rows follow the user's leave-last-out split: a training prompt only ever shows training interactions, so the
+held-out next item cannot leak into a history or an option list.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from recfound.data.context import Context
+from recfound.data.embedding_tasks import history
+from recfound.data.esci import Esci
+from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
+from recfound.data.templates import (
+    INSTRUCTIONS, LETTERS, SENTIMENTS, alpaca, history_text, lettered, pick, profile_text,
+)  # fmt: skip
+from recfound.tasks import SPLITS
+
+REVIEW_WORDS = 300  # long reviews are cut: the sentiment shows early and prompts must fit the context
+PROFILE_QUOTES = 3
+
+
+def build_sequential_recommendation(ctx: Context) -> list[Sample]:
+    """History -> the letter of the next item among ``sr_options`` shuffled options (the rest are negatives)."""
+    task = "sequential_recommendation"
+    out: list[Sample] = []
+    for user, timeline in ctx.timelines.items():
+        own = frozenset(i.item for _, i in timeline)
+        for t in range(1, len(timeline)):
+            split, target = timeline[t]
+            rng = ctx.rng(task, user, t)
+            options = [target.item, *ctx.negatives(rng, target.item, own, min(ctx.sr_options, len(LETTERS)) - 1)]
+            rng.shuffle(options)
+            titles = lettered([ctx.catalogue[o].title for o in options])
+            prompt = alpaca(pick(rng, INSTRUCTIONS[task]), history(ctx, user, t), titles)
+            answer = LETTERS[options.index(target.item)]
+            out.append((split, GenerativeRow(prompt, answer, user, target.item, ctx.source)))
+    return out
+
+
+def build_sentiment_analysis(ctx: Context) -> list[Sample]:
+    """Review text -> one of five sentiments, read off the star rating the reviewer gave."""
+    task = "sentiment_analysis"
+    options = SENTIMENTS[::-1]  # listed from very positive to very negative
+    out: list[Sample] = []
+    for user, timeline in ctx.timelines.items():
+        for t, (split, event) in enumerate(timeline):
+            body = " ".join(event.text.split()[:REVIEW_WORDS])
+            if not (body or event.summary):
+                continue
+            text = f"Review title: {event.summary}\nReview: {body}" if event.summary else f"Review: {body}"
+            label = SENTIMENTS[min(max(round(event.rating), 1), 5) - 1]
+            prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text, options)
+            out.append((split, GenerativeRow(prompt, label, user, event.item, ctx.source)))
+    return out
+
+
+def build_user_profile(ctx: Context) -> list[Sample]:
+    """One row per user and split: the history up to that split's last interaction -> a profile written from
+    the categories, brands, ratings and review summaries of exactly those interactions."""
+    task = "user_profile"
+    out: list[Sample] = []
+    for user, timeline in ctx.timelines.items():
+        for split in SPLITS:
+            ends = [t for t, (s, _) in enumerate(timeline) if s == split]
+            if not ends:
+                continue
+            events = [e for _, e in timeline[: ends[-1] + 1]][-ctx.max_history :]
+            items = [ctx.catalogue[e.item] for e in events]
+            lines = [f"{item.title} (rated {e.rating:g} of 5)" for item, e in zip(items, events, strict=True)]
+            categories = Counter(i.category for i in items if i.category)
+            brands = Counter(i.brand for i in items if i.brand)
+            quotes = list(dict.fromkeys(e.summary for e in reversed(events) if e.summary))[:PROFILE_QUOTES]
+            response = profile_text(
+                [c for c, _ in sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))[:3]],
+                [b for b, n in sorted(brands.items(), key=lambda kv: (-kv[1], kv[0]))[:2] if n > 1],
+                sum(e.rating for e in events) / len(events),
+                quotes,
+            )
+            prompt = alpaca(pick(ctx.rng(task, user, split), INSTRUCTIONS[task]), history_text(lines))
+            out.append((split, GenerativeRow(prompt, response, user, "", ctx.source)))
+    return out
+
+
+def build_query_rewriting(ctx: Context) -> list[Sample]:
+    """Query -> the title of a product judged an exact match: the precise search the shopper meant."""
+    task = "query_rewriting"
+    exact: dict[str, list[tuple[str, str]]] = {}
+    for j in ctx.judgements:
+        known = ctx.catalogue.get(j.item)
+        title = j.title or (known.title if known is not None and known.has_meta else "")
+        if j.label is Esci.EXACT and title:
+            exact.setdefault(j.query, []).append((j.item, title))
+    if not exact:
+        why = "no query judgements given (queries=)" if not ctx.judgements else "no exact-match product has text"
+        raise TaskUnavailable(f"needs ESCI judgements with product titles: {why}")
+    out: list[Sample] = []
+    for query in sorted(exact):
+        rng = ctx.rng(task, query)
+        item, title = sorted(exact[query])[rng.randrange(len(exact[query]))]
+        row = GenerativeRow(alpaca(pick(rng, INSTRUCTIONS[task]), query), title, "", item, "esci")
+        out.append((ctx.split(f"query:{query}"), row))
+    return out

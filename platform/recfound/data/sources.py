@@ -1,0 +1,249 @@
+"""Amazon review and metadata dumps (2018 and 2023 schemas) -> normalised records.
+
+Every malformed line becomes a DataError naming file, line and field, so a bad dump is fixed at its source
+instead of being guessed around; with the ``skip`` policy the same error is counted and quarantined.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from recfound.io import iter_lines
+
+BadRowPolicy = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """An input that cannot be used; the message names the file, the line (or row) and the field."""
+
+    def __init__(self, url: str, reason: str, line: int | None = None, field: str | None = None, unit: str = "line"):
+        self.url, self.reason, self.line, self.field = url, reason, line, field
+        where = url if line is None else f"{url} {unit} {line}"
+        what = f"field {field!r}: " if field else ""
+        super().__init__(f"{where}: {what}{reason}")
+
+    def record(self) -> dict[str, Any]:
+        return {"file": self.url, "line": self.line, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class BadRows:
+    """Collects malformed rows under the ``skip`` policy; under ``error`` the first one stops the build."""
+
+    policy: BadRowPolicy = "error"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, err: DataError) -> None:
+        if self.policy == "error":
+            raise err
+        self.rows.append(err.record())
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.rows:
+            out[row["file"]] = out.get(row["file"], 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One review: the user consumed the item at ``timestamp`` (unix seconds) and rated it."""
+
+    user: str
+    item: str
+    timestamp: int
+    rating: float
+    summary: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Item:
+    """Catalogue metadata of one item; every text field may be empty (real dumps often are)."""
+
+    item_id: str
+    title: str = ""
+    description: str = ""
+    categories: tuple[str, ...] = ()
+    brand: str = ""
+    features: tuple[str, ...] = ()
+    also_buy: tuple[str, ...] = ()
+    also_view: tuple[str, ...] = ()
+
+
+class Schema(Enum):
+    """Amazon Reviews release; the field names differ, the meaning does not."""
+
+    AMAZON_2018 = "amazon2018"
+    AMAZON_2023 = "amazon2023"
+
+
+# 2023 first: its rows also carry "asin", so only "parent_asin" tells the releases apart.
+REVIEW_FIELDS = {
+    Schema.AMAZON_2023: {"user": "user_id", "item": "parent_asin", "rating": "rating", "time": "timestamp",
+                         "summary": "title", "text": "text"},
+    Schema.AMAZON_2018: {"user": "reviewerID", "item": "asin", "rating": "overall", "time": "unixReviewTime",
+                         "summary": "summary", "text": "reviewText"},
+}  # fmt: skip
+META_FIELDS = {
+    Schema.AMAZON_2023: {"item": "parent_asin", "categories": "categories", "brand": "store", "features": "features",
+                         "main": "main_category"},
+    Schema.AMAZON_2018: {"item": "asin", "categories": "category", "brand": "brand", "features": "feature",
+                         "main": "main_cat"},
+}  # fmt: skip
+
+_TAG = re.compile(r"<[^>]*(>|$)")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(raw: str) -> str:
+    """Dumps carry HTML fragments and entities (``&amp;``, stray ``<span ...``); keep only the words."""
+    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(raw))).strip()
+
+
+class _Fields:
+    """Typed access to one parsed JSON line, raising DataError that names the file, line and field."""
+
+    def __init__(self, url: str, line: int, row: Any):
+        if not isinstance(row, dict):
+            raise DataError(url, f"expected a JSON object, got {type(row).__name__}", line)
+        self.url, self.line, self.row = url, line, row
+
+    def error(self, key: str, reason: str) -> DataError:
+        return DataError(self.url, reason, self.line, key)
+
+    def text(self, key: str, required: bool = False, paragraphs: bool = False) -> str:
+        value = self.row.get(key)
+        if value is None or (required and value == ""):
+            if required:
+                raise self.error(key, "missing required field")
+            return ""
+        if paragraphs and isinstance(value, list):  # descriptions come as lists of paragraphs
+            return " ".join(self.strings(key))
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return clean_text(value)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.row.get(key)
+        if value in (None, ""):
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected a list of strings, got {value!r:.80}")
+        return tuple(t for t in (clean_text(v) for v in value) if t)
+
+    def number(self, key: str) -> float:
+        value = self.row.get(key)
+        if value is None:
+            raise self.error(key, "missing required field")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+
+
+def read_lines(url: str) -> Iterator[tuple[int, str]]:
+    """``iter_lines``, with an undecodable or truncated file reported as a DataError at the line it broke."""
+    line = 0
+    try:
+        for line, text in iter_lines(url):
+            yield line, text
+    except (UnicodeDecodeError, EOFError, OSError) as err:  # text is decoded in blocks: no exact line
+        raise DataError(url, f"cannot read past line {line}: {err}") from None
+
+
+def _json_rows(url: str, bad: BadRows) -> Iterator[_Fields]:
+    seen = False
+    for line, text in read_lines(url):
+        seen = True
+        try:
+            yield _Fields(url, line, json.loads(text))
+        except json.JSONDecodeError as err:
+            bad.report(DataError(url, f"malformed JSON ({err.msg} at column {err.colno})", line))
+        except DataError as err:
+            bad.report(err)
+    if not seen:
+        raise DataError(url, "empty file: no rows")
+
+
+def _detect(fields: _Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
+    for schema, names in tables.items():
+        if names["item"] in fields.row:
+            return schema
+    expected = " or ".join(f"{names['item']!r} ({schema.value})" for schema, names in tables.items())
+    raise fields.error(tables[Schema.AMAZON_2018]["item"], f"unrecognised format: no item id, expected {expected}")
+
+
+def _lines_as(url: str, bad: BadRows, tables: dict[Schema, dict[str, str]]) -> Iterator[tuple[Schema, _Fields]]:
+    """The first usable line fixes the file's schema; later lines must follow it."""
+    schema: Schema | None = None
+    for fields in _json_rows(url, bad):
+        try:
+            schema = schema or _detect(fields, tables)
+        except DataError as err:
+            bad.report(err)
+            continue
+        yield schema, fields
+
+
+def read_reviews(url: str, bad: BadRows) -> list[Interaction]:
+    """All well-formed reviews in file order (order breaks timestamp ties, so it must stay stable)."""
+    out = []
+    for schema, fields in _lines_as(url, bad, REVIEW_FIELDS):
+        names = REVIEW_FIELDS[schema]
+        try:
+            rating = fields.number(names["rating"])
+            if not 0 <= rating <= 5:
+                raise fields.error(names["rating"], f"rating {rating} outside 0..5")
+            stamp = fields.number(names["time"])
+            out.append(Interaction(
+                user=fields.text(names["user"], required=True),
+                item=fields.text(names["item"], required=True),
+                timestamp=int(stamp // 1000 if schema is Schema.AMAZON_2023 else stamp),
+                rating=rating,
+                summary=fields.text(names["summary"]),
+                text=fields.text(names["text"]),
+            ))  # fmt: skip
+        except DataError as err:
+            bad.report(err)
+    if not out:
+        raise DataError(url, "no usable review rows")
+    return out
+
+
+def read_meta(url: str, bad: BadRows) -> tuple[dict[str, Item], int]:
+    """Items by id plus the number of repeated ids dropped (2018 dumps repeat rows; the first one wins)."""
+    items: dict[str, Item] = {}
+    repeats = 0
+    for schema, fields in _lines_as(url, bad, META_FIELDS):
+        names = META_FIELDS[schema]
+        try:
+            item_id = fields.text(names["item"], required=True)
+            categories = fields.strings(names["categories"]) or fields.strings(names["main"])
+            item = Item(
+                item_id=item_id,
+                title=fields.text("title"),
+                description=fields.text("description", paragraphs=True),
+                categories=categories,
+                brand=fields.text(names["brand"]),
+                features=fields.strings(names["features"]),
+                also_buy=fields.strings("also_buy"),
+                also_view=fields.strings("also_view"),
+            )
+        except DataError as err:
+            bad.report(err)
+            continue
+        if item_id in items:
+            repeats += 1
+        else:
+            items[item_id] = item
+    if not items:
+        raise DataError(url, "no usable metadata rows")
+    return items, repeats

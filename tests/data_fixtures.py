@@ -1,0 +1,73 @@
+"""Shared helpers for the data tests: paths to the real slices and a small synthetic build."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from recfound.data.builder import BuildConfig, build
+from recfound.data.synthetic import SyntheticConfig
+from recfound.data.templates import LETTERS
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "build_dataset.py"
+SHARED = REPO.parent / "shared" / "data"
+MAGAZINE = SHARED / "amazon2018" / "Magazine_Subscriptions"
+MAGAZINE_REVIEWS = MAGAZINE / "Magazine_Subscriptions_5.json.gz"
+MAGAZINE_META = MAGAZINE / "meta_Magazine_Subscriptions.json.gz"
+ESCI_JUDGEMENTS = SHARED / "esci_judgments" / "esci_us_judgments.json"
+SMALL = SyntheticConfig(users=80, items=40, queries=30)
+
+
+def small_build(out: Path, seed: int = 0, **overrides) -> dict:
+    """A synthetic build small enough to repeat in a test (about 0.5 s)."""
+    return build(BuildConfig(out=str(out), seed=seed, synthetic=SMALL, **overrides))
+
+
+def read_task(out: Path, task: str, split: str) -> list[dict]:
+    return pq.read_table(out / "tasks" / task / f"{split}.parquet").to_pylist()
+
+
+def write_lines(path: Path, rows: list, compress: bool = False) -> str:
+    """JSON lines (dicts are dumped, strings written as they are, so a test can plant a broken line)."""
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+    return str(path)
+
+
+def review(user: str, item: str, time: int, rating: float = 5.0, summary: str = "fine thing") -> dict:
+    return {"reviewerID": user, "asin": item, "overall": rating, "unixReviewTime": time, "summary": summary,
+            "reviewText": f"{summary}, really"}  # fmt: skip
+
+
+def _titles(text: str) -> set[str]:
+    """Item titles in a history ("3. title") or an option list ("C: title")."""
+    return {m.group(2) for m in re.finditer(rf"^(\d+\.|[{LETTERS}]:) (.+)$", text, re.MULTILINE)}
+
+
+def assert_no_leakage(out: Path) -> None:
+    """A user's valid/test target is never a positive, a history entry or an option in that user's train rows."""
+    title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
+    for task, item_key, text_key in (("u2i", "pos_item", "query"), ("sequential_recommendation", "item", "prompt")):
+        seen_items: dict[str, set[str]] = {}
+        seen_titles: dict[str, set[str]] = {}
+        for row in read_task(out, task, "train"):
+            seen_items.setdefault(row["user"], set()).add(row[item_key])
+            seen_titles.setdefault(row["user"], set()).update(_titles(row[text_key]))
+        for split in ("valid", "test"):
+            for row in read_task(out, task, split):
+                target = row[item_key]
+                assert target not in seen_items.get(row["user"], set()), (task, row["id"])
+                assert title[target] not in seen_titles.get(row["user"], set()), (task, row["id"])
+    last: dict[str, str] = {}
+    own: dict[str, set[str]] = {}
+    for row in pq.read_table(out / "interactions.parquet").to_pylist():
+        last[row["user"]] = row["split"]
+        own.setdefault(row["user"], set()).add(row["item"])
+    assert set(last.values()) == {"test"}
+    for split in ("train", "valid", "test"):  # a user's own items are never their negatives
+        assert all(not own[r["user"]] & set(r["neg_items"]) for r in read_task(out, "u2i", split))

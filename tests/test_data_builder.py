@@ -1,0 +1,176 @@
+"""The task builder on the synthetic catalogue: contract, determinism, leakage, filesystems, policies."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import SMALL, assert_no_leakage, read_task, small_build, write_lines
+
+from recfound.data.builder import BuildConfig, build
+from recfound.data.sources import DataError
+from recfound.data.synthetic import write_catalogue
+from recfound.data.templates import TEMPLATE_VERSION
+from recfound.io import sha256
+from recfound.tasks import (
+    ALL_TASKS, EMBEDDING_COLUMNS, EMBEDDING_TASKS, GENERATIVE_COLUMNS, INTERACTION_COLUMNS, ITEM_COLUMNS, SPLITS,
+)  # fmt: skip
+
+QA = {"answerability_prediction", "answer_generation"}
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synthetic")
+    return out, build(BuildConfig(out=str(out)))
+
+
+def test_default_build_has_every_supported_task_with_contract_columns(default_build):
+    out, manifest = default_build
+    assert set(manifest["tasks"]) == set(ALL_TASKS) - QA
+    assert set(manifest["skipped_tasks"]) == QA and all(manifest["skipped_tasks"].values())
+    for task, counts in manifest["tasks"].items():
+        assert all(counts[split] > 0 for split in SPLITS), (task, counts)
+        for split in SPLITS:
+            table = pq.read_table(out / "tasks" / task / f"{split}.parquet")
+            columns = EMBEDDING_COLUMNS if task in EMBEDDING_TASKS else GENERATIVE_COLUMNS
+            assert tuple(table.column_names) == columns and table.num_rows == counts[split]
+            assert set(table.column("task").to_pylist()) == {task}
+            if task in EMBEDDING_TASKS:
+                assert table.schema.field("neg").type == pa.list_(pa.string())
+                assert all(len(n) == 1 for n in table.column("neg_items").to_pylist())  # num_negatives=1
+    assert tuple(pq.read_schema(out / "items.parquet").names) == ITEM_COLUMNS
+    assert tuple(pq.read_schema(out / "interactions.parquet").names) == INTERACTION_COLUMNS
+    ids = [i for t in manifest["tasks"] for s in SPLITS for i in pq.read_table(
+        out / "tasks" / t / f"{s}.parquet", columns=["id"]).column("id").to_pylist()]  # fmt: skip
+    assert len(ids) == len(set(ids))
+
+
+def test_manifest_records_provenance(default_build):
+    out, manifest = default_build
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest["template_version"] == TEMPLATE_VERSION and manifest["seed"] == 0 and manifest["synthetic"]
+    assert {s["role"] for s in manifest["sources"]} == {"reviews", "meta", "queries"}
+    assert all(s["sha256"] == sha256(s["url"]) for s in manifest["sources"])
+    assert manifest["q2i"]["pseudo_queries"] is False
+    assert manifest["quarantined"]["total"] == 0 and manifest["config"]["kcore"] == 5
+    assert manifest["filtered"]["duplicate_meta_rows"] == 1 and manifest["filtered"]["items_without_meta"] > 0
+
+
+def test_items_without_metadata_still_have_text(default_build):
+    out, manifest = default_build
+    items = pq.read_table(out / "items.parquet").to_pylist()
+    assert all(i["title"] and i["text"].startswith("Title: ") for i in items)
+    bare = [i for i in items if not i["brand"]]  # synthetic items all have a brand, unless their metadata row is missing
+    assert len(bare) == manifest["filtered"]["items_without_meta"]
+    assert all(i["title"] != i["item_id"] for i in bare)  # titled by a training review's summary
+
+
+def test_no_test_target_leaks_into_the_users_training_rows(default_build):
+    assert_no_leakage(default_build[0])
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = (small_build(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert a["tasks"] == b["tasks"]
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert (tmp_path / "a/raw/reviews_Synthetic_5.json.gz").read_bytes() == (
+        tmp_path / "b/raw/reviews_Synthetic_5.json.gz").read_bytes()  # fmt: skip
+    other = _files(tmp_path / "c")
+    assert other.keys() == _files(tmp_path / "a").keys() and other != _files(tmp_path / "a")
+
+
+def test_memory_filesystem_build_matches_local(tmp_path):
+    raw = write_catalogue(SMALL, "memory://recfound-test/raw")
+    try:
+        local = {}
+        for key, url in raw.items():
+            local[key] = str(tmp_path / url.rsplit("/", 1)[1])
+            Path(local[key]).write_bytes(fsspec.open(url, "rb").open().read())
+        build(BuildConfig(out="memory://recfound-test/out", **raw))
+        build(BuildConfig(out=str(tmp_path / "out"), **local))
+        fs = fsspec.filesystem("memory")
+        manifest = json.loads(fs.cat("/recfound-test/out/manifest.json"))
+        assert [s["url"] for s in manifest["sources"]] == list(raw.values())
+        for path in sorted((tmp_path / "out").rglob("*.parquet")):
+            assert fs.cat(f"/recfound-test/out/{path.relative_to(tmp_path / 'out')}") == path.read_bytes(), path
+    finally:
+        fsspec.filesystem("memory").rm("/recfound-test", recursive=True)
+
+
+def test_q2i_hard_negatives_come_from_the_judgements(default_build):
+    out, manifest = default_build
+    queries = next(s["url"] for s in manifest["sources"] if s["role"] == "queries")
+    judged: dict[str, set[str]] = {}
+    for row in csv.DictReader(Path(queries).read_text().splitlines()):
+        if row["esci_label"] != "E":
+            judged.setdefault(row["query"], set()).add(row["product_id"])
+    rows = read_task(out, "q2i", "train")
+    assert all(r["source"] == "esci" and r["neg_items"][0] in judged[r["query"]] for r in rows)
+
+
+def test_task_selection_caps_and_negatives(tmp_path):
+    manifest = small_build(tmp_path / "some", tasks="u2i, sentiment_analysis", max_rows_per_task=5, num_negatives=3)
+    assert set(manifest["tasks"]) == {"u2i", "sentiment_analysis"} and manifest["skipped_tasks"] == {}
+    assert all(n <= 5 for counts in manifest["tasks"].values() for n in counts.values())
+    for row in read_task(tmp_path / "some", "u2i", "train"):
+        assert len(set(row["neg_items"])) == 3 and row["pos_item"] not in row["neg_items"]
+    with pytest.raises(DataError, match="unknown task 'u2x'"):
+        small_build(tmp_path / "bad", tasks=["u2i", "u2x"])
+    no_queries = SMALL.model_copy(update={"queries": 0})
+    with pytest.raises(DataError, match="'query_rewriting' was requested but cannot be built: needs ESCI"):
+        build(BuildConfig(out=str(tmp_path / "qr"), synthetic=no_queries, tasks=["query_rewriting"]))
+    manifest = build(BuildConfig(out=str(tmp_path / "pseudo"), synthetic=no_queries))
+    assert manifest["q2i"]["pseudo_queries"] is True and "query_rewriting" in manifest["skipped_tasks"]
+    assert manifest["tasks"]["q2i"]["train"] > 0
+
+
+def test_reviews_without_metadata(tmp_path):
+    raw = write_catalogue(SMALL, str(tmp_path / "raw"))
+    manifest = build(BuildConfig(out=str(tmp_path / "out"), reviews=raw["reviews"]))
+    for task in ("product_relation_prediction", "attribute_value_extraction", "product_matching", "item_profile"):
+        assert "needs item metadata" in manifest["skipped_tasks"][task]
+    assert {"u2i", "q2i", "i2i", "sequential_recommendation", "user_profile"} <= set(manifest["tasks"])
+    items = pq.read_table(tmp_path / "out" / "items.parquet").to_pylist()
+    assert all(i["title"] for i in items) and all(i["category"] == "" for i in items)
+
+
+def test_skip_policy_quarantines_bad_rows(tmp_path):
+    raw = write_catalogue(SMALL, str(tmp_path / "raw"))
+    lines = gzip.decompress(Path(raw["reviews"]).read_bytes()).decode().splitlines()
+    lines[4] = lines[4].replace('"overall": ', '"overall": "abc", "x": ')
+    lines.insert(7, "{broken")
+    raw["reviews"] = write_lines(tmp_path / "reviews.json.gz", lines, compress=True)
+    with pytest.raises(DataError, match=re.escape(f"{raw['reviews']} line 5: field 'overall'")):
+        build(BuildConfig(out=str(tmp_path / "strict"), **raw))
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    manifest = build(BuildConfig(out=str(tmp_path / "out"), on_bad_rows="skip", **raw))
+    assert manifest["quarantined"]["total"] == 2 and manifest["quarantined"]["by_file"] == {raw["reviews"]: 2}
+    quarantined = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["line"], q["field"]) for q in quarantined] == [(5, "overall"), (8, None)]
+    assert all(q["file"] == raw["reviews"] and q["reason"] for q in quarantined)
+
+
+def test_gritlm_only_build(tmp_path):
+    url = write_lines(tmp_path / "recfound.jsonl", [
+        {"query": ["Represent the user", f"history {i}"], "pos": [["Represent the item", f"item {i}"]],
+         "neg": [["Represent the item", "other"]], "task": "Emb_user", "id": i} for i in range(20)
+    ] + [{"text": [f"Is this answerable? {i}", "yes"], "task": "Answerability_Prediction", "id": 100 + i}
+         for i in range(20)])  # fmt: skip
+    manifest = build(BuildConfig(out=str(tmp_path / "out"), gritlm=url))
+    assert set(manifest["tasks"]) == {"u2i", "answerability_prediction"}
+    assert sum(manifest["tasks"]["u2i"].values()) == 20 and manifest["interactions"] == 0
+    items = pq.read_table(tmp_path / "out" / "items.parquet").to_pylist()
+    assert {i["text"] for i in items} == {f"item {i}" for i in range(20)} | {"other"}
+    assert "no reviews given" in manifest["skipped_tasks"]["i2i"]

@@ -1,0 +1,88 @@
+"""jobs/build_dataset.py as users run it: --help, the real Magazine slice with ESCI, no arguments, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_fixtures import ESCI_JUDGEMENTS, JOB, MAGAZINE_META, MAGAZINE_REVIEWS, assert_no_leakage, review, write_lines
+
+from recfound.data.builder import BuildConfig
+from recfound.data.synthetic import SyntheticConfig
+from recfound.tasks import SPLITS
+
+# sha256 sums from the slices' SOURCE.txt: the build reads the files unchanged.
+MAGAZINE_SHA256 = {
+    MAGAZINE_REVIEWS.name: "95c124603d62d6acdfd1bd62284934fb6c513db836ea64c2e8176c14256426f2",
+    MAGAZINE_META.name: "147cb78dac0f9ce04849b196e2e13cad6a504bff45d53500b7a1fe8121d91595",
+}
+
+
+def run_job(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def _rows_per_second(stdout: str) -> float:
+    match = re.search(r"\(([\d,]+) rows/s\)", stdout)
+    assert match, stdout
+    return float(match.group(1).replace(",", ""))
+
+
+def test_help_documents_every_key():
+    result = run_job("--help")
+    assert result.returncode == 0, result.stderr
+    keys = [k for k in BuildConfig.model_fields if k != "synthetic"]
+    keys += [f"synthetic.{k}" for k in SyntheticConfig.model_fields]
+    for key in keys:
+        assert re.search(rf"^  {re.escape(key)} \(", result.stdout, re.MULTILINE), key
+    assert "reviews=" in result.stdout and "manifest.json" in result.stdout
+
+
+@pytest.mark.skipif(not MAGAZINE_REVIEWS.exists(), reason=f"real Amazon 2018 slice not found at {MAGAZINE_REVIEWS.parent}")
+@pytest.mark.skipif(not ESCI_JUDGEMENTS.exists(), reason=f"real ESCI slice not found at {ESCI_JUDGEMENTS}")
+def test_real_magazine_slice_with_esci(tmp_path):
+    out = tmp_path / "magazine"
+    result = run_job(f"reviews={MAGAZINE_REVIEWS}", f"meta={MAGAZINE_META}", f"queries={ESCI_JUDGEMENTS}", f"out={out}")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    for task, counts in manifest["tasks"].items():
+        assert re.search(rf"^{task} +{counts['train']} +{counts['valid']} +{counts['test']}$", result.stdout, re.M)
+    assert _rows_per_second(result.stdout) > 0
+    built = {"u2i", "q2i", "i2i", "sequential_recommendation", "sentiment_analysis", "user_profile",
+             "product_relation_prediction", "product_matching", "item_profile", "attribute_value_extraction"}  # fmt: skip
+    assert set(manifest["tasks"]) == built
+    assert all(manifest["tasks"][t][s] > 0 for t in built for s in SPLITS)
+    # The judged ASINs are not in this catalogue and the judgements carry no product text.
+    assert manifest["q2i"]["pseudo_queries"] is True and "ESCI" in manifest["q2i"]["reason"]
+    assert "product titles" in manifest["skipped_tasks"]["query_rewriting"]
+    sums = {Path(s["url"]).name: s["sha256"] for s in manifest["sources"]}
+    assert {k: sums[k] for k in MAGAZINE_SHA256} == MAGAZINE_SHA256
+    assert manifest["filtered"]["duplicate_meta_rows"] > 0 and manifest["filtered"]["items_without_meta"] > 0
+    assert manifest["users"] > 250 and manifest["quarantined"]["total"] == 0
+    assert_no_leakage(out)
+
+
+def test_no_arguments_builds_the_synthetic_default(tmp_path):
+    result = run_job(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs" / "data" / "synthetic"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["synthetic"] and (out / "raw" / "reviews_Synthetic_5.json.gz").exists()
+    assert len(manifest["tasks"]) == 11 and _rows_per_second(result.stdout) > 0
+
+
+def test_bad_input_exits_non_zero_naming_file_line_and_field(tmp_path):
+    rows = [review("u1", "i1", 1), {"reviewerID": "u1", "asin": "i2", "overall": "abc", "unixReviewTime": 2}]
+    url = write_lines(tmp_path / "reviews.json", rows)
+    result = run_job(f"reviews={url}", f"out={tmp_path / 'out'}")
+    assert result.returncode != 0
+    assert f"{url} line 2: field 'overall'" in result.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    result = run_job(f"reviews={url}", "tasks=u2i,nonsense", f"out={tmp_path / 'out'}")
+    assert result.returncode != 0 and "unknown task 'nonsense'" in result.stderr
+    result = run_job(f"reviews={tmp_path / 'missing.json'}")
+    assert result.returncode != 0 and "reviews" in result.stderr and "missing.json" in result.stderr
