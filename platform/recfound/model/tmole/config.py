@@ -1,0 +1,105 @@
+"""TMoLE adapter configuration, in peft's shape (a ``PeftConfig`` dataclass saved as ``adapter_config.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+import torch
+from peft import PeftConfig
+
+from recfound.tasks import ALL_TASKS, Mode, mode_of
+
+PEFT_TYPE = "TMOLE"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class ExpertGroups(str, Enum):
+    """How the experts of a layer are split between the two modes.
+
+    THREE (the paper): embedding-only, shared, generation-only, a third each. TWO (what the released code runs,
+    because its ``is_shared`` flag never reaches the layers): half embedding-only, half generation-only.
+    """
+
+    THREE = "three"
+    TWO = "two"
+
+
+@dataclass
+class TMoLEConfig(PeftConfig):
+    """Task-wise mixture of low-rank experts: per adapted linear, ``num_experts`` LoRA experts mixed by a dense
+    softmax gate computed from a learned task embedding (one gate vector per sample, shared by its tokens).
+    """
+
+    num_experts: int = field(default=6, metadata={"help": "LoRA experts per adapted linear (all groups)."})
+    r: int = field(default=16, metadata={"help": "Rank of each expert."})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; expert outputs are scaled by alpha / r."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout on the expert input (not the base path)."})
+    groups: ExpertGroups = field(default=ExpertGroups.THREE, metadata={"help": "Expert grouping: three or two."})
+    task_dim: int = field(default=512, metadata={"help": "Width of the task embedding that feeds the routers."})
+    tasks: list[str] = field(
+        default_factory=lambda: list(ALL_TASKS), metadata={"help": "Task names; row i of the task table is task i."}
+    )
+    target_modules: list[str] | str = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "Module names (suffix match) or a regex of the linears to adapt."},
+    )
+    backbone: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The BackboneConfig the adapter was trained on (to reload it alone)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        self.groups = ExpertGroups(self.groups)
+        parts = 3 if self.groups is ExpertGroups.THREE else 2
+        if self.num_experts < parts or self.num_experts % parts:
+            raise ValueError(
+                f"groups={self.groups.value} needs num_experts divisible by {parts}, got {self.num_experts}"
+            )
+        if self.r <= 0 or self.task_dim <= 0:
+            raise ValueError(f"r and task_dim must be positive, got r={self.r}, task_dim={self.task_dim}")
+        if len(set(self.tasks)) != len(self.tasks) or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty list of distinct names, got {self.tasks}")
+        for task in self.tasks:
+            mode_of(task)  # raises on an unknown task
+        if not isinstance(self.target_modules, str):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def expert_modes(self) -> list[frozenset[Mode]]:
+        """The modes each expert serves, experts ordered embedding-only, [shared,] generation-only."""
+        both = frozenset(Mode)
+        if self.groups is ExpertGroups.THREE:
+            size = self.num_experts // 3
+            layout = [frozenset({Mode.EMBEDDING})] * size + [both] * size + [frozenset({Mode.GENERATIVE})] * size
+        else:
+            size = self.num_experts // 2
+            layout = [frozenset({Mode.EMBEDDING})] * size + [frozenset({Mode.GENERATIVE})] * size
+        return layout
+
+    def logit_mask(self, mode: Mode) -> torch.Tensor:
+        """(E,) router-logit offsets: -inf on experts that ``mode`` may not use, 0 elsewhere."""
+        allowed = torch.tensor([mode in modes for modes in self.expert_modes()])
+        return torch.zeros(self.num_experts).masked_fill(~allowed, float("-inf"))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict: the enum as its value; peft bookkeeping fields kept so peft can read the file."""
+        out = self.to_dict()
+        out["groups"] = self.groups.value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> TMoLEConfig:
+        """Inverse of ``to_json``; ``source`` names the file in errors."""
+        if not isinstance(data, dict) or data.get("peft_type") != PEFT_TYPE:
+            found = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{source}: not a TMoLE adapter config (peft_type={found!r})")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown TMoLE config keys {unknown}")
+        return cls(**data)

@@ -1,0 +1,139 @@
+"""The TMoLE linear: a frozen base ``nn.Linear`` plus E routed LoRA experts.
+
+h = W0 x + sum_i g_i(task) * (alpha / r) * B_i A_i dropout(x), with g = softmax(router(task_emb) + mode mask).
+All experts run as two matmuls: A stacked to (E*r, in), B concatenated to (out, E*r), the per-sample gates
+scaling the E*r intermediate features in between; no Python loop over experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from recfound.model.tmole.config import TMoLEConfig
+from recfound.model.tmole.routing import Routing, current_routing
+
+
+class TMoLELayer(BaseTunerLayer):
+    """peft tuner-layer mixin: per-adapter experts and router, keyed by adapter name like every peft layer."""
+
+    adapter_layer_names = ("tmole_A", "tmole_B", "tmole_router")
+    other_param_names = ("r", "scaling")
+    # Folded weights kept per layer (oldest evicted first); each costs one copy of the base weight.
+    max_folded_tasks = 4
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.tmole_A = nn.ParameterDict()
+        self.tmole_B = nn.ParameterDict()
+        self.tmole_router = nn.ModuleDict()
+        self.tmole_dropout = nn.ModuleDict()
+        self._folded: dict[int, tuple[Hashable, torch.Tensor]] = {}
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"TMoLE adapts nn.Linear only, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: TMoLEConfig) -> None:
+        experts, r = config.num_experts, config.r
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.scaling
+        self.tmole_A[adapter_name] = nn.Parameter(torch.empty(experts, r, self.in_features))
+        self.tmole_B[adapter_name] = nn.Parameter(torch.zeros(experts, self.out_features, r))
+        self.tmole_router[adapter_name] = nn.Linear(config.task_dim, experts)
+        self.tmole_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._reset(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def _reset(self, adapter_name: str) -> None:
+        # Each expert is an independent LoRA: A like nn.Linear's default init, B zero so training starts at W0.
+        for a in self.tmole_A[adapter_name]:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        router = self.tmole_router[adapter_name]
+        nn.init.normal_(router.weight)
+        nn.init.zeros_(router.bias)
+
+    def gates(self, adapter_name: str, routing: Routing) -> torch.Tensor:
+        """(B or 1, E) float32 mixture weights; exactly zero on the masked group."""
+        router = self.tmole_router[adapter_name]
+        logits = router(routing.task_emb.to(router.weight.dtype)).float()
+        return torch.softmax(logits + routing.logit_mask.to(logits.device), dim=-1)
+
+    def delta_weight(self, adapter_name: str, routing: Routing) -> torch.Tensor:
+        """(out, in) sum_i g_i (alpha/r) B_i A_i for the first routing row (a single-task batch)."""
+        gates = self.gates(adapter_name, routing)[0] * self.scaling[adapter_name]
+        a, b = self.tmole_A[adapter_name], self.tmole_B[adapter_name]
+        return torch.einsum("e,eor,eri->oi", gates.to(a.dtype), b, a)
+
+    def clear_folded(self) -> None:
+        self._folded.clear()
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError("TMoLE's delta depends on the task: use TMoLEModel.merge_task(task)")
+
+
+class Linear(nn.Module, TMoLELayer):
+    """Drop-in replacement for a targeted ``nn.Linear`` (``base_layer`` keeps the frozen original)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: TMoLEConfig) -> None:
+        super().__init__()
+        TMoLELayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        routing = current_routing()
+        adapter = self._single_active_adapter()
+        if routing.fold_task is not None:
+            base = self.get_base_layer()
+            return F.linear(x, self._folded_weight(adapter, routing), base.bias)
+        return self.base_layer(x, *args, **kwargs) + self._experts(x, adapter, routing).to(x.dtype)
+
+    def _single_active_adapter(self) -> str:
+        (adapter,) = self.active_adapters  # routing state is per adapter; mixing adapters is not defined
+        return adapter
+
+    def _experts(self, x: torch.Tensor, adapter: str, routing: Routing) -> torch.Tensor:
+        a, b = self.tmole_A[adapter], self.tmole_B[adapter]
+        experts, r, _ = a.shape
+        hidden = F.linear(self.tmole_dropout[adapter](x.to(a.dtype)), a.reshape(experts * r, -1))
+        scale = (self.gates(adapter, routing) * self.scaling[adapter]).repeat_interleave(r, dim=-1)
+        scale = scale.reshape(scale.shape[0], *([1] * (hidden.dim() - 2)), experts * r)
+        return F.linear(hidden * scale.to(hidden.dtype), b.permute(1, 0, 2).reshape(self.out_features, experts * r))
+
+    @torch.no_grad()
+    def _folded_weight(self, adapter: str, routing: Routing) -> torch.Tensor:
+        """W0 + dW(task), cached per task (first in, first out) while the weights' fingerprint is unchanged."""
+        task = routing.fold_task
+        assert task is not None
+        cached = self._folded.get(task)
+        if cached is not None and cached[0] == routing.fold_key:
+            return cached[1]
+        base = self.get_base_layer().weight
+        weight = (base.float() + self.delta_weight(adapter, routing).float()).to(base.dtype)
+        self._folded.pop(task, None)
+        self._folded[task] = (routing.fold_key, weight)
+        while len(self._folded) > self.max_folded_tasks:
+            self._folded.pop(next(iter(self._folded)), None)
+        return weight
+
+    @torch.no_grad()
+    def fold_into_base(self, adapter: str, routing: Routing) -> None:
+        """Add the routed delta into W0 in place (used on a deep copy by ``TMoLEModel.merge_task``)."""
+        base = self.get_base_layer().weight
+        base.copy_((base.float() + self.delta_weight(adapter, routing).float()).to(base.dtype))
+
+    def __repr__(self) -> str:
+        return "tmole." + super().__repr__()

@@ -1,0 +1,238 @@
+"""TMoLE tuner: trainability, routing and mode masks, fast paths, merging, checkpointing, save/load."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import threading
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from recfound.model.backbone import BackboneConfig, load_backbone
+from recfound.model.tmole import ExpertGroups, TMoLEConfig, TMoLELayer, TMoLEModel
+from recfound.model.tmole.routing import current_routing
+from recfound.tasks import TASK_ID, Mode
+
+# float32: folded/merged weights compute (W0 + dW) x instead of W0 x + B(A x); logits (|l| ~ 3) then differ by ~1e-6
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CI box has 2 shared cores; tiny matmuls run several times faster without intra-op threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(seed: int = 0, **config) -> TMoLEModel:
+    """Tiny backbone + TMoLE with perturbed adapters (B starts at zero, which would hide every routing effect)."""
+    model, _ = load_backbone(BackboneConfig())
+    torch.manual_seed(seed)
+    tuner = TMoLEModel(model, TMoLEConfig(**config))
+    with torch.no_grad():
+        for p in tuner.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return tuner
+
+
+def ids(*tasks: str) -> torch.Tensor:
+    return torch.tensor([TASK_ID[t] for t in tasks])
+
+
+TOKENS = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46], [7, 50, 51, 52, 53, 54, 55, 56]])
+
+
+def test_only_tmole_parameters_train_and_base_stays_fixed():
+    tuner = make()
+    trainable = {n for n, p in tuner.named_parameters() if p.requires_grad}
+    assert trainable and all("tmole_" in n for n in trainable)
+    # 2 layers x 4 projections x (A, B, router weight, router bias) + the task table
+    assert len(trainable) == 2 * 4 * 4 + 1
+    frozen = {n: p.detach().clone() for n, p in tuner.named_parameters() if not p.requires_grad}
+    adapter = {n: p.detach().clone() for n, p in tuner.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in tuner.parameters() if p.requires_grad], lr=0.1)
+    tuner(input_ids=TOKENS, labels=TOKENS, task_ids=ids("query_rewriting", "user_profile")).loss.backward()
+    opt.step()
+    for name, p in tuner.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert not torch.equal(p, adapter[name]), name
+        else:
+            assert p.grad is None, name
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_different_tasks_route_differently_and_same_task_identically():
+    tuner = make()
+    for name, gates in tuner.task_gates(ids("u2i", "q2i", "u2i"), Mode.EMBEDDING).items():
+        assert not torch.allclose(gates[0], gates[1]), name
+        assert torch.equal(gates[0], gates[2]), name
+        torch.testing.assert_close(gates.sum(-1), torch.ones(3))
+
+
+def test_three_groups_mask_the_other_mode_and_share_the_middle():
+    tuner = make()  # E = 6: experts 0-1 embedding-only, 2-3 shared, 4-5 generation-only
+    for gates in tuner.task_gates(ids("u2i", "q2i", "i2i"), Mode.EMBEDDING).values():
+        assert (gates[:, 4:] == 0).all() and (gates[:, :4] > 0).all()
+    for gates in tuner.task_gates(ids("query_rewriting", "item_profile"), Mode.GENERATIVE).values():
+        assert (gates[:, :2] == 0).all() and (gates[:, 2:] > 0).all()
+
+
+def test_two_groups_have_no_shared_experts():
+    tuner = make(groups=ExpertGroups.TWO)  # experts 0-2 embedding-only, 3-5 generation-only
+    assert all(len(modes) == 1 for modes in tuner.adapter_config.expert_modes())
+    for gates in tuner.task_gates(ids("u2i", "i2i"), Mode.EMBEDDING).values():
+        assert (gates[:, 3:] == 0).all() and (gates[:, :3] > 0).all()
+    for gates in tuner.task_gates(ids("sentiment_analysis"), Mode.GENERATIVE).values():
+        assert (gates[:, :3] == 0).all() and (gates[:, 3:] > 0).all()
+
+
+def test_task_of_the_wrong_mode_or_unknown_is_rejected():
+    tuner = make()
+    with pytest.raises(ValueError, match="not generative tasks"):
+        tuner.routing(ids("u2i"), Mode.GENERATIVE)
+    with pytest.raises(ValueError, match="not embedding tasks"):
+        tuner.routing(torch.tensor([99]), Mode.EMBEDDING)
+
+
+def test_layers_refuse_to_run_without_routing_and_routing_is_thread_local():
+    tuner = make()
+    with pytest.raises(RuntimeError, match="without a task"):
+        tuner.model(input_ids=TOKENS)
+    seen = []
+    with tuner.route(ids("u2i"), Mode.EMBEDDING):
+        assert current_routing() is not None
+        thread = threading.Thread(target=lambda: seen.append(_routing_or_none()))
+        thread.start()
+        thread.join()
+    assert seen == [None]
+    assert _routing_or_none() is None
+
+
+def _routing_or_none():
+    try:
+        return current_routing()
+    except RuntimeError:
+        return None
+
+
+def _logits(tuner: TMoLEModel, tasks: torch.Tensor, mode: Mode = Mode.GENERATIVE) -> torch.Tensor:
+    return tuner(input_ids=TOKENS, task_ids=tasks, mode=mode).logits
+
+
+def test_folded_single_task_path_matches_expert_sum_and_tracks_weight_updates():
+    tuner = make().eval()
+    tasks = ids("query_rewriting", "query_rewriting")
+    layers = [m for m in tuner.modules() if isinstance(m, TMoLELayer)]
+    with torch.enable_grad():  # grad enabled: per-sample expert sum
+        expected = _logits(tuner, tasks).detach()
+    assert not any(layer._folded for layer in layers)
+    with torch.no_grad():
+        folded = _logits(tuner, tasks)
+        assert all(layer._folded for layer in layers)
+        torch.testing.assert_close(folded, expected, **TOL)
+        layers[0].tmole_B["default"].add_(0.05)  # an optimizer-like in-place update must invalidate the cache
+        refolded = _logits(tuner, tasks)
+    with torch.enable_grad():
+        updated = _logits(tuner, tasks).detach()
+    assert not torch.allclose(updated, expected)
+    torch.testing.assert_close(refolded, updated, **TOL)
+
+
+@pytest.mark.parametrize(("task", "mode"), [("answer_generation", Mode.GENERATIVE), ("i2i", Mode.EMBEDDING)])
+def test_merge_task_gives_a_plain_model_with_the_same_outputs(task, mode):
+    tuner = make().eval()
+    expected = _logits(tuner, ids(task, task), mode).detach()
+    merged = tuner.merge_task(task)
+    assert isinstance(merged, LlamaForCausalLM)
+    assert not any(isinstance(m, TMoLELayer) for m in merged.modules())
+    # mode only changes the expert mask; the plain model runs causally like the tuner call above
+    torch.testing.assert_close(merged(input_ids=TOKENS).logits, expected, **TOL)
+    torch.testing.assert_close(_logits(tuner, ids(task, task), mode), expected, atol=0, rtol=0)  # tuner untouched
+
+
+def test_gradient_checkpointing_replays_with_the_forward_routing():
+    plain, checkpointed = make(seed=1, dropout=0.0), make(seed=1, dropout=0.0)
+    checkpointed.enable_gradient_checkpointing()
+    grads = []
+    for tuner in (plain, checkpointed):
+        tuner.train()
+        out = tuner(input_ids=TOKENS, labels=TOKENS, task_ids=ids("query_rewriting", "user_profile"))
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in tuner.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path):
+    tuner = make().eval()
+    tuner.save_pretrained(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["tasks"][TASK_ID["i2i"]] == "i2i" and saved["peft_type"] == "TMOLE" and saved["groups"] == "three"
+    fresh, _ = load_backbone(BackboneConfig())
+    loaded = TMoLEModel.from_pretrained(fresh, str(tmp_path)).eval()
+    for key, value in tuner.trainable_state_dict().items():
+        assert torch.equal(loaded.trainable_state_dict()[key], value), key
+    tasks = ids("u2i", "q2i")
+    assert torch.equal(_logits(loaded, tasks, Mode.EMBEDDING), _logits(tuner, tasks, Mode.EMBEDDING))
+
+
+def test_trainable_state_dict_is_plain_tensors_and_loads_back():
+    tuner = make()
+    snapshot = {k: v.clone() for k, v in tuner.trainable_state_dict().items()}
+    with torch.no_grad():
+        for p in tuner.parameters():
+            if p.requires_grad:
+                p.zero_()
+    tuner.load_trainable_state_dict(snapshot)
+    for key, value in tuner.trainable_state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+
+
+def test_corrupt_adapter_files_are_clear_errors(tmp_path):
+    tuner = make()
+    tuner.save_pretrained(str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt adapter weights"):
+        tuner.load_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt adapter config"):
+        tuner.load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("other", "field"),
+    [
+        ({"tasks": ["u2i", "q2i", "query_rewriting"]}, "tasks"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "target_modules"),
+        ({"num_experts": 3}, "num_experts"),
+        ({"groups": ExpertGroups.TWO}, "groups"),
+    ],
+)
+def test_mismatched_adapter_config_names_the_field(tmp_path, other, field):
+    make(**other).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=f"does not match this TMoLE model: .*{field}: saved"):
+        make().load_pretrained(str(tmp_path))
+
+
+def test_mismatched_tensors_name_the_keys_and_shapes():
+    tuner = make()
+    state = {k: v.clone() for k, v in tuner.trainable_state_dict().items()}
+    state["model.layers.0.self_attn.q_proj.tmole_A"] = torch.zeros(6, 16, 32)
+    del state["model.layers.1.self_attn.o_proj.tmole_B"]
+    state["model.layers.0.mlp.up_proj.tmole_A"] = torch.zeros(1)
+    with pytest.raises(ValueError) as err:
+        tuner.load_trainable_state_dict(state)
+    message = str(err.value)
+    assert "missing keys (1): model.layers.1.self_attn.o_proj.tmole_B" in message
+    assert "unexpected keys (1): model.layers.0.mlp.up_proj.tmole_A" in message
+    assert "model.layers.0.self_attn.q_proj.tmole_A: (6, 16, 32) vs model (6, 16, 64)" in message
