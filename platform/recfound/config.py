@@ -136,14 +136,17 @@ def describe(cls: type[Config], prefix: str = "") -> list[str]:
     return lines
 
 
-def cli(cls: type[C], argv: list[str] | None, usage: str) -> C:
-    """Parse ``[--config FILE] key=value ...`` for a job; ``--help`` prints usage plus every key's doc."""
+def cli(cls: type[C], argv: list[str] | None, usage: str, default_config: str | None = None) -> C:
+    """Parse ``[--config FILE] key=value ...`` for a job; ``--help`` prints usage plus every key's doc.
+
+    ``default_config`` is the YAML used when no ``--config`` is given (a job's embedded default run).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(textwrap.dedent(usage).strip() + "\n\nKeys (set in --config YAML or as key=value):")
         print("\n".join(describe(cls)))
         raise SystemExit(0)
-    path = None
+    path = default_config
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

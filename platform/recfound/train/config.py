@@ -1,0 +1,101 @@
+"""The training run's typed config: what `jobs/train.py` accepts, validated before Ray starts."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from recfound.config import Config
+from recfound.model.backbone import BackboneConfig
+from recfound.model.losses import LossConfig
+from recfound.model.tmole import TMoLEConfig
+from recfound.model.tmole.config import ExpertGroups
+from recfound.train.optim import OptimConfig
+from recfound.train.s2sched import SchedulerConfig
+
+
+class AdapterConfig(Config):
+    """TMoLE hyper-parameters (paper: 6 experts, r 16, alpha 64, dropout 0.1, 512-d task embedding)."""
+
+    num_experts: int = Field(6, ge=2)
+    """LoRA experts per adapted linear. More experts separate tasks better; cost grows linearly."""
+    r: int = Field(16, ge=1)
+    """Rank of each expert: capacity per expert vs adapter size."""
+    alpha: float = Field(64.0, gt=0)
+    """Expert outputs are scaled by alpha / r."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the expert input; regularises small datasets, slows convergence slightly."""
+    groups: ExpertGroups = ExpertGroups.THREE
+    """three: embedding-only, shared and generation-only experts (the paper); two: no shared group (released code)."""
+    task_dim: int = Field(512, ge=1)
+    """Width of the learned task embedding that feeds each router."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Linear layers (name suffixes) that get experts. Adding MLP projections adds capacity and cost."""
+
+    def build(self, backbone: BackboneConfig) -> TMoLEConfig:
+        return TMoLEConfig(**self.model_dump(), backbone=backbone.model_dump())
+
+
+class ModelConfig(Config):
+    backbone: BackboneConfig = BackboneConfig()
+    adapter: AdapterConfig = AdapterConfig()
+
+
+class BatchConfig(Config):
+    """Per-worker, per-micro-batch sample counts; S2Sched splits each across the group's tasks."""
+
+    embedding: int = Field(16, ge=0)
+    """Embedding queries per step (each with its positive and hard negatives). Larger gives more in-batch
+    negatives (better retrieval) at more memory; the paper uses 256 per GPU with GradCache."""
+    generative: int = Field(8, ge=0)
+    """Generative sequences per step (paper: 128 per GPU)."""
+
+    @model_validator(mode="after")
+    def _some_work(self) -> BatchConfig:
+        if self.embedding + self.generative == 0:
+            raise ValueError("embedding and generative batch sizes cannot both be 0")
+        return self
+
+
+class TrainConfig(Config):
+    """A training run: dataset, model, optimisation, task scheduling, checkpoints and cluster shape."""
+
+    data: str | None = None
+    """Built dataset directory or URL (jobs/build_dataset.py output). Empty: build the synthetic default into
+    runs/data/synthetic first (reused when already built)."""
+    storage_path: str = "runs/train"
+    """Where checkpoints go: a local/shared directory or a pyarrow/fsspec URL (s3://, gs://)."""
+    name: str | None = None
+    """Run name under storage_path. Re-using a name resumes that run; empty: a fresh timestamped name."""
+    max_steps: int = Field(60, ge=1)
+    """Optimizer steps; the LR schedule decays to 0 at this step."""
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one process each; one GPU each with use_gpu)."""
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic DDP: start with as few as this many workers and grow to num_workers as nodes appear."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker (tokenisation and the CPU forward pass use them)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL, and bf16 when the backbone dtype is auto."""
+    tasks: list[str] | None = None
+    """Tasks to train (names as in the manifest). Empty: every task the dataset has."""
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    batch: BatchConfig = BatchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    checkpoint_every: int = Field(20, ge=1)
+    """Steps between checkpoints: frequent ones lose less work on a failure but cost I/O."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Checkpoints kept in storage (the latest is always kept)."""
+    max_failures: int = Field(2, ge=0)
+    """Worker failures (a killed process or lost node) survived by restarting from the latest checkpoint."""
+    log_every: int = Field(5, ge=1)
+    """Steps between progress lines in the job log (TensorBoard gets every step)."""
+    seed: int = 0
+    """Seeds weights of new adapters, dropout and the per-step task draw (shared by all ranks)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
+        return self

@@ -1,0 +1,164 @@
+"""The training job's driver: check everything that can be checked, then start Ray and run the TorchTrainer.
+
+Every check that needs no cluster (dataset, tasks, batch sizes, storage) runs before ``ray.init`` so a bad run
+fails in seconds with a message, not after a cluster has been scheduled.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+import recfound
+from recfound.io import exists, read_json
+from recfound.tasks import MANIFEST, Mode, mode_of
+from recfound.train.config import TrainConfig
+
+NAMESPACE = "recfound"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or did not finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the validated config resolves to: the dataset, the tasks and their sizes, where the run lives."""
+
+    data: str
+    tasks: list[str]
+    rows: dict[str, int]
+    name: str
+    storage_path: str
+    resume: bool
+
+
+def _dataset(cfg: TrainConfig) -> str:
+    if cfg.data:
+        return cfg.data
+    from recfound.data.builder import BuildConfig, build
+
+    out = BuildConfig().out
+    if not exists(f"{out}/{MANIFEST}"):
+        print(f"no data= given: building the synthetic default dataset into {out}", flush=True)
+        build(BuildConfig())
+    return out
+
+
+def _storage(path: str) -> str:
+    """Absolute local path or URL; proven writable now rather than at the first checkpoint."""
+    fs, root = url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        path = root = str(Path(root).resolve())
+    probe = f"{root}/.recfound-write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as handle:
+            handle.write(b"ok")
+        fs.rm(probe)
+    except OSError as err:
+        raise RunError(f"storage_path {path} cannot be written: {err}") from err
+    return path
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    data = _dataset(cfg)
+    if not exists(f"{data}/{MANIFEST}"):
+        raise RunError(f"data={data}: no {MANIFEST}; build it with jobs/build_dataset.py")
+    built = read_json(f"{data}/{MANIFEST}")["tasks"]
+    tasks = cfg.tasks or list(built)
+    for task in tasks:
+        mode_of(task)
+        if task not in built:
+            raise RunError(f"task {task} has no data in {data} (built: {', '.join(built)})")
+        if built[task]["train"] < cfg.num_workers:
+            raise RunError(f"task {task} has {built[task]['train']} train rows, fewer than num_workers={cfg.num_workers}")
+    rows = {t: built[t]["train"] for t in tasks}
+    for mode, size in ((Mode.EMBEDDING, cfg.batch.embedding), (Mode.GENERATIVE, cfg.batch.generative)):
+        available = sum(n for t, n in rows.items() if mode_of(t) is mode)
+        if size and not available:
+            raise RunError(f"batch.{mode.value}={size} but none of the tasks {tasks} is a {mode.value} task")
+        if available and size * cfg.num_workers > available:
+            raise RunError(
+                f"batch.{mode.value}={size} per worker x {cfg.num_workers} workers cannot be met by "
+                f"{available} {mode.value} train rows; lower the batch or the worker count"
+            )
+    storage = _storage(cfg.storage_path)
+    name = cfg.name or datetime.now().strftime("recfound-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+    fs, root = url_to_fs(storage)
+    return Plan(data, tasks, rows, name, storage, resume=fs.exists(f"{root}/{name}"))
+
+
+def _init_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # On a cluster (ray job submit): ship the library to every worker, installed there or not.
+        ray.init(runtime_env={"py_modules": [str(Path(recfound.__file__).parent)]})
+        return
+    # A local Ray gets enough logical CPUs for the workers plus one for Ray Data's tokenisation tasks.
+    needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
+    from recfound.data.streams import task_datasets
+    from recfound.train.batches import tokenize
+
+    backbone = cfg.model.backbone.model_dump()
+    return {
+        task: ds.map_batches(tokenize, batch_size=64, fn_kwargs={"backbone": backbone, "task": task})
+        for task, ds in task_datasets(plan.data, "train", plan.tasks).items()
+    }
+
+
+def run(cfg: TrainConfig) -> str:
+    """Train; return the final checkpoint's path (the job prints it as its last line)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from recfound.train.loop import train_worker
+    from recfound.train.s2sched import get_or_create_scheduler
+
+    p = plan(cfg)
+    print(f"{'resuming' if p.resume else 'starting'} run {p.name} in {p.storage_path} on tasks {', '.join(p.tasks)}", flush=True)
+    _init_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    scheduler_name = f"s2sched-{p.name}"
+    # The driver holds the handle for the whole fit: a named actor without handles is garbage collected.
+    scheduler = get_or_create_scheduler(scheduler_name, NAMESPACE, p.tasks, p.rows, cfg.scheduler)
+    workers = cfg.num_workers if cfg.min_workers is None else (cfg.min_workers, cfg.num_workers)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
+                           "namespace": NAMESPACE, "run": p.name},  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=p.name,
+            storage_path=p.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets=_datasets(p, cfg),
+    )
+    result = trainer.fit()
+    ray.kill(scheduler)
+    if result.error is not None:
+        raise RunError(f"run {p.name} failed: {result.error}")
+    if result.metrics and result.metrics.get("error"):
+        raise RunError(f"run {p.name} stopped: {result.metrics['error']}; the last good checkpoint is kept")
+    if result.checkpoint is None:
+        raise RunError(f"run {p.name} finished without a checkpoint")
+    return result.checkpoint.path
+

@@ -1,0 +1,22 @@
+"""Suite-wide setup: offline, quiet, and one small synthetic dataset shared by the tests that need one."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic shop built once per session (every buildable task, a few hundred rows each)."""
+    from recfound.data.builder import BuildConfig, build
+    from recfound.data.synthetic import SyntheticConfig
+
+    out = tmp_path_factory.mktemp("synthetic")
+    build(BuildConfig(out=str(out), synthetic=SyntheticConfig(users=120, items=60, queries=40)))
+    return out

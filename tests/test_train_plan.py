@@ -1,0 +1,53 @@
+"""A training run is checked before Ray starts: dataset, task names, batch sizes, storage, configs."""
+
+from pathlib import Path
+
+import pytest
+
+from recfound.config import load_config
+from recfound.train.config import TrainConfig
+from recfound.train.run import RunError, plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "paper.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(TrainConfig, str(CONFIGS / name))
+    assert cfg.max_steps > 0
+
+
+def _cfg(data: Path, tmp: Path, **over: object) -> TrainConfig:
+    base = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), [f"data={data}", f"storage_path={tmp / 'runs'}"])
+    return base.model_copy(update=over)
+
+
+def test_plan_resolves_tasks_rows_and_a_fresh_name(synthetic_dataset: Path, tmp_path: Path) -> None:
+    p = plan(_cfg(synthetic_dataset, tmp_path))
+    assert {"u2i", "q2i", "i2i", "sentiment_analysis"} <= set(p.tasks)
+    assert all(p.rows[t] > 0 for t in p.tasks)
+    assert p.name.startswith("recfound-") and not p.resume
+    assert plan(_cfg(synthetic_dataset, tmp_path)).name != p.name
+
+
+def test_unknown_or_missing_task_is_rejected(synthetic_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown task 'u2x'"):
+        plan(_cfg(synthetic_dataset, tmp_path, tasks=["u2x"]))
+    with pytest.raises(RunError, match="answer_generation has no data"):
+        plan(_cfg(synthetic_dataset, tmp_path, tasks=["u2i", "answer_generation"]))
+
+
+def test_batch_that_cannot_be_met_is_rejected(synthetic_dataset: Path, tmp_path: Path) -> None:
+    cfg = _cfg(synthetic_dataset, tmp_path)
+    cfg.batch.embedding = 10**6
+    with pytest.raises(RunError, match="batch.embedding=1000000 .* cannot be met"):
+        plan(cfg)
+
+
+def test_unwritable_storage_and_missing_dataset(synthetic_dataset: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RunError, match="cannot be written"):
+        plan(_cfg(synthetic_dataset, tmp_path).model_copy(update={"storage_path": str(blocker / "sub")}))
+    with pytest.raises(RunError, match="no manifest.json"):
+        plan(_cfg(tmp_path, tmp_path))
