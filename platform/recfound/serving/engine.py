@@ -1,0 +1,112 @@
+"""The small interface serving needs from a model, and how a published version names the code that loads it.
+
+Serving never imports the model package directly: a version's ``version.json`` names an engine factory
+(``"module:callable"``, called with the version directory), so the same app serves the GRM, a test double or a
+future backend, and a version always loads with the engine it was indexed with.
+"""
+
+from __future__ import annotations
+
+import importlib
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from recfound.serving.registry import read_version
+
+ENGINE_KEY = "engine"
+ADAPTER_DIR = "adapter"
+"""Where the merge job puts the merged TMoLE adapter inside its artifact (see recfound.merge.artifact)."""
+
+
+class Side(str, Enum):
+    """Which side of retrieval a text is on: it sets the token budget the model trained that side with."""
+
+    QUERY = "query"
+    """Users, search queries and the anchor item of i2i."""
+    ITEM = "item"
+    """Catalogue items, embedded once into the index."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the Serve deployment and the index builder call; implementations need not be thread-safe."""
+
+    version: str
+    """The registry version this engine was loaded from (``version.json``)."""
+    context_length: int
+    """Most tokens one input may take: instruction + text for embeddings, prompt + completion for generation."""
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token count of each text, as the engine tokenises it (used to refuse over-long inputs)."""
+        ...
+
+    def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
+        """(n, d) float32, L2-normalised embeddings of ``texts`` under ``instruction``, routed as ``task``."""
+        ...
+
+    def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        """One completion per prompt (the response only), routed as ``task``; temperature 0 is greedy."""
+        ...
+
+
+def import_factory(path: str) -> object:
+    """``"package.module:attr"`` -> the attribute; the error says which part was not found."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"engine factory {path!r}: expected 'package.module:callable'")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"engine factory {path!r}: module {module_name} has no attribute {attr!r}") from None
+
+
+def load_engine(version_dir: str) -> Engine:
+    """Build the engine a (verified, local) version directory names in ``version.json``."""
+    path = read_version(version_dir).get(ENGINE_KEY)
+    if not isinstance(path, str):
+        raise ValueError(f"{version_dir}: version.json names no {ENGINE_KEY!r} factory")
+    factory = import_factory(path)
+    if not callable(factory):
+        raise ValueError(f"engine factory {path!r} is not callable")
+    engine = factory(version_dir)
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine factory {path!r} returned {type(engine).__name__}, which is not an Engine")
+    return engine
+
+
+class GRMEngine:
+    """The RecFound GRM (TMoLE adapter + its recorded backbone) as an Engine; the default factory of a version.
+
+    Loads ``adapter/`` of the merge job's artifact; the backbone is the one the adapter config records (an
+    ``hf`` backbone path must exist on the serving node). Runs on the GPU when one is visible.
+    """
+
+    def __init__(self, version_dir: str):
+        # transformers loads only in replicas that serve a GRM, not in the gateway or the fake-engine tests.
+        from recfound.model.formats import encode_embedding
+        from recfound.model.grm import GRM
+
+        self._encode = encode_embedding
+        self.version = str(read_version(version_dir)["version"])
+        self.model = GRM.from_pretrained(f"{version_dir}/{ADAPTER_DIR}").eval()
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.context_length = self.model.backbone.max_generative_len
+        self._budget = {Side.QUERY: self.model.backbone.max_query_len, Side.ITEM: self.model.backbone.max_passage_len}
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
+        """Truncated to the side's training budget, as in training (``encode_embedding`` keeps the instruction)."""
+        batch = self._encode(self.model.tokenizer, [instruction] * len(texts), texts, self._budget[side])
+        with torch.inference_mode():
+            vectors = self.model.embed(batch, self.model.task_ids([task] * len(texts)))
+        return vectors.float().cpu().numpy()
+
+    def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+        return self.model.generate(prompts, task, max_new_tokens=max_tokens, **sampling)

@@ -1,0 +1,262 @@
+"""The model registry: numbered, checksummed, immutable versions of a merged model plus its item index.
+
+Layout at any fsspec URL (local directory, memory://, s3://, ...)::
+
+    <registry>/latest.json            {"version": "v2"}: the pointer serving follows, replaced atomically
+    <registry>/versions/v1/           a complete version (has version.json), never modified after publish
+        manifest.json                 from the merge job: {"files": {relpath: sha256}, ...}
+        <artifact files>              the merged model, exactly as listed in manifest.json
+        index/...                     the item index (see recfound.serving.index)
+        version.json                  {"version", "engine", "instructions", "index_files": {relpath: sha256}, ...}
+
+A version is visible only once complete. On a local filesystem it is staged under ``versions/.tmp-*`` and
+renamed into place (one atomic rename). Object stores have no directory rename, so there ``version.json`` is
+uploaded last and is the commit marker: readers ignore version folders without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from recfound.io import read_json, sha256, write_json
+
+log = logging.getLogger(__name__)
+
+VERSIONS = "versions"
+LATEST = "latest.json"
+MANIFEST = "manifest.json"
+VERSION_FILE = "version.json"
+LATEST_ALIAS = "latest"
+CACHE_ENV = "RECFOUND_CACHE"
+_VERSION_NAME = re.compile(r"^v([1-9][0-9]*)$")
+
+BuildIndex = Callable[[str], None]
+"""Writes the item index into a staged, verified local version directory (``version.json`` already there)."""
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked; the message says why."""
+
+
+class VersionNotFound(RegistryError):
+    """No complete version of that name (or no ``latest`` yet)."""
+
+
+class ChecksumError(RegistryError):
+    """An artifact's files do not match their recorded SHA-256: corrupted, truncated or tampered with."""
+
+
+def version_number(name: str) -> int:
+    """The N of ``vN``; anything else (paths, typos) is rejected before it can touch the filesystem."""
+    match = _VERSION_NAME.match(name)
+    if match is None:
+        raise VersionNotFound(f"invalid version name {name!r}: expected v1, v2, ... or {LATEST_ALIAS!r}")
+    return int(match.group(1))
+
+
+def list_versions(registry_url: str) -> list[str]:
+    """Complete versions, oldest first."""
+    fs, root = url_to_fs(registry_url)
+    return [name for name in _version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{name}/{VERSION_FILE}")]
+
+
+def latest_version(registry_url: str) -> str:
+    fs, root = url_to_fs(registry_url)
+    pointer = f"{root}/{LATEST}"
+    if not fs.exists(pointer):
+        raise VersionNotFound(f"registry {registry_url} has no published version yet (no {LATEST})")
+    return str(read_json(_url(fs, pointer))["version"])
+
+
+def read_version(version_dir: str) -> dict[str, Any]:
+    """The ``version.json`` of a local version directory."""
+    return json.loads((Path(version_dir) / VERSION_FILE).read_text())
+
+
+def verify(version_dir: str) -> None:
+    """Check every artifact and index file of a local version directory against its recorded SHA-256.
+
+    Serving calls this before loading, so a version corrupted after publish is refused rather than served.
+    """
+    root = Path(version_dir)
+    if not (root / VERSION_FILE).is_file():
+        raise ChecksumError(f"{version_dir}: no {VERSION_FILE}, not a complete version")
+    _check_files(root, _manifest_files(root))
+    _check_files(root, read_version(version_dir).get("index_files", {}))
+
+
+def publish(
+    model_dir: str,
+    registry_url: str,
+    build_index_fn: BuildIndex,
+    meta: Mapping[str, Any] | None = None,
+) -> str:
+    """Publish a merged model as the next version vN and point ``latest`` at it; returns ``"vN"``.
+
+    ``meta`` (e.g. the engine factory and the instructions) goes into ``version.json``. If anything fails (a
+    checksum mismatch, the index build, the upload) the partial version is removed and ``latest`` is untouched.
+    """
+    fs, root = url_to_fs(registry_url)
+    fs.makedirs(f"{root}/{VERSIONS}", exist_ok=True)
+    existing = _version_dirs(fs, root)
+    name = f"v{version_number(existing[-1]) + 1 if existing else 1}"
+    local = isinstance(fs, LocalFileSystem)
+    # Staging inside the registry keeps the final rename on one filesystem, hence atomic.
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=f"{root}/{VERSIONS}" if local else None))
+    final = f"{root}/{VERSIONS}/{name}"
+    try:
+        info = {**(meta or {}), "version": name, "source": model_dir, "created": time.time()}
+        _stage(model_dir, stage, info, build_index_fn)
+        if local:
+            _rename_into_place(stage, final)
+        else:
+            _upload(stage, fs, final)
+    except BaseException:
+        if not local and fs.exists(final):
+            fs.rm(final, recursive=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _advance_latest(fs, root, name)
+    log.info("published %s to %s", name, registry_url)
+    return name
+
+
+def _stage(model_dir: str, stage: Path, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
+    """Copy and verify the artifact into ``stage``, build the index there, and record everything's checksum."""
+    _copy_tree(model_dir, stage)
+    manifest = _manifest_files(stage)
+    if VERSION_FILE in manifest:
+        raise RegistryError(f"{model_dir}: {VERSION_FILE} is reserved for the registry's own record")
+    _check_files(stage, manifest)
+    unlisted = [rel for rel in _relpaths(stage) if rel not in manifest and rel != MANIFEST]
+    if unlisted:
+        raise ChecksumError(f"{model_dir}: files not listed in {MANIFEST}: {', '.join(unlisted[:5])}")
+    (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    build_index_fn(str(stage))
+    info["index_files"] = {
+        rel: sha256(str(stage / rel))
+        for rel in _relpaths(stage)
+        if rel not in manifest and rel not in (MANIFEST, VERSION_FILE)
+    }
+    (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
+    """A local directory holding the complete version (``latest`` follows the pointer).
+
+    Local registries are read in place; remote ones are downloaded once into ``cache_dir`` (default
+    ``$RECFOUND_CACHE`` or ``~/.cache/recfound/registry``), by temp name + rename so a crash leaves no half copy.
+    """
+    name = latest_version(registry_url) if version == LATEST_ALIAS else version
+    version_number(name)
+    fs, root = url_to_fs(registry_url)
+    remote_dir = f"{root}/{VERSIONS}/{name}"
+    if not fs.exists(f"{remote_dir}/{VERSION_FILE}"):
+        known = ", ".join(list_versions(registry_url)) or "none"
+        raise VersionNotFound(f"no version {name} in registry {registry_url} (versions: {known})")
+    if isinstance(fs, LocalFileSystem):
+        return remote_dir
+    base = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "recfound" / "registry")
+    dest = base / hashlib.sha256(registry_url.encode()).hexdigest()[:16] / name
+    if (dest / VERSION_FILE).is_file():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=dest.parent))
+    try:
+        _copy_tree(_url(fs, remote_dir), tmp)
+        _rename_into_place(tmp, str(dest))
+    except OSError:
+        if not (dest / VERSION_FILE).is_file():  # not a concurrent download that won the rename
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def _url(fs: Any, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def _version_dirs(fs: Any, root: str) -> list[str]:
+    """Every vN folder, complete or not, by number: numbering must skip partial ones a crash left behind."""
+    if not fs.exists(f"{root}/{VERSIONS}"):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{VERSIONS}", detail=False)]
+    return sorted((n for n in names if _VERSION_NAME.match(n)), key=version_number)
+
+
+def _manifest_files(root: Path) -> dict[str, str]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ChecksumError(f"{root}: no {MANIFEST}; the merge job writes it with the SHA-256 of every file")
+    files = json.loads(path.read_text()).get("files")
+    if not isinstance(files, dict) or not files:
+        raise ChecksumError(f"{path}: expected a non-empty 'files' mapping of relative path to SHA-256")
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def _check_files(root: Path, expected: Mapping[str, str]) -> None:
+    for rel, digest in sorted(expected.items()):
+        path = root / rel
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise ChecksumError(f"{root}: listed file {rel!r} lies outside the artifact")
+        if not path.is_file():
+            raise ChecksumError(f"{root}: {rel} is listed in the manifest but missing")
+        actual = sha256(str(path))
+        if actual != digest:
+            raise ChecksumError(f"{root}: checksum mismatch for {rel}: expected {digest[:12]}…, got {actual[:12]}…")
+
+
+def _relpaths(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _copy_tree(src_url: str, dest: Path) -> None:
+    """Copy every file under ``src_url`` (any fsspec URL) into the local directory ``dest``, file by file."""
+    fs, src = url_to_fs(src_url)
+    src = src.rstrip("/")
+    files = fs.find(src)
+    if not files:
+        raise RegistryError(f"{src_url}: no files to publish")
+    for path in files:
+        target = dest / path[len(src) :].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
+
+
+def _rename_into_place(stage: Path, final: str) -> None:
+    try:
+        os.rename(stage, final)
+    except OSError as err:
+        raise RegistryError(f"cannot move {stage} to {final} (published concurrently?): {err}") from err
+
+
+def _upload(stage: Path, fs: Any, final: str) -> None:
+    """Upload with ``version.json`` last: on object stores it is the commit marker readers look for."""
+    for rel in _relpaths(stage):
+        if rel != VERSION_FILE:
+            fs.makedirs(f"{final}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(stage / rel), f"{final}/{rel}")
+    fs.put_file(str(stage / VERSION_FILE), f"{final}/{VERSION_FILE}")
+
+
+def _advance_latest(fs: Any, root: str, name: str) -> None:
+    """Move ``latest`` forward only: a slow concurrent publish of an older number must not win."""
+    pointer = f"{root}/{LATEST}"
+    if fs.exists(pointer) and version_number(read_json(_url(fs, pointer))["version"]) > version_number(name):
+        return
+    write_json(_url(fs, pointer), {"version": name, "updated": time.time()})

@@ -1,0 +1,287 @@
+"""Wire formats: OpenAI-compatible requests and responses, /v1/recommend, and the OpenAI error schema.
+
+Model names choose the task (``recfound-q2i`` embeds queries, ``recfound-item_profile`` generates item
+profiles), so unmodified OpenAI clients reach every task. OpenAI request fields serving does not use are
+ignored, as OpenAI-compatible servers do; /v1/recommend is ours, so it is strict about unknown keys and types.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from enum import Enum
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from recfound.config import Config
+from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS
+
+MODEL_PREFIX = "recfound-"
+GENERIC_MODEL = "recfound-gen"
+GENERIC_TASK = "answer_generation"
+"""Task behind ``recfound-gen``: free-form answers, the most general of the generative tasks."""
+VERSION_HEADER = "x-recfound-version"
+QUERY_PARAM = {"u2i": "history", "q2i": "query", "i2i": "item_id"}
+"""The /v1/recommend field that carries each task's query side."""
+EncodingFormat = Literal["float", "base64"]
+
+
+class ErrorType(str, Enum):
+    INVALID_REQUEST = "invalid_request_error"
+    AUTHENTICATION = "authentication_error"
+    NOT_FOUND = "not_found_error"
+    SERVER = "server_error"
+    UNAVAILABLE = "service_unavailable"
+
+
+class ApiError(Exception):
+    """A request the API refuses: rendered as ``{"error": {message, type, param, code}}`` with ``status``.
+
+    Raised inside the model replica too: Ray re-raises it at the gateway as an instance of this class.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: ErrorType = ErrorType.INVALID_REQUEST,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ApiError, (self.status, self.message, self.param, self.code, self.error_type))
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.error_type.value, "param": self.param, "code": self.code}
+        return {"error": error}
+
+
+class Limits(Config):
+    """Per-request caps: a request over one is refused with a 400 naming the cap, before it costs model time."""
+
+    max_inputs: int = Field(256, ge=1)
+    """Most texts in one /v1/embeddings request or prompts in one /v1/completions request."""
+    max_tokens: int = Field(512, ge=1)
+    """Most completion tokens one request may ask for."""
+    max_k: int = Field(100, ge=1)
+    """Most items /v1/recommend returns."""
+    max_history: int = Field(200, ge=1)
+    """Most item ids in a /v1/recommend history (only the last `max_history` of the dataset are rendered)."""
+
+
+def embedding_task(model: str) -> str:
+    task = model.removeprefix(MODEL_PREFIX)
+    if not model.startswith(MODEL_PREFIX) or task not in EMBEDDING_TASKS:
+        names = ", ".join(MODEL_PREFIX + t for t in EMBEDDING_TASKS)
+        raise ApiError(404, f"model {model!r} does not embed; embedding models: {names}", "model", "model_not_found")
+    return task
+
+
+def generative_task(model: str) -> str:
+    if model == GENERIC_MODEL:
+        return GENERIC_TASK
+    task = model.removeprefix(MODEL_PREFIX)
+    if not model.startswith(MODEL_PREFIX) or task not in GENERATIVE_TASKS:
+        raise ApiError(
+            404,
+            f"model {model!r} does not generate; use {GENERIC_MODEL} or {MODEL_PREFIX}<task> with a task of "
+            f"{', '.join(GENERATIVE_TASKS)}",
+            "model",
+            "model_not_found",
+        )
+    return task
+
+
+def model_names() -> list[str]:
+    return [MODEL_PREFIX + t for t in EMBEDDING_TASKS] + [GENERIC_MODEL] + [MODEL_PREFIX + t for t in GENERATIVE_TASKS]
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class EmbeddingRequest(_OpenAIRequest):
+    model: str
+    input: str | list[str]
+    encoding_format: EncodingFormat = "float"
+    dimensions: int | None = None
+
+    def texts(self, limits: Limits) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        if not texts:
+            raise ApiError(400, "input is empty: send a string or a non-empty list of strings", "input", "empty_input")
+        if len(texts) > limits.max_inputs:
+            raise ApiError(400, f"{len(texts)} inputs; at most {limits.max_inputs} per request", "input",
+                           "too_many_inputs")  # fmt: skip
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ApiError(400, f"input[{i}] is an empty string", "input", "empty_input")
+        return texts
+
+
+class _GenerationRequest(_OpenAIRequest):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    """Default 0 (greedy), the decoding the paper evaluates with."""
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def checked_max_tokens(self, limits: Limits, default: int = 16) -> int:
+        """The completion budget (OpenAI's default 16 when unset), refused above the configured cap."""
+        if self.n != 1:
+            raise ApiError(400, "only n=1 is supported", "n", "unsupported_value")
+        wanted = self.requested_tokens() or default
+        if wanted > limits.max_tokens:
+            raise ApiError(400, f"max_tokens={wanted}; at most {limits.max_tokens}", "max_tokens", "invalid_value")
+        return wanted
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+
+    def prompts(self, limits: Limits) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts or not all(p.strip() for p in prompts):
+            raise ApiError(400, "prompt is empty", "prompt", "empty_input")
+        if len(prompts) > limits.max_inputs:
+            raise ApiError(400, f"{len(prompts)} prompts; at most {limits.max_inputs} per request", "prompt",
+                           "too_many_inputs")  # fmt: skip
+        return prompts
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_GenerationRequest):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def prompt(self) -> str:
+        """System/developer messages then the user turn, as one prompt: the model was trained single-turn."""
+        if not self.messages or self.messages[-1].role != "user":
+            raise ApiError(400, "messages must end with a user message", "messages", "invalid_value")
+        if any(m.role == "assistant" for m in self.messages):
+            raise ApiError(400, "multi-turn chat is not supported: send system messages and one user message",
+                           "messages", "unsupported_value")  # fmt: skip
+        users = [m for m in self.messages if m.role == "user"]
+        if len(users) > 1:
+            raise ApiError(400, "only one user message is supported", "messages", "unsupported_value")
+        prompt = "\n\n".join(m.text() for m in self.messages if m.text().strip())
+        if not users[0].text().strip():
+            raise ApiError(400, "the user message is empty", "messages", "empty_input")
+        return prompt
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class RecommendRequest(BaseModel):
+    """u2i: ``history`` (item ids, oldest first); q2i: ``query``; i2i: ``item_id``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: Literal["u2i", "q2i", "i2i"]
+    history: list[str] | None = None
+    query: str | None = None
+    item_id: str | None = None
+    k: int = Field(10, ge=1)
+    exclude_history: bool = True
+
+    def check(self, limits: Limits) -> None:
+        needed = QUERY_PARAM[self.task]
+        value = getattr(self, needed)
+        if not value or (isinstance(value, str) and not value.strip()):
+            raise ApiError(400, f"task {self.task} needs a non-empty {needed!r}", needed, "empty_input")
+        if self.k > limits.max_k:
+            raise ApiError(400, f"k={self.k}; at most {limits.max_k}", "k", "invalid_value")
+        if self.history and len(self.history) > limits.max_history:
+            raise ApiError(400, f"{len(self.history)} history items; at most {limits.max_history}", "history",
+                           "too_many_inputs")  # fmt: skip
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    title: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    task: str
+    version: str
+    items: list[RecommendedItem]
+
+
+def embedding_response(
+    model: str, version: str, vectors: np.ndarray, tokens: int, fmt: EncodingFormat
+) -> dict[str, Any]:
+    """``base64`` is little-endian float32 bytes: the openai client asks for it by default and decodes it."""
+
+    def encode(v: np.ndarray) -> list[float] | str:
+        return base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+
+    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": model, "usage": usage, "version": version}
+
+
+def completion_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def completion_response(
+    model: str, version: str, texts: list[str], finish: list[str], prompt_tokens: int, completion_tokens: int,
+    chat: bool,
+) -> dict[str, Any]:  # fmt: skip
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
+                   for i, (t, f) in enumerate(zip(texts, finish, strict=True))]  # fmt: skip
+    else:
+        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
+                   for i, (t, f) in enumerate(zip(texts, finish, strict=True))]  # fmt: skip
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "id": completion_id(chat), "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()), "model": model, "choices": choices, "usage": usage,
+        "system_fingerprint": version, "version": version,
+    }  # fmt: skip
+
+
+def stream_chunk(cid: str, model: str, version: str, index: int, piece: str | None, finish: str | None,
+                 chat: bool) -> dict[str, Any]:  # fmt: skip
+    """One OpenAI streaming chunk; for chat, ``piece=None`` opens the message with the assistant role."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if piece is None else {}
+        if piece:
+            delta["content"] = piece
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": index, "text": piece or "", "finish_reason": finish, "logprobs": None}
+    return {
+        "id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+        "model": model, "choices": [choice], "system_fingerprint": version, "version": version,
+    }  # fmt: skip

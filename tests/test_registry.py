@@ -1,0 +1,157 @@
+"""Model registry: atomic numbered publish, checksum refusal, resolve (local and remote), the publish CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+from test_serve_engine import FAKE_ENGINE, make_artifact, make_dataset, publish_fake
+
+from recfound.serving.registry import (
+    ChecksumError,
+    RegistryError,
+    VersionNotFound,
+    latest_version,
+    list_versions,
+    publish,
+    read_version,
+    resolve,
+    verify,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "publish.py"
+
+
+def _entries(registry: Path) -> list[str]:
+    return sorted(p.name for p in (registry / "versions").iterdir())
+
+
+def test_publish_numbers_versions_and_moves_latest(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    assert publish_fake(model, data, str(registry)) == "v1"
+    assert publish_fake(model, data, str(registry)) == "v2"
+    assert list_versions(str(registry)) == ["v1", "v2"] == _entries(registry)  # no temp folders left
+    assert latest_version(str(registry)) == "v2"
+    v2 = resolve(str(registry))
+    assert v2 == str(registry / "versions" / "v2") and resolve(str(registry), "v1").endswith("v1")
+    meta = read_version(v2)
+    assert meta["version"] == "v2" and meta["engine"] == FAKE_ENGINE and meta["max_history"] == 3
+    assert set(meta["index_files"]) == {"index/items.parquet", "index/u2i.npy", "index/q2i.npy", "index/i2i.npy"}
+    verify(v2)
+
+
+def test_checksum_mismatch_publishes_nothing(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    publish_fake(model, data, str(registry))
+    (model / "weights" / "adapter.bin").write_bytes(b"truncated")
+    with pytest.raises(ChecksumError, match=r"checksum mismatch for weights/adapter.bin"):
+        publish_fake(model, data, str(registry))
+    assert latest_version(str(registry)) == "v1"
+    assert _entries(registry) == ["v1"]
+
+
+def test_unlisted_and_missing_files_are_refused(tmp_path: Path) -> None:
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    (model / "stray.txt").write_text("not merged")
+    with pytest.raises(ChecksumError, match="not listed in manifest.json: stray.txt"):
+        publish_fake(model, data, str(tmp_path / "registry"))
+    (model / "stray.txt").unlink()
+    (model / "weights" / "adapter.bin").unlink()
+    with pytest.raises(ChecksumError, match="weights/adapter.bin is listed in the manifest but missing"):
+        publish_fake(model, data, str(tmp_path / "registry"))
+    assert _entries(tmp_path / "registry") == []
+    with pytest.raises(VersionNotFound, match="no published version"):
+        resolve(str(tmp_path / "registry"))
+
+
+def test_index_failure_leaves_latest_and_no_partial_version(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    publish_fake(model, data, str(registry))
+
+    def broken_index(version_dir: str) -> None:
+        (Path(version_dir) / "index").mkdir()
+        raise RuntimeError("out of memory while embedding")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        publish(str(model), str(registry), broken_index, {"engine": FAKE_ENGINE})
+    assert latest_version(str(registry)) == "v1" and _entries(registry) == ["v1"]
+
+
+def test_corruption_after_publish_is_detected(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), str(registry))
+    index_file = registry / "versions" / "v1" / "index" / "q2i.npy"
+    index_file.write_bytes(index_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ChecksumError, match="index/q2i.npy"):
+        verify(resolve(str(registry)))
+
+
+def test_remote_registry_resolves_into_a_local_cache(tmp_path: Path) -> None:
+    registry = "memory://recfound-test-registry"
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    try:
+        assert publish_fake(model, data, registry) == "v1"
+        fs = fsspec.filesystem("memory")
+        # A crashed upload leaves a version folder without its commit marker: invisible, and never reused.
+        fs.pipe("/recfound-test-registry/versions/v2/manifest.json", b"{}")
+        assert list_versions(registry) == ["v1"]
+        assert publish_fake(model, data, registry) == "v3"
+        with pytest.raises(VersionNotFound, match=r"no version v2 .*versions: v1, v3"):
+            resolve(registry, "v2", cache_dir=str(tmp_path / "cache"))
+        local = resolve(registry, cache_dir=str(tmp_path / "cache"))
+        assert local.startswith(str(tmp_path / "cache")) and local.endswith("v3")
+        verify(local)
+        assert resolve(registry, cache_dir=str(tmp_path / "cache")) == local  # cached, not downloaded again
+        (model / "weights" / "adapter.bin").write_bytes(b"bad")
+        with pytest.raises(ChecksumError):
+            publish_fake(model, data, registry)
+        assert not fs.exists("/recfound-test-registry/versions/v4") and latest_version(registry) == "v3"
+    finally:
+        fsspec.filesystem("memory").rm("/recfound-test-registry", recursive=True)
+
+
+def test_version_names_are_validated(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), str(registry))
+    for bad in ("../v1", "v01", "1", "v1/index"):
+        with pytest.raises(VersionNotFound, match="invalid version name"):
+            resolve(str(registry), bad)
+
+
+def test_concurrent_name_clash_fails_cleanly(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    model = make_artifact(tmp_path / "model")
+
+    def claim_v1_meanwhile(version_dir: str) -> None:
+        (registry / "versions" / "v1").mkdir()
+        (registry / "versions" / "v1" / "version.json").write_text("{}")
+
+    with pytest.raises(RegistryError, match="published concurrently"):
+        publish(str(model), str(registry), claim_v1_meanwhile, {"engine": FAKE_ENGINE})
+    assert _entries(registry) == ["v1"]
+
+
+def _job_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_publish_cli_help_and_run(tmp_path: Path) -> None:
+    help_out = subprocess.run([sys.executable, str(JOB), "--help"], capture_output=True, text=True, check=True)
+    assert "model=<merged dir>" in help_out.stdout and "serve (str or None" in help_out.stdout
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    registry = tmp_path / "registry"
+    args = [sys.executable, str(JOB), f"model={model}", f"data={data}", f"registry={registry}", f"engine={FAKE_ENGINE}"]
+    run = subprocess.run(args, capture_output=True, text=True, env=_job_env(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "v1" and json.loads((registry / "latest.json").read_text())["version"] == "v1"
+    bad = subprocess.run([*args[:2], f"model={tmp_path / 'nope'}", *args[3:]], capture_output=True, text=True)
+    assert bad.returncode != 0 and "model: " in bad.stderr and "no such file" in bad.stderr

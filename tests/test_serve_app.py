@@ -1,0 +1,273 @@
+"""The Serve app on local Ray, started the way operators do (``serve run serve/serve_config.yaml``), called with
+the real ``openai`` client and plain HTTP; then a corrupted version is refused and a hot swap drops nothing.
+
+One Ray start and one app for the whole module (2 CPUs); the app uses the fake engine from test_serve_engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import yaml
+from openai import NotFoundError, OpenAI
+from ray import serve
+from test_serve_engine import FAKE_ENGINE, fake_vectors, make_artifact, make_dataset, publish_fake
+
+from recfound.serving.app import roll_out
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token"
+MAX_INPUTS = 4
+LOAD_DELAY_S = 2.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Registry with v1 -> local Ray -> `serve run --non-blocking` of the shipped config (test port, small limit)."""
+    root = tmp_path_factory.mktemp("serve")
+    model, data, registry = make_artifact(root / "model"), make_dataset(root / "data"), root / "registry"
+    publish_fake(model, data, str(registry))
+    config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port = _free_port()
+    config["applications"][0]["args"]["limits"]["max_inputs"] = MAX_INPUTS
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    saved = dict(os.environ)
+    # Ray workers inherit this environment: the registry, the API token, and tests/ for the fake engine.
+    os.environ.update(RECFOUND_REGISTRY=str(registry), RECFOUND_API_TOKEN=TOKEN,
+                      PYTHONPATH=os.pathsep.join([str(REPO / "tests"), saved.get("PYTHONPATH", "")]))  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    serve_cli = Path(sys.executable).parent / "serve"
+    subprocess.run([str(serve_cli), "run", "--non-blocking", "--address", address, str(root / "serve.yaml")],
+                   cwd=REPO, check=True, capture_output=True, timeout=240)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, timeout_s=240)
+    try:
+        yield {"url": url, "address": address, "model": model, "data": data, "registry": registry}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def client(app: dict[str, Any]) -> OpenAI:
+    return OpenAI(base_url=f"{app['url']}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+
+
+def _post(app: dict[str, Any], path: str, body: Any, token: str | None = TOKEN) -> httpx.Response:
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {token}"} if token else {})
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(f"{app['url']}{path}", content=content, headers=headers, timeout=30)
+
+
+def test_openai_embeddings(client: OpenAI) -> None:
+    raw = client.embeddings.with_raw_response.create(model="recfound-q2i", input=["coffee beans", "running shoes"])
+    assert raw.headers["x-recfound-version"] == "v1"
+    out = raw.parse()
+    vectors = np.array([d.embedding for d in out.data], dtype=np.float32)
+    np.testing.assert_allclose(vectors, fake_vectors(["coffee beans", "running shoes"], 64), atol=1e-6)
+    assert out.model == "recfound-q2i" and out.usage.prompt_tokens == 4 and out.model_extra["version"] == "v1"
+    floats = client.embeddings.create(model="recfound-i2i", input="red socks", encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, fake_vectors(["red socks"], 64)[0], atol=1e-6)
+
+
+def test_openai_completions_and_chat(client: OpenAI) -> None:
+    out = client.completions.create(model="recfound-gen", prompt=["hello there world", "ab"], max_tokens=5)
+    assert [c.text for c in out.choices] == ["v1 answer_generation says hello there", "v1 answer_generation says ab"]
+    assert [c.finish_reason for c in out.choices] == ["length", "stop"]
+    assert out.system_fingerprint == "v1" and out.usage.prompt_tokens == 4
+    stopped = client.completions.create(model="recfound-query_rewriting", prompt="red", max_tokens=9, stop=" says")
+    assert stopped.choices[0].text == "v1 query_rewriting" and stopped.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model="recfound-item_profile", max_tokens=20,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe the mug."}],
+    )  # fmt: skip
+    assert chat.choices[0].message.content == "v1 item_profile says Be brief. Describe the mug."
+    assert chat.choices[0].message.role == "assistant" and chat.system_fingerprint == "v1"
+
+
+def test_streaming_matches_non_streaming(client: OpenAI, app: dict[str, Any]) -> None:
+    messages = [{"role": "user", "content": "Describe the red running shoes"}]
+    whole = client.chat.completions.create(model="recfound-gen", messages=messages, max_tokens=30)
+    chunks = list(client.chat.completions.create(model="recfound-gen", messages=messages, max_tokens=30, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop" and {c.model_extra["version"] for c in chunks} == {"v1"}
+    text = list(client.completions.create(model="recfound-gen", prompt="one two", max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in text) == "v1 answer_generation says"
+    assert text[-1].choices[0].finish_reason == "length"
+    raw = _post(app, "/v1/completions", {"model": "recfound-gen", "prompt": "x", "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.endswith("data: [DONE]\n\n") and raw.headers["x-recfound-version"] == "v1"
+
+
+def test_models_and_health(client: OpenAI, app: dict[str, Any]) -> None:
+    names = [m.id for m in client.models.list()]
+    assert {"recfound-u2i", "recfound-q2i", "recfound-i2i", "recfound-gen", "recfound-item_profile"} <= set(names)
+    health = httpx.get(f"{app['url']}/healthz").json()  # open: probes carry no token
+    assert health["status"] == "ok" and health["version"] == "v1" and health["last_error"] is None
+    with pytest.raises(NotFoundError, match="does not embed"):
+        client.embeddings.create(model="gpt-4", input="x")
+
+
+def _items(resp: httpx.Response) -> list[str]:
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["version"] == "v1" == resp.headers["x-recfound-version"]
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    return [i["item_id"] for i in body["items"]]
+
+
+def test_recommend(app: dict[str, Any]) -> None:
+    q2i = _post(app, "/v1/recommend", {"task": "q2i", "query": "espresso coffee", "k": 2})
+    assert _items(q2i)[0] == "i4" and q2i.json()["items"][0]["title"] == "espresso coffee beans"
+    u2i = _items(_post(app, "/v1/recommend", {"task": "u2i", "history": ["i3", "i4"], "k": 6}))
+    assert u2i[0] == "i5" and not {"i3", "i4"} & set(u2i)  # coffee buyer -> the mug; own items excluded
+    kept = _items(_post(app, "/v1/recommend", {"task": "u2i", "history": ["i4"], "k": 1, "exclude_history": False}))
+    assert kept == ["i4"]
+    i2i = _items(_post(app, "/v1/recommend", {"task": "i2i", "item_id": "i1", "k": 3}))
+    assert i2i[0] == "i2" and "i1" not in i2i
+
+
+LONG = " ".join(["word"] * 80)
+BAD_REQUESTS = [
+    # (path, body, token, status, code, message fragment)
+    ("/v1/embeddings", {"model": "recfound-nope", "input": "x"}, TOKEN, 404, "model_not_found", "does not embed"),
+    ("/v1/embeddings", {"model": "recfound-gen", "input": "x"}, TOKEN, 404, "model_not_found", "does not embed"),
+    ("/v1/completions", {"model": "recfound-q2i", "prompt": "x"}, TOKEN, 404, "model_not_found", "does not generate"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": ""}, TOKEN, 400, "empty_input", "input[0] is an empty"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": []}, TOKEN, 400, "empty_input", "input is empty"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": ["a"] * 5}, TOKEN, 400, "too_many_inputs", "at most 4"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": LONG}, TOKEN, 400, "context_length_exceeded", "64 tokens"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": " ".join(["w"] * 60), "max_tokens": 10}, TOKEN, 400,
+     "context_length_exceeded", "60 in the prompt + 10 max_tokens"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "max_tokens": 5000}, TOKEN, 400, "invalid_value",
+     "at most 512"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "n": 2}, TOKEN, 400, "unsupported_value", "n=1"),
+    ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}]}, TOKEN, 400, "invalid_value", "end with a user message"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": 123}, TOKEN, 400, "invalid_type", "input"),
+    ("/v1/embeddings", {"input": "x"}, TOKEN, 400, "missing_field", "model: Field required"),
+    ("/v1/embeddings", '{"model": "recfound-q2i", "input": ', TOKEN, 400, "invalid_json", "malformed JSON"),
+    ("/v1/recommend", {"task": "u2i", "history": ["i1", "zz9"]}, TOKEN, 400, "unknown_item", "'zz9'"),
+    ("/v1/recommend", {"task": "i2i", "item_id": "nope"}, TOKEN, 400, "unknown_item", "'nope'"),
+    ("/v1/recommend", {"task": "q2i", "query": "  "}, TOKEN, 400, "empty_input", "needs a non-empty 'query'"),
+    ("/v1/recommend", {"task": "q2i", "query": "x", "k": "5"}, TOKEN, 400, "invalid_type", "k: Input should be"),
+    ("/v1/recommend", {"task": "q2i", "query": "x", "k": 1000}, TOKEN, 400, "invalid_value", "at most 100"),
+    ("/v1/recommend", {"task": "x2i", "query": "x"}, TOKEN, 400, "invalid_type", "task"),
+    ("/v1/recommend", {"task": "q2i", "query": "x", "colour": 1}, TOKEN, 400, "invalid_type", "colour"),
+    ("/v1/recommend", {"task": "q2i", "query": LONG}, TOKEN, 400, "context_length_exceeded", "query[0]"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, None, 401, "invalid_api_key", "bearer token"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, "wrong", 401, "invalid_api_key", "bearer token"),
+    ("/v1/nothing", {}, TOKEN, 404, None, "Not Found"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "token", "status", "code", "fragment"), BAD_REQUESTS)
+def test_bad_input_gets_openai_error(app: dict[str, Any], path: str, body: Any, token: str | None, status: int,
+                                     code: str | None, fragment: str) -> None:  # fmt: skip
+    resp = _post(app, path, body, token)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and fragment in error["message"]
+
+
+def test_replica_survives_bad_input(app: dict[str, Any]) -> None:
+    assert httpx.get(f"{app['url']}/healthz").json()["version"] == "v1"
+    wrong_method = httpx.get(f"{app['url']}/v1/embeddings", headers={"authorization": f"Bearer {TOKEN}"})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_corrupted_version_is_refused_and_previous_keeps_serving(app: dict[str, Any]) -> None:
+    assert publish_fake(app["model"], app["data"], str(app["registry"])) == "v2"
+    weights = app["registry"] / "versions" / "v2" / "weights" / "adapter.bin"
+    weights.write_bytes(b"bit rot")
+    with pytest.raises(RuntimeError, match="refused v2.*checksum mismatch for weights/adapter.bin"):
+        roll_out("v2", timeout_s=60)
+    health = httpx.get(f"{app['url']}/healthz").json()
+    assert health["version"] == "v1" and "checksum mismatch" in health["last_error"]
+    assert _items(_post(app, "/v1/recommend", {"task": "q2i", "query": "stainless steel kettle", "k": 1})) == ["i6"]
+
+
+def test_hot_swap_drops_no_request(app: dict[str, Any]) -> None:
+    """`jobs/publish.py ... serve=<address>` while a client loop runs: every request answered, old then new,
+    and none waits for the new version to load (it takes LOAD_DELAY_S, in the background)."""
+    before = httpx.get(f"{app['url']}/healthz").json()["version"]
+    slow_model = make_artifact(app["model"].parent / "slow_model", load_delay_s=LOAD_DELAY_S)
+    results: list[tuple[int, str | None, float]] = []
+    published: dict[str, str] = {}
+    ready = threading.Event()
+
+    def loop() -> None:
+        ready.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        with httpx.Client(timeout=30, headers={"authorization": f"Bearer {TOKEN}"}) as http:
+            while len(results) < 200 and time.monotonic() < deadline:
+                start = time.monotonic()
+                resp = http.post(f"{app['url']}/v1/embeddings", json={"model": "recfound-u2i", "input": "mug"})
+                version = resp.json().get("version") if resp.status_code == 200 else None
+                results.append((resp.status_code, version, time.monotonic() - start))
+                if sum(v == published.get("version") for _, v, _ in results) >= 10:
+                    return
+                time.sleep(0.05)
+
+    client_thread = threading.Thread(target=loop)
+    client_thread.start()
+    job = subprocess.Popen(  # inherits the fixture's environment: tests/ on PYTHONPATH for the fake engine
+        [sys.executable, str(REPO / "jobs" / "publish.py"), f"model={slow_model}", f"data={app['data']}",
+         f"registry={app['registry']}", f"serve={app['address']}", f"engine={FAKE_ENGINE}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert job.stdout is not None
+        published["version"] = new = job.stdout.readline().strip()  # published; the roll-out starts now
+        ready.set()
+        out, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err
+        assert out.strip() == f"serving {new}"
+    finally:
+        ready.set()
+        client_thread.join(timeout=60)
+        job.kill()
+    assert new != before and all(status == 200 for status, _, _ in results), results
+    versions = [v for _, v, _ in results]
+    assert versions == [before] * versions.count(before) + [new] * versions.count(new), versions
+    assert versions.count(before) > 0 and versions.count(new) > 0
+    assert max(latency for _, _, latency in results) < LOAD_DELAY_S, "a request waited for the new version to load"

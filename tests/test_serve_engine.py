@@ -1,0 +1,201 @@
+"""Serving building blocks without Ray: the test engine, the item index (exact and IVF), the GRM engine, auth.
+
+Also home of ``FakeEngine`` and the tiny artifact/catalogue writers the other serving tests publish with: the
+fake is named in a version's ``version.json`` as ``test_serve_engine:FakeEngine``, so Serve replicas import it
+from this file (the tests put ``tests/`` on their PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recfound.data.templates import TEMPLATE_VERSION, item_text
+from recfound.serving.auth import AuthConfigError, authorized, is_loopback, load_token, require_auth_off_network
+from recfound.serving.engine import ENGINE_KEY, Engine, Side, load_engine
+from recfound.serving.index import IVF, ItemIndex, SearchConfig, SearchKind, build_item_index, text_meta, user_text
+from recfound.serving.registry import publish, resolve
+
+FAKE_ENGINE = "test_serve_engine:FakeEngine"
+FAKE_CONFIG = "fake_model.json"
+CATALOGUE = [
+    ("i1", "red running shoes", ["Shoes"], "Acme"),
+    ("i2", "blue running shoes", ["Shoes"], "Acme"),
+    ("i3", "red wool socks", ["Socks"], "Knit"),
+    ("i4", "espresso coffee beans", ["Coffee"], "Bean"),
+    ("i5", "ceramic coffee mug", ["Kitchen"], "Clay"),
+    ("i6", "stainless steel kettle", ["Kitchen"], "Steel"),
+]
+
+
+class FakeEngine:
+    """Deterministic GRM stand-in: hashed bag-of-words vectors (shared words -> similar), echoing generation.
+
+    Its settings live in the artifact (``fake_model.json``), so corrupting the artifact corrupts the engine.
+    """
+
+    def __init__(self, version_dir: str):
+        root = Path(version_dir)
+        cfg = json.loads((root / FAKE_CONFIG).read_text())
+        self.version = json.loads((root / "version.json").read_text())["version"]
+        self.dim, self.context_length = cfg["dim"], cfg["context_length"]
+        time.sleep(cfg["load_delay_s"])  # a real model takes a while to load; hot swaps must not wait for it
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+    def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
+        return fake_vectors(texts, self.dim)
+
+    def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        return [" ".join(f"{self.version} {task} says {p}".split()[:max_tokens]) for p in prompts]
+
+
+def fake_vectors(texts: list[str], dim: int) -> np.ndarray:
+    out = np.full((len(texts), dim), 1e-3, dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in re.findall(r"[a-z0-9]+", text.lower()):
+            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % dim] += 1.0
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def write_manifest(model_dir: Path) -> None:
+    """What the merge job writes: the SHA-256 of every file of the artifact."""
+    files = {p.relative_to(model_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(model_dir.rglob("*")) if p.is_file() and p.name != "manifest.json"}  # fmt: skip
+    (model_dir / "manifest.json").write_text(json.dumps({"files": files, "method": "ties"}))
+
+
+def make_artifact(model_dir: Path, dim: int = 64, context_length: int = 64, load_delay_s: float = 0.0) -> Path:
+    """A merged-model artifact the fake engine loads: its config plus some 'weights', with a manifest."""
+    (model_dir / "weights").mkdir(parents=True)
+    cfg = {"dim": dim, "context_length": context_length, "load_delay_s": load_delay_s}
+    (model_dir / FAKE_CONFIG).write_text(json.dumps(cfg))
+    (model_dir / "weights" / "adapter.bin").write_bytes(bytes(range(256)) * 16)
+    write_manifest(model_dir)
+    return model_dir
+
+
+def make_dataset(data_dir: Path) -> Path:
+    """The two files publish reads from a built dataset: items.parquet and the manifest."""
+    data_dir.mkdir(parents=True)
+    ids, titles, texts, categories, brands = zip(
+        *[(i, t, item_text(t, c, b), c[0], b) for i, t, c, b in CATALOGUE], strict=True
+    )
+    table = {"item_id": ids, "title": titles, "text": texts, "category": categories, "brand": brands}
+    pq.write_table(pa.table({k: list(v) for k, v in table.items()}), data_dir / "items.parquet")
+    (data_dir / "manifest.json").write_text(
+        json.dumps({"template_version": TEMPLATE_VERSION, "config": {"max_history": 3}})
+    )
+    return data_dir
+
+
+def publish_fake(model_dir: Path, data_dir: Path, registry: str, engine: str = FAKE_ENGINE) -> str:
+    meta = {ENGINE_KEY: engine, **text_meta(json.loads((data_dir / "manifest.json").read_text()))}
+    return publish(str(model_dir), registry, partial(build_item_index, items_url=str(data_dir / "items.parquet")), meta)
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> str:
+    registry = str(tmp_path / "registry")
+    publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), registry)
+    return resolve(registry)
+
+
+def test_version_loads_its_named_engine_and_index(published: str) -> None:
+    engine = load_engine(published)
+    assert isinstance(engine, Engine) and engine.version == "v1"
+    index = ItemIndex.load(published, SearchConfig())
+    assert index.item_ids == [c[0] for c in CATALOGUE]
+    assert index.vectors["q2i"].shape == (len(CATALOGUE), 64)
+    [query] = engine.embed("q2i", ["coffee beans"], "", Side.QUERY)
+    hits = index.search("q2i", query, k=3)
+    assert index.item_ids[hits[0][0]] == "i4"
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+    assert "i4" not in [index.item_ids[p] for p, _ in index.search("q2i", query, k=6, exclude=[3])]
+
+
+def test_bad_engine_factory_is_named(published: str) -> None:
+    meta_path = Path(published) / "version.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, ENGINE_KEY: "test_serve_engine:Nope"}))
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        load_engine(published)
+
+
+def test_ivf_probing_every_list_is_exact_and_finds_itself() -> None:
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(400, 16, generator=gen), dim=1)
+    ivf = IVF(vectors, nlist=20, seed=0)
+    assert sorted(torch.cat(ivf.lists).tolist()) == list(range(400))  # every item in exactly one list
+    exact = ItemIndex(["x"] * 400, [""] * 400, [""] * 400, {"q2i": vectors}, SearchConfig(), {})
+    full = ItemIndex(exact.item_ids, exact.titles, exact.texts, {"q2i": vectors},
+                     SearchConfig(kind=SearchKind.IVF, nprobe=20), {"q2i": ivf})  # fmt: skip
+    probe = ItemIndex(exact.item_ids, exact.titles, exact.texts, {"q2i": vectors},
+                      SearchConfig(kind=SearchKind.IVF, nprobe=2), {"q2i": ivf})  # fmt: skip
+    for row in range(0, 400, 37):
+        query = vectors[row].numpy()
+        assert [p for p, _ in full.search("q2i", query, 5)] == [p for p, _ in exact.search("q2i", query, 5)]
+        assert probe.search("q2i", query, 1)[0][0] == row
+
+
+def test_user_text_keeps_the_most_recent_titles_in_order() -> None:
+    assert user_text(["a", "b", "c", "d"], max_history=2) == "1. c\n2. d"
+
+
+def test_template_version_mismatch_refuses_publish() -> None:
+    with pytest.raises(ValueError, match="templates"):
+        text_meta({"template_version": "0"})
+
+
+def test_grm_engine_serves_a_tiny_published_adapter(tmp_path: Path) -> None:
+    """The real engine end to end: a tiny GRM in the merge job's layout, published, indexed and queried."""
+    from recfound.model.backbone import BackboneConfig
+    from recfound.model.grm import GRM
+
+    model_dir = tmp_path / "merged"
+    backbone = BackboneConfig(name="tiny", max_query_len=160, max_passage_len=192, max_generative_len=256)
+    GRM.build(backbone).save_pretrained(str(model_dir / "adapter"))
+    write_manifest(model_dir)
+    registry = str(tmp_path / "registry")
+    data_dir = make_dataset(tmp_path / "data")
+    publish_fake(model_dir, data_dir, registry, engine="recfound.serving.engine:GRMEngine")
+    version_dir = resolve(registry)
+    engine = load_engine(version_dir)
+    assert engine.context_length == 256 and engine.count_tokens(["abc"])[0] >= 3
+    index = ItemIndex.load(version_dir, SearchConfig())
+    [query] = engine.embed("i2i", [index.texts[0]], "Represent the product", Side.QUERY)
+    assert np.isclose(np.linalg.norm(query), 1.0, atol=1e-4)
+    assert len(index.search("i2i", query, k=3, exclude=[0])) == 3
+    [text] = engine.generate("item_profile", ["Describe: red shoes"], max_tokens=4, temperature=0.0)
+    assert isinstance(text, str)
+
+
+def test_token_from_env_or_file(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    assert load_token({}) is None
+    assert load_token({"RECFOUND_API_TOKEN_FILE": str(secret)}) == "s3cret"
+    assert load_token({"RECFOUND_API_TOKEN": "env", "RECFOUND_API_TOKEN_FILE": str(secret)}) == "env"
+    with pytest.raises(AuthConfigError, match="cannot read"):
+        load_token({"RECFOUND_API_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_open_api_only_on_loopback() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    require_auth_off_network(None, "127.0.0.1")
+    require_auth_off_network("t", "0.0.0.0")
+    with pytest.raises(AuthConfigError, match="not loopback"):
+        require_auth_off_network(None, "0.0.0.0")
+    assert authorized("Bearer t", "t") and authorized(None, None)
+    assert not authorized("Bearer x", "t") and not authorized(None, "t") and not authorized("t", "t")
