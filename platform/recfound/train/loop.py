@@ -119,9 +119,12 @@ def train_worker(config: dict[str, Any]) -> None:
         stats: TaskStats = {}
         tokens = samples = 0
         counts = {mode: s.counts(weights) for mode, s in samplers.items()}
-        for micro in range(cfg.optim.grad_accum):
+        data_wait = 0.0
+        for _ in range(cfg.optim.grad_accum):
+            fetch = time.perf_counter()
             parts = {mode: [streams[t].take(n) for t, n in c.items() if n] for mode, c in counts.items()}
             emb, gen = collate(parts[Mode.EMBEDDING], Mode.EMBEDDING), collate(parts[Mode.GENERATIVE], Mode.GENERATIVE)
+            data_wait += time.perf_counter() - fetch
             loss, micro_stats = model(emb, gen)
             (loss / cfg.optim.grad_accum).backward()
             for task, (total, count) in micro_stats.items():
@@ -137,12 +140,16 @@ def train_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         lr_schedule.step()
 
+        round_trip = time.perf_counter()
         if step % cfg.scheduler.update_interval == 0:
             update = ray.get(scheduler.update.remote(step, losses))[1] if scheduler is not None else None
             weights = _broadcast(update)
+        round_trip = time.perf_counter() - round_trip
         metrics: dict[str, Any] = {"step": step, "loss": sum(losses.values()) / max(1, len(losses))}
         if telemetry is not None:
-            record = StepRecord(step, lr_schedule.get_last_lr()[0], time.perf_counter() - began, tokens, samples, losses, dict(weights))
+            seconds = time.perf_counter() - began
+            shares = {"data_wait": data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
+            record = StepRecord(step, lr_schedule.get_last_lr()[0], seconds, tokens, samples, losses, dict(weights), shares)
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             # Rank 0 writes the checkpoint; every rank reports so Ray Train's rounds line up.

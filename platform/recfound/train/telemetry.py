@@ -87,7 +87,9 @@ class Telemetry:
             print(
                 f"step {record.step} | lr {record.lr:.2e} | {record.seconds * 1e3:.0f} ms | "
                 f"{tokens_per_s:,.0f} tok/s | {record.samples * world_size / record.seconds:.1f} samples/s | "
-                f"{self.peak_label} {share:.1%} | {losses}",
+                f"{self.peak_label} {share:.1%} | "
+                + "".join(f"{k.replace('_', ' ')} {v:.1%} | " for k, v in record.extra.items())
+                + losses,
                 flush=True,
             )
         return {"tokens_per_s": tokens_per_s, self.peak_label: share}
