@@ -90,7 +90,7 @@ class TrainConfig(Config):
     max_failures: int = Field(2, ge=0)
     """Worker failures (a killed process or lost node) survived by restarting from the latest checkpoint."""
     log_every: int = Field(5, ge=1)
-    """Steps between progress lines in the job log (TensorBoard gets every step)."""
+    """Steps between progress lines and metric reports to Ray Train (TensorBoard and metrics.jsonl get every step)."""
     seed: int = 0
     """Seeds weights of new adapters, dropout and the per-step task draw (shared by all ranks)."""
 

@@ -163,7 +163,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     checkpoint.save(Path(tmp), grm, optimizer, lr_schedule, state, sched_state, telemetry.history)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt)
-        else:
+        elif step % cfg.log_every == 0:  # each report is a round trip to the controller: not every step
             ray.train.report(metrics)
     if telemetry is not None:
         telemetry.close()

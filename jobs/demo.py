@@ -1,0 +1,123 @@
+"""The main job end to end on the embedded default, by the same commands a user types (`make demo`).
+
+build dataset -> train on Ray -> Model Merge -> publish (with item index) -> `serve run` -> one embeddings, one
+completion and one recommend request through the HTTP API. Every step is the documented CLI, echoed first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "demo"
+BIN = Path(sys.executable).parent
+
+
+def step(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run one job as a user would; return its last output line (the jobs print their result there)."""
+    print(f"\n$ {' '.join(args)}", flush=True)
+    done = subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    print(done.stdout[-3000:], end="", flush=True)
+    if done.returncode:
+        raise SystemExit(f"demo stopped: `{' '.join(args)}` exited with {done.returncode}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def serve_config(port: int) -> Path:
+    """The shipped serve config, on ``port`` (8000 unless taken)."""
+    config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port(preferred: int = 8000) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"demo stopped: serve run exited with {server.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"demo stopped: {url} not healthy after {timeout_s:.0f} s")
+
+
+def ask(url: str, data: Path) -> None:
+    """One request per API, printed: what an application would see."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=60)
+    emb = client.embeddings.create(model="recfound-q2i", input=["wireless noise cancelling headphones"])
+    print(f"\nPOST /v1/embeddings (recfound-q2i): {len(emb.data[0].embedding)}-d vector, first values "
+          f"{[round(v, 4) for v in emb.data[0].embedding[:4]]}")  # fmt: skip
+    prompt = pq.read_table(data / "tasks" / "sentiment_analysis" / "test.parquet").slice(0, 1).to_pylist()[0]["prompt"]
+    done = client.completions.create(model="recfound-sentiment_analysis", prompt=prompt, max_tokens=12)
+    print(f"POST /v1/completions (recfound-sentiment_analysis): {done.choices[0].text!r}")
+    interactions = pq.read_table(data / "interactions.parquet").to_pylist()
+    user = interactions[0]["user"]
+    history = [row["item"] for row in sorted(interactions, key=lambda r: r["timestamp"]) if row["user"] == user][:5]
+    reply = httpx.post(f"{url}/v1/recommend", json={"task": "u2i", "history": history, "k": 3, "exclude_history": True},
+                       timeout=60)  # fmt: skip
+    reply.raise_for_status()
+    print(f"POST /v1/recommend (u2i, {len(history)} items of history): {json.dumps(reply.json(), indent=1)[:800]}")
+
+
+def main() -> int:
+    py = str(BIN / "python")
+    data, merged, registry = RUNS / "data", RUNS / "merged", RUNS / "registry"
+    step(py, "jobs/build_dataset.py", f"out={data}")
+    name = datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+    final = Path(step(py, "jobs/train.py", f"data={data}", f"storage_path={RUNS / 'train'}", f"name={name}"))
+    # The last two complete checkpoints: where the late-converging tasks peak.
+    kept = sorted(done.parent for done in final.parent.glob("checkpoint_*/checkpoint.json"))[-2:]
+    step(py, "jobs/merge.py", "checkpoints=" + ",".join(map(str, kept)), "method=ties", f"out={merged}")
+    step(py, "jobs/publish.py", f"model={merged}", f"data={data}", f"registry={registry}")
+
+    port = free_port()
+    config = serve_config(port)
+    print(f"\n$ RECFOUND_REGISTRY={registry} serve run serve/serve_config.yaml   (port {port})", flush=True)
+    env = os.environ | {"RECFOUND_REGISTRY": str(registry)}
+    server = subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, server)
+        ask(url, data)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    print(f"\ndemo done: dataset {data}, run {final}, merged {merged}, registry {registry}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
