@@ -33,3 +33,11 @@ def test_resume_from_state_continues_exactly() -> None:
     first.take(7)
     resumed = TaskStream(ListShard(10), chunk=4, **first.state())
     assert resumed.take(5)["x"].tolist() == first.take(5)["x"].tolist() == [7, 8, 9, 0, 1]
+
+
+def test_prime_fetches_ahead_without_consuming() -> None:
+    shard = ListShard(10)
+    stream = TaskStream(shard, chunk=4)
+    stream.prime()
+    assert shard.opened == 1 and stream.state() == {"epoch": 0, "position": 0}
+    assert stream.take(2)["x"].tolist() == [0, 1]

@@ -95,3 +95,17 @@ def test_non_finite_loss_stops_with_step_and_task(synthetic_dataset: Path, tmp_p
     cfg = _cfg(synthetic_dataset, tmp_path, "name=run-nan", "max_steps=3", "num_workers=1", "loss.temperature=1e-300")
     with pytest.raises(RunError, match=r"step 1: loss of task \w+ is (nan|inf)"):
         run(cfg)
+
+
+def test_scheduler_reads_validation_losses(synthetic_dataset: Path, tmp_path: Path) -> None:
+    """source=valid: S2Sched is fed losses re-measured on fixed validation batches, not the training batch's."""
+    cfg = _cfg(synthetic_dataset, tmp_path, "name=run-v", "max_steps=4", "num_workers=1", "scheduler.source=valid",
+               "scheduler.valid_batches=1")  # fmt: skip
+    ckpt = Path(run(cfg))
+    state = json.loads((ckpt / "s2sched.json").read_text())
+    train_losses = [json.loads(line)["losses"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert len(train_losses) == 4
+    # Every task is measured at every update (a training batch need not hold every task), on other rows.
+    assert {task: len(points) for task, points in state["losses"].items()} == {t: 4 for t in state["tasks"]}
+    first = {task: points[0][1] for task, points in state["losses"].items()}
+    assert all(first[t] != loss for t, loss in train_losses[0].items())

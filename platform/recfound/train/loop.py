@@ -7,6 +7,7 @@ weights), so DDP graphs match and the per-task streaming splits stay in step.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from recfound.train.config import TrainConfig
 from recfound.train.mixing import allocate
 from recfound.train.objective import JointObjective, TaskStats
 from recfound.train.optim import build_lr_schedule, build_optimizer
+from recfound.train.s2sched import LossSource
 from recfound.train.streams import TaskStream
+from recfound.train.validation import ValidationProbe
 from recfound.train.telemetry import StepRecord, Telemetry, flops_per_token, peak_flops, plot_history
 
 
@@ -89,6 +92,10 @@ def train_worker(config: dict[str, Any]) -> None:
     gen_tasks = [t for t in tasks if mode_of(t) is Mode.GENERATIVE]
     samplers = {Mode.EMBEDDING: Sampler(emb_tasks, cfg.batch.embedding), Mode.GENERATIVE: Sampler(gen_tasks, cfg.batch.generative)}
     scheduler = ray.get_actor(config["scheduler"], namespace=config["namespace"]) if rank == 0 else None
+    probe = None
+    if scheduler is not None and cfg.scheduler.source is LossSource.VALID:
+        sizes = {Mode.EMBEDDING: cfg.batch.embedding, Mode.GENERATIVE: cfg.batch.generative}
+        probe = ValidationProbe(config["data"], tasks, cfg.model.backbone.model_dump(), sizes, cfg.scheduler.valid_batches)
 
     start, positions, history = 0, {}, []
     restored = ray.train.get_checkpoint()
@@ -106,6 +113,8 @@ def train_worker(config: dict[str, Any]) -> None:
         objective, parallel_strategy_kwargs={"find_unused_parameters": not (emb_tasks and gen_tasks)}
     )
     streams = {t: TaskStream(ray.train.get_dataset_shard(t), **positions.get(t, {})) for t in tasks}
+    with ThreadPoolExecutor(len(streams)) as pool:
+        list(pool.map(TaskStream.prime, streams.values()))
     weights = _broadcast(ray.get(scheduler.weights.remote())[1] if scheduler is not None else None)
     telemetry = None
     if rank == 0:
@@ -142,7 +151,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
         round_trip = time.perf_counter()
         if step % cfg.scheduler.update_interval == 0:
-            update = ray.get(scheduler.update.remote(step, losses))[1] if scheduler is not None else None
+            update = None
+            if scheduler is not None:
+                signal = probe.losses(grm, cfg.loss) if probe is not None else losses
+                update = ray.get(scheduler.update.remote(step, signal))[1]
             weights = _broadcast(update)
         round_trip = time.perf_counter() - round_trip
         metrics: dict[str, Any] = {"step": step, "loss": sum(losses.values()) / max(1, len(losses))}

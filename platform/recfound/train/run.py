@@ -132,7 +132,10 @@ def run(cfg: TrainConfig) -> str:
     p = plan(cfg)
     print(f"{'resuming' if p.resume else 'starting'} run {p.name} in {p.storage_path} on tasks {', '.join(p.tasks)}", flush=True)
     _init_ray(cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    # A fixed row order makes "skip the rows this epoch already consumed" exact on resume (same worker count).
+    data_context.execution_options.preserve_order = True
     scheduler_name = f"s2sched-{p.name}"
     # The driver holds the handle for the whole fit: a named actor without handles is garbage collected.
     scheduler = get_or_create_scheduler(scheduler_name, NAMESPACE, p.tasks, p.rows, cfg.scheduler)
@@ -140,7 +143,7 @@ def run(cfg: TrainConfig) -> str:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
-                           "namespace": NAMESPACE, "run": p.name},  # fmt: skip
+                           "namespace": NAMESPACE, "run": p.name, "data": p.data},  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),

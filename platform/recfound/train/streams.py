@@ -57,6 +57,12 @@ class TaskStream:
         if n:
             self.take(n)
 
+    def prime(self) -> None:
+        """Fetch the first chunk now: called for all tasks at once, their pipelines start in parallel instead of
+        one after another as the first step asks each task in turn."""
+        if not self._buffered():
+            self._buffer = self._next_chunk()
+
     def take(self, n: int) -> Rows:
         """The next ``n`` rows, crossing epoch boundaries when the shard runs out."""
         parts: list[Rows] = []
