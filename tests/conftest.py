@@ -20,3 +20,14 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     build(BuildConfig(out=str(out), synthetic=SyntheticConfig(users=120, items=60, queries=40)))
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model tests run several times faster on the 2 shared CI cores without intra-op threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

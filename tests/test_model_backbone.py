@@ -1,9 +1,5 @@
 """Backbones: the offline tiny model, config validation, and the real SmolLM2 weights from the installed package."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import importlib.util
 import time
 
@@ -17,14 +13,7 @@ from recfound.model.formats import IGNORE_INDEX, encode_embedding, encode_genera
 from recfound.model.grm import GRM
 from recfound.tasks import Mode
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores; small CPU matmuls run faster without intra-op threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_tiny_backbone_is_fast_deterministic_and_offline():
     start = time.perf_counter()

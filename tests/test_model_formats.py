@@ -1,9 +1,5 @@
 """Input formats: which tokens are text (pooled), which are response (labelled), truncation and padding."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import pytest
 

@@ -1,9 +1,5 @@
 """GRM: bidirectional embedding vs causal generation, padding invariance, losses, generation, toy training."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
 
@@ -14,14 +10,7 @@ from recfound.model.losses import LossConfig, contrastive_loss, total_loss
 from recfound.model.tmole import TMoLEConfig
 from recfound.tasks import Mode
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores; tiny matmuls run several times faster without intra-op threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,9 +1,5 @@
 """TMoLE tuner: trainability, routing and mode masks, fast paths, merging, checkpointing, save/load."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import threading
 
@@ -19,14 +15,7 @@ from recfound.tasks import TASK_ID, Mode
 # float32: folded/merged weights compute (W0 + dW) x instead of W0 x + B(A x); logits (|l| ~ 3) then differ by ~1e-6
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores; tiny matmuls run several times faster without intra-op threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed: int = 0, **config) -> TMoLEModel:
