@@ -70,3 +70,10 @@ def test_help_lists_every_leaf_with_its_doc(capsys: pytest.CaptureFixture[str]) 
 def test_cli_exits_with_message_on_bad_config() -> None:
     with pytest.raises(SystemExit, match="inner.mode"):
         cli(Outer, ["inner.mode=c"], "usage")
+
+
+def test_help_shows_a_default_configs_values(tmp_path: Path) -> None:
+    path = tmp_path / "default.yaml"
+    path.write_text("steps: 42\ninner:\n  mode: b\n")
+    text = "\n".join(describe(Outer, values=load_config(Outer, str(path))))
+    assert "steps (int; default: 42)" in text and "inner.mode (a|b; default: 'b')" in text

@@ -118,18 +118,24 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
-def describe(cls: type[Config], prefix: str = "") -> list[str]:
-    """One help entry per leaf key, recursing into sub-configs, from the field docstrings."""
+def describe(cls: type[Config], prefix: str = "", values: Config | None = None) -> list[str]:
+    """One help entry per leaf key, recursing into sub-configs, from the field docstrings.
+
+    ``values`` (a loaded config) shows a job's effective defaults, e.g. those of its default YAML.
+    """
     lines: list[str] = []
     for name, field in cls.model_fields.items():
         key = prefix + name
         annotation = field.annotation
+        current = getattr(values, name) if values is not None else None
         if isinstance(annotation, type) and issubclass(annotation, Config):
-            lines.extend(describe(annotation, key + "."))
+            lines.extend(describe(annotation, key + ".", current))
             continue
-        value = None if field.is_required() else field.get_default(call_default_factory=True)
-        value = value.value if isinstance(value, Enum) else value
-        default = "required" if field.is_required() else f"default: {value!r}"
+        if values is None and field.is_required():
+            default = "required"
+        else:
+            value = current if values is not None else field.get_default(call_default_factory=True)
+            default = f"default: {value.value if isinstance(value, Enum) else value!r}"
         lines.append(f"  {key} ({_type_name(annotation)}; {default})")
         doc = field.description or ""
         lines.extend(textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      "))
@@ -144,7 +150,7 @@ def cli(cls: type[C], argv: list[str] | None, usage: str, default_config: str | 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(textwrap.dedent(usage).strip() + "\n\nKeys (set in --config YAML or as key=value):")
-        print("\n".join(describe(cls)))
+        print("\n".join(describe(cls, values=load_config(cls, default_config) if default_config else None)))
         raise SystemExit(0)
     path = default_config
     if "--config" in argv:
