@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -66,16 +67,24 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
 
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, name: str, done: threading.Event) -> None:
-    """SIGKILL one training worker process once the run has a complete checkpoint (a real crash, not an exception)."""
-    from ray.util.state import list_actors
+    """SIGKILL one training worker process once the run has a complete checkpoint (a real crash, not an exception).
 
+    The local Ray started by this module runs as children of this process, so the workers are found among our own
+    descendants (no state API, and never another session's processes)."""
     deadline = time.time() + 240
     while time.time() < deadline and not list((storage / name).glob("checkpoint_*/checkpoint.json")):
         time.sleep(0.5)
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
+    workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(_cmdline(p))]
     if workers:
         os.kill(workers[-1].pid, signal.SIGKILL)
         done.set()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 def test_killed_worker_restarts_from_checkpoint(synthetic_dataset: Path, tmp_path: Path) -> None:
@@ -93,7 +102,7 @@ def test_killed_worker_restarts_from_checkpoint(synthetic_dataset: Path, tmp_pat
 
 def test_non_finite_loss_stops_with_step_and_task(synthetic_dataset: Path, tmp_path: Path) -> None:
     cfg = _cfg(synthetic_dataset, tmp_path, "name=run-nan", "max_steps=3", "num_workers=1", "loss.temperature=1e-300")
-    with pytest.raises(RunError, match=r"step 1: loss of task \w+ is (nan|inf)"):
+    with pytest.raises(RunError, match=r"stopped: step 1: loss of task \w+ is (nan|inf)"):
         run(cfg)
 
 

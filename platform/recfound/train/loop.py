@@ -99,6 +99,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     start, positions, history = 0, {}, []
     restored = ray.train.get_checkpoint()
+    if restored is None and scheduler is not None:
+        # A restart before the first checkpoint starts over: so must the scheduler's history.
+        ray.get(scheduler.load_state_dict.remote(config["scheduler_initial"]))
     if restored is not None:
         with restored.as_directory() as d:
             state, sched_state, history = checkpoint.load_state(Path(d), grm, optimizer, lr_schedule)
@@ -142,8 +145,9 @@ def train_worker(config: dict[str, Any]) -> None:
             tokens, samples = tokens + _tokens(emb, gen), samples + sum(len(b["task"]) for b in (emb, gen) if b)
         losses = _reduce(stats, tasks, device)
         bad = [t for t, v in losses.items() if not math.isfinite(v)]
-        if bad:  # every rank sees the same reduced losses, so all stop here; no retry would help
-            ray.train.report({"step": step, "error": f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}"})
+        if bad:  # every rank sees the same reduced losses, so all stop here; a retry would fail the same way
+            if scheduler is not None:
+                ray.get(scheduler.halt.remote(f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}"))
             return
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()

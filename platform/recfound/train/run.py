@@ -143,7 +143,8 @@ def run(cfg: TrainConfig) -> str:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
-                           "namespace": NAMESPACE, "run": p.name, "data": p.data},  # fmt: skip
+                           "namespace": NAMESPACE, "run": p.name, "data": p.data,
+                           "scheduler_initial": ray.get(scheduler.state_dict.remote())},  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -156,11 +157,13 @@ def run(cfg: TrainConfig) -> str:
         datasets=_datasets(p, cfg),
     )
     result = trainer.fit()
+    halted = ray.get(scheduler.halted.remote())
     ray.kill(scheduler)
     if result.error is not None:
         raise RunError(f"run {p.name} failed: {result.error}")
-    if result.metrics and result.metrics.get("error"):
-        raise RunError(f"run {p.name} stopped: {result.metrics['error']}; the last good checkpoint is kept")
+    if halted:
+        kept = result.checkpoint.path if result.checkpoint else "none yet"
+        raise RunError(f"run {p.name} stopped: {halted}; the last good checkpoint is kept: {kept}")
     if result.checkpoint is None:
         raise RunError(f"run {p.name} finished without a checkpoint")
     return result.checkpoint.path
