@@ -69,6 +69,8 @@ def _storage(path: str) -> str:
 
 def plan(cfg: TrainConfig) -> Plan:
     data = _dataset(cfg)
+    if isinstance(url_to_fs(data)[0], LocalFileSystem):
+        data = str(Path(data).resolve())  # workers need not share the driver's working directory
     if not exists(f"{data}/{MANIFEST}"):
         raise RunError(f"data={data}: no {MANIFEST}; build it with jobs/build_dataset.py")
     built = read_json(f"{data}/{MANIFEST}")["tasks"]
