@@ -41,7 +41,7 @@ def rows(task: str, queries: list[str], targets: list[str], users: list[str | No
     n = len(queries)
     frame = pd.DataFrame(
         {"id": [f"{task}-{k}" for k in range(n)], "task": task, "query_instruction": "", "query": queries,
-         "pos_instruction": "", "pos": "", "pos_item": targets, "neg": [[] for _ in range(n)],
+         "query_item": "", "pos_instruction": "", "pos": "", "pos_item": targets, "neg": [[] for _ in range(n)],
          "neg_items": [[] for _ in range(n)], "user": users or [None] * n,
          "category": ITEMS.set_index("item_id").loc[targets, "category"].tolist(), "source": "test"}
     )  # fmt: skip

@@ -65,7 +65,8 @@ def test_ties_with_full_density_of_one_checkpoint_is_that_checkpoint(tmp_path: P
 
 
 def test_ties_of_two_runs_lands_between_and_exports_plain_task_models(tmp_path: Path) -> None:
-    a, b = _checkpoint(tmp_path / "a", 0.1), _checkpoint(tmp_path / "b", 0.3)
+    a = _checkpoint(tmp_path / "a", 0.1)
+    _checkpoint(tmp_path / "b", 0.3)
     cfg = MergeConfig(checkpoints=f"{tmp_path / 'a'},{tmp_path / 'b'}", out=str(tmp_path / "m"), export_tasks="u2i,sentiment_analysis")
     out = merge_checkpoints(cfg)
     merged = GRM.from_pretrained(str(out / "adapter"))

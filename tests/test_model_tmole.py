@@ -82,6 +82,21 @@ def test_two_groups_have_no_shared_experts():
         assert (gates[:, :3] == 0).all() and (gates[:, 3:] > 0).all()
 
 
+def test_one_shared_expert_is_a_single_lora_used_by_every_task():
+    tuner = make(num_experts=1, groups=ExpertGroups.SHARED)
+    for mode, tasks in ((Mode.EMBEDDING, ("u2i", "i2i")), (Mode.GENERATIVE, ("sentiment_analysis",))):
+        for gates in tuner.task_gates(ids(*tasks), mode).values():
+            assert torch.equal(gates, torch.ones(len(tasks), 1))
+
+
+def test_train_config_rejects_experts_that_do_not_fit_the_groups():
+    from recfound.train.config import AdapterConfig
+
+    assert AdapterConfig(num_experts=1, groups=ExpertGroups.SHARED).build(BackboneConfig()).num_experts == 1
+    with pytest.raises(ValueError, match="groups=three needs num_experts divisible by 3, got 4"):
+        AdapterConfig(num_experts=4)
+
+
 def test_task_of_the_wrong_mode_or_unknown_is_rejected():
     tuner = make()
     with pytest.raises(ValueError, match="not generative tasks"):

@@ -54,9 +54,10 @@ def task_path(task: str, split: str) -> str:
 
 
 # Parquet columns of each task mode. Embedding rows: a query side and an item side, each an (instruction, text)
-# pair, plus hard negatives; item ids let evaluation and serving map texts back to the catalogue.
+# pair, plus hard negatives; item ids let evaluation and serving map texts back to the catalogue. ``query_item``
+# is the i2i anchor's id (empty for u2i/q2i), so evaluation can leave the anchor out of its own ranking.
 EMBEDDING_COLUMNS: tuple[str, ...] = (
-    "id", "task", "query_instruction", "query", "pos_instruction", "pos", "pos_item",
+    "id", "task", "query_instruction", "query", "query_item", "pos_instruction", "pos", "pos_item",
     "neg", "neg_items", "user", "category", "source",
 )  # fmt: skip
 GENERATIVE_COLUMNS: tuple[str, ...] = ("id", "task", "prompt", "response", "user", "item", "source")

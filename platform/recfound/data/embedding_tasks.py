@@ -24,7 +24,7 @@ GENERIC_SUMMARY_ITEMS = 3
 
 
 def _row(ctx: Context, task: str, rng: random.Random, query: str, positive: str, exclude: frozenset[str],
-         user: str, source: str, hard: Sequence[str] = ()) -> EmbeddingRow:  # fmt: skip
+         user: str, source: str, hard: Sequence[str] = (), query_item: str = "") -> EmbeddingRow:  # fmt: skip
     negs = list(hard[: ctx.num_negatives])
     negs += ctx.negatives(rng, positive, exclude | set(negs), ctx.num_negatives - len(negs))
     item = ctx.catalogue[positive]
@@ -39,6 +39,7 @@ def _row(ctx: Context, task: str, rng: random.Random, query: str, positive: str,
         user=user,
         category=item.category,
         source=source,
+        query_item=query_item,
     )
 
 
@@ -154,6 +155,7 @@ def build_i2i(ctx: Context) -> list[Sample]:
     for (anchor, other), relation in pairs.items():
         rng = ctx.rng("i2i", anchor, other)
         exclude = frozenset(related[anchor] | {anchor})
-        row = _row(ctx, "i2i", rng, ctx.catalogue[anchor].text, other, exclude, "", f"{ctx.source}:{relation}")
+        source = f"{ctx.source}:{relation}"
+        row = _row(ctx, "i2i", rng, ctx.catalogue[anchor].text, other, exclude, "", source, query_item=anchor)
         out.append((ctx.split(f"item:{anchor}"), row))
     return out

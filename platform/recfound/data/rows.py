@@ -22,6 +22,8 @@ class EmbeddingRow:
     user: str = ""
     category: str = ""
     source: str = ""
+    query_item: str = ""
+    """The catalogue item the query describes (the i2i anchor); empty when the query is not an item."""
 
 
 @dataclass(frozen=True)

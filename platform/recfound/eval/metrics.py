@@ -18,8 +18,11 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
+
+from recfound.data.templates import RELATIONS, SENTIMENTS
 
 _TOKEN = re.compile(r"[^\W_]+")
 
@@ -281,8 +284,10 @@ GenerativeMetric = Callable[[Sequence[str], Sequence[str]], float]
 GENERATIVE_METRICS: dict[str, GenerativeMetric] = {
     "query_rewriting": rouge_l,
     "sequential_recommendation": option_accuracy,
-    "product_relation_prediction": macro_f1,
-    "sentiment_analysis": macro_f1,
+    # The builder's full label sets: a prediction naming a class no test row has is then a false positive of
+    # that class, not silently unparsed.
+    "product_relation_prediction": partial(macro_f1, labels=RELATIONS),
+    "sentiment_analysis": partial(macro_f1, labels=SENTIMENTS),
     "attribute_value_extraction": attribute_f1,
     "product_matching": binary_f1,
     "user_profile": rouge_l,
@@ -290,4 +295,10 @@ GENERATIVE_METRICS: dict[str, GenerativeMetric] = {
     "answerability_prediction": binary_f1,
     "answer_generation": rouge_l,
 }
-"""The paper's metric per generative task, with ROUGE-L standing in for BERTScore-F1."""
+"""The paper's metric per generative task, with ROUGE-L standing in for BERTScore-F1. Each scorer reads the
+builder's response formats: SR a letter, SA and PRP the option text, PM and AP yes/no, AVE "attr: value; ..."."""
+
+
+def metric_name(metric: GenerativeMetric) -> str:
+    """The metric's function name ("macro_f1" for a partial of it): the key results.json stores it under."""
+    return getattr(metric, "func", metric).__name__

@@ -16,8 +16,9 @@ from recfound.train.s2sched import SchedulerConfig
 class AdapterConfig(Config):
     """TMoLE hyper-parameters (paper: 6 experts, r 16, alpha 64, dropout 0.1, 512-d task embedding)."""
 
-    num_experts: int = Field(6, ge=2)
-    """LoRA experts per adapted linear. More experts separate tasks better; cost grows linearly."""
+    num_experts: int = Field(6, ge=1)
+    """LoRA experts per adapted linear. More experts separate tasks better; cost grows linearly. With
+    groups=shared, 1 is a single plain LoRA (the "without TMoLE" ablation)."""
     r: int = Field(16, ge=1)
     """Rank of each expert: capacity per expert vs adapter size."""
     alpha: float = Field(64.0, gt=0)
@@ -25,11 +26,17 @@ class AdapterConfig(Config):
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout on the expert input; regularises small datasets, slows convergence slightly."""
     groups: ExpertGroups = ExpertGroups.THREE
-    """three: embedding-only, shared and generation-only experts (the paper); two: no shared group (released code)."""
+    """three: embedding-only, shared and generation-only experts (the paper); two: no shared group (released code);
+    shared: every expert serves both modes."""
     task_dim: int = Field(512, ge=1)
     """Width of the learned task embedding that feeds each router."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Linear layers (name suffixes) that get experts. Adding MLP projections adds capacity and cost."""
+
+    @model_validator(mode="after")
+    def _experts_fit_groups(self) -> AdapterConfig:
+        self.groups.check(self.num_experts)
+        return self
 
     def build(self, backbone: BackboneConfig) -> TMoLEConfig:
         return TMoLEConfig(**self.model_dump(), backbone=backbone.model_dump())

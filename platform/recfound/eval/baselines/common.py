@@ -45,14 +45,15 @@ def user_histories(rows: pd.DataFrame, interactions: pd.DataFrame) -> list[list[
 def resolve_query_items(rows: pd.DataFrame, items: pd.DataFrame) -> list[str | None]:
     """The catalogue item each I2I query describes, or None.
 
-    The contract carries no query item id, so this matches the query text to an item's text, then to a title,
-    then its first line to a title: best effort, exact matches only.
+    The row's ``query_item`` when it names one; otherwise (rows from published files, which carry no id) the
+    query text matched to an item's text, then to a title, then its first line to a title: exact matches only.
     """
     by_text = dict(zip(items["text"], items["item_id"]))
     by_title = dict(zip(items["title"], items["item_id"]))
+    named = rows["query_item"] if "query_item" in rows else pd.Series([""] * len(rows), index=rows.index)
     return [
-        by_text.get(query) or by_title.get(query) or by_title.get(query.strip().split("\n", 1)[0].strip())
-        for query in rows["query"].astype(str)
+        item or by_text.get(query) or by_title.get(query) or by_title.get(query.strip().split("\n", 1)[0].strip())
+        for item, query in zip(named.fillna("").astype(str), rows["query"].astype(str))
     ]
 
 

