@@ -1,0 +1,501 @@
+"""Real multi-node Ray clusters on one machine, for the cluster acceptance tests (tests/test_cluster_multinode.py).
+
+Every node is a `ray start --block` process with its own temp dir and its own ports, so a cluster started here
+never collides with, and is never stopped together with, another session's cluster; nothing here runs a
+machine-wide `ray stop`. Each `ray start` runs under a small keeper process (KEEPER below) that is a child
+subreaper: every process the node spawns (GCS, raylet, agents, workers, the job driver, fake autoscaled nodes)
+stays its descendant even after its own parent dies, so "the node's processes" are exactly the keeper's
+descendants, found by walking /proc parent links (environment markers and command lines do not work: Ray's
+setproctitle overwrites both). Killing a node SIGKILLs those descendants; teardown does the same for every node
+and removes the temp dirs. The keeper gets SIGTERM from the kernel when the test process dies, and then kills its
+descendants too and removes the node's temp dir, so even a killed pytest leaves no cluster behind.
+
+The project is installed editable in the venv through a plain path entry (site-packages/__editable__.recfound-
+*.pth holds the repository's platform/ directory). The cluster's processes get a ``sitecustomize.py`` (first on
+PYTHONPATH) that drops that entry from sys.path, so `import recfound` fails on every node unless the job brings
+the package itself, as `ray job submit --working-dir` + the driver's runtime_env py_modules do. The same
+sitecustomize logs where each process found `recfound` (pid, node name, file) to ``imports.jsonl``: the tests
+read it to prove the package came from the runtime_env on every node. Token authentication is on, with a random
+token handed over in ``RAY_AUTH_TOKEN`` (nothing is written to ~/.ray).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `ray` and the `python` the job entrypoint runs
+RAY = str(BIN / "ray")
+HOST = "127.0.0.1"
+
+SITECUSTOMIZE = '''\
+# Written by tests/cluster_utils.py for a test cluster: hide the editable install of recfound, log its imports.
+import json as _json
+import os as _os
+import sys as _sys
+
+_hidden = {_os.path.realpath(p) for p in _os.environ.get("RF_HIDE_PATHS", "").split(_os.pathsep) if p}
+_sys.path[:] = [p for p in _sys.path if not (p and _os.path.realpath(p) in _hidden)]
+
+
+class _RecfoundImportLog:
+    """Finds `recfound` exactly as the path finder would, and appends where it was found to RF_IMPORT_LOG."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "recfound":
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        record = {"pid": _os.getpid(), "node": _os.environ.get("RF_NODE"), "argv": _sys.argv[:1],
+                  "origin": spec.origin if spec is not None else None}
+        with open(_os.environ["RF_IMPORT_LOG"], "a") as log:
+            log.write(_json.dumps(record) + "\\n")
+        return spec
+
+
+if _os.environ.get("RF_IMPORT_LOG"):
+    _sys.meta_path.insert(0, _RecfoundImportLog())
+'''
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it, so it is rarely reused soon)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+KEEPER = """\
+import ctypes, os, shutil, signal, subprocess, sys, time
+
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the node's processes are re-parented to this keeper
+libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the test process dies
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the test process died before the line above took effect
+temp_dir = sys.argv[2]
+
+
+def descendants(root):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop(*_):
+    for _ in range(100):
+        pids = descendants(os.getpid())
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        time.sleep(0.1)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    os._exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+subprocess.Popen(sys.argv[3:])
+while True:  # reap the node's processes (and adopted orphans) until told to stop
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        time.sleep(0.5)
+"""
+
+
+def descendants(root: int) -> list[int]:
+    """Live (non-zombie) descendants of process `root`, found through /proc/<pid>/stat parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(root: int, timeout: float = 20.0) -> None:
+    """SIGKILL every descendant of `root` (not root itself) until none is left; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while pids := descendants(root):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes under {root} still alive after {timeout}s: {pids}")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+    """Poll predicate until it returns something truthy; fail with `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def copy_project(dest: Path) -> Path:
+    """What `ray job submit --working-dir` would ship from a checkout: jobs/, platform/ and configs/ only."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for part in ("jobs", "platform", "configs"):
+        shutil.copytree(REPO / part, dest / part, ignore=ignore)
+    return dest
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen
+    temp_dir: Path
+    log: Path
+    node_id: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def check_running(self) -> None:
+        """Fail fast (with its log) if this node's `ray start` has exited."""
+        if self.proc.poll() is not None or (time.monotonic() - self.started > 5 and not descendants(self.proc.pid)):
+            raise RuntimeError(f"`ray start` for node {self.name} exited:\n{tail(self.log)}")
+
+
+@dataclass
+class LocalCluster:
+    """A head node plus worker nodes, each a `ray start --block` process with fresh ports, reached at 127.0.0.1.
+
+    Ray itself advertises this machine's own IP for every node (`ray start` rewrites --node-ip-address=127.0.0.1,
+    and a non-head node refuses to start otherwise) and its gRPC servers listen on all interfaces; the tests only
+    ever connect to 127.0.0.1, and the dashboard (jobs, state API) listens on 127.0.0.1 only.
+    """
+
+    root: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+    nodes: dict[str, Node] = field(default_factory=dict)
+    gcs_port: int = 0
+    dashboard_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.site_dir = self.root / "site"
+        self.site_dir.mkdir(exist_ok=True)
+        (self.site_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        self.import_log = self.root / "imports.jsonl"
+
+    def note(self, what: str) -> None:
+        """A timestamped line on stdout (pytest shows it for a failed test, or with -s) and in timeline.txt."""
+        line = f"[cluster +{time.monotonic() - self.started:6.1f}s] {what}"
+        print(line, flush=True)
+        with open(self.root / "timeline.txt", "a") as out:
+            out.write(line + "\n")
+
+    # -- environment --------------------------------------------------------------------------------------------
+    def env(self, node: str | None = None, **extra: str) -> dict[str, str]:
+        """The environment of this cluster's processes (and of the `ray` CLI calls that talk to it)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
+        hidden = str((REPO / "platform").resolve())
+        inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        pythonpath = [p for p in inherited if p and os.path.realpath(p) != hidden]
+        env.update(
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            PYTHONPATH=os.pathsep.join([str(self.site_dir), *pythonpath]),
+            PYTHONNOUSERSITE="1",
+            RF_HIDE_PATHS=hidden,
+            RF_IMPORT_LOG=str(self.import_log),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_DEDUP_LOGS="0",
+            # Fewer processes on a small machine: no workers started ahead of time (the jobs' runtime_env needs
+            # its own anyway) and no metrics pipeline.
+            RAY_enable_worker_prestart="0",
+            RAY_prestart_worker_first_driver="0",
+            RAY_enable_metrics_collection="0",
+            # Ray Data 2.60's parquet reader starts 32 FooterReader actors (32 python processes) per dataset to
+            # read footers in parallel; the run reads 2 datasets of 1 small file each.
+            RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
+            # Notice a dead node in ~3 s instead of ~15 s.
+            RAY_health_check_initial_delay_ms="1000",
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        if node:
+            env["RF_NODE"] = node
+        env.update(extra)
+        return env
+
+    def assert_project_hidden(self) -> None:
+        """The cluster's python cannot import recfound by itself (the editable install is hidden from it)."""
+        probe = subprocess.run([str(BIN / "python"), "-c", "import recfound"], env=self.env("probe", RF_IMPORT_LOG=""),
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert probe.returncode != 0 and "No module named 'recfound'" in probe.stderr, (
+            f"the cluster's python still imports recfound from the checkout:\n{probe.stdout}{probe.stderr}"
+        )
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{HOST}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    # -- nodes --------------------------------------------------------------------------------------------------
+    def _start(self, name: str, args: list[str], env: dict[str, str]) -> Node:
+        temp_dir = Path(tempfile.mkdtemp(prefix=f"rf{name[:4]}-", dir="/tmp"))  # short: unix socket paths <= 107
+        log = self.root / f"node-{name}.log"
+        cmd = [
+            RAY, "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}", f"--temp-dir={temp_dir}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0", f"--object-store-memory={200 * 1024**2}", *args,
+        ]  # fmt: skip
+        with open(log, "ab") as out:  # the keeper (own session: a Ctrl-C to pytest is not a node crash) runs cmd
+            proc = subprocess.Popen([str(BIN / "python"), "-S", "-c", KEEPER, str(os.getpid()), str(temp_dir), *cmd],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        node = Node(name, proc, temp_dir, log)
+        self.nodes[name] = node
+        self.note(f"node {name} starting: keeper pid {proc.pid}, temp dir {temp_dir}")
+        return node
+
+    def start_head(self, num_cpus: int, resources: dict | None = None, autoscaling_config: Path | None = None,
+                   env: dict[str, str] | None = None, timeout: float = 90) -> Node:  # fmt: skip
+        self.gcs_port, self.dashboard_port = self.gcs_port or free_port(), free_port()
+        args = ["--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+                f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}"]  # fmt: skip
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        if autoscaling_config:
+            args.append(f"--autoscaling-config={autoscaling_config}")
+        head = self._start("head", args, env or self.env("head"))
+        wait_for("the head's dashboard", self._dashboard_up, timeout, interval=0.5)
+        head.node_id = wait_for("the head to register", lambda: self._node_id_of(head), timeout, interval=0.5)
+        self.note(f"head up: {head.node_id}")
+        return head
+
+    def add_node(self, name: str, num_cpus: int, resources: dict | None = None, timeout: float = 90) -> Node:
+        args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        node = self._start(name, args, self.env(name))
+        node.node_id = wait_for(f"node {name} to register", lambda: self._node_id_of(node), timeout, interval=0.5)
+        self.note(f"node {name} up: {node.node_id}")
+        return node
+
+    def _node_id_of(self, node: Node) -> str | None:
+        """The id of the one ALIVE node that is not one of the nodes already known (nodes start one at a time)."""
+        node.check_running()
+        known = {n.node_id for n in self.nodes.values() if n.node_id}
+        fresh = [r["node_id"] for r in self.alive_nodes() if r["node_id"] not in known]
+        return fresh[0] if len(fresh) == 1 else None
+
+    def fake_autoscaling_config(self, head_cpus: int, worker_types: dict[str, dict], idle_timeout_s: float) -> Path:
+        """The autoscaling config `ray.cluster_utils.AutoscalingCluster` would write, for this cluster's GCS port.
+
+        AutoscalingCluster itself cannot be used here: it reads ray/autoscaler/_private/fake_multi_node/
+        example.yaml, which the Ray 2.60 wheel does not ship (FileNotFoundError), and its start()/shutdown() run a
+        machine-wide `ray stop --force` and the default ports. This is that example's content with our worker types;
+        the head must be started with RAY_FAKE_CLUSTER=1 (see start_fake_autoscaling_head).
+        """
+        self.gcs_port = self.gcs_port or free_port()
+        # The address exactly as the head registers it (Ray rewrites 127.0.0.1 to this machine's IP): nodes given
+        # another spelling of it make Ray's address="auto" lookups see "multiple active Ray instances".
+        from ray._private.services import get_node_ip_address
+
+        gcs_address = f"{get_node_ip_address()}:{self.gcs_port}"
+        config = {
+            "cluster_name": f"fake-{self.gcs_port}",
+            "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "launch_multiple": True,
+                         "gcs_address": gcs_address},  # fmt: skip
+            "available_node_types": {
+                **worker_types,
+                "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {},
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_timeout_s / 60,
+            "docker": {},
+            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")},  # fmt: skip
+            "file_mounts": {},
+            "file_mounts_sync_continuously": False,
+        }
+        path = self.root / "autoscaling.json"
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def start_fake_autoscaling_head(self, head_cpus: int, worker_types: dict[str, dict], idle_timeout_s: float) -> Node:
+        """A head whose autoscaler (RAY_FAKE_CLUSTER=1: FakeMultiNodeProvider) adds and removes real raylets here."""
+        config = self.fake_autoscaling_config(head_cpus, worker_types, idle_timeout_s)
+        env = self.env("head", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        return self.start_head(head_cpus, autoscaling_config=config, env=env)
+
+    def kill_node(self, name: str) -> None:
+        """Hard node failure: SIGKILL the node's raylet, agents and workers at once (no drain, no goodbye)."""
+        kill_tree(self.nodes[name].proc.pid)
+        self.note(f"node {name} killed")
+
+    def shutdown(self) -> None:
+        """SIGKILL every process of every node (workers first: the head's job driver lives under it), then the
+        keepers; remove the temp dirs. Raises if a process outlives its SIGKILLs (never seen)."""
+        errors = []
+        for node in reversed(list(self.nodes.values())):
+            try:
+                kill_tree(node.proc.pid)
+            except RuntimeError as err:
+                errors.append(err)
+            node.proc.terminate()  # the keeper kills whatever is left under it, removes the temp dir, exits
+            try:
+                node.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(timeout=10)
+            for _ in range(5):  # a process killed a moment ago may still have flushed a file
+                shutil.rmtree(node.temp_dir, ignore_errors=True)
+                if not node.temp_dir.exists():
+                    break
+                time.sleep(0.5)
+        if errors:
+            raise RuntimeError(f"test cluster teardown: {errors}")
+
+    # -- the dashboard's REST API (state, jobs) -------------------------------------------------------------------
+    def _get(self, path: str, timeout: float = 10) -> Any:
+        request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def _dashboard_up(self) -> bool:
+        self.nodes["head"].check_running()
+        try:
+            self._get("/api/version", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def _state(self, resource: str, filters: list[tuple[str, str, str]] = (), detail: bool = False) -> list[dict]:
+        query = [("limit", "1000"), ("detail", str(detail).lower())]
+        for key, predicate, value in filters:
+            query += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
+        body = self._get(f"/api/v0/{resource}?{urllib.parse.urlencode(query)}")
+        return body["data"]["result"]["result"]
+
+    def nodes_state(self) -> list[dict]:
+        try:
+            return self._state("nodes", detail=True)
+        except OSError:
+            return []
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.nodes_state() if n["state"] == "ALIVE"]
+
+    def actors(self, class_name: str) -> list[dict]:
+        return self._state("actors", [("class_name", "=", class_name)], detail=True)
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def submit(self, submission_id: str, working_dir: Path, entrypoint: list[str], timeout: float = 60) -> None:
+        cmd = [RAY, "job", "submit", f"--address={self.dashboard_url}", f"--submission-id={submission_id}",
+               f"--working-dir={working_dir}", "--no-wait", "--", *entrypoint]  # fmt: skip
+        done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray job submit failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        self.note(f"job {submission_id} submitted")
+
+    def job(self, submission_id: str) -> dict:
+        return self._get(f"/api/jobs/{submission_id}")
+
+    def job_logs(self, submission_id: str) -> str:
+        return self._get(f"/api/jobs/{submission_id}/logs")["logs"]
+
+    def wait_job(self, submission_id: str, timeout: float) -> dict:
+        def finished() -> dict | None:
+            info = self.job(submission_id)
+            return info if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+        try:
+            info = wait_for(f"job {submission_id}", finished, timeout, interval=2)
+            self.note(f"job {submission_id} {info['status']}")
+            return info
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\n--- job log tail ---\n{self.job_logs(submission_id)[-6000:]}") from None
+
+    def imports(self) -> list[dict]:
+        if not self.import_log.exists():
+            return []
+        return [json.loads(line) for line in self.import_log.read_text().splitlines() if line]
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def local_cluster(root: Path):
+    """A LocalCluster torn down (every process of every node SIGKILLed, temp dirs removed) however the block exits."""
+    cluster = LocalCluster(root)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
