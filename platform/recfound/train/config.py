@@ -10,7 +10,7 @@ from recfound.model.losses import LossConfig
 from recfound.model.tmole import TMoLEConfig
 from recfound.model.tmole.config import ExpertGroups
 from recfound.train.optim import OptimConfig
-from recfound.train.s2sched import SchedulerConfig
+from recfound.train.s2sched import LossSource, SchedulerConfig
 
 
 class AdapterConfig(Config):
@@ -83,6 +83,11 @@ class TrainConfig(Config):
     """CPUs reserved per worker (tokenisation and the CPU forward pass use them)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL, and bf16 when the backbone dtype is auto."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """0: DDP (every rank holds the optimizer state). 1-3: DeepSpeed ZeRO (needs the `zero` extra): 1 shards the
+    AdamW state, 2 also the gradients, 3 also the weights, frozen backbone included, so a backbone too big for
+    one device trains at the cost of gathering weights every forward. TMoLE's trainable part is small: 2 saves
+    little over DDP; 3 is for big backbones. ZeRO runs resume with the same num_workers only (no elastic)."""
     tasks: list[str] | None = None
     """Tasks to train (names as in the manifest). Empty: every task the dataset has."""
     model: ModelConfig = ModelConfig()
@@ -105,4 +110,9 @@ class TrainConfig(Config):
     def _consistent(self) -> TrainConfig:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
+        if self.zero_stage and self.min_workers is not None:
+            raise ValueError("min_workers (elastic training) needs zero_stage=0: ZeRO partitions are not re-sharded")
+        if self.zero_stage == 3 and self.scheduler.source is LossSource.VALID:
+            raise ValueError("scheduler.source=valid needs zero_stage < 3: rank 0 alone cannot run the "
+                             "partitioned model on validation batches")  # fmt: skip
         return self

@@ -1,15 +1,17 @@
 """The per-worker training function Ray Train runs: a short, linear recipe over the library's parts.
 
 All ranks take the same per-task sample counts each step (rank 0 asks the S2Sched actor and broadcasts the
-weights), so DDP graphs match and the per-task streaming splits stay in step.
+weights), so DDP / ZeRO graphs match and the per-task streaming splits stay in step. The engine
+(train/engine.py: DDP or DeepSpeed ZeRO, by ``zero_stage``) owns the optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,19 @@ from recfound.tasks import Mode, mode_of
 from recfound.train import checkpoint
 from recfound.train.batches import collate
 from recfound.train.config import TrainConfig
+from recfound.train.engine import build_engine
 from recfound.train.mixing import allocate
 from recfound.train.objective import JointObjective, TaskStats
-from recfound.train.optim import build_lr_schedule, build_optimizer
 from recfound.train.s2sched import LossSource
 from recfound.train.streams import TaskStream
+from recfound.train.telemetry import (
+    StepRecord,
+    Telemetry,
+    flops_per_token,
+    peak_flops,
+    plot_history,
+)
 from recfound.train.validation import ValidationProbe
-from recfound.train.telemetry import StepRecord, Telemetry, flops_per_token, peak_flops, plot_history
 
 
 def _broadcast(obj: Any) -> Any:
@@ -50,6 +58,12 @@ def _reduce(stats: TaskStats, tasks: list[str], device: torch.device) -> dict[st
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(table)
     return {task: (table[i, 0] / table[i, 1]).item() for i, task in enumerate(tasks) if table[i, 1] > 0}
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout's seed for one rank's step: distinct per rank and step, and the same after a resume, so a
+    resumed run draws the masks the uninterrupted one would have (no RNG state to checkpoint)."""
+    return (seed * 1_000_003 + rank) * 1_000_003 + step
 
 
 class Sampler:
@@ -82,11 +96,8 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # the same initial adapter on every rank; merge rebuilds it from this seed
     grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone))
-    torch.manual_seed(cfg.seed + rank)  # distinct dropout per rank
     objective = JointObjective(grm, cfg.loss)
-    params = [p for p in grm.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim)
-    lr_schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
+    n_params = sum(p.numel() for p in grm.parameters())  # before ZeRO-3 partitions them
 
     emb_tasks = [t for t in tasks if mode_of(t) is Mode.EMBEDDING]
     gen_tasks = [t for t in tasks if mode_of(t) is Mode.GENERATIVE]
@@ -102,19 +113,25 @@ def train_worker(config: dict[str, Any]) -> None:
     if restored is None and scheduler is not None:
         # A restart before the first checkpoint starts over: so must the scheduler's history.
         ray.get(scheduler.load_state_dict.remote(config["scheduler_initial"]))
-    if restored is not None:
-        with restored.as_directory() as d:
-            state, sched_state, history = checkpoint.load_state(Path(d), grm, optimizer, lr_schedule)
+    dtype = next(grm.parameters()).dtype
+    state = None
+    # The adapter is restored first; the engine is built on it, then loads its optimizer state.
+    with restored.as_directory() if restored is not None else contextlib.nullcontext() as d:
+        if d is not None:
+            state, sched_state, history = checkpoint.load_state(Path(d), grm)
+            if cfg.zero_stage and state.get("world_size") != world:
+                raise RuntimeError(f"checkpoint {d} holds ZeRO partitions of {state.get('world_size')} workers; "
+                                   f"resume it with num_workers={state.get('world_size')} (now {world})")  # fmt: skip
+        engine = build_engine(objective, cfg, device, dtype, both_modes=bool(emb_tasks and gen_tasks))
+        if d is not None:
+            engine.load(Path(d), rank)
+    if state is not None:
         start, positions = state["step"], state["streams"]
         for mode, sampler in samplers.items():
             sampler.carry = state["carry"][mode.value]
         if scheduler is not None:
             ray.get(scheduler.load_state_dict.remote(sched_state))
-        torch.manual_seed(cfg.seed + rank + start)
 
-    model = ray.train.torch.prepare_model(
-        objective, parallel_strategy_kwargs={"find_unused_parameters": not (emb_tasks and gen_tasks)}
-    )
     streams = {t: TaskStream(ray.train.get_dataset_shard(t), **positions.get(t, {})) for t in tasks}
     with ThreadPoolExecutor(len(streams)) as pool:
         list(pool.map(TaskStream.prime, streams.values()))
@@ -122,12 +139,13 @@ def train_worker(config: dict[str, Any]) -> None:
     telemetry = None
     if rank == 0:
         log_dir = Path(tempfile.gettempdir()) / "recfound-tb" / config["run"]
-        telemetry = Telemetry(log_dir, flops_per_token(sum(p.numel() for p in grm.parameters())), peak_flops(device), cfg.log_every)
+        telemetry = Telemetry(log_dir, flops_per_token(n_params), peak_flops(device), cfg.log_every)
         telemetry.history = history
 
     for step in range(start + 1, cfg.max_steps + 1):
         began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        engine.zero_grad()
         stats: TaskStats = {}
         tokens = samples = 0
         counts = {mode: s.counts(weights) for mode, s in samplers.items()}
@@ -137,8 +155,8 @@ def train_worker(config: dict[str, Any]) -> None:
             parts = {mode: [streams[t].take(n) for t, n in c.items() if n] for mode, c in counts.items()}
             emb, gen = collate(parts[Mode.EMBEDDING], Mode.EMBEDDING), collate(parts[Mode.GENERATIVE], Mode.GENERATIVE)
             data_wait += time.perf_counter() - fetch
-            loss, micro_stats = model(emb, gen)
-            (loss / cfg.optim.grad_accum).backward()
+            loss, micro_stats = engine(emb, gen)
+            engine.backward(loss)
             for task, (total, count) in micro_stats.items():
                 prev = stats.get(task, (0.0, 0))
                 stats[task] = (prev[0] + total, prev[1] + count)
@@ -149,9 +167,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if scheduler is not None:
                 ray.get(scheduler.halt.remote(f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}"))
             return
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        optimizer.step()
-        lr_schedule.step()
+        engine.step()
 
         round_trip = time.perf_counter()
         if step % cfg.scheduler.update_interval == 0:
@@ -165,20 +181,20 @@ def train_worker(config: dict[str, Any]) -> None:
         if telemetry is not None:
             seconds = time.perf_counter() - began
             shares = {"data_wait": data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
-            record = StepRecord(step, lr_schedule.get_last_lr()[0], seconds, tokens, samples, losses, dict(weights), shares)
+            record = StepRecord(step, engine.lr(), seconds, tokens, samples, losses, dict(weights), shares)
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            # Rank 0 writes the checkpoint; every rank reports so Ray Train's rounds line up.
+            # Every rank reports so Ray Train's rounds line up; the files of all ranks land in one directory.
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if scheduler is not None and telemetry is not None:
-                    if step == cfg.max_steps:
-                        plot_history(telemetry.history, Path(tmp))
-                    state = _trainer_state(step, cfg.seed, streams, samplers)
-                    sched_state = ray.get(scheduler.state_dict.remote())
-                    checkpoint.save(Path(tmp), grm, optimizer, lr_schedule, state, sched_state, telemetry.history)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
+                wrote = engine.save(Path(tmp), rank)
+                with engine.full_weights():  # ZeRO-3: every rank joins the gather, rank 0 saves the adapter
+                    if scheduler is not None and telemetry is not None:
+                        if step == cfg.max_steps:
+                            plot_history(telemetry.history, Path(tmp))
+                        state = _trainer_state(step, cfg.seed, world, streams, samplers)
+                        sched_state = ray.get(scheduler.state_dict.remote())
+                        checkpoint.save(Path(tmp), grm, state, sched_state, telemetry.history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
         elif step % cfg.log_every == 0:  # each report is a round trip to the controller: not every step
             ray.train.report(metrics)
     if telemetry is not None:
@@ -190,10 +206,11 @@ def _tokens(emb: dict | None, gen: dict | None) -> int:
     return sum(int(m.sum()) for m in masks)
 
 
-def _trainer_state(step: int, seed: int, streams: dict[str, TaskStream], samplers: dict[Mode, Sampler]) -> dict:
+def _trainer_state(step: int, seed: int, world: int, streams: dict[str, TaskStream], samplers: dict[Mode, Sampler]) -> dict:
     return {
         "step": step,
         "seed": seed,
+        "world_size": world,
         "streams": {t: s.state() for t, s in streams.items()},
         "carry": {mode.value: s.carry for mode, s in samplers.items()},
     }

@@ -6,6 +6,7 @@ fails in seconds with a message, not after a cluster has been scheduled.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ def _storage(path: str) -> str:
 
 
 def plan(cfg: TrainConfig) -> Plan:
+    if cfg.zero_stage and importlib.util.find_spec("deepspeed") is None:
+        raise RunError(f"zero_stage={cfg.zero_stage} needs DeepSpeed: pip install --no-build-isolation 'recfound[zero]'")
     data = _dataset(cfg)
     if isinstance(url_to_fs(data)[0], LocalFileSystem):
         data = str(Path(data).resolve())  # workers need not share the driver's working directory

@@ -1,0 +1,189 @@
+"""How a worker applies gradients: DDP with torch's AdamW, or DeepSpeed ZeRO, behind one small interface.
+
+The loop calls the engine for forward, backward, step, checkpoint and restore, and never asks which one it is.
+Both use the same AdamW, warmup + linear decay and grad-norm clip, so ``zero_stage`` changes memory and
+communication, not the optimisation: a ZeRO run's loss curve follows the DDP run's.
+
+Checkpoint files (next to what ``checkpoint.save`` writes):
+  DDP:       optimizer.pt           AdamW + LR-schedule state (rank 0; every rank holds the same)
+  DeepSpeed: zero/ckpt/...          each rank's ZeRO partition of the optimizer (and, for stage 3, parameters),
+             zero/rank-<r>.json     SHA-256 of rank r's files: a checkpoint missing any rank's part is refused
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from recfound.io import sha256
+from recfound.train.config import TrainConfig
+from recfound.train.optim import build_lr_schedule, build_optimizer
+
+ZERO_DIR, ZERO_TAG = "zero", "ckpt"
+
+
+class Engine(Protocol):
+    """What the training loop needs from the thing that owns the optimizer."""
+
+    def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]: ...
+    def zero_grad(self) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def lr(self) -> float: ...
+    def full_weights(self) -> contextlib.AbstractContextManager[None]: ...
+    def save(self, root: Path, rank: int) -> bool: ...
+    def load(self, root: Path, rank: int) -> None: ...
+
+
+class DDPEngine:
+    """torch DDP (gloo on CPU, NCCL on GPU) via Ray Train's ``prepare_model``; AdamW state replicated on every rank."""
+
+    def __init__(self, objective: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, find_unused: bool) -> None:
+        import ray.train.torch
+
+        self.params, self.cfg = params, cfg
+        self.optimizer = build_optimizer(params, cfg.optim)
+        self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
+        self.model = ray.train.torch.prepare_model(
+            objective, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
+        )
+
+    def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]:
+        return self.model(*batch)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.optim.grad_accum).backward()
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+
+    def lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    def full_weights(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def save(self, root: Path, rank: int) -> bool:
+        """Rank 0 writes optimizer.pt; returns whether this rank wrote checkpoint files."""
+        if rank != 0:
+            return False
+        state = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+        torch.save(state, root / "optimizer.pt")
+        return True
+
+    def load(self, root: Path, rank: int) -> None:
+        blob = torch.load(root / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.lr_schedule.load_state_dict(blob["lr_schedule"])
+        rebase_lr(self.lr_schedule)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO stage 1-3 (``deepspeed.initialize`` on the process group Ray Train set up).
+
+    Stage 1/2 partition optimizer state (and gradients); stage 3 also the parameters, frozen backbone included,
+    so whole-model work (saving the adapter) gathers them first. DeepSpeed owns gradient accumulation: every
+    micro-batch calls backward then step, and only the last one of an optimizer step applies it.
+    """
+
+    def __init__(self, objective: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, dtype: torch.dtype) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.deepspeed, self.params = deepspeed, params
+        optimizer = build_optimizer(params, cfg.optim)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # our batches are per-task mixes; DeepSpeed only needs the count
+            "gradient_accumulation_steps": cfg.optim.grad_accum,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, _, _, self.lr_schedule = deepspeed.initialize(
+            model=objective, optimizer=optimizer, model_parameters=params, config=config,
+            lr_scheduler=build_lr_schedule(optimizer, cfg.optim, cfg.max_steps),
+        )  # fmt: skip
+
+    def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]:
+        return self.engine(*batch)
+
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients itself at each optimizer-step boundary."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def step(self) -> None:
+        """Applied by the last micro-batch's ``backward``."""
+
+    def lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Stage 3: gather every partitioned parameter (a collective: every rank enters) for a whole-model read."""
+        if self.engine.zero_optimization_stage() < 3:
+            yield
+            return
+        with self.deepspeed.zero.GatheredParameters(self.params, modifier_rank=None):
+            yield
+
+    def save(self, root: Path, rank: int) -> bool:
+        """Every rank writes its partition under zero/ and a manifest of it; the adapter goes via ``full_weights``."""
+        self.engine.save_checkpoint(str(root / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True,
+                                    save_latest=False)  # fmt: skip
+        # Every rank writes into its own temporary directory: all files there beside the manifests are its own.
+        files = sorted(p for p in (root / ZERO_DIR).rglob("*") if p.is_file() and not p.name.startswith("rank-"))
+        digests = {str(p.relative_to(root)): sha256(str(p)) for p in files}
+        (root / ZERO_DIR / f"rank-{rank}.json").write_text(json.dumps(digests, indent=2, sort_keys=True))
+        return True
+
+    def load(self, root: Path, rank: int) -> None:
+        verify_rank(root, rank)
+        # The adapter is already restored from adapter/ (frozen weights were never saved: not strict).
+        self.engine.load_checkpoint(str(root / ZERO_DIR), tag=ZERO_TAG, load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)  # fmt: skip
+        rebase_lr(self.lr_schedule)
+
+
+def rebase_lr(lr_schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Recompute the restored position's LR with this run's schedule: the saved optimizer carries the LR of the
+    run that wrote it, whose decay to 0 at its own max_steps is wrong once a resume raises max_steps."""
+    lr_schedule.last_epoch -= 1
+    lr_schedule.step()
+
+
+def verify_rank(root: Path, rank: int) -> None:
+    """Raise unless rank ``rank``'s ZeRO partition is present and matches its manifest."""
+    from recfound.train.checkpoint import CorruptCheckpointError
+
+    manifest = root / ZERO_DIR / f"rank-{rank}.json"
+    if not manifest.is_file():
+        raise CorruptCheckpointError(f"{root}: no ZeRO partition of rank {rank} ({manifest.name} is missing)")
+    for name, digest in json.loads(manifest.read_text()).items():
+        if not (root / name).is_file() or sha256(str(root / name)) != digest:
+            raise CorruptCheckpointError(f"{root}: {name} is missing or does not match its SHA-256 in {manifest.name}")
+
+
+def build_engine(objective: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                 both_modes: bool) -> Engine:  # fmt: skip
+    """DeepSpeed when ``cfg.zero_stage`` is set, else DDP; ``both_modes``: the run trains both task modes."""
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if cfg.zero_stage:
+        return DeepSpeedEngine(objective.to(device), params, cfg, dtype)
+    # A run of one mode never uses the other mode's experts: DDP must not wait for their gradients.
+    return DDPEngine(objective, params, cfg, find_unused=not both_modes)
