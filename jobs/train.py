@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        import ray
+
+        # Disconnect first: worker and actor log lines relayed after the path would no longer make it the last line.
+        ray.shutdown()
     print(path)
     return 0
 

@@ -1,7 +1,8 @@
 """Smoke runs of jobs/benchmark.py: every subcommand at a minimal size runs and writes its ratios to JSON.
 
-Nothing here asserts a timing (the figures are for docs/performance.md). One local Ray serves the train, data and
-serve subcommands, and each Ray Data run streams a single task: pipelines cost start-up time on 2 cores.
+Nothing here asserts a timing (the figures are for the README's Performance section). One local Ray serves the
+train, data and serve subcommands, and each Ray Data run streams a single task: pipelines cost start-up time on
+2 cores.
 """
 
 from __future__ import annotations
