@@ -40,7 +40,7 @@ from recfound.data.builder import BuildConfig, build
 from recfound.data.synthetic import SyntheticConfig
 from recfound.io import read_json, sha256
 from recfound.model.grm import GRM
-from recfound.serving.app import MODEL_DEPLOYMENT
+from recfound.serving.model import MODEL_DEPLOYMENT
 from recfound.serving.engine import ADAPTER_DIR, ENGINE_KEY, Engine, Side, load_engine
 from recfound.serving.index import build_item_index, text_meta
 from recfound.serving.registry import publish, read_version, resolve

@@ -1,0 +1,197 @@
+"""The Gateway deployment: OpenAI-compatible FastAPI ingress in front of the Model deployment.
+
+It parses, validates and authenticates HTTP, and formats OpenAI responses and errors (a 4xx in OpenAI's error
+schema for every bad input, never a 5xx for one); the Model does the batched engine work.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route signatures of the ingress class at runtime.
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from recfound.serving.auth import authorized, load_token, require_auth_off_network
+from recfound.serving.model import Embedded, Generated
+from recfound.serving.schemas import (
+    VERSION_HEADER,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ErrorType,
+    Limits,
+    RecommendRequest,
+    RecommendResponse,
+    completion_id,
+    completion_response,
+    embedding_response,
+    embedding_task,
+    generative_task,
+    model_names,
+    stream_chunk,
+)
+
+log = logging.getLogger("ray.serve")
+
+GATEWAY_DEPLOYMENT = "Gateway"
+
+
+api = FastAPI(title="recfound", description="RecFound embeddings, generation and recommendation")
+
+
+def _error(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return _error(err)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    """Malformed JSON and wrong types: a 400 naming the field, as OpenAI does, not FastAPI's 422."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    if first["type"] == "json_invalid":
+        return _error(ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
+                               None, "invalid_json"))  # fmt: skip
+    code = "missing_field" if first["type"] == "missing" else "invalid_type"
+    return _error(ApiError(400, f"{where or 'body'}: {first['msg']}", where or None, code))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+    error_type = ErrorType.NOT_FOUND if err.status_code == 404 else ErrorType.INVALID_REQUEST
+    return _error(ApiError(err.status_code, str(err.detail), None, None, error_type))
+
+
+@api.exception_handler(Exception)
+async def _internal(_: Request, err: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return _error(ApiError(500, f"internal error: {type(err).__name__}", None, None, ErrorType.SERVER))
+
+
+@api.middleware("http")
+async def _auth(request: Request, call_next: Any) -> Any:
+    """Bearer auth on /v1/*; /healthz stays open for load balancers and Kubernetes probes."""
+    if request.url.path.startswith("/v1/") and not authorized(
+        request.headers.get("authorization"), request.app.state.token
+    ):
+        return _error(ApiError(401, "missing or invalid bearer token", None, "invalid_api_key",
+                               ErrorType.AUTHENTICATION))  # fmt: skip
+    return await call_next(request)
+
+
+def _proxy_host() -> str:
+    """The address Serve's HTTP proxies bind (there is no public API for it; the controller client has it)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config.host
+
+
+def _versioned(body: dict[str, Any] | BaseModel, version: str) -> JSONResponse:
+    payload = body if isinstance(body, dict) else body.model_dump()
+    return JSONResponse(payload, headers={VERSION_HEADER: version})
+
+
+def _apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _pieces(text: str) -> list[str]:
+    """Word-sized stream pieces that concatenate back to exactly ``text``."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
+async def _sse(events: Iterator[dict[str, Any]]) -> AsyncIterator[str]:
+    for event in events:
+        yield f"data: {json.dumps(event)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT)
+@serve.ingress(api)
+class Gateway:
+    """HTTP in, OpenAI/recommend JSON out; every answer carries the model version (field + header)."""
+
+    def __init__(self, model: DeploymentHandle, limits: dict[str, Any]):
+        self._model = model
+        self._limits = Limits.model_validate(limits)
+        token = load_token()
+        require_auth_off_network(token, _proxy_host())
+        api.state.token = token
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            info = await self._model.info.remote()
+        except ApiError as err:
+            return _error(err)
+        return _versioned({"status": "ok", **info}, info["version"])
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        info = await self._model.info.remote()
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "recfound"} for name in model_names()]
+        return _versioned({"object": "list", "data": data, "version": info["version"]}, info["version"])
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, req: EmbeddingRequest) -> JSONResponse:
+        task = embedding_task(req.model)
+        out: Embedded = await self._model.embed.remote(task, req.texts(self._limits))
+        if req.dimensions is not None and req.dimensions != out.vectors.shape[1]:
+            raise ApiError(400, f"dimensions={req.dimensions}; this model embeds in {out.vectors.shape[1]}",
+                           "dimensions", "unsupported_value")  # fmt: skip
+        return _versioned(embedding_response(req.model, out.version, out.vectors, out.tokens, req.encoding_format),
+                          out.version)  # fmt: skip
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest) -> Any:
+        return await self._complete(req, req.prompts(self._limits), chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, req: ChatRequest) -> Any:
+        return await self._complete(req, [req.prompt()], chat=True)
+
+    async def _complete(self, req: CompletionRequest | ChatRequest, prompts: list[str], chat: bool) -> Any:
+        task = generative_task(req.model)
+        max_tokens = req.checked_max_tokens(self._limits)
+        out: Generated = await self._model.generate.remote(task, prompts, max_tokens, req.temperature)
+        texts, finish = [], []
+        for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
+            text, stopped = _apply_stop(text, req.stops())
+            texts.append(text)
+            finish.append("stop" if stopped or tokens < max_tokens else "length")
+        if not req.stream:
+            body = completion_response(req.model, out.version, texts, finish, out.prompt_tokens,
+                                       sum(out.completion_tokens), chat)  # fmt: skip
+            return _versioned(body, out.version)
+        cid = completion_id(chat)
+
+        def events() -> Iterator[dict[str, Any]]:
+            for i, text in enumerate(texts):
+                if chat:
+                    yield stream_chunk(cid, req.model, out.version, i, None, None, chat)
+                for piece in _pieces(text):
+                    yield stream_chunk(cid, req.model, out.version, i, piece, None, chat)
+                yield stream_chunk(cid, req.model, out.version, i, "", finish[i], chat)
+
+        return StreamingResponse(_sse(events()), media_type="text/event-stream",
+                                 headers={VERSION_HEADER: out.version})  # fmt: skip
+
+    @api.post("/v1/recommend")
+    async def recommend(self, req: RecommendRequest) -> JSONResponse:
+        req.check(self._limits)
+        out: RecommendResponse = await self._model.recommend.remote(req)
+        return _versioned(out, out.version)

@@ -1,0 +1,252 @@
+"""The Model deployment: one loaded registry version (engine + item index), batched with ``@serve.batch``.
+
+CPU or GPU per ``ray_actor_options``. The version is chosen by the deployment's ``user_config``
+(``{"version": "vN" | "latest"}``): changing it makes Serve call ``reconfigure`` on the running replicas, which
+load the new version beside the live one and swap a single reference, so in-flight and new requests are
+always answered. A version that fails to verify or load is refused and the live one keeps serving.
+"""
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from ray import serve
+
+from recfound.config import Config
+from recfound.serving.engine import Engine, Side, load_engine
+from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
+from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve, verify
+from recfound.serving.schemas import QUERY_PARAM, ApiError, ErrorType, RecommendedItem, RecommendRequest, RecommendResponse
+
+log = logging.getLogger("ray.serve")
+
+MODEL_DEPLOYMENT = "Model"
+
+
+class ModelUserConfig(Config):
+    """The Model deployment's ``user_config``: changing it reconfigures running replicas in place."""
+
+    version: str = LATEST_ALIAS
+    """Registry version to serve (v1, v2, ...); `latest` follows the registry pointer when a replica loads."""
+    max_batch_size: int = Field(16, ge=1)
+    """Most requests one engine call serves."""
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    """How long a batch waits to fill: latency traded for throughput."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One version, fully loaded: requests hold this snapshot, so a swap never mixes two versions."""
+
+    version: str
+    engine: Engine
+    index: ItemIndex
+    instructions: dict[str, dict[str, str]]
+    max_history: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Engines need not be thread-safe (TMoLE routing is per-model state): one engine call at a time."""
+
+
+def load_version(registry: str, version: str, search: SearchConfig, cache_dir: str | None) -> Loaded:
+    """Resolve, verify every checksum, then load: a corrupted version raises before any of it is used."""
+    path = resolve(registry, version, cache_dir)
+    verify(path)
+    meta = read_version(path)
+    engine = load_engine(path)
+    index = ItemIndex.load(path, search)
+    return Loaded(engine.version, engine, index, meta["instructions"], meta.get("max_history", DEFAULT_MAX_HISTORY))
+
+
+@dataclass(frozen=True)
+class Embedded:
+    version: str
+    vectors: np.ndarray
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Generated:
+    version: str
+    texts: list[str]
+    prompt_tokens: int
+    completion_tokens: list[int]
+
+
+def _embed_grouped(jobs: list[tuple[Loaded, str, list[str]]]) -> list[np.ndarray]:
+    """One engine call per (version, task) in the batch; results back in job order."""
+    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for j, (live, task, _) in enumerate(jobs):
+        groups[(id(live), task)].append(j)
+    out: list[np.ndarray] = [np.empty(0)] * len(jobs)
+    for members in groups.values():
+        live, task, _ = jobs[members[0]]
+        texts = [t for j in members for t in jobs[j][2]]
+        with live.lock:
+            vectors = live.engine.embed(task, texts, live.instructions[task]["query"], Side.QUERY)
+        start = 0
+        for j in members:
+            out[j] = vectors[start : start + len(jobs[j][2])]
+            start += len(jobs[j][2])
+    return out
+
+
+def _generate_grouped(jobs: list[tuple[Loaded, str, list[str], int, float]]) -> list[list[str]]:
+    groups: dict[tuple[int, str, int, float], list[int]] = defaultdict(list)
+    for j, (live, task, _, max_tokens, temperature) in enumerate(jobs):
+        groups[(id(live), task, max_tokens, temperature)].append(j)
+    out: list[list[str]] = [[] for _ in jobs]
+    for members in groups.values():
+        live, task, _, max_tokens, temperature = jobs[members[0]]
+        with live.lock:
+            texts = live.engine.generate(task, [p for j in members for p in jobs[j][2]], max_tokens, temperature)
+        start = 0
+        for j in members:
+            out[j] = texts[start : start + len(jobs[j][2])]
+            start += len(jobs[j][2])
+    return out
+
+
+def _context_error(param: str, index: int, tokens: int, limit: int, what: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{param}[{index}] needs {tokens} tokens ({what}), more than the model's context of {limit} tokens",
+        param,
+        "context_length_exceeded",
+    )
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT, user_config=ModelUserConfig().model_dump(), max_ongoing_requests=64)
+class Model:
+    """Engine + item index of one registry version; swaps versions in ``reconfigure`` without downtime."""
+
+    def __init__(self, registry: str, search: dict[str, Any], cache_dir: str | None = None):
+        self._registry = registry
+        self._search = SearchConfig.model_validate(search)
+        self._cache_dir = cache_dir
+        self._live: Loaded | None = None
+        self._wanted: str | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._error: str | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Switch to the version ``user_config`` names without ever pausing requests.
+
+        Serve takes a replica out of routing while ``reconfigure`` runs, so a switch only starts a background
+        load and returns: the live version keeps answering until the new one is loaded and verified, then a
+        single reference swap moves new requests over. A version that fails to load (checksum mismatch, missing
+        files, a broken engine) is refused, logged and reported by /healthz, and the live one keeps serving.
+        The first load is awaited, and its failure fails the replica: it has nothing to serve.
+        """
+        try:
+            cfg = ModelUserConfig.model_validate(user_config)
+            name = latest_version(self._registry) if cfg.version == LATEST_ALIAS else cfg.version
+        except Exception as err:
+            if self._live is None:
+                raise
+            self._refuse(str(user_config), err)
+            return
+        for batcher in (self._embed_batch, self._generate_batch):
+            batcher.set_max_batch_size(cfg.max_batch_size)
+            batcher.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._wanted = name
+        if self._live is None:
+            self._live = await asyncio.to_thread(self._load, name)
+        elif name != self._live.version:
+            # Keep a reference: the event loop holds tasks only weakly.
+            self._loading = asyncio.create_task(self._switch(name))
+
+    def _load(self, name: str) -> Loaded:
+        loaded = load_version(self._registry, name, self._search, self._cache_dir)
+        log.info("loaded version %s", loaded.version)
+        return loaded
+
+    async def _switch(self, name: str) -> None:
+        try:
+            loaded = await asyncio.to_thread(self._load, name)
+        except Exception as err:
+            self._refuse(name, err)
+            return
+        if self._wanted == name:  # a later reconfigure may have asked for another version meanwhile
+            self._live, self._error = loaded, None
+            log.info("serving version %s", name)
+
+    def _refuse(self, name: str, err: Exception) -> None:
+        self._error = f"refused version {name!r}: {err}"
+        log.error("%s; still serving %s", self._error, self._live.version if self._live else None)
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose check fails: one that never loaded a version cannot serve."""
+        if self._live is None:
+            raise RuntimeError("no model version loaded: the deployment needs user_config {'version': ...}")
+
+    def _require_live(self) -> Loaded:
+        if self._live is None:
+            raise ApiError(503, "no model version loaded yet", None, "not_ready", ErrorType.UNAVAILABLE)
+        return self._live
+
+    async def info(self) -> dict[str, Any]:
+        live = self._require_live()
+        return {"version": live.version, "last_error": self._error, "items": len(live.index.item_ids),
+                "context_length": live.engine.context_length}  # fmt: skip
+
+    def _check_embed_context(self, live: Loaded, task: str, texts: list[str], param: str) -> int:
+        counts = live.engine.count_tokens([live.instructions[task]["query"], *texts])
+        for i, n in enumerate(counts[1:]):
+            if counts[0] + n > live.engine.context_length:
+                raise _context_error(param, i, counts[0] + n, live.engine.context_length, "instruction included")
+        return sum(counts[1:])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, jobs: list[tuple[Loaded, str, list[str]]]) -> list[np.ndarray]:
+        return await asyncio.to_thread(_embed_grouped, jobs)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _generate_batch(self, jobs: list[tuple[Loaded, str, list[str], int, float]]) -> list[list[str]]:
+        return await asyncio.to_thread(_generate_grouped, jobs)
+
+    async def embed(self, task: str, texts: list[str]) -> Embedded:
+        live = self._require_live()
+        tokens = self._check_embed_context(live, task, texts, "input")
+        return Embedded(live.version, await self._embed_batch((live, task, texts)), tokens)
+
+    async def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> Generated:
+        live = self._require_live()
+        counts = live.engine.count_tokens(prompts)
+        for i, n in enumerate(counts):
+            if n + max_tokens > live.engine.context_length:
+                raise _context_error("prompt", i, n + max_tokens, live.engine.context_length,
+                                     f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
+        texts = await self._generate_batch((live, task, prompts, max_tokens, temperature))
+        return Generated(live.version, texts, sum(counts), live.engine.count_tokens(texts))
+
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        live = self._require_live()
+        index = live.index
+        exclude: list[int] = []
+        if req.task == "u2i":
+            history = _positions(index, req.history or [], "history")
+            text = user_text([index.titles[p] for p in history], live.max_history)
+            exclude = history if req.exclude_history else []
+        elif req.task == "i2i":
+            item = _positions(index, [req.item_id or ""], "item_id")
+            text, exclude = index.texts[item[0]], item
+        else:
+            text = req.query or ""
+        self._check_embed_context(live, req.task, [text], QUERY_PARAM[req.task])
+        vectors = await self._embed_batch((live, req.task, [text]))
+        hits = await asyncio.to_thread(index.search, req.task, vectors[0], req.k, exclude)
+        items = [RecommendedItem(item_id=index.item_ids[p], title=index.titles[p], score=s) for p, s in hits]
+        return RecommendResponse(task=req.task, version=live.version, items=items)
+
+
+def _positions(index: ItemIndex, item_ids: list[str], param: str) -> list[int]:
+    unknown = [i for i in item_ids if i not in index.position]
+    if unknown:
+        shown = ", ".join(repr(i) for i in unknown[:5])
+        raise ApiError(400, f"unknown item id(s) in {param}: {shown}", param, "unknown_item")
+    return [index.position[i] for i in item_ids]
