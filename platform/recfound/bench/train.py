@@ -120,7 +120,7 @@ class PlainLoop:
         self.streams = {t: TaskStream(preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone))
                         for t in tasks}  # fmt: skip
         flops = flops_per_token(sum(p.numel() for p in self.grm.parameters()))
-        self.telemetry = Telemetry(None, flops, peak_flops(self.device), every=10**9)  # no progress lines
+        self.telemetry = Telemetry(None, flops, peak_flops(self.device), every=10**9, device=self.device)  # no lines
         self.step_count = 0
 
     def step(self) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def train_worker(config: dict[str, Any]) -> None:
     telemetry = None
     if rank == 0:
         log_dir = Path(tempfile.gettempdir()) / "recfound-tb" / config["run"]
-        telemetry = Telemetry(log_dir, flops_per_token(n_params), peak_flops(device), cfg.log_every)
+        telemetry = Telemetry(log_dir, flops_per_token(n_params), peak_flops(device), cfg.log_every, device)
         telemetry.history = history
 
     for step in range(start + 1, cfg.max_steps + 1):

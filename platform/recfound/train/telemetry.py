@@ -7,6 +7,8 @@ GEMM rate (datasheets mean nothing for a shared VM); on GPU it is the datasheet 
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,14 @@ def flops_per_token(num_params: int) -> float:
     return 6.0 * num_params
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak memory so far: allocated GPU memory on CUDA, the process's max resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -61,8 +71,10 @@ class StepRecord:
 class Telemetry:
     """Formats and keeps rank 0's per-step records; ``history`` is what checkpoints and plots are made from."""
 
-    def __init__(self, log_dir: Path | None, flops_per_token: float, peak: tuple[float, str], every: int) -> None:
+    def __init__(self, log_dir: Path | None, flops_per_token: float, peak: tuple[float, str], every: int,
+                 device: torch.device = torch.device("cpu")) -> None:  # fmt: skip
         self.flops_per_token, (self.peak, self.peak_label), self.every = flops_per_token, peak, every
+        self.device = device
         self.history: list[dict] = []
         self._writer = None
         if log_dir is not None:
@@ -73,7 +85,8 @@ class Telemetry:
     def log(self, record: StepRecord, world_size: int) -> dict[str, float]:
         tokens_per_s = record.tokens * world_size / record.seconds
         share = tokens_per_s * self.flops_per_token / (self.peak * world_size)
-        row = asdict(record) | {"tokens_per_s": tokens_per_s, self.peak_label: share}
+        memory = peak_memory_mb(self.device)
+        row = asdict(record) | {"tokens_per_s": tokens_per_s, self.peak_label: share, "peak_mem_mb": memory}
         self.history.append(row)
         if self._writer is not None:
             for task, loss in record.losses.items():
@@ -82,12 +95,13 @@ class Telemetry:
                 self._writer.add_scalar(f"weight/{task}", weight, record.step)
             self._writer.add_scalar("throughput/tokens_per_s", tokens_per_s, record.step)
             self._writer.add_scalar(f"throughput/{self.peak_label}", share, record.step)
+            self._writer.add_scalar("memory/peak_mb", memory, record.step)
         if record.step % self.every == 0:
             losses = " ".join(f"{t}={v:.3f}" for t, v in record.losses.items())
             print(
                 f"step {record.step} | lr {record.lr:.2e} | {record.seconds * 1e3:.0f} ms | "
                 f"{tokens_per_s:,.0f} tok/s | {record.samples * world_size / record.seconds:.1f} samples/s | "
-                f"{self.peak_label} {share:.1%} | "
+                f"{self.peak_label} {share:.1%} | peak mem {memory:,.0f} MB | "
                 + "".join(f"{k.replace('_', ' ')} {v:.1%} | " for k, v in record.extra.items())
                 + losses,
                 flush=True,
