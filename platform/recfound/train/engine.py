@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from recfound.io import sha256
+from recfound.train.checkpoint import CorruptCheckpointError
 from recfound.train.config import TrainConfig
 from recfound.train.optim import build_lr_schedule, build_optimizer
 
@@ -169,8 +170,6 @@ def rebase_lr(lr_schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
 
 def verify_rank(root: Path, rank: int) -> None:
     """Raise unless rank ``rank``'s ZeRO partition is present and matches its manifest."""
-    from recfound.train.checkpoint import CorruptCheckpointError
-
     manifest = root / ZERO_DIR / f"rank-{rank}.json"
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{root}: no ZeRO partition of rank {rank} ({manifest.name} is missing)")
