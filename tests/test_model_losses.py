@@ -1,6 +1,7 @@
 """Losses: InfoNCE against a hand computation, cross-device negatives with gradients, generative CE, weighting."""
 
 import math
+import os
 import socket
 
 import pytest
@@ -60,7 +61,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     loss = contrastive_loss(queries, passages, temperature=0.1)
     loss.backward()
     save_file({"loss": loss.detach(), "grad": passages.grad}, f"{out}/rank{rank}.safetensors")
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter teardown: with torch 2.13 + gloo a worker's static destructors now and then meet a joinable
+    # C++ thread and abort ("terminate called without an active exception", ~1 run in 10 here) after the
+    # results are written. The results, not the teardown, are what this test checks.
+    os._exit(0)
 
 
 @pytest.mark.slow
