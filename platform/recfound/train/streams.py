@@ -40,6 +40,7 @@ class TaskStream:
         self.epoch, self.position = epoch, 0
         self._buffer: Rows | None = None
         self._epoch_chunks: list[Rows] | None = []  # this epoch's chunks so far; None once past cache_rows
+        self._epoch_rows = 0
         self._cached: list[Rows] | None = None  # a whole epoch, once one fitted
         self._batches = self._open()
         self._skip(position)
@@ -68,7 +69,8 @@ class TaskStream:
         if self._cached is not None or self._epoch_chunks is None:
             return
         self._epoch_chunks.append(rows)
-        if sum(len(next(iter(c.values()))) for c in self._epoch_chunks) > self.cache_rows:
+        self._epoch_rows += len(next(iter(rows.values())))
+        if self._epoch_rows > self.cache_rows:
             self._epoch_chunks = None  # too big to keep: later epochs stream again
 
     def _buffered(self) -> int:
