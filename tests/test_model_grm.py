@@ -135,7 +135,7 @@ def test_toy_two_task_problem_drives_both_losses_down():
     for _ in range(200):
         emb_loss = contrastive_loss(
             model.embed(queries, q_tasks), model.embed(passages, p_tasks).reshape(n, 2, -1), cfg.temperature
-        )
+        ).loss
         gen_loss = model.lm_loss(generative, g_tasks)
         optimizer.zero_grad()
         total_loss(cfg, emb_loss, gen_loss).backward()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from recfound.model.losses import LossConfig, contrastive_loss, total_loss
+from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, total_loss
 
 
 def test_info_nce_matches_hand_computation():
@@ -21,7 +21,7 @@ def test_info_nce_matches_hand_computation():
     # query 0: [2, 1.2, 1.2, -2], positive at 0; query 1: [0, 1.6, 1.6, 0], positive at 2.
     loss_0 = -2 + math.log(math.exp(2) + 2 * math.exp(1.2) + math.exp(-2))
     loss_1 = -1.6 + math.log(2 + 2 * math.exp(1.6))
-    got = contrastive_loss(queries, passages, temperature=0.5)
+    got = contrastive_loss(queries, passages, temperature=0.5).loss
     assert got.item() == pytest.approx((loss_0 + loss_1) / 2, rel=1e-6)
 
 
@@ -30,7 +30,27 @@ def test_info_nce_without_hard_negatives_uses_in_batch_negatives():
     passages = torch.nn.functional.normalize(torch.randn(4, 1, 8), dim=-1)
     scores = queries @ passages[:, 0].T / 0.02
     expected = torch.nn.functional.cross_entropy(scores, torch.arange(4))
-    torch.testing.assert_close(contrastive_loss(queries, passages), expected)
+    torch.testing.assert_close(contrastive_loss(queries, passages).loss, expected)
+
+
+def test_false_negatives_leave_the_denominator():
+    """A hand-made batch: rows 0 and 1 share a query (one I2I anchor, two related items); row 2's hard negative is
+    row 0's positive item. Those candidates are the query's own positives, not negatives."""
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    passages = torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
+    keys = PairKeys(query=torch.tensor([7, 7, 8]), items=torch.tensor([[100, 101], [102, 103], [104, 100]]))
+    got = contrastive_loss(queries, passages, temperature=0.5, reduction="none", keys=keys)
+    scores = queries @ passages.reshape(6, 4).T / 0.5
+    # candidates: 0=item100 (row 0 pos), 1=101, 2=item102 (row 1 pos), 3=103, 4=104 (row 2 pos), 5=item100
+    masked = torch.zeros(3, 6, dtype=torch.bool)
+    masked[0, [2, 5]] = True  # row 1's positive (same query) and item 100 again as row 2's negative
+    masked[1, 0] = True  # row 0's positive (same query); item 100 is not row 1's positive
+    expected = torch.nn.functional.cross_entropy(scores.masked_fill(masked, float("-inf")), torch.tensor([0, 2, 4]),
+                                                 reduction="none")  # fmt: skip
+    torch.testing.assert_close(got.loss, expected)
+    assert got.false_negatives.tolist() == [2, 1, 0]
+    assert (got.loss[:2] < contrastive_loss(queries, passages, temperature=0.5, reduction="none").loss[:2]).all()
 
 
 def test_total_loss_weights_and_optional_terms():
@@ -58,7 +78,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     queries, passages = _rank_data(rank)
     passages.requires_grad_(True)
-    loss = contrastive_loss(queries, passages, temperature=0.1)
+    loss = contrastive_loss(queries, passages, temperature=0.1).loss
     loss.backward()
     save_file({"loss": loss.detach(), "grad": passages.grad}, f"{out}/rank{rank}.safetensors")
     dist.barrier()
@@ -90,4 +110,4 @@ def test_cross_device_negatives_gather_with_gradients(tmp_path):
 def test_single_process_ignores_distributed_when_not_initialised():
     assert not dist.is_initialized()
     queries, passages = _rank_data(0)
-    assert torch.isfinite(contrastive_loss(queries, passages))
+    assert torch.isfinite(contrastive_loss(queries, passages).loss)

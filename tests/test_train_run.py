@@ -92,8 +92,10 @@ def test_zero_stages_follow_the_ddp_loss_curve_and_resume(synthetic_dataset: Pat
             assert got == pytest.approx(want, rel=1e-4), (ckpt.parent.name, got, want)
         adapter = load_model(str(ckpt)).tuner.trainable_state_dict()  # ZeRO-3 saved it gathered, not a shard
         for name, tensor in ddp_adapter.items():
-            # Float reduction order differs (4e-6 seen); 4 Adam steps at lr 1e-3 move a weight up to 4e-3.
-            torch.testing.assert_close(adapter[name], tensor, rtol=1e-4, atol=2e-5,
+            # Float reduction order differs; Adam's g / sqrt(v) magnifies it where a gradient is near 0 (2.3e-5 seen
+            # on 1 of 1536 entries with shuffled batches, 4e-6 before). 4 Adam steps at lr 1e-3 move a weight up to
+            # 4e-3, so 5e-5 still tells a wrong update from float noise.
+            torch.testing.assert_close(adapter[name], tensor, rtol=1e-4, atol=5e-5,
                                        msg=lambda m, n=name: f"{ckpt.parent.name} {n}: {m}")
         for rank in (0, 1):
             verify_rank(ckpt, rank)

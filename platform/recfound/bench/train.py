@@ -110,15 +110,15 @@ class PlainLoop:
         self.grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone)).to(self.device)
         self.scheduler = S2Sched(tasks, rows, cfg.scheduler)
         self.weights = dict(self.scheduler.weights)
-        self.objective = JointObjective(self.grm, cfg.loss)
+        self.objective = JointObjective(self.grm, cfg.loss, cfg.batch.grad_cache_chunk)
         self.params = [p for p in self.grm.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
         sizes = {Mode.EMBEDDING: cfg.batch.embedding, Mode.GENERATIVE: cfg.batch.generative}
         self.samplers = {mode: Sampler([t for t in tasks if mode_of(t) is mode], size) for mode, size in sizes.items()}
         backbone = cfg.model.backbone.model_dump()
-        self.streams = {t: TaskStream(preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone))
-                        for t in tasks}  # fmt: skip
+        self.streams = {t: TaskStream(preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone),
+                                      seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window) for t in tasks}  # fmt: skip
         flops = flops_per_token(sum(p.numel() for p in self.grm.parameters()))
         self.telemetry = Telemetry(None, flops, peak_flops(self.device), every=10**9, device=self.device)  # no lines
         self.step_count = 0

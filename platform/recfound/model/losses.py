@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,34 +24,74 @@ class LossConfig(Config):
     """Under torch.distributed, score each query against every rank's passages (more negatives per step)."""
 
 
+class PairKeys(NamedTuple):
+    """Who is who in a contrastive batch, as int64 hashes (train/batches.py ``pair_keys``): the false-negative mask
+    compares them."""
+
+    query: torch.Tensor
+    """(B,) each query's text."""
+    items: torch.Tensor
+    """(B, 1 + K) the item of each passage (its text where the row names no item), positive first."""
+
+
+class InfoNCE(NamedTuple):
+    loss: torch.Tensor
+    """Mean over the local queries, or one per query with ``reduction="none"``."""
+    false_negatives: torch.Tensor
+    """(B,) candidates masked out of each local query's denominator (0 without keys)."""
+
+
+def _gather(values: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
 def contrastive_loss(
     queries: torch.Tensor,
     passages: torch.Tensor,
     temperature: float = 0.02,
     cross_device: bool = True,
     reduction: Literal["mean", "none"] = "mean",
-) -> torch.Tensor:
-    """InfoNCE of L2-normalised embeddings, mean over the local queries (``reduction="none"``: one per query,
-    which is how training reports a loss per task).
+    keys: PairKeys | None = None,
+) -> InfoNCE:
+    """InfoNCE of L2-normalised embeddings (``reduction="none"``: one loss per query, which is how training
+    reports a loss per task).
 
     queries (B, D); passages (B, 1 + K, D) with each query's positive first and its K hard negatives after.
     Every passage in the batch that is not the query's own positive is a negative (in-batch negatives); when
     torch.distributed is initialised with ``cross_device``, so is every passage on every other rank. The gather
     keeps gradients (``torch.distributed.nn.functional.all_gather``) and needs the same B and K on all ranks.
+
+    With ``keys``, a candidate that is really a positive of the query is left out of its denominator (as
+    GritLM and sentence-transformers do): the query's positive item showing up elsewhere in the batch, or the
+    positive of another row with the same query text (one I2I anchor's several related items, one user twice).
+    Pushing those apart would teach the model to push away exactly what it should retrieve.
     """
     batch, group, dim = passages.shape
     if queries.shape != (batch, dim):
         raise ValueError(f"queries {tuple(queries.shape)} do not match passages {tuple(passages.shape)}")
     candidates = passages.reshape(batch * group, dim)
+    distributed = cross_device and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     offset = 0
-    if cross_device and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed:
         from torch.distributed.nn.functional import all_gather
 
         candidates = torch.cat(all_gather(candidates), dim=0)
         offset = dist.get_rank() * batch * group
     scores = queries.float() @ candidates.float().T / temperature
     targets = offset + torch.arange(batch, device=scores.device) * group
-    return F.cross_entropy(scores, targets, reduction=reduction)
+    masked = torch.zeros(batch, dtype=torch.long, device=scores.device)
+    if keys is not None:
+        items, owners = keys.items.reshape(-1), keys.query.repeat_interleave(group)
+        if distributed:
+            items, owners = _gather(items), _gather(owners)
+        is_positive = torch.arange(len(items), device=items.device) % group == 0
+        false = (items[None, :] == keys.items[:, :1]) | ((owners[None, :] == keys.query[:, None]) & is_positive)
+        false[torch.arange(batch), targets] = False
+        scores = scores.masked_fill(false.to(scores.device), float("-inf"))
+        masked = false.sum(1).to(scores.device)
+    return InfoNCE(F.cross_entropy(scores, targets, reduction=reduction), masked)
 
 
 def total_loss(cfg: LossConfig, contrastive: torch.Tensor | None, generative: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,8 @@ array; ``collate`` then trims the all-padding tail, so a step pays only for its 
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from recfound.tasks import Mode, mode_of
 Rows = dict[str, np.ndarray]
 
 # Which token columns a tokenised row of each mode has, and their padding value.
-EMBEDDING_FIELDS = {"q_ids": 0, "q_mask": 0, "q_text": 0, "p_ids": 0, "p_mask": 0, "p_text": 0}
+EMBEDDING_FIELDS = {"q_ids": 0, "q_mask": 0, "q_text": 0, "p_ids": 0, "p_mask": 0, "p_text": 0, "q_key": 0, "p_key": 0}
 GENERATIVE_FIELDS = {"ids": 0, "mask": 0, "labels": IGNORE_INDEX}
 
 
@@ -76,7 +78,9 @@ def _embedding(tok: Any, cfg: Budget, batch: Rows) -> Rows:
                 f"embed; raise model.backbone.{budget} (now {getattr(cfg, budget)})"
             )
     shape = (len(negatives), 1 + k, -1)
-    return {
+    identities = [[item or text for item, text in zip([pos_item, *neg_items], [pos, *negs], strict=True)]
+                  for pos_item, neg_items, pos, negs in zip(batch["pos_item"], batch["neg_items"], batch["pos"], negatives)]  # fmt: skip
+    return pair_keys(list(batch["query"]), identities) | {
         "task": batch["task"],
         "q_ids": _fixed(q["input_ids"], cfg.max_query_len, 0),
         "q_mask": _fixed(q["attention_mask"], cfg.max_query_len, 0),
@@ -85,6 +89,17 @@ def _embedding(tok: Any, cfg: Budget, batch: Rows) -> Rows:
         "p_mask": _fixed(p["attention_mask"].reshape(shape), cfg.max_passage_len, 0),
         "p_text": _fixed(p["text_mask"].reshape(shape), cfg.max_passage_len, 0),
     }
+
+
+def pair_keys(queries: Sequence[str], items: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+    """Stable 63-bit hashes of query texts (B,) and passage item ids or texts (B, 1 + K) for the loss's
+    ``PairKeys``: the same on every worker and run, so they compare across devices."""
+    return {"q_key": _hashes(queries), "p_key": np.stack([_hashes(row) for row in items])}
+
+
+def _hashes(texts: Sequence[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1 for t in texts],
+                    dtype=np.int64)  # fmt: skip
 
 
 def _generative(tok: Any, cfg: Budget, batch: Rows) -> Rows:

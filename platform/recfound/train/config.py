@@ -66,6 +66,14 @@ class BatchConfig(Config):
     negatives (better retrieval) at more memory; the paper uses 256 per GPU with GradCache."""
     generative: int = Field(8, ge=0)
     """Generative sequences per step (paper: 128 per GPU)."""
+    grad_cache_chunk: int = Field(0, ge=0)
+    """GradCache: embed this many texts at a time and keep only their embeddings, recomputing each chunk in the
+    backward, so a big contrastive batch (the paper: 256 queries, chunk 16) fits in memory at the cost of one
+    more embedding forward. 0: off (fastest while the batch fits). Gradients are the same either way."""
+    shuffle_window: int = Field(2048, ge=0)
+    """Rows of a task's stream shuffled together, reshuffled every epoch from (seed, epoch); 0 or 1 keeps the build
+    order (one user's or anchor's rows side by side, so they are each other's in-batch negatives). Larger mixes
+    more at the memory of that many tokenised rows per task and worker."""
 
     @model_validator(mode="after")
     def _some_work(self) -> BatchConfig:

@@ -28,7 +28,7 @@ from recfound.train.batches import collate
 from recfound.train.config import TrainConfig
 from recfound.train.engine import build_engine
 from recfound.train.mixing import allocate
-from recfound.train.objective import JointObjective, TaskStats
+from recfound.train.objective import FALSE_NEGATIVES, JointObjective, TaskStats
 from recfound.train.s2sched import LossSource
 from recfound.train.streams import TaskStream
 from recfound.train.telemetry import (
@@ -96,7 +96,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # the same initial adapter on every rank; merge rebuilds it from this seed
     grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone))
-    objective = JointObjective(grm, cfg.loss)
+    objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk)
     n_params = sum(p.numel() for p in grm.parameters())  # before ZeRO-3 partitions them
 
     emb_tasks = [t for t in tasks if mode_of(t) is Mode.EMBEDDING]
@@ -132,7 +132,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if scheduler is not None:
             ray.get(scheduler.load_state_dict.remote(sched_state))
 
-    streams = {t: TaskStream(ray.train.get_dataset_shard(t), **positions.get(t, {})) for t in tasks}
+    streams = {t: TaskStream(ray.train.get_dataset_shard(t), seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window,
+                             **positions.get(t, {})) for t in tasks}  # fmt: skip
     with ThreadPoolExecutor(len(streams)) as pool:
         list(pool.map(TaskStream.prime, streams.values()))
     weights = _broadcast(ray.get(scheduler.weights.remote())[1] if scheduler is not None else None)
@@ -161,7 +162,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 prev = stats.get(task, (0.0, 0))
                 stats[task] = (prev[0] + total, prev[1] + count)
             tokens, samples = tokens + _tokens(emb, gen), samples + sum(len(b["task"]) for b in (emb, gen) if b)
-        losses = _reduce(stats, tasks, device)
+        losses = _reduce(stats, [*tasks, FALSE_NEGATIVES], device)
+        false_negatives = losses.pop(FALSE_NEGATIVES, None)
         bad = [t for t, v in losses.items() if not math.isfinite(v)]
         if bad:  # every rank sees the same reduced losses, so all stop here; a retry would fail the same way
             if scheduler is not None:
@@ -181,6 +183,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if telemetry is not None:
             seconds = time.perf_counter() - began
             shares = {"data_wait": data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
+            if false_negatives is not None:
+                shares["false_negative_queries"] = false_negatives
             record = StepRecord(step, engine.lr(), seconds, tokens, samples, losses, dict(weights), shares)
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:

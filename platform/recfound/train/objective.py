@@ -2,6 +2,13 @@
 
 DDP expects one forward per backward, so both objectives run inside ``JointObjective.forward``. Losses are also
 returned per task (sum and count), which is what S2Sched consumes; the schedule never weights the loss itself.
+
+GradCache (Gao et al. 2021; GritLM's chunk 16): the contrastive loss needs every embedding of the big batch at
+once, but not every activation behind them. With ``grad_cache_chunk``, embeddings are computed in chunks under
+non-reentrant activation checkpointing: the forward keeps only each chunk's inputs and its embeddings, the loss
+runs over the whole batch, and the backward recomputes one chunk at a time (same dropout masks: the RNG state is
+restored) and pushes the cached embedding gradients through it. That is GradCache's memory profile and its
+gradients, as one forward and one backward, so DDP and DeepSpeed see an ordinary step.
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from recfound.model.grm import GRM
-from recfound.model.losses import LossConfig, contrastive_loss, total_loss
+from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, total_loss
 from recfound.train.batches import Rows
 
 TaskStats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # task -> (summed loss, count), detached
+FALSE_NEGATIVES = "false_negatives"
+"""Stats key beside the tasks: (queries with a masked false negative, queries) of the step."""
 
 
 def _per_task(values: torch.Tensor, tasks: Sequence[str]) -> TaskStats:
@@ -30,9 +40,9 @@ def _per_task(values: torch.Tensor, tasks: Sequence[str]) -> TaskStats:
 class JointObjective(nn.Module):
     """w_c * InfoNCE over the step's embedding rows + w_g * token-mean CE over its generative rows."""
 
-    def __init__(self, grm: GRM, cfg: LossConfig) -> None:
+    def __init__(self, grm: GRM, cfg: LossConfig, grad_cache_chunk: int = 0) -> None:
         super().__init__()
-        self.grm, self.cfg = grm, cfg
+        self.grm, self.cfg, self.grad_cache_chunk = grm, cfg, grad_cache_chunk
 
     def forward(self, emb: Rows | None, gen: Rows | None) -> tuple[torch.Tensor, TaskStats]:
         contrastive = generative = None
@@ -49,19 +59,31 @@ class JointObjective(nn.Module):
         tasks = list(rows["task"])
         batch, group, width = rows["p_ids"].shape
         ids = self.grm.task_ids(tasks)
-        queries = self.grm.embed(
-            {"input_ids": rows["q_ids"], "attention_mask": rows["q_mask"], "text_mask": rows["q_text"]}, ids
+        queries = self._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)
+        flat = [rows[key].reshape(-1, width) for key in ("p_ids", "p_mask", "p_text")]
+        passages = self._embed(*flat, ids.repeat_interleave(group)).reshape(batch, group, -1)
+        keys = PairKeys(*(torch.as_tensor(rows[k], device=ids.device) for k in ("q_key", "p_key")))
+        per_query, masked = contrastive_loss(
+            queries, passages, self.cfg.temperature, self.cfg.cross_device_negatives, reduction="none", keys=keys
         )
-        flat = {
-            "input_ids": rows["p_ids"].reshape(-1, width),
-            "attention_mask": rows["p_mask"].reshape(-1, width),
-            "text_mask": rows["p_text"].reshape(-1, width),
-        }
-        passages = self.grm.embed(flat, ids.repeat_interleave(group)).reshape(batch, group, -1)
-        per_query = contrastive_loss(
-            queries, passages, self.cfg.temperature, self.cfg.cross_device_negatives, reduction="none"
-        )
-        return per_query.mean(), _per_task(per_query, tasks)
+        stats = _per_task(per_query, tasks)
+        stats[FALSE_NEGATIVES] = ((masked > 0).sum().detach(), torch.tensor(batch))
+        return per_query.mean(), stats
+
+    def _embed(self, ids: np.ndarray, mask: np.ndarray, text: np.ndarray, task_ids: torch.Tensor) -> torch.Tensor:
+        """``grm.embed``, chunked under activation checkpointing when GradCache is on (see the module doc)."""
+        chunk = self.grad_cache_chunk
+        if not chunk or len(task_ids) <= chunk or not torch.is_grad_enabled():
+            return self._embed_rows(ids, mask, text, task_ids)
+        parts = [
+            checkpoint(self._embed_rows, ids[i : i + chunk], mask[i : i + chunk], text[i : i + chunk],
+                       task_ids[i : i + chunk], use_reentrant=False)  # fmt: skip
+            for i in range(0, len(task_ids), chunk)
+        ]
+        return torch.cat(parts)
+
+    def _embed_rows(self, ids: np.ndarray, mask: np.ndarray, text: np.ndarray, task_ids: torch.Tensor) -> torch.Tensor:
+        return self.grm.embed({"input_ids": ids, "attention_mask": mask, "text_mask": text}, task_ids)
 
     def _generative(self, rows: Rows) -> tuple[torch.Tensor, TaskStats]:
         tasks = list(rows["task"])

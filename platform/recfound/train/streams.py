@@ -4,10 +4,17 @@ Each task is its own Ray Data dataset, split across workers by Ray Train. S2Sche
 task a step takes, so a worker pulls rows on demand from a buffer instead of fixed-size batches. Every rank takes
 the same counts at the same step, so the equal-sized streaming splits reach their epoch ends together.
 
+Task tables are written in build order (user by user, anchor by anchor): unshuffled, one anchor's rows would be
+each other's in-batch negatives. Each epoch is shuffled in windows of ``shuffle_window`` rows by a permutation
+drawn from (seed, epoch, window), applied to the shard's fixed row order (Ray Data preserves it). The order is
+a pure function of those, so a rerun is identical and a resume that skips ``position`` rows lands exactly where
+the interrupted run was, whether the epoch comes from the shard or from memory. (Ray Data's own local shuffle
+buffer would shuffle only what streams from the shard, not an epoch replayed from memory.)
+
 An epoch restart is a new Ray Data execution (read, tokenise, split: seconds of start-up and CPU), and a small
 task (a few dozen rows) ends its epoch every few steps: on a real slice that was 30 % of the run's step time
-spent waiting. Epochs repeat the same rows in the same order (no shuffle; order preserved), so a shard whose
-epoch fits in ``cache_rows`` is kept from its first epoch and replayed from memory after that.
+spent waiting. So a shard whose epoch fits in ``cache_rows`` is kept (in its fixed order) from its first epoch
+and replayed from memory after that.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ class Shard(Protocol):
     def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]: ...
 
 
+def _length(rows: Rows) -> int:
+    return len(next(iter(rows.values())))
+
+
 def concat_rows(parts: list[Rows]) -> Rows:
     keys = parts[0].keys()
     return {k: np.concatenate([p[k] for p in parts]) for k in keys}
@@ -34,9 +45,10 @@ def concat_rows(parts: list[Rows]) -> Rows:
 class TaskStream:
     """Rows of one task's shard on demand; tracks (epoch, position) so a resumed run can skip what it consumed."""
 
-    def __init__(self, shard: Shard, chunk: int = 64, epoch: int = 0, position: int = 0,
-                 cache_rows: int = 4096) -> None:  # fmt: skip
+    def __init__(self, shard: Shard, chunk: int = 64, epoch: int = 0, position: int = 0, cache_rows: int = 4096,
+                 seed: int = 0, shuffle_window: int = 0) -> None:  # fmt: skip
         self.shard, self.chunk, self.cache_rows = shard, chunk, cache_rows
+        self.seed, self.shuffle_window = seed, shuffle_window
         self.epoch, self.position = epoch, 0
         self._buffer: Rows | None = None
         self._epoch_chunks: list[Rows] | None = []  # this epoch's chunks so far; None once past cache_rows
@@ -47,8 +59,37 @@ class TaskStream:
 
     def _open(self) -> Iterator[Rows]:
         if self._cached is not None:
-            return iter(self._cached)
-        return iter(self.shard.iter_batches(batch_size=self.chunk, batch_format="numpy", prefetch_batches=2))
+            ordered = iter(self._cached)
+        else:
+            ordered = self._remembering(
+                self.shard.iter_batches(batch_size=self.chunk, batch_format="numpy", prefetch_batches=2)
+            )
+        return self._shuffled(ordered) if self.shuffle_window > 1 else ordered
+
+    def _remembering(self, chunks: Iterator[Rows]) -> Iterator[Rows]:
+        for rows in chunks:
+            self._remember(rows)
+            yield rows
+
+    def _shuffled(self, chunks: Iterator[Rows]) -> Iterator[Rows]:
+        """Windows of ``shuffle_window`` rows in the fixed order, each permuted by (seed, epoch, window)."""
+        epoch, window, pending, size = self.epoch, 0, [], 0
+        for rows in chunks:
+            pending.append(rows)
+            size += _length(rows)
+            while size >= self.shuffle_window:
+                whole = concat_rows(pending)
+                head = {k: v[: self.shuffle_window] for k, v in whole.items()}
+                pending = [{k: v[self.shuffle_window :] for k, v in whole.items()}]
+                size -= self.shuffle_window
+                yield self._permute(head, epoch, window)
+                window += 1
+        if size:
+            yield self._permute(concat_rows(pending), epoch, window)
+
+    def _permute(self, rows: Rows, epoch: int, window: int) -> Rows:
+        order = np.random.default_rng([self.seed, epoch, window]).permutation(_length(rows))
+        return {k: v[order] for k, v in rows.items()}
 
     def _next_chunk(self) -> Rows:
         try:
@@ -62,19 +103,18 @@ class TaskStream:
                 rows = next(self._batches)
             except StopIteration:
                 raise RuntimeError("a task's shard has no rows on this worker") from None
-        self._remember(rows)
         return rows
 
     def _remember(self, rows: Rows) -> None:
         if self._cached is not None or self._epoch_chunks is None:
             return
         self._epoch_chunks.append(rows)
-        self._epoch_rows += len(next(iter(rows.values())))
+        self._epoch_rows += _length(rows)
         if self._epoch_rows > self.cache_rows:
             self._epoch_chunks = None  # too big to keep: later epochs stream again
 
     def _buffered(self) -> int:
-        return 0 if self._buffer is None else len(next(iter(self._buffer.values())))
+        return 0 if self._buffer is None else _length(self._buffer)
 
     def _skip(self, n: int) -> None:
         if n:
