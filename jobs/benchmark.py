@@ -4,7 +4,11 @@
     python jobs/benchmark.py train                               # TorchTrainer step vs a plain PyTorch loop
     python jobs/benchmark.py data                                # build + Ray Data tokenise vs training's appetite
     python jobs/benchmark.py serve                               # Ray Serve HTTP vs direct engine calls
+    python jobs/benchmark.py quality data=<dataset dir> out=<dir> [config=<yaml>]
+                                                                 # train + evaluate: win/lose per baseline
     python jobs/benchmark.py <subcommand> --help                 # every option, with its default
+
+Options are --key value or key=value (quality: train.<key>=value overrides the recipe). Each writes its report as JSON: to --out, or quality to <out>/quality.json.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, serve, train  # noqa: E402
+from recfound.bench import adapter, data, quality, serve, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 
 SUBCOMMANDS = {
@@ -23,7 +27,25 @@ SUBCOMMANDS = {
     "train": (train.TrainBench, train.run),
     "data": (data.DataBench, data.run),
     "serve": (serve.ServeBench, serve.run),
+    "quality": (quality.QualityBench, quality.run),
 }
+
+
+def _flags(argv: list[str]) -> list[str]:
+    """The issues' ``key=value`` form -> ``--key value`` for the subcommand's own keys; ``train.max_steps=5`` ->
+    ``--train max_steps=5`` (an override passed through to a nested config)."""
+    fields = SUBCOMMANDS[argv[0]][0].model_fields if argv and argv[0] in SUBCOMMANDS else {}
+    out = argv[:1]
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        head, dot, rest = key.partition(".")
+        if sep and key in fields:
+            out += [f"--{key.replace('_', '-')}", value]
+        elif sep and dot and head in fields:
+            out += [f"--{head.replace('_', '-')}", f"{rest}={value}"]
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = (cls.__doc__ or "").strip()
         sub = commands.add_parser(name, help=summary.splitlines()[0], description=summary)
         add_arguments(sub, cls)
-        sub.add_argument("--out", default=f"runs/bench/{name}.json", help="JSON report path (default: %(default)s)")
-    args = parser.parse_args(argv)
+        if "out" not in cls.model_fields:
+            sub.add_argument("--out", default=f"runs/bench/{name}.json", help="JSON report path (default: %(default)s)")
+    args = parser.parse_args(_flags(list(sys.argv[1:] if argv is None else argv)))
     cls, run = SUBCOMMANDS[args.command]
-    report = run(config_from(cls, args))
+    bench = config_from(cls, args)
+    report = run(bench)
     print(report.render())
-    print(f"\nwrote {report.write(args.out)}")
+    out = Path(bench.out) / f"{args.command}.json" if "out" in cls.model_fields else args.out
+    print(f"\nwrote {report.write(out)}")
     return 0
 
 

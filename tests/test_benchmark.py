@@ -90,3 +90,44 @@ def test_serve(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
     levels = {f"{e}_serve_vs_direct_c{c}" for e in ("embeddings", "completions") for c in (1, 2)}
     _assert_report(report | {"targets": [t for t in report["targets"] if t["key"].endswith("c1")]}, levels)
     assert "embeddings_added_p50_ms_c1" in report["figures"]
+
+
+def test_quality_verdicts_compare_each_model_with_each_baseline() -> None:
+    from recfound.bench.quality import verdicts
+
+    systems = {
+        "recfound": {"u2i": {"pool.mrr@20": 0.5, "full.ndcg@10": 0.1}, "q2i": {"pool.mrr@20": 0.2},
+                     "sentiment_analysis": {"macro_f1": 0.4}, "user_profile": {"rouge_l": 0.2}},
+        "merged": {"u2i": {"pool.mrr@20": 0.3}},
+        "popularity": {"u2i": {"pool.mrr@20": 0.4, "full.ndcg@10": 0.2}},
+        "bm25": {"q2i": {"pool.mrr@20": 0.3}, "u2i": {"pool.mrr@20": 0.5}},
+        "item_cf": {"q2i": {"pool.mrr@20": 0.0}},  # item-CF is no Q2I baseline: never compared there
+        "majority": {"sentiment_analysis": {"macro_f1": 0.1}},
+        "backbone": {"sentiment_analysis": {"macro_f1": 0.5}, "user_profile": {"rouge_l": 0.1}},
+    }  # fmt: skip
+    rows = {(r["task"], r["metric"], r["baseline"]): (r["recfound_wins"], r["merged_wins"])
+            for r in verdicts(systems, ["recfound", "merged"])}  # fmt: skip
+    assert rows == {
+        ("u2i", "pool.mrr@20", "popularity"): (True, False),
+        ("u2i", "pool.mrr@20", "bm25"): (False, False),  # a tie is no win
+        ("u2i", "full.ndcg@10", "popularity"): (False, None),  # merged has no value there
+        ("q2i", "pool.mrr@20", "bm25"): (False, None),
+        ("sentiment_analysis", "macro_f1", "majority"): (True, None),
+        ("sentiment_analysis", "macro_f1", "backbone"): (False, None),
+        ("user_profile", "rouge_l", "backbone"): (True, None),
+    }
+
+
+def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
+    """The whole quality pipeline at toy size: train, merge, evaluate, verdicts (key=value arguments, as issued)."""
+    out = tmp_path / "quality"
+    assert benchmark.main(["quality", f"data={synthetic_dataset}", f"out={out}", f"config={JOB.parents[1] / 'configs' / 'tiny.yaml'}",
+                           "train.max_steps=2", "train.checkpoint_every=1", "train.num_workers=1",
+                           "train.tasks=[u2i,q2i,sentiment_analysis]", "max_rows_per_task=2", "max_new_tokens=2"]) == 0  # fmt: skip
+    report = json.loads((out / "quality.json").read_text())
+    verdicts = report["figures"]["verdicts"]
+    compared = {(v["task"], v["baseline"]) for v in verdicts}
+    assert {("u2i", "popularity"), ("u2i", "minilm"), ("q2i", "bm25"), ("sentiment_analysis", "majority"),
+            ("sentiment_analysis", "backbone")} <= compared  # fmt: skip
+    assert all(isinstance(v["recfound_wins"], bool) and "merged" in v for v in verdicts)
+    assert report["figures"]["comparisons"] == len(verdicts) and (out / "merged" / "adapter").is_dir()

@@ -96,3 +96,18 @@ def test_chunked_embedding_matches_with_cross_device_negatives(tmp_path) -> None
     # The other rank's passages are in each rank's loss: the gather did happen.
     assert not torch.equal(load_file(tmp_path / "rank0-chunk0.safetensors")["loss"],
                            _loss_and_grads(0, rank=0)["loss"])  # fmt: skip
+
+
+def test_length_groups_embed_each_row_as_alone(one_thread) -> None:
+    """Rows go through the model in length order and groups cut to their longest row: each embedding is still the
+    row's own, in the batch's order."""
+    torch.manual_seed(0)
+    grm = GRM.build(BackboneConfig(), TMoLEConfig(dropout=0.0)).eval()
+    rows = _rows(grm, 0, n=20)
+    ids = grm.task_ids(list(rows["task"]))
+    objective = JointObjective(grm, LossConfig())
+    with torch.no_grad():
+        grouped = objective._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)
+        alone = torch.cat([grm.embed({"input_ids": rows["q_ids"][i : i + 1], "attention_mask": rows["q_mask"][i : i + 1],
+                                      "text_mask": rows["q_text"][i : i + 1]}, ids[i : i + 1]) for i in range(20)])  # fmt: skip
+    torch.testing.assert_close(grouped, alone, rtol=1e-5, atol=1e-5)

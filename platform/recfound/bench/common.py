@@ -237,14 +237,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     for name, spec in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = spec.get_default(call_default_factory=True)
-        shown = default.value if isinstance(default, Enum) else default
-        doc = f"{spec.description or ''} (default: {shown})".replace("%", "%%")
+        shown = "required" if spec.is_required() else f"default: {default.value if isinstance(default, Enum) else default}"
+        doc = f"{spec.description or ''} ({shown})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": doc}
         args = typing.get_args(spec.annotation)
         if spec.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(spec.annotation) is list:
-            kwargs["nargs"] = "+"
+            kwargs |= {"nargs": "+", "action": "extend"}  # repeated flags add up
         elif typing.get_origin(spec.annotation) is typing.Literal:
             kwargs["choices"] = list(args)
         parser.add_argument(flag, **kwargs)

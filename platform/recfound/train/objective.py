@@ -25,6 +25,8 @@ from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, total_
 from recfound.train.batches import Rows
 
 TaskStats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # task -> (summed loss, count), detached
+LENGTH_GROUP = 8
+"""Texts per embedding forward without GradCache: small enough to cut padding, big enough for efficient matmuls."""
 FALSE_NEGATIVES = "false_negatives"
 """Stats key beside the tasks: (queries with a masked false negative, queries) of the step."""
 
@@ -71,16 +73,19 @@ class JointObjective(nn.Module):
         return per_query.mean(), stats
 
     def _embed(self, ids: np.ndarray, mask: np.ndarray, text: np.ndarray, task_ids: torch.Tensor) -> torch.Tensor:
-        """``grm.embed``, chunked under activation checkpointing when GradCache is on (see the module doc)."""
-        chunk = self.grad_cache_chunk
-        if not chunk or len(task_ids) <= chunk or not torch.is_grad_enabled():
-            return self._embed_rows(ids, mask, text, task_ids)
-        parts = [
-            checkpoint(self._embed_rows, ids[i : i + chunk], mask[i : i + chunk], text[i : i + chunk],
-                       task_ids[i : i + chunk], use_reentrant=False)  # fmt: skip
-            for i in range(0, len(task_ids), chunk)
-        ]
-        return torch.cat(parts)
+        """``grm.embed`` of the step's texts in length order, in groups cut to their own longest row: a short Q2I
+        query no longer pays for the longest U2I history of the step (exact: padding is masked out). Groups are
+        GradCache chunks under activation checkpointing when that is on (see the module doc)."""
+        order = np.argsort(-mask.sum(-1), kind="stable")
+        size = self.grad_cache_chunk or LENGTH_GROUP
+        cache = bool(self.grad_cache_chunk) and torch.is_grad_enabled()
+        parts = []
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            width = int(mask[rows].any(0).nonzero()[0].max(initial=0)) + 1
+            args = (ids[rows, :width], mask[rows, :width], text[rows, :width], task_ids[torch.as_tensor(rows)])
+            parts.append(checkpoint(self._embed_rows, *args, use_reentrant=False) if cache else self._embed_rows(*args))
+        return torch.cat(parts)[torch.as_tensor(np.argsort(order), device=task_ids.device)]
 
     def _embed_rows(self, ids: np.ndarray, mask: np.ndarray, text: np.ndarray, task_ids: torch.Tensor) -> torch.Tensor:
         return self.grm.embed({"input_ids": ids, "attention_mask": mask, "text_mask": text}, task_ids)
