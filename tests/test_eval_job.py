@@ -102,7 +102,8 @@ def test_results_name_every_system_and_score_every_embedding_task_by_both_protoc
             assert headline(task) in metrics, (name, task)
             assert {"full.recall@10", "full.recall@50", "full.ndcg@10", "full.mrr"} <= set(metrics)
             assert all(0.0 <= v <= 1.0 for v in metrics.values()), (name, task, metrics)
-    assert systems["recfound"]["u2i"] != systems["backbone"]["u2i"]  # the perturbed adapter is not the backbone
+    # the perturbed adapter is not the backbone (3 u2i queries alone may rank the same under both tiny models)
+    assert {t: systems["recfound"][t] for t in EMBEDDING_TASKS} != {t: systems["backbone"][t] for t in EMBEDDING_TASKS}
 
 
 def test_generative_tasks_are_decoded_and_scored_for_the_grm_systems_only(evaluated: Path, synthetic_dataset: Path):

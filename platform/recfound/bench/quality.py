@@ -20,6 +20,7 @@ from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
 from recfound.config import Config, load_config
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.runner import RESULTS, Dataset, EvalConfig, evaluate, generative_sample
+from recfound.eval.systems import resolve_model
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.tasks import EMBEDDING_TASKS
 from recfound.train.config import TrainConfig
@@ -84,6 +85,12 @@ def _merge(final: str, out: Path) -> str | None:
     return str(merge_checkpoints(MergeConfig(checkpoints=[str(p) for p in kept], out=str(out / MERGED))))
 
 
+def trained_tasks(checkpoint: str, data: str, split: str) -> list[str]:
+    """The tasks the run trained that the split has rows for: a recipe may train a subset of the dataset."""
+    dataset = Dataset.load(data)
+    return [t for t in resolve_model(checkpoint).trained_tasks or () if dataset.count(t, split)]
+
+
 def majority_scores(data: str, split: str, tasks: list[str], rows: int, seed: int) -> dict[str, dict[str, float]]:
     """Each classification task's metric when every answer is the training split's most frequent response, on
     the same seeded sample the evaluator decodes."""
@@ -129,7 +136,7 @@ def run(bench: QualityBench) -> Report:
     final = _train(bench, out)
     trained = time.perf_counter()
     common = {"data": bench.data, "split": bench.split, "max_rows_per_task": bench.max_rows_per_task,
-              "max_new_tokens": bench.max_new_tokens}  # fmt: skip
+              "max_new_tokens": bench.max_new_tokens, "tasks": trained_tasks(final, bench.data, bench.split)}  # fmt: skip
     results = evaluate(EvalConfig(model=final, out=str(out / "eval"), baselines="all", **common))
     systems = dict(results["systems"])
     models = ["recfound"]
