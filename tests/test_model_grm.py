@@ -103,6 +103,17 @@ def test_greedy_generation_is_deterministic_and_batch_independent(grm):
         grm.generate(prompts, "no_such_task")
 
 
+def test_choice_scores_are_each_pairs_own_mean_log_likelihood(grm):
+    prompts, choices = ["Rate the review: great mug, love it", "Is this a match?"], ["positive", "no", "very negative"]
+    scores = grm.choice_scores(prompts, choices, "sentiment_analysis")
+    for i, prompt in enumerate(prompts):
+        for j, choice in enumerate(choices):  # alone, unpadded: batching must not change a pair's score
+            alone = encode_generative(grm.tokenizer, [prompt], [choice], 128)
+            expected = -grm.lm_loss(alone, grm.task_ids(["sentiment_analysis"]))
+            torch.testing.assert_close(scores[i, j], expected, atol=1e-5, rtol=1e-5)
+    assert grm.choose(prompts, choices, "sentiment_analysis") == [choices[j] for j in scores.argmax(1).tolist()]
+
+
 def test_save_and_reload_reproduces_embeddings_and_losses(grm, tmp_path):
     grm.save_pretrained(str(tmp_path))
     loaded = GRM.from_pretrained(str(tmp_path)).eval()

@@ -121,6 +121,18 @@ def test_openai_completions_and_chat(client: OpenAI) -> None:
     assert chat.choices[0].message.role == "assistant" and chat.system_fingerprint == "v1"
 
 
+def test_guided_choice_answers_one_of_the_choices(client: OpenAI) -> None:
+    choices = ["positive", "negative", "red running shoes"]
+    out = client.completions.create(model="recfound-sentiment_analysis", prompt=["I love these red shoes", "meh"],
+                                    max_tokens=1, extra_body={"guided_choice": choices})  # fmt: skip
+    # FakeEngine picks the choice sharing most words; a whole choice comes back, max_tokens=1 notwithstanding
+    assert [c.text for c in out.choices] == ["red running shoes", "positive"]
+    assert {c.finish_reason for c in out.choices} == {"stop"} and out.usage.completion_tokens == 4
+    chunks = list(client.chat.completions.create(model="recfound-gen", stream=True, extra_body={"guided_choice": choices},
+                                                 messages=[{"role": "user", "content": "negative review"}]))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "negative"
+
+
 def test_streaming_matches_non_streaming(client: OpenAI, app: dict[str, Any]) -> None:
     messages = [{"role": "user", "content": "Describe the red running shoes"}]
     whole = client.chat.completions.create(model="recfound-gen", messages=messages, max_tokens=30)
@@ -180,6 +192,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "max_tokens": 5000}, TOKEN, 400, "invalid_value",
      "at most 512"),
     ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "n": 2}, TOKEN, 400, "unsupported_value", "n=1"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "guided_choice": []}, TOKEN, 400, "invalid_value",
+     "guided_choice has 0 choices"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "guided_choice": ["a", "a"]}, TOKEN, 400,
+     "invalid_value", "distinct"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": " ".join(["w"] * 60), "guided_choice": ["a b c d e"]},
+     TOKEN, 400, "context_length_exceeded", "60 in the prompt + 5 in the longest guided_choice"),
     ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "user", "content": "a"},
      {"role": "assistant", "content": "b"}]}, TOKEN, 400, "invalid_value", "end with a user message"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": 123}, TOKEN, 400, "invalid_type", "input"),

@@ -60,6 +60,10 @@ class FakeEngine:
     def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
         return [" ".join(f"{self.version} {task} says {p}".split()[:max_tokens]) for p in prompts]
 
+    def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
+        """The choice sharing most words with the prompt (the first on a tie)."""
+        return [max(choices, key=lambda c: len(set(c.lower().split()) & set(p.lower().split()))) for p in prompts]
+
 
 def fake_vectors(texts: list[str], dim: int) -> np.ndarray:
     out = np.full((len(texts), dim), 1e-3, dtype=np.float32)
@@ -179,6 +183,10 @@ def test_grm_engine_serves_a_tiny_published_adapter(tmp_path: Path) -> None:
     assert len(index.search("i2i", query, k=3, exclude=[0])) == 3
     [text] = engine.generate("item_profile", ["Describe: red shoes"], max_tokens=4, temperature=0.0)
     assert isinstance(text, str)
+    choices = ["positive", "negative", "neutral"]
+    picked = engine.choose("sentiment_analysis", ["Great shoes", "Awful socks"], choices)
+    assert picked == engine.model.choose(["Great shoes", "Awful socks"], choices, "sentiment_analysis")
+    assert set(picked) <= set(choices)
 
 
 def test_token_from_env_or_file(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
 
 from recfound.model.backbone import BackboneConfig, load_backbone
-from recfound.model.formats import IGNORE_INDEX, encode_prompt
+from recfound.model.formats import IGNORE_INDEX, encode_generative, encode_prompt
 from recfound.model.tmole import TMoLEConfig, TMoLEModel, read_adapter_config
 from recfound.tasks import Mode
 
@@ -131,6 +131,26 @@ class GRM(nn.Module):
             input_ids=ids, attention_mask=attention, task_ids=self.task_ids([task] * len(prompts)), **options
         )
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def choice_scores(self, prompts: Sequence[str], choices: Sequence[str], task: str) -> torch.Tensor:
+        """(prompts, choices) mean log-likelihood per token of each choice as the whole response (eos included).
+
+        Per-token means, as lm-eval-harness normalises: a sum would favour the shortest choice. One forward pass
+        over every (prompt, choice) pair, the prompt repeated: choices are few and short next to a prompt.
+        """
+        pairs = [(p, c) for p in prompts for c in choices]
+        batch = encode_generative(self.tokenizer, [p for p, _ in pairs], [c for _, c in pairs],
+                                  self.backbone.max_generative_len)  # fmt: skip
+        losses, rows = self.lm_token_losses(batch, self.task_ids([task] * len(pairs)))
+        total = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, losses)
+        count = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, torch.ones_like(losses))
+        return (-total / count.clamp(min=1)).view(len(prompts), len(choices)).cpu()
+
+    def choose(self, prompts: Sequence[str], choices: Sequence[str], task: str) -> list[str]:
+        """The most likely of ``choices`` for each prompt (constrained decoding over a closed answer set)."""
+        best = self.choice_scores(prompts, choices, task).argmax(dim=1)
+        return [choices[i] for i in best.tolist()]
 
     def merge_task(self, task: str) -> PreTrainedModel:
         """A plain transformers model with ``task``'s routed experts folded in (deep copy; self is unchanged)."""

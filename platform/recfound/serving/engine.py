@@ -51,6 +51,10 @@ class Engine(Protocol):
         """One completion per prompt (the response only), routed as ``task``; temperature 0 is greedy."""
         ...
 
+    def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
+        """Per prompt, the one of ``choices`` the model finds most likely as its whole answer."""
+        ...
+
 
 def import_factory(path: str) -> object:
     """``"package.module:attr"`` -> the attribute; the error says which part was not found."""
@@ -110,3 +114,6 @@ class GRMEngine:
     def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         return self.model.generate(prompts, task, max_new_tokens=max_tokens, **sampling)
+
+    def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
+        return self.model.choose(prompts, choices, task)

@@ -167,12 +167,17 @@ class Gateway:
     async def _complete(self, req: CompletionRequest | ChatRequest, prompts: list[str], chat: bool) -> Any:
         task = generative_task(req.model)
         max_tokens = req.checked_max_tokens(self._limits)
-        out: Generated = await self._model.generate.remote(task, prompts, max_tokens, req.temperature)
-        texts, finish = [], []
-        for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
-            text, stopped = _apply_stop(text, req.stops())
-            texts.append(text)
-            finish.append("stop" if stopped or tokens < max_tokens else "length")
+        choices = req.choices(self._limits)
+        if choices is not None:  # a whole choice is the answer: neither max_tokens nor stop cut it
+            out: Generated = await self._model.choose.remote(task, prompts, choices)
+            texts, finish = out.texts, ["stop"] * len(out.texts)
+        else:
+            out = await self._model.generate.remote(task, prompts, max_tokens, req.temperature)
+            texts, finish = [], []
+            for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
+                text, stopped = _apply_stop(text, req.stops())
+                texts.append(text)
+                finish.append("stop" if stopped or tokens < max_tokens else "length")
         if not req.stream:
             body = completion_response(req.model, out.version, texts, finish, out.prompt_tokens,
                                        sum(out.completion_tokens), chat)  # fmt: skip

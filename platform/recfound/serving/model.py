@@ -224,6 +224,23 @@ class Model:
         texts = await self._generate_batch((live, task, prompts, max_tokens, temperature))
         return Generated(live.version, texts, sum(counts), live.engine.count_tokens(texts))
 
+    async def choose(self, task: str, prompts: list[str], choices: list[str]) -> Generated:
+        """``guided_choice``: each prompt's most likely choice; scored pairs must fit the context like a completion."""
+        live = self._require_live()
+        counts = live.engine.count_tokens(prompts)
+        longest = max(live.engine.count_tokens(choices))
+        for i, n in enumerate(counts):
+            if n + longest > live.engine.context_length:
+                raise _context_error("prompt", i, n + longest, live.engine.context_length,
+                                     f"{n} in the prompt + {longest} in the longest guided_choice")  # fmt: skip
+
+        def score() -> list[str]:
+            with live.lock:
+                return live.engine.choose(task, prompts, choices)
+
+        texts = await asyncio.to_thread(score)
+        return Generated(live.version, texts, sum(counts), live.engine.count_tokens(texts))
+
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         live = self._require_live()
         index = live.index

@@ -133,6 +133,9 @@ class _GenerationRequest(_OpenAIRequest):
     n: int = 1
     stop: str | list[str] | None = None
     stream: bool = False
+    guided_choice: list[str] | None = None
+    """vLLM's extension (``extra_body``): the completion is exactly one of these strings, the one the model finds
+    most likely (per-token log-likelihood); for the classification tasks' closed answer sets."""
 
     def requested_tokens(self) -> int | None:
         return self.max_tokens
@@ -145,6 +148,18 @@ class _GenerationRequest(_OpenAIRequest):
         if wanted > limits.max_tokens:
             raise ApiError(400, f"max_tokens={wanted}; at most {limits.max_tokens}", "max_tokens", "invalid_value")
         return wanted
+
+    def choices(self, limits: Limits) -> list[str] | None:
+        """``guided_choice`` checked: non-empty, distinct, non-blank strings, at most ``max_inputs`` of them."""
+        if self.guided_choice is None:
+            return None
+        choices = self.guided_choice
+        if not choices or len(choices) > limits.max_inputs:
+            raise ApiError(400, f"guided_choice has {len(choices)} choices; send 1 to {limits.max_inputs}",
+                           "guided_choice", "invalid_value")  # fmt: skip
+        if any(not c.strip() for c in choices) or len(set(choices)) < len(choices):
+            raise ApiError(400, "guided_choice must be distinct, non-empty strings", "guided_choice", "invalid_value")
+        return choices
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
