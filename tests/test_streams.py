@@ -1,5 +1,6 @@
 """Per-task streams: variable rows per step, epochs restart, resume skips what was consumed."""
 
+import tracemalloc
 from collections.abc import Iterator
 
 import numpy as np
@@ -85,3 +86,30 @@ def test_shuffled_streams_resume_exactly_from_memory_or_from_the_shard() -> None
         first.take(33)
         resumed = TaskStream(ListShard(20), chunk=4, seed=7, shuffle_window=6, cache_rows=cache_rows, **first.state())
         assert resumed.take(30)["x"].tolist() == first.take(30)["x"].tolist()
+
+
+class ViewShard:
+    """A large shard whose chunks are views of one array allocated up front: reading it allocates nothing."""
+
+    def __init__(self, n: int) -> None:
+        self.rows = np.arange(n, dtype=np.int64)
+
+    def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[dict]:
+        for i in range(0, len(self.rows), batch_size):
+            yield {"x": self.rows[i : i + batch_size]}
+
+
+def test_resume_skips_consumed_rows_without_holding_them() -> None:
+    """Skipping 200k consumed rows (1.6 MB) must hold about a chunk or a shuffle window at a time, not all of them."""
+    position, chunk = 200_000, 1_000
+    for window in (0, 4_000):
+        shard = ViewShard(300_000)
+        tracemalloc.start()
+        stream = TaskStream(shard, chunk=chunk, position=position, cache_rows=0, seed=1, shuffle_window=window)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 8 * (window + chunk) * 8, (window, peak)  # 8 bytes a row; a few windows of slack
+        resumed = stream.take(5)["x"].tolist()
+        uninterrupted = TaskStream(ViewShard(300_000), chunk=chunk, cache_rows=0, seed=1, shuffle_window=window)
+        uninterrupted.take(position)
+        assert resumed == uninterrupted.take(5)["x"].tolist()

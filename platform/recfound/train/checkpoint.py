@@ -8,19 +8,33 @@ Layout of a checkpoint directory:
   s2sched.json        S2Sched state: step, per-task loss histories, weights history
   metrics.jsonl       rank 0's per-step records so far
   checkpoint.json     SHA-256 of every file above; written last, so its presence means the rest is complete
+
+A resume starts from the newest checkpoint that verifies (``resumable``), not blindly from the one Ray Train
+registered last: bytes flipped in that one on storage would otherwise fail every resume while an older
+checkpoint is intact.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import posixpath
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recfound.io import sha256
 from recfound.model.grm import GRM
 from recfound.train.telemetry import write_history
 
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
+
 MANIFEST = "checkpoint.json"
+PREFIX = "checkpoint_"
+"""Ray Train's checkpoint directory names; they sort by creation time."""
+
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -52,6 +66,46 @@ def verify(root: Path) -> None:
     for name, digest in expected.items():
         if actual.get(name) != digest:
             raise CorruptCheckpointError(f"{root}: {name} is missing or does not match its SHA-256 in {MANIFEST}")
+
+
+def _older_or_same(latest: Checkpoint) -> list[Checkpoint]:
+    """``latest`` and the checkpoints beside it in its run directory that are older, newest first. Newer ones
+    are left out: Ray Train never registered them (an upload whose round of reports did not complete)."""
+    from pyarrow.fs import FileSelector, FileType
+    from ray.train import Checkpoint
+
+    parent, name = posixpath.split(latest.path.rstrip("/"))
+    infos = latest.filesystem.get_file_info(FileSelector(parent))
+    older = sorted((i.base_name for i in infos if i.type == FileType.Directory and i.base_name.startswith(PREFIX)
+                    and i.base_name < name), reverse=True)  # fmt: skip
+    return [latest] + [Checkpoint(posixpath.join(parent, n), latest.filesystem) for n in older]
+
+
+def _check_local(candidate: Checkpoint, check: Callable[[Path], None]) -> None:
+    """``check`` on the candidate's files, downloaded first when the storage is remote; the error then names
+    where the checkpoint is stored, not the temporary download."""
+    with candidate.as_directory() as local:
+        try:
+            check(Path(local))
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(str(err).replace(local, candidate.path)) from None
+
+
+def resumable(latest: Checkpoint, check: Callable[[Path], None]) -> Checkpoint:
+    """The newest of ``latest`` (the checkpoint Ray Train restores) and its older siblings that passes ``check``;
+    a warning names each newer one skipped and why. None passing is a CorruptCheckpointError naming them all."""
+    skipped: list[str] = []
+    for candidate in _older_or_same(latest):
+        try:
+            _check_local(candidate, check)
+        except CorruptCheckpointError as err:
+            skipped.append(str(err))
+            continue
+        if skipped:
+            log.warning("resuming from %s; skipped newer checkpoints that do not verify: %s", candidate.path,
+                        "; ".join(skipped))  # fmt: skip
+        return candidate
+    raise CorruptCheckpointError(f"no checkpoint of the run verifies: {'; '.join(skipped)}")
 
 
 def load_state(root: Path, grm: GRM) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:

@@ -178,6 +178,14 @@ def verify_rank(root: Path, rank: int) -> None:
             raise CorruptCheckpointError(f"{root}: {name} is missing or does not match its SHA-256 in {manifest.name}")
 
 
+def verify_partitions(root: Path) -> None:
+    """Raise unless the partition of every rank of the run that wrote ``root`` verifies. Each rank chooses the
+    checkpoint to resume on its own, so all must check all partitions, not just their own, to choose alike."""
+    world = json.loads((root / "trainer_state.json").read_text())["world_size"]
+    for rank in range(world):
+        verify_rank(root, rank)
+
+
 def build_engine(objective: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                  both_modes: bool) -> Engine:  # fmt: skip
     """DeepSpeed when ``cfg.zero_stage`` is set, else DDP; ``both_modes``: the run trains both task modes."""

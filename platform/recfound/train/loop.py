@@ -26,7 +26,7 @@ from recfound.tasks import Mode, mode_of
 from recfound.train import checkpoint
 from recfound.train.batches import collate
 from recfound.train.config import TrainConfig
-from recfound.train.engine import build_engine
+from recfound.train.engine import build_engine, verify_partitions
 from recfound.train.mixing import allocate
 from recfound.train.objective import FALSE_NEGATIVES, JointObjective, TaskStats
 from recfound.train.s2sched import LossSource
@@ -110,6 +110,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     start, positions, history = 0, {}, []
     restored = ray.train.get_checkpoint()
+    if restored is not None:
+        restored = checkpoint.resumable(restored, _verify_zero if cfg.zero_stage else checkpoint.verify)
     if restored is None and scheduler is not None:
         # A restart before the first checkpoint starts over: so must the scheduler's history.
         ray.get(scheduler.load_state_dict.remote(config["scheduler_initial"]))
@@ -203,6 +205,12 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
     if telemetry is not None:
         telemetry.close()
+
+
+def _verify_zero(root: Path) -> None:
+    """A ZeRO checkpoint is resumable when its manifest and every rank's partition verify."""
+    checkpoint.verify(root)
+    verify_partitions(root)
 
 
 def _tokens(emb: dict | None, gen: dict | None) -> int:

@@ -117,8 +117,10 @@ class TaskStream:
         return 0 if self._buffer is None else _length(self._buffer)
 
     def _skip(self, n: int) -> None:
-        if n:
-            self.take(n)
+        """Drop the rows a resumed epoch already consumed, a chunk (or shuffle window) at a time: collecting them
+        first, as ``take`` would, holds a large task's whole consumed epoch in a worker's memory at start-up."""
+        while n > 0:
+            n -= _length(self._pop(n))
 
     def prime(self) -> None:
         """Fetch the first chunk now: called for all tasks at once, their pipelines start in parallel instead of
@@ -126,18 +128,23 @@ class TaskStream:
         if not self._buffered():
             self._buffer = self._next_chunk()
 
+    def _pop(self, n: int) -> Rows:
+        """Up to ``n`` rows from the buffer, refilled first from the next chunk (of this epoch or the next)."""
+        if not self._buffered():
+            self._buffer = self._next_chunk()
+        assert self._buffer is not None
+        k = min(n, self._buffered())
+        rows = {key: v[:k] for key, v in self._buffer.items()}
+        self._buffer = {key: v[k:] for key, v in self._buffer.items()}
+        self.position += k
+        return rows
+
     def take(self, n: int) -> Rows:
         """The next ``n`` rows, crossing epoch boundaries when the shard runs out."""
         parts: list[Rows] = []
         while n > 0:
-            if not self._buffered():
-                self._buffer = self._next_chunk()
-            assert self._buffer is not None
-            k = min(n, self._buffered())
-            parts.append({key: v[:k] for key, v in self._buffer.items()})
-            self._buffer = {key: v[k:] for key, v in self._buffer.items()}
-            self.position += k
-            n -= k
+            parts.append(self._pop(n))
+            n -= _length(parts[-1])
         return concat_rows(parts)
 
     def state(self) -> dict[str, Any]:
