@@ -1,7 +1,8 @@
 """The main job end to end on the embedded default, by the same commands a user types (`make demo`).
 
 build dataset -> train on Ray -> Model Merge -> publish (with item index) -> `serve run` -> one embeddings, one
-completion and one recommend request through the HTTP API. Every step is the documented CLI, echoed first.
+completion and one recommend request through the HTTP API -> the merged model against popularity and BM25 on
+the test split. Every step is the documented CLI, echoed first.
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ import httpx
 import pyarrow.parquet as pq
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+from recfound.eval.report import headline  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "demo"
 BIN = Path(sys.executable).parent
 
 
-def step(*args: str, env: dict[str, str] | None = None) -> str:
+def step(*args: str, env: dict[str, str] | None = None, echo: bool = True) -> str:
     """Run one job as a user would; return its last output line (the jobs print their result there)."""
     print(f"\n$ {' '.join(args)}", flush=True)
     done = subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    print(done.stdout[-3000:], end="", flush=True)
+    print(done.stdout[-3000:] if echo else done.stdout.strip().splitlines()[-1:][0] + "\n", end="", flush=True)
     if done.returncode:
         raise SystemExit(f"demo stopped: `{' '.join(args)}` exited with {done.returncode}")
     return done.stdout.strip().splitlines()[-1]
@@ -76,9 +80,13 @@ def ask(url: str, data: Path) -> None:
     emb = client.embeddings.create(model="recfound-q2i", input=["wireless noise cancelling headphones"])
     print(f"\nPOST /v1/embeddings (recfound-q2i): {len(emb.data[0].embedding)}-d vector, first values "
           f"{[round(v, 4) for v in emb.data[0].embedding[:4]]}")  # fmt: skip
-    prompt = pq.read_table(data / "tasks" / "sentiment_analysis" / "test.parquet").slice(0, 1).to_pylist()[0]["prompt"]
-    done = client.completions.create(model="recfound-sentiment_analysis", prompt=prompt, max_tokens=12)
-    print(f"POST /v1/completions (recfound-sentiment_analysis): {done.choices[0].text!r}")
+    task = data / "tasks" / "sentiment_analysis"
+    prompt = pq.read_table(task / "test.parquet").slice(0, 1).to_pylist()[0]["prompt"]
+    labels = sorted(set(pq.read_table(task / "train.parquet", columns=["response"]).column("response").to_pylist()))
+    done = client.completions.create(model="recfound-sentiment_analysis", prompt=prompt,
+                                     extra_body={"guided_choice": labels})  # fmt: skip
+    print(f"POST /v1/completions (recfound-sentiment_analysis, guided_choice of its {len(labels)} labels): "
+          f"{done.choices[0].text!r}")  # fmt: skip
     interactions = pq.read_table(data / "interactions.parquet").to_pylist()
     user = interactions[0]["user"]
     history = [row["item"] for row in sorted(interactions, key=lambda r: r["timestamp"]) if row["user"] == user][:5]
@@ -86,6 +94,17 @@ def ask(url: str, data: Path) -> None:
                        timeout=60)  # fmt: skip
     reply.raise_for_status()
     print(f"POST /v1/recommend (u2i, {len(history)} items of history): {json.dumps(reply.json(), indent=1)[:800]}")
+
+
+def scoreboard(results: Path) -> None:
+    """The headline metric and full-catalogue NDCG@10 of each embedding task: recfound next to the baselines."""
+    systems = json.loads(results.read_text())["systems"]
+    metrics = [(task, metric) for task in ("u2i", "q2i", "i2i") if task in systems["recfound"]
+               for metric in (headline(task), "full.ndcg@10")]  # fmt: skip
+    print(f"\n{'test split':<22}" + "".join(f"{name:>12}" for name in systems))
+    for task, metric in metrics:
+        values = [systems[name].get(task, {}).get(metric) for name in systems]
+        print(f"{task + ' ' + metric:<22}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in values))
 
 
 def main() -> int:
@@ -115,7 +134,10 @@ def main() -> int:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+    step(py, "jobs/evaluate.py", f"model={merged}", f"data={data}", f"out={RUNS / 'eval'}", "baselines=popularity,bm25",
+         "protocols=pool,full", echo=False)  # fmt: skip
     print(f"\ndemo done: dataset {data}, run {final}, merged {merged}, registry {registry}")
+    scoreboard(RUNS / "eval" / "results.json")
     return 0
 
 
