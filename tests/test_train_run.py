@@ -67,6 +67,14 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
     steps = _scheduler_steps(resumed)
     assert steps == sorted(steps) and steps[: len(_scheduler_steps(ckpt))] == _scheduler_steps(ckpt)
 
+    # Bytes flipped in the newest checkpoint: the next resume falls back to the step-6 one instead of failing.
+    state = resumed / "trainer_state.json"
+    assert b'"step": 8' in state.read_bytes()
+    state.write_bytes(state.read_bytes().replace(b'"step": 8', b'"step": 9'))
+    fallback = Path(run(cfg.model_copy(update={"max_steps": 9})))
+    history = [json.loads(line) for line in (fallback / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history] == list(range(1, 10)) and fallback != resumed
+
 
 def _losses(ckpt: Path) -> list[dict[str, float]]:
     return [json.loads(line)["losses"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
