@@ -92,6 +92,10 @@ class BuildConfig(Config):
     """Fraction of item-level and query rows hashed into test, and again into valid."""
     on_bad_rows: BadRowPolicy = "error"
     """error: stop at the first malformed input row; skip: count it and write it to <out>/quarantine.jsonl."""
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    """With on_bad_rows=skip, the largest share of one file's rows that may be malformed before the build stops
+    (the quarantine is still written). Higher salvages more of a damaged dump, but lets a wrong or badly
+    broken file pass as data; 1 never stops, 0 stops at any bad row after listing them all."""
     max_rows_per_task: int | None = Field(None, ge=1)
     """Cap on the rows of each split of each task (a seeded sample), for quick experiments."""
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -178,23 +182,35 @@ def _texts(built: dict[str, dict[str, list[Row]]]) -> dict[str, str]:
     return texts
 
 
+def _write_quarantine(bad: BadRows) -> None:
+    """Under ``skip``, one JSON line per malformed row (file, line, field, reason); an empty file when none."""
+    if bad.policy == "skip":
+        fs, path = url_to_fs(bad.quarantine)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # reading may fail before any output exists
+        with fsspec.open(bad.quarantine, "w") as handle:
+            handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in bad.rows)
+
+
 def build(cfg: BuildConfig) -> dict[str, Any]:
     """Build every requested (or every possible) task from the configured sources; returns the manifest."""
     requested = _requested(cfg.tasks)
     out = cfg.out.rstrip("/")
     _clear(out)
-    bad = BadRows(cfg.on_bad_rows)
+    bad = BadRows(cfg.on_bad_rows, cfg.max_bad_fraction, f"{out}/{QUARANTINE}")
     synthetic = cfg.reviews is None and cfg.gritlm is None
     urls = write_catalogue(cfg.synthetic, f"{out}/raw") if synthetic else {
         k: v for k, v in {"reviews": cfg.reviews, "meta": cfg.meta, "queries": cfg.queries}.items() if v}  # fmt: skip
-    loaded = load(urls, bad, cfg.kcore) if urls else None
+    try:
+        loaded = load(urls, bad, cfg.kcore) if urls else None
+        extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
+    finally:  # also when reading fails: the rows that stopped the build are the ones to look at
+        _write_quarantine(bad)
     ctx = None
     if loaded is not None:
         ctx = Context(seed=cfg.seed, catalogue=loaded.catalogue, timelines=loaded.timelines,
                       judgements=loaded.judgements, source="synthetic" if synthetic else "amazon_reviews",
                       num_negatives=cfg.num_negatives, max_history=cfg.max_history, sr_options=cfg.sr_options,
                       holdout=cfg.holdout)  # fmt: skip
-    extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
     built, skipped = _build_tasks(requested, ctx, extra, cfg)
     if not built:
         raise DataError(out, "no task could be built from the given sources: " + json.dumps(skipped))
@@ -207,9 +223,6 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     timelines = ctx.timelines if ctx else {}
     write_parquet(f"{out}/{ITEMS}", item_columns(catalogue, texts), ITEM_SCHEMA)
     write_parquet(f"{out}/{INTERACTIONS}", interaction_columns(timelines), INTERACTION_SCHEMA)
-    if cfg.on_bad_rows == "skip":
-        with fsspec.open(f"{out}/{QUARANTINE}", "w") as handle:
-            handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in bad.rows)
 
     counts = {task: {split: len(rows) for split, rows in splits.items()} for task, splits in built.items()}
     manifest: dict[str, Any] = {

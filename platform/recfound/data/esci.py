@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recfound.data.sources import BadRows, DataError, clean_text
+from recfound.data.sources import UNREADABLE, BadRows, DataError, check_text, clean_text, parse_json, show
 from recfound.io import open_binary
 
 REQUIRED = ("query", "product_id", "esci_label")
@@ -56,9 +57,11 @@ def _judgement(row: dict[str, Any], url: str, number: int, unit: str) -> QueryJu
             if required:
                 raise DataError(url, "missing required field", number, key, unit)
             return ""
-        if not isinstance(value, str | int):  # CSV/parquet ids may come back as numbers
-            raise DataError(url, f"expected a string, got {type(value).__name__} {value!r}", number, key, unit)
-        return clean_text(str(value))
+        if isinstance(value, str):
+            return clean_text(check_text(value, url, number, key, unit))
+        if not isinstance(value, int):  # CSV/parquet ids may come back as numbers
+            raise DataError(url, f"expected a string, got {type(value).__name__} {show(value)}", number, key, unit)
+        return str(value)
 
     query, item, raw = text("query", True), text("product_id", True), text("esci_label", True)
     label = _LABELS.get(raw) or _LABELS.get(raw.lower())
@@ -82,10 +85,10 @@ def _opensearch_rows(url: str, doc: dict[str, Any]) -> Iterator[tuple[int, Row]]
             if isinstance(rating, dict):
                 try:
                     grade = _GRADES.get(float(rating.get("rating")))
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     pass
             if grade is None:
-                yield number, DataError(url, f"expected a rating of 100, 10, 1 or 0, got {rating!r:.60}", number,
+                yield number, DataError(url, f"expected a rating of 100, 10, 1 or 0, got {show(rating)}", number,
                                         "rating", "row")  # fmt: skip
                 continue
             yield number, {"query": entry.get("query"), "product_id": rating.get("docId"), "esci_label": grade.value}
@@ -97,32 +100,43 @@ def _raw_rows(url: str) -> tuple[str, Iterator[tuple[int, Row]]]:
         with open_binary(url) as handle:
             data = handle.read()
         text = "" if data[:4] == b"PAR1" else data.decode("utf-8")
-    except (UnicodeDecodeError, EOFError, OSError) as err:
+    except UNREADABLE as err:
         raise DataError(url, f"cannot read the file: {err}") from None
     if not data.strip():
         raise DataError(url, "empty file: no rows")
     if data[:4] == b"PAR1":
-        names = pq.read_schema(io.BytesIO(data)).names
-        missing = [c for c in REQUIRED if c not in names]
-        if missing:
-            raise DataError(url, "missing required column", field=missing[0])
-        table = pq.read_table(io.BytesIO(data), columns=[c for c in (*REQUIRED, *OPTIONAL) if c in names])
-        return "row", enumerate(table.to_pylist(), start=1)
+        return "row", enumerate(_parquet_rows(url, data), start=1)
     if text.lstrip().startswith("{"):
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError:
-            doc = None  # not one document: JSON lines
+        except (ValueError, RecursionError):
+            doc = None  # not one document: JSON lines, where each bad line is reported
         if isinstance(doc, dict) and "judgmentRatings" in doc:
             if not isinstance(doc["judgmentRatings"], list):
                 raise DataError(url, "expected a list of {query, ratings}", field="judgmentRatings")
             return "row", _opensearch_rows(url, doc)
         return "line", _json_lines(url, text)
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+    try:
+        names = reader.fieldnames or []
+    except csv.Error as err:
+        raise DataError(url, f"malformed CSV header: {err}", 1) from None
+    missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise DataError(url, "missing required column", 1, missing[0])
     return "line", _csv_rows(url, reader)
+
+
+def _parquet_rows(url: str, data: bytes) -> list[dict[str, Any]]:
+    """The judgement columns of a parquet file; a damaged one is a DataError, not an Arrow exception."""
+    try:
+        names = pq.read_schema(io.BytesIO(data)).names
+        missing = [c for c in REQUIRED if c not in names]
+        if missing:
+            raise DataError(url, "missing required column", field=missing[0])
+        return pq.read_table(io.BytesIO(data), columns=[c for c in (*REQUIRED, *OPTIONAL) if c in names]).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(url, f"cannot read the parquet file: {err}") from None
 
 
 def _csv_rows(url: str, reader: csv.DictReader) -> Iterator[tuple[int, Row]]:
@@ -138,9 +152,9 @@ def _json_lines(url: str, text: str) -> Iterator[tuple[int, Row]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield number, DataError(url, f"malformed JSON ({err.msg} at column {err.colno})", number)
+            row = parse_json(url, number, line)
+        except DataError as err:
+            yield number, err
             continue
         if not isinstance(row, dict):
             row = DataError(url, f"expected a JSON object, got {type(row).__name__}", number)
@@ -151,7 +165,9 @@ def read_queries(url: str, bad: BadRows) -> list[QueryJudgement]:
     """Judgements in file order; a repeated (query, product) pair keeps its first label."""
     unit, rows = _raw_rows(url)
     out: dict[tuple[str, str], QueryJudgement] = {}
+    total = 0
     for number, row in rows:
+        total += 1
         try:
             if isinstance(row, DataError):
                 raise row
@@ -160,6 +176,7 @@ def read_queries(url: str, bad: BadRows) -> list[QueryJudgement]:
             bad.report(err)
             continue
         out.setdefault((judgement.query, judgement.item), judgement)
+    bad.check(url, total)
     if not out:
         raise DataError(url, "no usable query judgements")
     return list(out.values())

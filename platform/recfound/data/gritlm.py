@@ -9,13 +9,12 @@ instruction, which is how the released data is built.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from recfound.data.rows import EmbeddingRow, GenerativeRow, Row, Sample, Split
-from recfound.data.sources import BadRows, DataError, read_lines
+from recfound.data.sources import BadRows, DataError, check_text, parse_json, read_lines, show
 from recfound.data.split import hash_split
 from recfound.io import exists
 from recfound.tasks import ALL_TASKS, EMBEDDING_TASKS, SPLITS
@@ -32,10 +31,30 @@ def text_id(text: str) -> str:
 
 def _pair(value: Any, url: str, line: int, key: str) -> tuple[str, str]:
     if isinstance(value, str):
-        return "", value
+        return "", check_text(value, url, line, key)
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return value[0], value[1]
-    raise DataError(url, f"expected [instruction, text] or a text, got {value!r:.80}", line, key)
+        return check_text(value[0], url, line, key), check_text(value[1], url, line, key)
+    raise DataError(url, f"expected [instruction, text] or a text, got {show(value)}", line, key)
+
+
+def _source(obj: dict[str, Any], url: str, line: int) -> str:
+    """The row's provenance, written to every task table as it is."""
+    source = obj.get("source") or "gritlm"
+    if not isinstance(source, str):
+        raise DataError(url, f"expected a string, got {show(source)}", line, "source")
+    return check_text(source, url, line, "source")
+
+
+def _split_key(obj: dict[str, Any], raw: str, url: str, line: int) -> str:
+    """What the hash split keys on: the row's id when it has one (text or number), else the line itself."""
+    key = obj.get("id")
+    if key is None:
+        return raw
+    if isinstance(key, str):
+        return check_text(key, url, line, "id")
+    if not isinstance(key, int | float):
+        raise DataError(url, f"expected a text or number id, got {show(key)}", line, "id")
+    return str(key)
 
 
 def _row(obj: Any, url: str, line: int) -> tuple[str, list[Row]]:
@@ -45,8 +64,8 @@ def _row(obj: Any, url: str, line: int) -> tuple[str, list[Row]]:
     task = TASK_NAMES.get(str(name).lower()) if isinstance(name, str) else None
     if task is None:
         known = "Emb_user, Emb_query, Emb_item, " + ", ".join(ALL_TASKS[3:])
-        raise DataError(url, f"unknown task {name!r}; known tasks: {known}", line, "task")
-    source = str(obj.get("source") or "gritlm")
+        raise DataError(url, f"unknown task {show(name)}; known tasks: {known}", line, "task")
+    source = _source(obj, url, line)
     if task in EMBEDDING_TASKS:
         q_instruction, query = _pair(obj.get("query"), url, line, "query")
         positives = obj.get("pos")
@@ -64,29 +83,27 @@ def _row(obj: Any, url: str, line: int) -> tuple[str, list[Row]]:
         return task, rows
     text = obj.get("text")
     if not (isinstance(text, list) and len(text) == 2 and all(isinstance(t, str) for t in text)):
-        raise DataError(url, f"expected [prompt, response] (one turn), got {text!r:.80}", line, "text")
-    return task, [GenerativeRow(text[0], text[1], source=source)]
+        raise DataError(url, f"expected [prompt, response] (one turn), got {show(text)}", line, "text")
+    prompt, response = (check_text(t, url, line, "text") for t in text)
+    return task, [GenerativeRow(prompt, response, source=source)]
 
 
-def _read(url: str, bad: BadRows, split_of: Callable[[object], Split]) -> dict[str, list[Sample]]:
+def _read(url: str, bad: BadRows, split_of: Callable[[str], Split]) -> dict[str, list[Sample]]:
     out: dict[str, list[Sample]] = defaultdict(list)
-    seen = False
+    seen = 0
     for line, raw in read_lines(url):
-        seen = True
+        seen += 1
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            bad.report(DataError(url, f"malformed JSON ({err.msg} at column {err.colno})", line))
-            continue
-        try:
+            obj = parse_json(url, line, raw)
             task, rows = _row(obj, url, line)
+            split = split_of(_split_key(obj, raw, url, line))
         except DataError as err:
             bad.report(err)
             continue
-        split = split_of(obj.get("id") if obj.get("id") is not None else raw)
         out[task].extend((split, row) for row in rows)
     if not seen:
         raise DataError(url, "empty file: no rows")
+    bad.check(url, seen)
     return out
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
+import reprlib
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,6 +20,12 @@ from typing import Any, Literal
 from recfound.io import iter_lines
 
 BadRowPolicy = Literal["error", "skip"]
+UNREADABLE = (UnicodeDecodeError, EOFError, OSError, zlib.error)
+"""How reading a damaged file fails: bad UTF-8, a truncated or corrupted gzip stream (zlib.error is no OSError)."""
+_INT64 = 2**63
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxstring, _PREVIEW.maxother = 3, 60, 60
 
 
 class DataError(ValueError):
@@ -32,17 +41,55 @@ class DataError(ValueError):
         return {"file": self.url, "line": self.line, "field": self.field, "reason": self.reason}
 
 
+def show(value: Any) -> str:
+    """A bounded preview for messages: a plain repr of a huge or deeply nested value is slow or a RecursionError."""
+    return _PREVIEW.repr(value)
+
+
+def check_text(value: str, url: str, line: int, key: str, unit: str = "line") -> str:
+    """Reject lone surrogates: JSON's ``"\\ud800"`` parses to a str that no UTF-8 writer or hash can encode."""
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise DataError(url, f"lone surrogate {bad.group()!r} is not valid Unicode", line, key, unit)
+    return value
+
+
+def parse_json(url: str, line: int, text: str) -> Any:
+    """``json.loads`` with every way a line fails to parse, not only JSONDecodeError, reported at that line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(url, f"malformed JSON ({err.msg} at column {err.colno})", line) from None
+    except RecursionError:
+        raise DataError(url, "malformed JSON (nested too deeply to parse)", line) from None
+    except ValueError as err:  # an integer literal past Python's digit limit
+        raise DataError(url, f"malformed JSON ({str(err).split(':')[0]})", line) from None
+
+
 @dataclass
 class BadRows:
-    """Collects malformed rows under the ``skip`` policy; under ``error`` the first one stops the build."""
+    """Collects malformed rows under the ``skip`` policy, up to ``max_fraction`` of a file; under ``error`` the first
+    one stops the build."""
 
     policy: BadRowPolicy = "error"
+    max_fraction: float = 1.0
+    """Under ``skip``, the share of one file's rows that may be bad; above it the file is likely not the one meant."""
+    quarantine: str = ""
+    """Where the collected rows are written, named in the limit's error (empty: the caller keeps them)."""
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def report(self, err: DataError) -> None:
         if self.policy == "error":
             raise err
         self.rows.append(err.record())
+
+    def check(self, url: str, total: int) -> None:
+        """Called once a file of ``total`` rows is read: skipping stops being an option past ``max_fraction``."""
+        bad = self.counts().get(url, 0)
+        if total and bad / total > self.max_fraction:
+            where = f"; they are listed in {self.quarantine}" if self.quarantine else ""
+            raise DataError(url, f"{bad} of {total} rows are malformed ({bad / total:.1%}), more than "
+                                 f"max_bad_fraction={self.max_fraction:g}{where}")  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -118,6 +165,9 @@ class _Fields:
     def error(self, key: str, reason: str) -> DataError:
         return DataError(self.url, reason, self.line, key)
 
+    def clean(self, key: str, value: str) -> str:
+        return clean_text(check_text(value, self.url, self.line, key))
+
     def text(self, key: str, required: bool = False, paragraphs: bool = False) -> str:
         value = self.row.get(key)
         if value is None or (required and value == ""):
@@ -127,8 +177,8 @@ class _Fields:
         if paragraphs and isinstance(value, list):  # descriptions come as lists of paragraphs
             return " ".join(self.strings(key))
         if not isinstance(value, str):
-            raise self.error(key, f"expected a string, got {type(value).__name__} {value!r}")
-        return clean_text(value)
+            raise self.error(key, f"expected a string, got {type(value).__name__} {show(value)}")
+        return self.clean(key, value)
 
     def strings(self, key: str) -> tuple[str, ...]:
         value = self.row.get(key)
@@ -137,16 +187,30 @@ class _Fields:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(key, f"expected a list of strings, got {value!r:.80}")
-        return tuple(t for t in (clean_text(v) for v in value) if t)
+            raise self.error(key, f"expected a list of strings, got {show(value)}")
+        return tuple(t for t in (self.clean(key, v) for v in value) if t)
 
     def number(self, key: str) -> float:
+        """A finite float: JSON from Python may hold NaN and Infinity, and 1e400 parses as infinity."""
         value = self.row.get(key)
         if value is None:
             raise self.error(key, "missing required field")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+            raise self.error(key, f"expected a number, got {type(value).__name__} {show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.error(key, f"expected a finite number, got {show(value)}")
+        return number
+
+    def timestamp(self, key: str, per_second: int) -> int:
+        """Unix seconds from a count of 1/per_second units, within the int64 column it is written to."""
+        seconds = int(self.number(key) // per_second)
+        if not -_INT64 <= seconds < _INT64:
+            raise self.error(key, f"timestamp {show(seconds)} is outside the int64 range")
+        return seconds
 
 
 def read_lines(url: str) -> Iterator[tuple[int, str]]:
@@ -155,22 +219,21 @@ def read_lines(url: str) -> Iterator[tuple[int, str]]:
     try:
         for line, text in iter_lines(url):
             yield line, text
-    except (UnicodeDecodeError, EOFError, OSError) as err:  # text is decoded in blocks: no exact line
+    except UNREADABLE as err:  # text is decoded in blocks: no exact line
         raise DataError(url, f"cannot read past line {line}: {err}") from None
 
 
 def _json_rows(url: str, bad: BadRows) -> Iterator[_Fields]:
-    seen = False
+    seen = 0
     for line, text in read_lines(url):
-        seen = True
+        seen += 1
         try:
-            yield _Fields(url, line, json.loads(text))
-        except json.JSONDecodeError as err:
-            bad.report(DataError(url, f"malformed JSON ({err.msg} at column {err.colno})", line))
+            yield _Fields(url, line, parse_json(url, line, text))
         except DataError as err:
             bad.report(err)
     if not seen:
         raise DataError(url, "empty file: no rows")
+    bad.check(url, seen)
 
 
 def _detect(fields: _Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
@@ -202,11 +265,10 @@ def read_reviews(url: str, bad: BadRows) -> list[Interaction]:
             rating = fields.number(names["rating"])
             if not 0 <= rating <= 5:
                 raise fields.error(names["rating"], f"rating {rating} outside 0..5")
-            stamp = fields.number(names["time"])
             out.append(Interaction(
                 user=fields.text(names["user"], required=True),
                 item=fields.text(names["item"], required=True),
-                timestamp=int(stamp // 1000 if schema is Schema.AMAZON_2023 else stamp),
+                timestamp=fields.timestamp(names["time"], 1000 if schema is Schema.AMAZON_2023 else 1),
                 rating=rating,
                 summary=fields.text(names["summary"]),
                 text=fields.text(names["text"]),
