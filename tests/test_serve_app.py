@@ -1,11 +1,13 @@
 """The Serve app on local Ray, started the way operators do (``serve run serve/serve_config.yaml``), called with
 the real ``openai`` client and plain HTTP; then a corrupted version is refused and a hot swap drops nothing.
 
-One Ray start and one app for the whole module (2 CPUs); the app uses the fake engine from test_serve_engine.
+One Ray start for the whole module (2 CPUs): the shipped app, plus the same app again under route_prefix /api so
+auth is checked where a prefix moves every path; both use the fake engine from test_serve_engine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -32,8 +34,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 MAX_INPUTS = 4
 LOAD_DELAY_S = 2.0
+PREFIX = "/api"
 
 
 def _free_port() -> int:
@@ -44,13 +48,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Registry with v1 -> local Ray -> `serve run --non-blocking` of the shipped config (test port, small limit)."""
+    """Registry with v1 -> local Ray -> `serve run --non-blocking` of the shipped config (test port, small limit,
+    and the app again under route_prefix /api)."""
     root = tmp_path_factory.mktemp("serve")
     model, data, registry = make_artifact(root / "model"), make_dataset(root / "data"), root / "registry"
     publish_fake(model, data, str(registry))
     config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port = _free_port()
     config["applications"][0]["args"]["limits"]["max_inputs"] = MAX_INPUTS
+    config["applications"].append(_prefixed(config["applications"][0]))
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     saved = dict(os.environ)
     # Ray workers inherit this environment: the registry, the API token, and tests/ for the fake engine.
@@ -63,6 +69,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                    cwd=REPO, check=True, capture_output=True, timeout=240)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url, timeout_s=240)
+    _wait_healthy(url + PREFIX, timeout_s=240)
     try:
         yield {"url": url, "address": address, "model": model, "data": data, "registry": registry}
     finally:
@@ -70,6 +77,14 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ray.shutdown()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _prefixed(shipped: dict[str, Any]) -> dict[str, Any]:
+    """The shipped app under route_prefix /api, reserving no CPUs so it fits beside the first on 2."""
+    app = copy.deepcopy(shipped) | {"name": "recfound-prefixed", "route_prefix": PREFIX}
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0}
+    return app
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -151,7 +166,7 @@ def test_streaming_matches_non_streaming(client: OpenAI, app: dict[str, Any]) ->
 def test_models_and_health(client: OpenAI, app: dict[str, Any]) -> None:
     names = [m.id for m in client.models.list()]
     assert {"recfound-u2i", "recfound-q2i", "recfound-i2i", "recfound-gen", "recfound-item_profile"} <= set(names)
-    health = httpx.get(f"{app['url']}/healthz").json()  # open: probes carry no token
+    health = httpx.get(f"{app['url']}/healthz", headers=AUTH).json()
     assert health["status"] == "ok" and health["version"] == "v1" and health["last_error"] is None
     with pytest.raises(NotFoundError, match="does not embed"):
         client.embeddings.create(model="gpt-4", input="x")
@@ -229,8 +244,39 @@ def test_bad_input_gets_openai_error(app: dict[str, Any], path: str, body: Any, 
 
 def test_replica_survives_bad_input(app: dict[str, Any]) -> None:
     assert httpx.get(f"{app['url']}/healthz").json()["version"] == "v1"
-    wrong_method = httpx.get(f"{app['url']}/v1/embeddings", headers={"authorization": f"Bearer {TOKEN}"})
+    wrong_method = httpx.get(f"{app['url']}/v1/embeddings", headers=AUTH)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == "Method Not Allowed"
+
+
+PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
+             ("POST", "/v1/chat/completions"), ("POST", "/v1/recommend"), ("GET", "/v1/nothing"), ("GET", "/nothing"),
+             ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]  # fmt: skip
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_every_route_but_healthz_needs_the_token(app: dict[str, Any], prefix: str) -> None:
+    """Auth is by route template relative to the root_path, so a Serve route_prefix cannot open the API."""
+    base = app["url"] + prefix
+    tokens = {"no token": {}, "wrong token": {"authorization": "Bearer wrong"}}
+    answers = {(path, token): httpx.request(method, base + path, headers=headers, timeout=30)
+               for method, path in PROTECTED for token, headers in tokens.items()}  # fmt: skip
+    open_ = {key: resp.status_code for key, resp in answers.items() if resp.status_code != 401}
+    assert not open_, f"answered without a valid token: {open_}"
+    assert {resp.json()["error"]["code"] for resp in answers.values()} == {"invalid_api_key"}
+    assert httpx.get(f"{base}/v1/models", headers=AUTH).status_code == 200
+    assert httpx.get(f"{base}/openapi.json", headers=AUTH).json()["info"]["title"] == "recfound"
+    assert httpx.get(f"{base}/docs", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_anonymous_health_says_only_up_and_version(app: dict[str, Any], prefix: str) -> None:
+    """Probes carry no token: they get status and version; last_error (local paths) etc. need the token."""
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        resp = httpx.get(f"{app['url']}{prefix}/healthz", headers=headers)
+        version = resp.headers["x-recfound-version"]
+        assert resp.status_code == 200 and resp.json() == {"status": "ok", "version": version}, resp.text
+    detail = httpx.get(f"{app['url']}{prefix}/healthz", headers=AUTH).json()
+    assert {"status", "version", "last_error", "items", "context_length"} <= set(detail)
 
 
 def test_corrupted_version_is_refused_and_previous_keeps_serving(app: dict[str, Any]) -> None:
@@ -239,7 +285,7 @@ def test_corrupted_version_is_refused_and_previous_keeps_serving(app: dict[str, 
     weights.write_bytes(b"bit rot")
     with pytest.raises(RuntimeError, match="refused v2.*checksum mismatch for weights/adapter.bin"):
         roll_out("v2", timeout_s=60)
-    health = httpx.get(f"{app['url']}/healthz").json()
+    health = httpx.get(f"{app['url']}/healthz", headers=AUTH).json()
     assert health["version"] == "v1" and "checksum mismatch" in health["last_error"]
     assert _items(_post(app, "/v1/recommend", {"task": "q2i", "query": "stainless steel kettle", "k": 1})) == ["i6"]
 

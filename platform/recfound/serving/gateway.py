@@ -2,6 +2,13 @@
 
 It parses, validates and authenticates HTTP, and formats OpenAI responses and errors (a 4xx in OpenAI's error
 schema for every bad input, never a 5xx for one); the Model does the batched engine work.
+
+Auth (when a token is configured, see auth.py) is deny-by-default and decided by route template, matched relative
+to the root_path as the router matches, so a Serve ``route_prefix`` or ``http_options.root_path`` cannot move a
+route out of it. Only ``PUBLIC_ROUTES`` answer without the token: ``/healthz``, which tells an anonymous caller
+only up/down and the version, enough for load balancers and Kubernetes probes. Everything else needs the token: the
+API, unknown paths (a 401, not a 404 that would map the API), and the interactive docs and OpenAPI schema, which
+describe the deployment; fetch those with the token, e.g. ``curl -H "Authorization: Bearer $TOKEN" .../openapi.json``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the ingress class at runtime.
@@ -18,6 +25,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 
 from recfound.serving.auth import authorized, load_token, require_auth_off_network
 from recfound.serving.model import Embedded, Generated
@@ -43,6 +51,10 @@ from recfound.serving.schemas import (
 log = logging.getLogger("ray.serve")
 
 GATEWAY_DEPLOYMENT = "Gateway"
+HEALTHZ = "/healthz"
+PUBLIC_ROUTES = (Route(HEALTHZ, endpoint=lambda _: None),)
+"""The routes that answer without the token, as templates: only matched, never called (the app's own route tree is
+FastAPI's and Serve's internals, rebuilt by ``serve.ingress``; a Route matches as the router does)."""
 
 
 api = FastAPI(title="recfound", description="RecFound embeddings, generation and recommendation")
@@ -81,12 +93,21 @@ async def _internal(_: Request, err: Exception) -> JSONResponse:
     return _error(ApiError(500, f"internal error: {type(err).__name__}", None, None, ErrorType.SERVER))
 
 
+def _authorized(request: Request) -> bool:
+    return authorized(request.headers.get("authorization"), request.app.state.token)
+
+
+def _public(request: Request) -> bool:
+    """Whether the request matches a public route's template, relative to the root_path (where Serve puts the
+    route_prefix) as the router matches it; any other path, unknown ones included, is not public."""
+    return any(route.matches(request.scope)[0] is not Match.NONE for route in PUBLIC_ROUTES)
+
+
 @api.middleware("http")
 async def _auth(request: Request, call_next: Any) -> Any:
-    """Bearer auth on /v1/*; /healthz stays open for load balancers and Kubernetes probes."""
-    if request.url.path.startswith("/v1/") and not authorized(
-        request.headers.get("authorization"), request.app.state.token
-    ):
+    """The token on every route but the public ones, FastAPI's docs and schema routes included (a middleware sees
+    those; a dependency would not)."""
+    if not _public(request) and not _authorized(request):
         return _error(ApiError(401, "missing or invalid bearer token", None, "invalid_api_key",
                                ErrorType.AUTHENTICATION))  # fmt: skip
     return await call_next(request)
@@ -132,13 +153,16 @@ class Gateway:
         require_auth_off_network(token, _proxy_host())
         api.state.token = token
 
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
+    @api.get(HEALTHZ)
+    async def healthz(self, request: Request) -> JSONResponse:
+        """Up (200) or down (503) and the version for anyone; the details (``last_error`` names local paths, the
+        index size, the context length) only with the token, or when auth is off."""
         try:
             info = await self._model.info.remote()
         except ApiError as err:
             return _error(err)
-        return _versioned({"status": "ok", **info}, info["version"])
+        detail = info if _authorized(request) else {"version": info["version"]}
+        return _versioned({"status": "ok", **detail}, info["version"])
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
