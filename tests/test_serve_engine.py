@@ -207,3 +207,44 @@ def test_open_api_only_on_loopback() -> None:
         require_auth_off_network(None, "0.0.0.0")
     assert authorized("Bearer t", "t") and authorized(None, None)
     assert not authorized("Bearer x", "t") and not authorized(None, "t") and not authorized("t", "t")
+
+
+class _ProbeEngine:
+    """Counts embeds; returns NaN vectors when told to (a broken engine that still answers)."""
+
+    def __init__(self, broken: bool = False):
+        self.calls, self.broken = 0, broken
+
+    def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
+        self.calls += 1
+        return np.full((len(texts), 4), np.nan if self.broken else 0.5, dtype=np.float32)
+
+
+def _replica(engine: _ProbeEngine | None) -> object:
+    """The Model deployment's class, constructed without Serve, holding ``engine`` as its live version."""
+    import asyncio
+
+    from recfound.serving.model import Loaded, Model
+
+    replica = Model.func_or_class("memory://unused", {})
+    if engine is not None:
+        replica._live = Loaded("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
+    replica.check = lambda: asyncio.run(replica.check_health())
+    return replica
+
+
+def test_health_check_exercises_the_engine_and_catches_a_wedged_one() -> None:
+    with pytest.raises(RuntimeError, match="no model version loaded"):
+        _replica(None).check()
+    healthy = _replica(_ProbeEngine())
+    healthy.check()
+    assert healthy._live.engine.calls == 1  # a real embed, not just "a version is loaded"
+    with pytest.raises(RuntimeError, match="not a finite vector"):
+        _replica(_ProbeEngine(broken=True)).check()
+    busy = _replica(_ProbeEngine())
+    busy._live.lock.acquire()  # a request is inside the engine: busy is healthy, and the probe does not wait
+    busy.check()
+    assert busy._live.engine.calls == 0
+    busy._live.lock._since -= busy._max_engine_call_s + 1  # ... until that one call outlasts max_engine_call_s
+    with pytest.raises(RuntimeError, match="wedged"):
+        busy.check()

@@ -9,6 +9,7 @@ always answered. A version that fails to verify or load is refused and the live 
 import asyncio
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,40 @@ class ModelUserConfig(Config):
     """Most requests one engine call serves."""
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
     """How long a batch waits to fill: latency traded for throughput."""
+    max_engine_call_s: float = Field(600.0, gt=0.0)
+    """A replica whose engine has been inside one call longer than this fails its health check and is replaced
+    (a wedged engine). Set it above the slowest legitimate batch (a full batch of the longest completions)."""
+
+
+class EngineLock:
+    """One engine call at a time, remembering since when the current one runs: the health check tells a busy
+    engine (fine) from a wedged one (replace the replica)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if not self._lock.acquire(blocking):
+            return False
+        self._since = time.monotonic()
+        return True
+
+    def release(self) -> None:
+        self._since = None
+        self._lock.release()
+
+    def __enter__(self) -> "EngineLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+    def held_for(self) -> float | None:
+        """Seconds the running call has taken so far; None when the engine is idle."""
+        since = self._since
+        return None if since is None else time.monotonic() - since
 
 
 @dataclass(frozen=True)
@@ -48,8 +83,22 @@ class Loaded:
     index: ItemIndex
     instructions: dict[str, dict[str, str]]
     max_history: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: EngineLock = field(default_factory=EngineLock)
     """Engines need not be thread-safe (TMoLE routing is per-model state): one engine call at a time."""
+
+
+def probe(live: Loaded) -> None:
+    """Embed one short text and check the vector is finite; skipped while a request holds the engine (that
+    request exercises it, and waiting for it could outlast Serve's health-check timeout)."""
+    task = "q2i" if "q2i" in live.instructions else next(iter(live.instructions))
+    if not live.lock.acquire(blocking=False):
+        return
+    try:
+        vectors = live.engine.embed(task, ["health check"], live.instructions[task]["query"], Side.QUERY)
+    finally:
+        live.lock.release()
+    if vectors.shape[0] != 1 or not np.isfinite(vectors).all():
+        raise RuntimeError(f"version {live.version}: the engine's probe embedding is not a finite vector")
 
 
 def load_version(registry: str, version: str, search: SearchConfig, cache_dir: str | None) -> Loaded:
@@ -127,6 +176,7 @@ class Model:
     def __init__(self, registry: str, search: dict[str, Any], cache_dir: str | None = None):
         self._registry = registry
         self._search = SearchConfig.model_validate(search)
+        self._max_engine_call_s = ModelUserConfig().max_engine_call_s
         self._cache_dir = cache_dir
         self._live: Loaded | None = None
         self._wanted: str | None = None
@@ -153,6 +203,7 @@ class Model:
         for batcher in (self._embed_batch, self._generate_batch):
             batcher.set_max_batch_size(cfg.max_batch_size)
             batcher.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._max_engine_call_s = cfg.max_engine_call_s
         self._wanted = name
         if self._live is None:
             self._live = await asyncio.to_thread(self._load, name)
@@ -179,10 +230,17 @@ class Model:
         self._error = f"refused version {name!r}: {err}"
         log.error("%s; still serving %s", self._error, self._live.version if self._live else None)
 
-    def check_health(self) -> None:
-        """Serve restarts a replica whose check fails: one that never loaded a version cannot serve."""
-        if self._live is None:
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose check fails: one with no version, one whose engine has been inside a
+        single call for over ``max_engine_call_s`` (wedged), or one whose probe embedding fails."""
+        live = self._live
+        if live is None:
             raise RuntimeError("no model version loaded: the deployment needs user_config {'version': ...}")
+        busy = live.lock.held_for()
+        if busy is not None and busy > self._max_engine_call_s:
+            raise RuntimeError(f"engine inside one call for {busy:.0f} s, over max_engine_call_s="
+                               f"{self._max_engine_call_s:g}: wedged")  # fmt: skip
+        await asyncio.to_thread(probe, live)
 
     def _require_live(self) -> Loaded:
         if self._live is None:
