@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,11 +37,23 @@ class Engine(Protocol):
     def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]: ...
     def zero_grad(self) -> None: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> None: ...
+    def step(self) -> bool: ...
     def lr(self) -> float: ...
     def full_weights(self) -> contextlib.AbstractContextManager[None]: ...
     def save(self, root: Path, rank: int) -> bool: ...
     def load(self, root: Path, rank: int) -> None: ...
+
+
+def clipped_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, clip: float) -> bool:
+    """Clip, then step only when the global gradient norm is finite: one inf/NaN gradient (an overflow, a bad row)
+    would turn every weight it reaches into NaN, and the next checkpoint would save them. DDP all-reduced the
+    gradients, so every rank decides alike."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
 
 
 class DDPEngine:
@@ -65,10 +78,11 @@ class DDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.optim.grad_accum).backward()
 
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.lr_schedule.step()
+    def step(self) -> bool:
+        """Whether the update was applied: skipped when the gradient norm is not finite (see ``clipped_step``)."""
+        applied = clipped_step(self.params, self.optimizer, self.cfg.optim.grad_clip)
+        self.lr_schedule.step()  # the LR stays a function of the step, as a resume recomputes it
+        return applied
 
     def lr(self) -> float:
         return self.lr_schedule.get_last_lr()[0]
@@ -128,8 +142,11 @@ class DeepSpeedEngine:
         self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
         self.engine.step()  # a no-op except at the accumulation boundary
 
-    def step(self) -> None:
-        """Applied by the last micro-batch's ``backward``."""
+    def step(self) -> bool:
+        """Applied by the last micro-batch's ``backward``; False when that update's gradient norm was not finite
+        (the weights may then hold NaN: the loop stops without saving them)."""
+        norm = self.engine.get_global_grad_norm()
+        return norm is None or math.isfinite(float(norm))
 
     def lr(self) -> float:
         return self.lr_schedule.get_last_lr()[0]

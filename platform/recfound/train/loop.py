@@ -8,6 +8,7 @@ weights), so DDP / ZeRO graphs match and the per-task streaming splits stay in s
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 import time
@@ -39,6 +40,8 @@ from recfound.train.telemetry import (
     plot_history,
 )
 from recfound.train.validation import ValidationProbe
+
+log = logging.getLogger(__name__)
 
 
 def _broadcast(obj: Any) -> Any:
@@ -145,6 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
         telemetry = Telemetry(log_dir, flops_per_token(n_params), peak_flops(device), cfg.log_every, device)
         telemetry.history = history
 
+    skipped = 0
     for step in range(start + 1, cfg.max_steps + 1):
         began = time.perf_counter()
         torch.manual_seed(step_seed(cfg.seed, rank, step))
@@ -171,7 +175,14 @@ def train_worker(config: dict[str, Any]) -> None:
             if scheduler is not None:
                 ray.get(scheduler.halt.remote(f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}"))
             return
-        engine.step()
+        skipped = 0 if engine.step() else skipped + 1
+        if skipped > (0 if cfg.zero_stage else cfg.optim.max_skipped_steps):
+            if scheduler is not None:
+                ray.get(scheduler.halt.remote(f"step {step}: gradient norm not finite for {skipped} consecutive "
+                                              f"step(s) while every loss was finite"))  # fmt: skip
+            return
+        if skipped:
+            log.warning("step %d: gradient norm not finite; update skipped (%d in a row)", step, skipped)
 
         round_trip = time.perf_counter()
         if step % cfg.scheduler.update_interval == 0:

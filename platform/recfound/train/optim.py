@@ -19,6 +19,10 @@ class OptimConfig(Config):
     """Max global grad norm (paper: 1.0); guards the contrastive loss's sharp temperature against spikes."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step: a larger effective batch at the same memory, more time per step."""
+    max_skipped_steps: int = Field(3, ge=0)
+    """Consecutive steps whose gradient norm is inf/NaN (with finite losses) that are skipped, weights untouched,
+    before the run stops; an occasional overflow passes, a model that keeps producing them stops. Under ZeRO
+    the update is applied inside backward, so there the first such step stops the run."""
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
