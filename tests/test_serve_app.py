@@ -33,7 +33,7 @@ from recfound.serving.app import roll_out
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token"
+TOKEN = "test-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 MAX_INPUTS = 4
 LOAD_DELAY_S = 2.0

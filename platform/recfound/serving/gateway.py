@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 
-from recfound.serving.auth import authorized, load_token, require_auth_off_network
+from recfound.serving.auth import TokenSource, authorized, require_auth_off_network
 from recfound.serving.model import Embedded, Generated
 from recfound.serving.schemas import (
     VERSION_HEADER,
@@ -94,7 +94,7 @@ async def _internal(_: Request, err: Exception) -> JSONResponse:
 
 
 def _authorized(request: Request) -> bool:
-    return authorized(request.headers.get("authorization"), request.app.state.token)
+    return authorized(request.headers.get("authorization"), request.app.state.token.current())
 
 
 def _public(request: Request) -> bool:
@@ -149,9 +149,9 @@ class Gateway:
     def __init__(self, model: DeploymentHandle, limits: dict[str, Any]):
         self._model = model
         self._limits = Limits.model_validate(limits)
-        token = load_token()
-        require_auth_off_network(token, _proxy_host())
-        api.state.token = token
+        source = TokenSource()
+        require_auth_off_network(source.token, _proxy_host())
+        api.state.token = source
 
     @api.get(HEALTHZ)
     async def healthz(self, request: Request) -> JSONResponse:
