@@ -274,3 +274,22 @@ def test_health_check_exercises_the_engine_and_catches_a_wedged_one() -> None:
     busy._live.lock._since -= busy._max_engine_call_s + 1  # ... until that one call outlasts max_engine_call_s
     with pytest.raises(RuntimeError, match="wedged"):
         busy.check()
+
+
+def test_latest_is_pinned_when_the_app_is_deployed(tmp_path: Path) -> None:
+    """A replica that starts after a publish (autoscaling, a restart) serves the deployed version, not the new one."""
+    import asyncio
+
+    from recfound.serving.app import build_app
+    from recfound.serving.model import Model
+
+    registry, data = str(tmp_path / "registry"), make_dataset(tmp_path / "data")
+    publish_fake(make_artifact(tmp_path / "m1"), data, registry)
+    model_app = build_app({"registry": registry})._bound_deployment.init_args[0]
+    args = model_app._bound_deployment.init_args
+    publish_fake(make_artifact(tmp_path / "m2", dim=32), data, registry)  # v2 is now the registry's latest
+    replica = Model.func_or_class(*args)
+    asyncio.run(replica.reconfigure({"version": "latest"}))
+    assert replica._live.version == "v1"
+    redeployed = build_app({"registry": registry})._bound_deployment.init_args[0]._bound_deployment.init_args
+    assert redeployed[-1] == "v2"  # a new deploy pins the new latest

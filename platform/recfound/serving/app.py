@@ -15,6 +15,7 @@ from recfound.config import Config
 from recfound.serving.gateway import Gateway
 from recfound.serving.index import SearchConfig
 from recfound.serving.model import MODEL_DEPLOYMENT, Model
+from recfound.serving.registry import VersionNotFound, latest_version
 from recfound.serving.schemas import Limits
 
 APP_NAME = "recfound"
@@ -38,8 +39,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     registry = cfg.registry or os.environ.get(REGISTRY_ENV)
     if not registry:
         raise ValueError(f"no registry: set args.registry in the Serve config or {REGISTRY_ENV}")
-    model = Model.bind(registry, cfg.search.model_dump(mode="json"), cfg.cache_dir)
+    model = Model.bind(registry, cfg.search.model_dump(mode="json"), cfg.cache_dir, _pin_latest(registry))
     return Gateway.bind(model, cfg.limits.model_dump())
+
+
+def _pin_latest(registry: str) -> str | None:
+    """What ``latest`` means for this deployment: the registry's latest version now, resolved once here (in the
+    Serve controller) rather than by each replica when it starts, which would mix versions after a publish.
+    None for a registry without versions yet: replicas then take the first one published."""
+    try:
+        return latest_version(registry)
+    except VersionNotFound:
+        return None
 
 
 def roll_out(version: str, app_name: str = APP_NAME, timeout_s: float = 300.0) -> None:

@@ -33,7 +33,9 @@ class ModelUserConfig(Config):
     """The Model deployment's ``user_config``: changing it reconfigures running replicas in place."""
 
     version: str = LATEST_ALIAS
-    """Registry version to serve (v1, v2, ...); `latest` follows the registry pointer when a replica loads."""
+    """Registry version to serve (v1, v2, ...); `latest`: the registry's latest when the app was deployed, pinned
+    then so that replicas added later (autoscaling, restarts) serve the same version as the others. A newer
+    version is rolled out explicitly (jobs/publish.py serve=auto, or a new `serve deploy`)."""
     max_batch_size: int = Field(16, ge=1)
     """Most requests one engine call serves."""
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
@@ -173,8 +175,10 @@ def _context_error(param: str, index: int, tokens: int, limit: int, what: str) -
 class Model:
     """Engine + item index of one registry version; swaps versions in ``reconfigure`` without downtime."""
 
-    def __init__(self, registry: str, search: dict[str, Any], cache_dir: str | None = None):
+    def __init__(self, registry: str, search: dict[str, Any], cache_dir: str | None = None,
+                 pinned: str | None = None):  # fmt: skip
         self._registry = registry
+        self._pinned = pinned
         self._search = SearchConfig.model_validate(search)
         self._max_engine_call_s = ModelUserConfig().max_engine_call_s
         self._cache_dir = cache_dir
@@ -194,7 +198,7 @@ class Model:
         """
         try:
             cfg = ModelUserConfig.model_validate(user_config)
-            name = latest_version(self._registry) if cfg.version == LATEST_ALIAS else cfg.version
+            name = cfg.version if cfg.version != LATEST_ALIAS else self._pinned or latest_version(self._registry)
         except Exception as err:
             if self._live is None:
                 raise
