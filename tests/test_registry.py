@@ -12,7 +12,9 @@ import fsspec
 import pytest
 from test_serve_engine import FAKE_ENGINE, make_artifact, make_dataset, publish_fake
 
+from recfound.serving.index import build_item_index, text_meta
 from recfound.serving.registry import (
+    CLAIMS,
     ChecksumError,
     RegistryError,
     VersionNotFound,
@@ -29,7 +31,8 @@ JOB = REPO / "jobs" / "publish.py"
 
 
 def _entries(registry: Path) -> list[str]:
-    return sorted(p.name for p in (registry / "versions").iterdir())
+    """Version folders and any temp folder left behind (the claim markers' folder aside)."""
+    return sorted(p.name for p in (registry / "versions").iterdir() if p.name != CLAIMS)
 
 
 def test_publish_numbers_versions_and_moves_latest(tmp_path: Path) -> None:
@@ -138,6 +141,40 @@ def test_concurrent_name_clash_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="published concurrently"):
         publish(str(model), str(registry), claim_v1_meanwhile, {"engine": FAKE_ENGINE})
     assert _entries(registry) == ["v1"]
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_concurrent_publishes_get_distinct_versions(tmp_path: Path, kind: str) -> None:
+    """Two publishers started together (both past numbering before either writes): both land, as v1 and v2.
+    Before claims: locally one failed to rename onto the other's v1; on memory:// both wrote v1."""
+    import threading
+
+    registry = str(tmp_path / "registry") if kind == "local" else f"memory://concurrent-{tmp_path.name}"
+    model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
+    meta = {"engine": FAKE_ENGINE, **text_meta(json.loads((data / "manifest.json").read_text()))}
+    both_numbered = threading.Barrier(2, timeout=30)
+
+    def index_after_both_numbered(version_dir: str) -> None:
+        both_numbered.wait()
+        build_item_index(version_dir, items_url=str(data / "items.parquet"))
+
+    names, errors = [], []
+
+    def run() -> None:
+        try:
+            names.append(publish(str(model), registry, index_after_both_numbered, meta))
+        except Exception as err:  # collected: the assertion below names it
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(names) == ["v1", "v2"]
+    assert list_versions(registry) == ["v1", "v2"] and latest_version(registry) == "v2"
+    for name in names:
+        verify(resolve(registry, name, str(tmp_path / "cache")))
 
 
 def _job_env() -> dict[str, str]:

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -45,7 +46,7 @@ def sha256(url: str) -> str:
 def write_json(url: str, obj: Any) -> None:
     """Write JSON so a reader never sees half a file: write a sibling temp file, then move it into place."""
     fs, path = url_to_fs(url)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # unique: two writers must not share (and move away) one temp file
     with fs.open(tmp, "w") as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)
     fs.mv(tmp, path)

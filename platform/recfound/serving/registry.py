@@ -12,6 +12,11 @@ Layout at any fsspec URL (local directory, memory://, s3://, ...)::
 A version is visible only once complete. On a local filesystem it is staged under ``versions/.tmp-*`` and
 renamed into place (one atomic rename). Object stores have no directory rename, so there ``version.json`` is
 uploaded last and is the commit marker: readers ignore version folders without it.
+
+Concurrent publishers never share a number: each first claims ``vN`` by creating ``versions/.claims/vN``
+create-if-absent (an exclusive create locally and on memory://; on object stores it needs conditional writes,
+which s3fs and gcsfs map ``xb`` to), retrying with the next number when another publisher holds it. A failed
+publish removes only the version folder it claimed; the number stays used, as a crashed publish's does.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from recfound.io import read_json, sha256, write_json
 log = logging.getLogger(__name__)
 
 VERSIONS = "versions"
+CLAIMS = ".claims"
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 VERSION_FILE = "version.json"
@@ -111,8 +117,7 @@ def publish(
     """
     fs, root = url_to_fs(registry_url)
     fs.makedirs(f"{root}/{VERSIONS}", exist_ok=True)
-    existing = _version_dirs(fs, root)
-    name = f"v{version_number(existing[-1]) + 1 if existing else 1}"
+    name = _claim_version(fs, root)
     local = isinstance(fs, LocalFileSystem)
     # Staging inside the registry keeps the final rename on one filesystem, hence atomic.
     stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=f"{root}/{VERSIONS}" if local else None))
@@ -133,6 +138,25 @@ def publish(
     _advance_latest(fs, root, name)
     log.info("published %s to %s", name, registry_url)
     return name
+
+
+def _claim_version(fs: Any, root: str) -> str:
+    """Reserve the next free ``vN`` with a create-if-absent marker, so two publishers never both write it."""
+    claims = f"{root}/{VERSIONS}/{CLAIMS}"
+    fs.makedirs(claims, exist_ok=True)
+    while True:
+        taken = _version_dirs(fs, root) + [n for n in _names(fs, claims) if _VERSION_NAME.match(n)]
+        name = f"v{max(map(version_number, taken), default=0) + 1}"
+        try:
+            with fs.open(f"{claims}/{name}", "xb") as handle:
+                handle.write(json.dumps({"pid": os.getpid(), "claimed": time.time()}).encode())
+        except FileExistsError:
+            continue  # another publisher took it between our listing and our create
+        return name
+
+
+def _names(fs: Any, folder: str) -> list[str]:
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
 
 
 def _stage(model_dir: str, stage: Path, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
@@ -195,7 +219,7 @@ def _version_dirs(fs: Any, root: str) -> list[str]:
     """Every vN folder, complete or not, by number: numbering must skip partial ones a crash left behind."""
     if not fs.exists(f"{root}/{VERSIONS}"):
         return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{VERSIONS}", detail=False)]
+    names = _names(fs, f"{root}/{VERSIONS}")
     return sorted((n for n in names if _VERSION_NAME.match(n)), key=version_number)
 
 
