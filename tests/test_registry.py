@@ -122,6 +122,46 @@ def test_remote_registry_resolves_into_a_local_cache(tmp_path: Path) -> None:
         fsspec.filesystem("memory").rm("/recfound-test-registry", recursive=True)
 
 
+def test_cached_copies_survive_concurrent_downloads_and_corruption(tmp_path: Path, monkeypatch) -> None:
+    """Replicas sharing a cache: the one that loses the rename uses the winner's copy; a corrupted cached copy
+    is fetched again rather than refused forever."""
+    import threading
+
+    from recfound.serving import registry as reg
+
+    url, cache = f"memory://cache-{tmp_path.name}", str(tmp_path / "cache")
+    try:
+        publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), url)
+        both_copied, copy = threading.Barrier(2, timeout=30), reg._copy_tree
+
+        def copy_then_wait(src: str, dest: Path) -> None:
+            copy(src, dest)
+            both_copied.wait()  # both downloads are complete before either renames
+
+        monkeypatch.setattr(reg, "_copy_tree", copy_then_wait)
+        paths, errors = [], []
+
+        def load() -> None:
+            try:
+                paths.append(reg.resolve_verified(url, cache_dir=cache))
+            except Exception as err:  # collected: the assertion below names it
+                errors.append(err)
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and len(set(paths)) == 1
+        monkeypatch.setattr(reg, "_copy_tree", copy)
+        weights = Path(paths[0]) / "weights" / "adapter.bin"
+        weights.write_bytes(b"flipped on disk")
+        assert reg.resolve_verified(url, cache_dir=cache) == paths[0]  # fetched again, verified
+        assert weights.read_bytes() != b"flipped on disk"
+    finally:
+        fsspec.filesystem("memory").rm(f"/cache-{tmp_path.name}", recursive=True)
+
+
 def test_version_names_are_validated(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), str(registry))

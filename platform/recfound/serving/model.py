@@ -21,7 +21,7 @@ from ray import serve
 from recfound.config import Config
 from recfound.serving.engine import Engine, Side, load_engine
 from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
-from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve, verify
+from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
 from recfound.serving.schemas import QUERY_PARAM, ApiError, ErrorType, RecommendedItem, RecommendRequest, RecommendResponse
 
 log = logging.getLogger("ray.serve")
@@ -105,8 +105,7 @@ def probe(live: Loaded) -> None:
 
 def load_version(registry: str, version: str, search: SearchConfig, cache_dir: str | None) -> Loaded:
     """Resolve, verify every checksum, then load: a corrupted version raises before any of it is used."""
-    path = resolve(registry, version, cache_dir)
-    verify(path)
+    path = resolve_verified(registry, version, cache_dir)
     meta = read_version(path)
     engine = load_engine(path)
     index = ItemIndex.load(path, search)

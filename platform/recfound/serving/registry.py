@@ -203,12 +203,29 @@ def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | Non
     try:
         _copy_tree(_url(fs, remote_dir), tmp)
         _rename_into_place(tmp, str(dest))
-    except OSError:
-        if not (dest / VERSION_FILE).is_file():  # not a concurrent download that won the rename
+    except RegistryError:
+        if not (dest / VERSION_FILE).is_file():  # losing the rename to a concurrent download is success
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def resolve_verified(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
+    """``resolve`` then ``verify``; a cached copy of a remote version that fails (a disk error, a torn copy by
+    an older release) is dropped and fetched again once, instead of being refused forever."""
+    path = resolve(registry_url, version, cache_dir)
+    try:
+        verify(path)
+    except ChecksumError as err:
+        fs, root = url_to_fs(registry_url)
+        if isinstance(fs, LocalFileSystem):
+            raise  # the registry itself is damaged: nothing to fetch again
+        log.warning("cached copy fails verification, fetching it again: %s", err)
+        shutil.rmtree(path, ignore_errors=True)
+        path = resolve(registry_url, version, cache_dir)
+        verify(path)
+    return path
 
 
 def _url(fs: Any, path: str) -> str:
