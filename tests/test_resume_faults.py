@@ -89,3 +89,15 @@ def test_every_rank_checks_every_zero_partition(tmp_path: Path) -> None:
     _flip(root / ZERO_DIR / "rank_1_optim_states.pt")
     with pytest.raises(CorruptCheckpointError, match="rank-1.json"):
         verify_partitions(root)
+
+
+def test_a_stop_is_recorded_in_the_run_storage_and_cleared_by_a_rerun(tmp_path: Path) -> None:
+    """The reason outlives any actor (it used to live in the S2Sched actor's memory, lost on a restart)."""
+    from recfound.train.halt import clear_halt, halt_url, read_halt, record_halt
+
+    url = halt_url(str(tmp_path / "runs"), "run-nan")
+    assert read_halt(url) is None
+    record_halt(url, 3, "step 3: loss of task u2i is nan")  # before the first checkpoint: no run folder yet
+    assert read_halt(url) == "step 3: loss of task u2i is nan"
+    clear_halt(url)
+    assert read_halt(url) is None

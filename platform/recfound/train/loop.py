@@ -28,6 +28,7 @@ from recfound.train import checkpoint
 from recfound.train.batches import collate
 from recfound.train.config import TrainConfig
 from recfound.train.engine import build_engine, verify_partitions
+from recfound.train.halt import record_halt
 from recfound.train.mixing import allocate
 from recfound.train.objective import FALSE_NEGATIVES, JointObjective, TaskStats
 from recfound.train.s2sched import LossSource
@@ -172,14 +173,14 @@ def train_worker(config: dict[str, Any]) -> None:
         false_negatives = losses.pop(FALSE_NEGATIVES, None)
         bad = [t for t, v in losses.items() if not math.isfinite(v)]
         if bad:  # every rank sees the same reduced losses, so all stop here; a retry would fail the same way
-            if scheduler is not None:
-                ray.get(scheduler.halt.remote(f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}"))
+            if rank == 0:
+                record_halt(config["halt"], step, f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}")
             return
         skipped = 0 if engine.step() else skipped + 1
         if skipped > (0 if cfg.zero_stage else cfg.optim.max_skipped_steps):
-            if scheduler is not None:
-                ray.get(scheduler.halt.remote(f"step {step}: gradient norm not finite for {skipped} consecutive "
-                                              f"step(s) while every loss was finite"))  # fmt: skip
+            if rank == 0:
+                record_halt(config["halt"], step, f"step {step}: gradient norm not finite for {skipped} consecutive "
+                                                  f"step(s) while every loss was finite")  # fmt: skip
             return
         if skipped:
             log.warning("step %d: gradient norm not finite; update skipped (%d in a row)", step, skipped)

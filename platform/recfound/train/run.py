@@ -146,6 +146,7 @@ def run(cfg: TrainConfig) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from recfound.train.halt import clear_halt, halt_url, read_halt
     from recfound.train.loop import train_worker
     from recfound.train.s2sched import get_or_create_scheduler
 
@@ -159,10 +160,12 @@ def run(cfg: TrainConfig) -> str:
     scheduler_name = f"s2sched-{p.name}"
     # The driver holds the handle for the whole fit: a named actor without handles is garbage collected.
     scheduler = get_or_create_scheduler(scheduler_name, NAMESPACE, p.tasks, p.rows, cfg.scheduler)
+    halt = halt_url(p.storage_path, p.name)
+    clear_halt(halt)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
-                           "namespace": NAMESPACE, "run": p.name, "data": p.data,
+                           "namespace": NAMESPACE, "run": p.name, "data": p.data, "halt": halt,
                            "scheduler_initial": ray.get(scheduler.state_dict.remote())},  # fmt: skip
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
@@ -174,7 +177,7 @@ def run(cfg: TrainConfig) -> str:
         datasets=_datasets(p, cfg),
     )
     result = trainer.fit()
-    halted = ray.get(scheduler.halted.remote())
+    halted = read_halt(halt)
     ray.kill(scheduler)
     if result.error is not None:
         raise RunError(f"run {p.name} failed: {result.error}")

@@ -263,7 +263,6 @@ class _SchedulerActor:
     def __init__(self, tasks: Sequence[str], rows: Mapping[str, int], cfg: SchedulerConfig) -> None:
         self._sched = S2Sched(tasks, rows, cfg)
         self._lost = ray.get_runtime_context().was_current_actor_reconstructed
-        self._halt: str | None = None
 
     def _check(self) -> S2Sched:
         if self._lost:
@@ -285,14 +284,6 @@ class _SchedulerActor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._sched.load_state_dict(state)
         self._lost = False
-
-    def halt(self, reason: str) -> None:
-        """Record why the workers stopped on purpose (e.g. a NaN loss): a worker exception would be retried by
-        Ray Train from the last checkpoint and hit the same deterministic failure again."""
-        self._halt = reason
-
-    def halted(self) -> str | None:
-        return self._halt
 
 
 S2SchedActor = ray.remote(num_cpus=0, max_restarts=-1)(_SchedulerActor)
