@@ -178,12 +178,14 @@ class ItemIndex:
         vectors = self.vectors[task]
         if task in self.ivf:
             positions = self.ivf[task].candidates(q, self.search_config.nprobe)
+            scores = vectors[positions] @ q  # the probed lists only: a small gather
+            if exclude:
+                scores[torch.isin(positions, torch.tensor(list(exclude)))] = -math.inf
         else:
-            positions = torch.arange(vectors.shape[0])
-        scores = vectors[positions] @ q
-        if exclude:
-            scores[torch.isin(positions, torch.tensor(list(exclude)))] = -math.inf
+            positions = None  # exact: score the matrix in place; gathering every row would copy all of it
+            scores = vectors @ q
+            if exclude:
+                scores[torch.tensor(list(exclude))] = -math.inf
         top = scores.topk(min(k, scores.shape[0]))
-        return [
-            (int(positions[i]), float(s)) for i, s in zip(top.indices, top.values, strict=True) if s != -math.inf
-        ]
+        return [(int(i if positions is None else positions[i]), float(s))
+                for i, s in zip(top.indices, top.values, strict=True) if s != -math.inf]  # fmt: skip
