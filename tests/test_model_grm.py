@@ -105,7 +105,7 @@ def test_greedy_generation_is_deterministic_and_batch_independent(grm):
 
 def test_choice_scores_are_each_pairs_own_mean_log_likelihood(grm):
     prompts, choices = ["Rate the review: great mug, love it", "Is this a match?"], ["positive", "no", "very negative"]
-    scores = grm.choice_scores(prompts, choices, "sentiment_analysis")
+    scores = grm.choice_scores(prompts, choices, "sentiment_analysis", batch_size=4)  # 6 pairs: 2 passes
     for i, prompt in enumerate(prompts):
         for j, choice in enumerate(choices):  # alone, unpadded: batching must not change a pair's score
             alone = encode_generative(grm.tokenizer, [prompt], [choice], 128)

@@ -133,19 +133,25 @@ class GRM(nn.Module):
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
     @torch.no_grad()
-    def choice_scores(self, prompts: Sequence[str], choices: Sequence[str], task: str) -> torch.Tensor:
+    def choice_scores(self, prompts: Sequence[str], choices: Sequence[str], task: str,
+                      batch_size: int = 32) -> torch.Tensor:  # fmt: skip
         """(prompts, choices) mean log-likelihood per token of each choice as the whole response (eos included).
 
-        Per-token means, as lm-eval-harness normalises: a sum would favour the shortest choice. One forward pass
-        over every (prompt, choice) pair, the prompt repeated: choices are few and short next to a prompt.
+        Per-token means, as lm-eval-harness normalises: a sum would favour the shortest choice. Every (prompt,
+        choice) pair is one sequence, the prompt repeated, ``batch_size`` pairs per forward pass: a request's
+        prompts x choices can be large, and memory must not grow with it.
         """
         pairs = [(p, c) for p in prompts for c in choices]
+        scores = [self._pair_scores(pairs[i : i + batch_size], task) for i in range(0, len(pairs), batch_size)]
+        return torch.cat(scores).view(len(prompts), len(choices))
+
+    def _pair_scores(self, pairs: Sequence[tuple[str, str]], task: str) -> torch.Tensor:
         batch = encode_generative(self.tokenizer, [p for p, _ in pairs], [c for _, c in pairs],
                                   self.backbone.max_generative_len)  # fmt: skip
         losses, rows = self.lm_token_losses(batch, self.task_ids([task] * len(pairs)))
         total = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, losses)
         count = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, torch.ones_like(losses))
-        return (-total / count.clamp(min=1)).view(len(prompts), len(choices)).cpu()
+        return (-total / count.clamp(min=1)).cpu()
 
     def choose(self, prompts: Sequence[str], choices: Sequence[str], task: str) -> list[str]:
         """The most likely of ``choices`` for each prompt (constrained decoding over a closed answer set)."""
