@@ -6,7 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 import pytest
@@ -28,6 +32,14 @@ from recfound.serving.registry import (
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "publish.py"
+T = TypeVar("T")
+
+
+def _twice_at_once(call: Callable[[], T]) -> list[T]:
+    """``call`` on two threads at once; both results, or the first one's exception re-raised here."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(call) for _ in range(2)]
+        return [future.result() for future in futures]
 
 
 def _entries(registry: Path) -> list[str]:
@@ -125,34 +137,21 @@ def test_remote_registry_resolves_into_a_local_cache(tmp_path: Path) -> None:
 def test_cached_copies_survive_concurrent_downloads_and_corruption(tmp_path: Path, monkeypatch) -> None:
     """Replicas sharing a cache: the one that loses the rename uses the winner's copy; a corrupted cached copy
     is fetched again rather than refused forever."""
-    import threading
-
     from recfound.serving import registry as reg
 
     url, cache = f"memory://cache-{tmp_path.name}", str(tmp_path / "cache")
     try:
         publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), url)
-        both_copied, copy = threading.Barrier(2, timeout=30), reg._copy_tree
+        both_copied, one_reader, copy = threading.Barrier(2, timeout=30), threading.Lock(), reg._copy_tree
 
         def copy_then_wait(src: str, dest: Path) -> None:
-            copy(src, dest)
+            with one_reader:  # memory:// hands concurrent readers one shared file cursor; S3 or GCS do not
+                copy(src, dest)
             both_copied.wait()  # both downloads are complete before either renames
 
         monkeypatch.setattr(reg, "_copy_tree", copy_then_wait)
-        paths, errors = [], []
-
-        def load() -> None:
-            try:
-                paths.append(reg.resolve_verified(url, cache_dir=cache))
-            except Exception as err:  # collected: the assertion below names it
-                errors.append(err)
-
-        threads = [threading.Thread(target=load) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors and len(set(paths)) == 1
+        paths = _twice_at_once(lambda: reg.resolve_verified(url, cache_dir=cache))
+        assert len(set(paths)) == 1
         monkeypatch.setattr(reg, "_copy_tree", copy)
         weights = Path(paths[0]) / "weights" / "adapter.bin"
         weights.write_bytes(b"flipped on disk")
@@ -183,13 +182,11 @@ def test_concurrent_name_clash_fails_cleanly(tmp_path: Path) -> None:
     assert _entries(registry) == ["v1"]
 
 
-@pytest.mark.parametrize("kind", ["local", "memory"])
-def test_concurrent_publishes_get_distinct_versions(tmp_path: Path, kind: str) -> None:
+def test_concurrent_publishes_get_distinct_versions(tmp_path: Path) -> None:
     """Two publishers started together (both past numbering before either writes): both land, as v1 and v2.
-    Before claims: locally one failed to rename onto the other's v1; on memory:// both wrote v1."""
-    import threading
-
-    registry = str(tmp_path / "registry") if kind == "local" else f"memory://concurrent-{tmp_path.name}"
+    Before claims one failed to rename onto the other's v1. (Local only: memory:// shares one file cursor
+    between concurrent readers, which no real store does.)"""
+    registry = str(tmp_path / "registry")
     model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
     meta = {"engine": FAKE_ENGINE, **text_meta(json.loads((data / "manifest.json").read_text()))}
     both_numbered = threading.Barrier(2, timeout=30)
@@ -198,20 +195,8 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path: Path, kind: str) -
         both_numbered.wait()
         build_item_index(version_dir, items_url=str(data / "items.parquet"))
 
-    names, errors = [], []
-
-    def run() -> None:
-        try:
-            names.append(publish(str(model), registry, index_after_both_numbered, meta))
-        except Exception as err:  # collected: the assertion below names it
-            errors.append(err)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and sorted(names) == ["v1", "v2"]
+    names = _twice_at_once(lambda: publish(str(model), registry, index_after_both_numbered, meta))
+    assert sorted(names) == ["v1", "v2"]
     assert list_versions(registry) == ["v1", "v2"] and latest_version(registry) == "v2"
     for name in names:
         verify(resolve(registry, name, str(tmp_path / "cache")))

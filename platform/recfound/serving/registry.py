@@ -296,8 +296,13 @@ def _upload(stage: Path, fs: Any, final: str) -> None:
 
 
 def _advance_latest(fs: Any, root: str, name: str) -> None:
-    """Move ``latest`` forward only: a slow concurrent publish of an older number must not win."""
+    """Point ``latest`` at the newest complete version, checking again after each write: a concurrent publisher
+    of an older number may have overwritten a newer pointer between its check and its write. The last check
+    of all publishers comes after every write and every commit, so it leaves the newest version in place."""
     pointer = f"{root}/{LATEST}"
-    if fs.exists(pointer) and version_number(read_json(_url(fs, pointer))["version"]) > version_number(name):
-        return
-    write_json(_url(fs, pointer), {"version": name, "updated": time.time()})
+    while True:
+        newest = max((n for n in _version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{n}/{VERSION_FILE}")),
+                     key=version_number, default=name)  # fmt: skip
+        if fs.exists(pointer) and version_number(read_json(_url(fs, pointer))["version"]) >= version_number(newest):
+            return
+        write_json(_url(fs, pointer), {"version": newest, "updated": time.time()})
