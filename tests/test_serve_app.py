@@ -26,7 +26,7 @@ import ray
 import yaml
 from openai import NotFoundError, OpenAI
 from ray import serve
-from test_serve_engine import FAKE_ENGINE, fake_vectors, make_artifact, make_dataset, publish_fake
+from test_serve_engine import FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, make_dataset, publish_fake
 
 from recfound.serving.app import roll_out
 
@@ -38,6 +38,9 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 MAX_INPUTS = 4
 LOAD_DELAY_S = 2.0
 PREFIX = "/api"
+MAX_CHARS = 2000
+MAX_BODY = 64 * 1024
+PREFIXED_TIMEOUT_S = 1.0
 
 
 def _free_port() -> int:
@@ -55,7 +58,8 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     publish_fake(model, data, str(registry))
     config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port = _free_port()
-    config["applications"][0]["args"]["limits"]["max_inputs"] = MAX_INPUTS
+    config["applications"][0]["args"]["limits"].update(max_inputs=MAX_INPUTS, max_chars=MAX_CHARS,
+                                                        max_body_bytes=MAX_BODY)  # fmt: skip
     config["applications"].append(_prefixed(config["applications"][0]))
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     saved = dict(os.environ)
@@ -80,10 +84,15 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _prefixed(shipped: dict[str, Any]) -> dict[str, Any]:
-    """The shipped app under route_prefix /api, reserving no CPUs so it fits beside the first on 2."""
+    """The shipped app under route_prefix /api, reserving no CPUs so it fits beside the first on 2; its Model takes
+    one request at a time with one queued and its requests time out after PREFIXED_TIMEOUT_S, for overload tests."""
     app = copy.deepcopy(shipped) | {"name": "recfound-prefixed", "route_prefix": PREFIX}
+    app["args"]["limits"]["request_timeout_s"] = PREFIXED_TIMEOUT_S
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0}
+        if deployment["name"] == "Model":
+            deployment |= {"max_ongoing_requests": 1, "max_queued_requests": 1, "autoscaling_config": {
+                "min_replicas": 1, "max_replicas": 1}}  # fmt: skip
     return app
 
 
@@ -229,6 +238,20 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, None, 401, "invalid_api_key", "bearer token"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, "wrong", 401, "invalid_api_key", "bearer token"),
     ("/v1/nothing", {}, TOKEN, 404, None, "Not Found"),
+    # Bounded work: every cap refuses before the model runs.
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": ["ok", "x" * (MAX_CHARS + 1)]}, TOKEN, 400,
+     "string_too_long", f"input[1] has {MAX_CHARS + 1} characters; at most {MAX_CHARS}"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": "x" * (MAX_CHARS + 1)}, TOKEN, 400, "string_too_long",
+     "prompt[0]"),
+    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, TOKEN, 400,
+     "too_many_inputs", "5 stop strings; at most 4"),
+    ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "system", "content": "s"}] * 40 +
+     [{"role": "user", "content": "u"}]}, TOKEN, 400, "too_many_inputs", "41 messages; at most 32"),
+    ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "user", "content": "y" * 5000}]}, TOKEN,
+     400, "string_too_long", "messages[0]"),
+    ("/v1/recommend", {"task": "q2i", "query": "q" * (MAX_CHARS + 1)}, TOKEN, 400, "string_too_long", "query[0]"),
+    ("/v1/embeddings", {"model": "recfound-q2i", "input": ["x"] * 40_000}, TOKEN, 413, "request_too_large",
+     f"over {MAX_BODY} bytes"),
 ]
 
 
@@ -240,6 +263,20 @@ def test_bad_input_gets_openai_error(app: dict[str, Any], path: str, body: Any, 
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and fragment in error["message"]
+
+
+def test_a_chunked_body_over_the_cap_is_cut_off(app: dict[str, Any]) -> None:
+    """No Content-Length to refuse by: the upload is read only up to the cap, then answered 413."""
+    def body() -> Iterator[bytes]:
+        yield b'{"model": "recfound-q2i", "input": ['
+        for _ in range(2 * MAX_BODY // 1000):
+            yield b'"' + b"x" * 998 + b'",'
+        yield b'"x"]}'
+
+    resp = httpx.post(f"{app['url']}/v1/embeddings", content=body(), headers={**AUTH, "content-type":
+                      "application/json"}, timeout=30)  # fmt: skip
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["error"]["code"] == "request_too_large"
 
 
 def test_replica_survives_bad_input(app: dict[str, Any]) -> None:
@@ -335,3 +372,24 @@ def test_hot_swap_drops_no_request(app: dict[str, Any]) -> None:
     assert versions == [before] * versions.count(before) + [new] * versions.count(new), versions
     assert versions.count(before) > 0 and versions.count(new) > 0
     assert max(latency for _, _, latency in results) < LOAD_DELAY_S, "a request waited for the new version to load"
+
+
+def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -> None:
+    """The /api app's Model runs one request with one queued and times out after PREFIXED_TIMEOUT_S: of several
+    concurrent long generations, those beyond the queue get 503 (not a wait) and the admitted ones 504, all in
+    OpenAI's error schema; the replica then answers normally."""
+    body = {"model": "recfound-gen", "prompt": f"{SLOW_PROMPT} tell me", "max_tokens": 4}
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{app['url']}{PREFIX}/v1/completions", json=body, headers=AUTH, timeout=30))) for _ in range(5)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    codes = sorted((resp.status_code, resp.json()["error"]["code"]) for resp in answers)
+    assert (503, "overloaded") in codes and (504, "timeout") in codes, codes
+    assert {status for status, _ in codes} <= {503, 504}
+    time.sleep(SLOW_S)  # the abandoned generations finish in their threads
+    resp = _post(app, f"{PREFIX}/v1/completions", {"model": "recfound-gen", "prompt": "hello", "max_tokens": 4})
+    assert resp.status_code == 200, resp.text

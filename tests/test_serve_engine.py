@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,9 @@ from recfound.serving.registry import publish, resolve
 
 FAKE_ENGINE = "test_serve_engine:FakeEngine"
 FAKE_CONFIG = "fake_model.json"
+SLOW_PROMPT = "[slow]"
+"""A prompt starting with this makes FakeEngine.generate take SLOW_S: a long generation, for timeouts and overload."""
+SLOW_S = 3.0
 CATALOGUE = [
     ("i1", "red running shoes", ["Shoes"], "Acme"),
     ("i2", "blue running shoes", ["Shoes"], "Acme"),
@@ -66,6 +70,8 @@ class FakeEngine:
         return fake_vectors(texts, self.dim)
 
     def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        if any(p.startswith(SLOW_PROMPT) for p in prompts):
+            time.sleep(SLOW_S)
         return [" ".join(f"{self.version} {task} says {p}".split()[:max_tokens]) for p in prompts]
 
     def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
@@ -268,12 +274,50 @@ def test_health_check_exercises_the_engine_and_catches_a_wedged_one() -> None:
     with pytest.raises(RuntimeError, match="not a finite vector"):
         _replica(_ProbeEngine(broken=True)).check()
     busy = _replica(_ProbeEngine())
-    busy._live.lock.acquire()  # a request is inside the engine: busy is healthy, and the probe does not wait
+    busy._live.embed_lock.acquire()  # a request is inside the engine: busy is healthy, and the probe does not wait
     busy.check()
     assert busy._live.engine.calls == 0
-    busy._live.lock._since -= busy._max_engine_call_s + 1  # ... until that one call outlasts max_engine_call_s
+    busy._live.embed_lock._since -= busy._max_engine_call_s + 1  # ... until that one call outlasts max_engine_call_s
     with pytest.raises(RuntimeError, match="wedged"):
         busy.check()
+    generating = _replica(_ProbeEngine())
+    generating._live.generate_lock.acquire()
+    generating._live.generate_lock._since -= generating._max_engine_call_s + 1  # a wedged generation counts too
+    with pytest.raises(RuntimeError, match="wedged"):
+        generating.check()
+
+
+class _GateEngine(_ProbeEngine):
+    """Generation waits until released: a long completion in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generating, self.release = threading.Event(), threading.Event()
+
+    def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        self.generating.set()
+        assert self.release.wait(30)
+        return ["done"] * len(prompts)
+
+
+def test_embeddings_are_served_while_a_generation_runs() -> None:
+    """Embeddings and generation hold separate engine locks: /v1/embeddings and /v1/recommend never queue behind a
+    long completion on the same replica."""
+    from recfound.serving.model import Loaded, _embed_grouped, _generate_grouped
+
+    engine = _GateEngine()
+    live = Loaded("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
+    generation = threading.Thread(target=_generate_grouped, args=([(live, "q2i", ["a long one"], 512, 0.0)],))
+    generation.start()
+    assert engine.generating.wait(30)
+    embedded = threading.Thread(target=_embed_grouped, args=([(live, "q2i", ["a query"])],))
+    embedded.start()
+    embedded.join(10)
+    finished_first = not embedded.is_alive()
+    engine.release.set()
+    generation.join(30)
+    assert finished_first, "the embedding waited for the generation to finish"
+    assert engine.calls == 1
 
 
 def test_latest_is_pinned_when_the_app_is_deployed(tmp_path: Path) -> None:

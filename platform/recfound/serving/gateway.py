@@ -12,6 +12,7 @@ describe the deployment; fetch those with the token, e.g. ``curl -H "Authorizati
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the ingress class at runtime.
+import asyncio
 import json
 import logging
 import re
@@ -23,9 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from recfound.serving.auth import TokenSource, authorized, require_auth_off_network
 from recfound.serving.model import Embedded, Generated
@@ -82,8 +87,10 @@ async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
 
 
 @api.exception_handler(HTTPException)
-async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     error_type = ErrorType.NOT_FOUND if err.status_code == 404 else ErrorType.INVALID_REQUEST
+    if err.status_code == 413:  # BodyLimit's, raised while the route reads a chunked body
+        return _error(_too_large(request.app.state.limits.max_body_bytes))
     return _error(ApiError(err.status_code, str(err.detail), None, None, error_type))
 
 
@@ -111,6 +118,52 @@ async def _auth(request: Request, call_next: Any) -> Any:
         return _error(ApiError(401, "missing or invalid bearer token", None, "invalid_api_key",
                                ErrorType.AUTHENTICATION))  # fmt: skip
     return await call_next(request)
+
+
+TOO_LARGE = "request_too_large"
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body over {limit} bytes (limits.max_body_bytes)", None, TOO_LARGE)
+
+
+class BodyLimit:
+    """``Limits.max_body_bytes`` on every request: a Content-Length over it is answered 413 before any byte is read;
+    a chunked upload is cut off by Starlette's body limit as soon as the bytes read pass it (its 413 reaches
+    ``_http_error`` through FastAPI's body reading), so an oversized body never reaches JSON parsing. (FastAPI's own
+    ``max_body_size`` is fixed on each route when it is declared, before the Serve config is known; Starlette's
+    answers a too-long Content-Length in plain text, hence the first check here.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = scope["app"].state.limits.max_body_bytes
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _error(_too_large(limit))(scope, receive, send)
+            return
+        await RequestBodyLimitMiddleware(self.app, max_body_size=limit)(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+async def answer(response: DeploymentResponse, limits: Limits) -> Any:
+    """The model replica's answer within ``request_timeout_s`` (504 past it, the request cancelled), or a 503 when
+    the Model's queue is full (Serve's ``max_queued_requests``): overload answers fast instead of piling up."""
+    try:
+        return await asyncio.wait_for(response, limits.request_timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise ApiError(504, f"no answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)", None,
+                       "timeout", ErrorType.SERVER) from None  # fmt: skip
+    except BackPressureError:
+        raise ApiError(503, "the model is at capacity; retry shortly", None, "overloaded",
+                       ErrorType.UNAVAILABLE) from None  # fmt: skip
 
 
 def _proxy_host() -> str:
@@ -151,14 +204,14 @@ class Gateway:
         self._limits = Limits.model_validate(limits)
         source = TokenSource()
         require_auth_off_network(source.token, _proxy_host())
-        api.state.token = source
+        api.state.token, api.state.limits = source, self._limits
 
     @api.get(HEALTHZ)
     async def healthz(self, request: Request) -> JSONResponse:
         """Up (200) or down (503) and the version for anyone; the details (``last_error`` names local paths, the
         index size, the context length) only with the token, or when auth is off."""
         try:
-            info = await self._model.info.remote()
+            info = await answer(self._model.info.remote(), self._limits)
         except ApiError as err:
             return _error(err)
         detail = info if _authorized(request) else {"version": info["version"]}
@@ -166,14 +219,14 @@ class Gateway:
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
-        info = await self._model.info.remote()
+        info = await answer(self._model.info.remote(), self._limits)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "recfound"} for name in model_names()]
         return _versioned({"object": "list", "data": data, "version": info["version"]}, info["version"])
 
     @api.post("/v1/embeddings")
     async def embeddings(self, req: EmbeddingRequest) -> JSONResponse:
         task = embedding_task(req.model)
-        out: Embedded = await self._model.embed.remote(task, req.texts(self._limits))
+        out: Embedded = await answer(self._model.embed.remote(task, req.texts(self._limits)), self._limits)
         if req.dimensions is not None and req.dimensions != out.vectors.shape[1]:
             raise ApiError(400, f"dimensions={req.dimensions}; this model embeds in {out.vectors.shape[1]}",
                            "dimensions", "unsupported_value")  # fmt: skip
@@ -186,20 +239,20 @@ class Gateway:
 
     @api.post("/v1/chat/completions")
     async def chat(self, req: ChatRequest) -> Any:
-        return await self._complete(req, [req.prompt()], chat=True)
+        return await self._complete(req, [req.prompt(self._limits)], chat=True)
 
     async def _complete(self, req: CompletionRequest | ChatRequest, prompts: list[str], chat: bool) -> Any:
         task = generative_task(req.model)
         max_tokens = req.checked_max_tokens(self._limits)
-        choices = req.choices(self._limits)
+        choices, stops = req.choices(self._limits), req.stops(self._limits)
         if choices is not None:  # a whole choice is the answer: neither max_tokens nor stop cut it
-            out: Generated = await self._model.choose.remote(task, prompts, choices)
+            out: Generated = await answer(self._model.choose.remote(task, prompts, choices), self._limits)
             texts, finish = out.texts, ["stop"] * len(out.texts)
         else:
-            out = await self._model.generate.remote(task, prompts, max_tokens, req.temperature)
+            out = await answer(self._model.generate.remote(task, prompts, max_tokens, req.temperature), self._limits)
             texts, finish = [], []
             for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
-                text, stopped = _apply_stop(text, req.stops())
+                text, stopped = _apply_stop(text, stops)
                 texts.append(text)
                 finish.append("stop" if stopped or tokens < max_tokens else "length")
         if not req.stream:
@@ -222,5 +275,5 @@ class Gateway:
     @api.post("/v1/recommend")
     async def recommend(self, req: RecommendRequest) -> JSONResponse:
         req.check(self._limits)
-        out: RecommendResponse = await self._model.recommend.remote(req)
+        out: RecommendResponse = await answer(self._model.recommend.remote(req), self._limits)
         return _versioned(out, out.version)

@@ -46,8 +46,8 @@ class ModelUserConfig(Config):
 
 
 class EngineLock:
-    """One engine call at a time, remembering since when the current one runs: the health check tells a busy
-    engine (fine) from a wedged one (replace the replica)."""
+    """One engine call of a kind at a time, remembering since when the current one runs: the health check tells a
+    busy engine (fine) from a wedged one (replace the replica)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -85,20 +85,29 @@ class Loaded:
     index: ItemIndex
     instructions: dict[str, dict[str, str]]
     max_history: int
-    lock: EngineLock = field(default_factory=EngineLock)
-    """Engines need not be thread-safe (TMoLE routing is per-model state): one engine call at a time."""
+    embed_lock: EngineLock = field(default_factory=EngineLock)
+    """One embedding call at a time (embeddings batch several requests into one call anyway)."""
+    generate_lock: EngineLock = field(default_factory=EngineLock)
+    """One generation or choice call at a time. Separate from ``embed_lock`` so a long completion never stalls
+    retrieval: the two run in their own threads (TMoLE routing is thread-private, a ContextVar; the only state
+    they share is the folded-weight cache, whose entries are whole tensors swapped under the GIL)."""
+
+    def busiest(self) -> float | None:
+        """Seconds the longest-running engine call has taken so far; None when the engine is idle."""
+        held = [t for t in (self.embed_lock.held_for(), self.generate_lock.held_for()) if t is not None]
+        return max(held, default=None)
 
 
 def probe(live: Loaded) -> None:
     """Embed one short text and check the vector is finite; skipped while a request holds the engine (that
     request exercises it, and waiting for it could outlast Serve's health-check timeout)."""
     task = "q2i" if "q2i" in live.instructions else next(iter(live.instructions))
-    if not live.lock.acquire(blocking=False):
+    if not live.embed_lock.acquire(blocking=False):
         return
     try:
         vectors = live.engine.embed(task, ["health check"], live.instructions[task]["query"], Side.QUERY)
     finally:
-        live.lock.release()
+        live.embed_lock.release()
     if vectors.shape[0] != 1 or not np.isfinite(vectors).all():
         raise RuntimeError(f"version {live.version}: the engine's probe embedding is not a finite vector")
 
@@ -136,7 +145,7 @@ def _embed_grouped(jobs: list[tuple[Loaded, str, list[str]]]) -> list[np.ndarray
     for members in groups.values():
         live, task, _ = jobs[members[0]]
         texts = [t for j in members for t in jobs[j][2]]
-        with live.lock:
+        with live.embed_lock:
             vectors = live.engine.embed(task, texts, live.instructions[task]["query"], Side.QUERY)
         start = 0
         for j in members:
@@ -152,7 +161,7 @@ def _generate_grouped(jobs: list[tuple[Loaded, str, list[str], int, float]]) -> 
     out: list[list[str]] = [[] for _ in jobs]
     for members in groups.values():
         live, task, _, max_tokens, temperature = jobs[members[0]]
-        with live.lock:
+        with live.generate_lock:
             texts = live.engine.generate(task, [p for j in members for p in jobs[j][2]], max_tokens, temperature)
         start = 0
         for j in members:
@@ -239,7 +248,7 @@ class Model:
         live = self._live
         if live is None:
             raise RuntimeError("no model version loaded: the deployment needs user_config {'version': ...}")
-        busy = live.lock.held_for()
+        busy = live.busiest()
         if busy is not None and busy > self._max_engine_call_s:
             raise RuntimeError(f"engine inside one call for {busy:.0f} s, over max_engine_call_s="
                                f"{self._max_engine_call_s:g}: wedged")  # fmt: skip
@@ -255,8 +264,8 @@ class Model:
         return {"version": live.version, "last_error": self._error, "items": len(live.index.item_ids),
                 "context_length": live.engine.context_length}  # fmt: skip
 
-    def _check_embed_context(self, live: Loaded, task: str, texts: list[str], param: str) -> int:
-        counts = live.engine.count_tokens([live.instructions[task]["query"], *texts])
+    async def _check_embed_context(self, live: Loaded, task: str, texts: list[str], param: str) -> int:
+        counts = await _count_tokens(live, [live.instructions[task]["query"], *texts])
         for i, n in enumerate(counts[1:]):
             if counts[0] + n > live.engine.context_length:
                 raise _context_error(param, i, counts[0] + n, live.engine.context_length, "instruction included")
@@ -272,35 +281,35 @@ class Model:
 
     async def embed(self, task: str, texts: list[str]) -> Embedded:
         live = self._require_live()
-        tokens = self._check_embed_context(live, task, texts, "input")
+        tokens = await self._check_embed_context(live, task, texts, "input")
         return Embedded(live.version, await self._embed_batch((live, task, texts)), tokens)
 
     async def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> Generated:
         live = self._require_live()
-        counts = live.engine.count_tokens(prompts)
+        counts = await _count_tokens(live, prompts)
         for i, n in enumerate(counts):
             if n + max_tokens > live.engine.context_length:
                 raise _context_error("prompt", i, n + max_tokens, live.engine.context_length,
                                      f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
         texts = await self._generate_batch((live, task, prompts, max_tokens, temperature))
-        return Generated(live.version, texts, sum(counts), live.engine.count_tokens(texts))
+        return Generated(live.version, texts, sum(counts), await _count_tokens(live, texts))
 
     async def choose(self, task: str, prompts: list[str], choices: list[str]) -> Generated:
         """``guided_choice``: each prompt's most likely choice; scored pairs must fit the context like a completion."""
         live = self._require_live()
-        counts = live.engine.count_tokens(prompts)
-        longest = max(live.engine.count_tokens(choices))
+        counts = await _count_tokens(live, prompts)
+        longest = max(await _count_tokens(live, choices))
         for i, n in enumerate(counts):
             if n + longest > live.engine.context_length:
                 raise _context_error("prompt", i, n + longest, live.engine.context_length,
                                      f"{n} in the prompt + {longest} in the longest guided_choice")  # fmt: skip
 
         def score() -> list[str]:
-            with live.lock:
+            with live.generate_lock:
                 return live.engine.choose(task, prompts, choices)
 
         texts = await asyncio.to_thread(score)
-        return Generated(live.version, texts, sum(counts), live.engine.count_tokens(texts))
+        return Generated(live.version, texts, sum(counts), await _count_tokens(live, texts))
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         live = self._require_live()
@@ -315,11 +324,18 @@ class Model:
             text, exclude = index.texts[item[0]], item
         else:
             text = req.query or ""
-        self._check_embed_context(live, req.task, [text], QUERY_PARAM[req.task])
+        await self._check_embed_context(live, req.task, [text], QUERY_PARAM[req.task])
         vectors = await self._embed_batch((live, req.task, [text]))
         hits = await asyncio.to_thread(index.search, req.task, vectors[0], req.k, exclude)
         items = [RecommendedItem(item_id=index.item_ids[p], title=index.titles[p], score=s) for p, s in hits]
         return RecommendResponse(task=req.task, version=live.version, items=items)
+
+
+async def _count_tokens(live: Loaded, texts: list[str]) -> list[int]:
+    """Token counts, in a worker thread: tokenising a request's texts on the event loop would stall every other
+    request of the replica for as long. (Tokenizers are called with one fixed setting everywhere, no truncation or
+    padding, so concurrent calls never reconfigure the shared tokenizer.)"""
+    return await asyncio.to_thread(live.engine.count_tokens, texts)
 
 
 def _positions(index: ItemIndex, item_ids: list[str], param: str) -> list[int]:

@@ -63,7 +63,21 @@ class ApiError(Exception):
 
 
 class Limits(Config):
-    """Per-request caps: a request over one is refused with a 400 naming the cap, before it costs model time."""
+    """Per-request bounds: a request over one is refused (413 for the body, 400 naming the cap otherwise) before it
+    costs model time, and one that runs too long is answered 504."""
+
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    """Largest request body; a bigger one is refused with 413 before it is read (by its Content-Length) or as soon
+    as the bytes read pass the cap (chunked uploads)."""
+    max_chars: int = Field(32_768, ge=1)
+    """Most characters in one input text, prompt, query, chat message, stop string or guided choice: bounds the
+    tokenisation work a request causes before its token count can be checked against the context."""
+    max_messages: int = Field(32, ge=1)
+    """Most messages in one chat request."""
+    max_stops: int = Field(4, ge=0)
+    """Most stop strings in one completion request (OpenAI's limit)."""
+    request_timeout_s: float = Field(300.0, gt=0.0)
+    """A request the model has not answered within this many seconds gets a 504 and is cancelled."""
 
     max_inputs: int = Field(256, ge=1)
     """Most texts in one /v1/embeddings request or prompts in one /v1/completions request."""
@@ -73,6 +87,14 @@ class Limits(Config):
     """Most items /v1/recommend returns."""
     max_history: int = Field(200, ge=1)
     """Most item ids in a /v1/recommend history (only the last `max_history` of the dataset are rendered)."""
+
+
+def check_chars(texts: list[str], limits: Limits, param: str) -> None:
+    """Refuse any text longer than ``max_chars`` (named by its position) before it is tokenised."""
+    for i, text in enumerate(texts):
+        if len(text) > limits.max_chars:
+            raise ApiError(400, f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars}", param,
+                           "string_too_long")  # fmt: skip
 
 
 def embedding_task(model: str) -> str:
@@ -122,6 +144,7 @@ class EmbeddingRequest(_OpenAIRequest):
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ApiError(400, f"input[{i}] is an empty string", "input", "empty_input")
+        check_chars(texts, limits, "input")
         return texts
 
 
@@ -159,10 +182,15 @@ class _GenerationRequest(_OpenAIRequest):
                            "guided_choice", "invalid_value")  # fmt: skip
         if any(not c.strip() for c in choices) or len(set(choices)) < len(choices):
             raise ApiError(400, "guided_choice must be distinct, non-empty strings", "guided_choice", "invalid_value")
+        check_chars(choices, limits, "guided_choice")
         return choices
 
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+    def stops(self, limits: Limits) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+        if len(stops) > limits.max_stops:
+            raise ApiError(400, f"{len(stops)} stop strings; at most {limits.max_stops}", "stop", "too_many_inputs")
+        check_chars(stops, limits, "stop")
+        return stops
 
 
 class CompletionRequest(_GenerationRequest):
@@ -175,6 +203,7 @@ class CompletionRequest(_GenerationRequest):
         if len(prompts) > limits.max_inputs:
             raise ApiError(400, f"{len(prompts)} prompts; at most {limits.max_inputs} per request", "prompt",
                            "too_many_inputs")  # fmt: skip
+        check_chars(prompts, limits, "prompt")
         return prompts
 
 
@@ -195,8 +224,12 @@ class ChatRequest(_GenerationRequest):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1)
 
-    def prompt(self) -> str:
+    def prompt(self, limits: Limits) -> str:
         """System/developer messages then the user turn, as one prompt: the model was trained single-turn."""
+        if len(self.messages) > limits.max_messages:
+            raise ApiError(400, f"{len(self.messages)} messages; at most {limits.max_messages}", "messages",
+                           "too_many_inputs")  # fmt: skip
+        check_chars([m.text() for m in self.messages], limits, "messages")
         if not self.messages or self.messages[-1].role != "user":
             raise ApiError(400, "messages must end with a user message", "messages", "invalid_value")
         if any(m.role == "assistant" for m in self.messages):
@@ -236,6 +269,7 @@ class RecommendRequest(BaseModel):
         if self.history and len(self.history) > limits.max_history:
             raise ApiError(400, f"{len(self.history)} history items; at most {limits.max_history}", "history",
                            "too_many_inputs")  # fmt: skip
+        check_chars([value] if isinstance(value, str) else value, limits, needed)
 
 
 class RecommendedItem(BaseModel):
