@@ -111,7 +111,6 @@ def test_choice_scores_are_each_pairs_own_mean_log_likelihood(grm):
             alone = encode_generative(grm.tokenizer, [prompt], [choice], 128)
             expected = -grm.lm_loss(alone, grm.task_ids(["sentiment_analysis"]))
             torch.testing.assert_close(scores[i, j], expected, atol=1e-5, rtol=1e-5)
-    assert grm.choose(prompts, choices, "sentiment_analysis") == [choices[j] for j in scores.argmax(1).tolist()]
 
 
 def test_save_and_reload_reproduces_embeddings_and_losses(grm, tmp_path):

@@ -26,8 +26,9 @@ import ray
 import yaml
 from openai import NotFoundError, OpenAI
 from ray import serve
-from test_serve_engine import FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, make_dataset, publish_fake
+from test_serve_engine import CATALOGUE, FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, make_dataset, publish_fake
 
+from recfound.data.templates import item_text
 from recfound.serving.app import roll_out
 
 pytestmark = pytest.mark.slow
@@ -201,6 +202,29 @@ def test_recommend(app: dict[str, Any]) -> None:
     assert i2i[0] == "i2" and "i1" not in i2i
 
 
+def test_rank_orders_every_candidate_by_the_chosen_scorer(app: dict[str, Any]) -> None:
+    """Embedding scores are the cosine of the query's and the indexed item's vectors (the fake engine embeds by
+    shared words); generative q2i scores each title as the answer to the query-rewriting prompt (the fake scores
+    shared words); ties keep the request's order; u2i generative letters the candidates."""
+    texts = {item: item_text(title, cats, brand) for item, title, cats, brand in CATALOGUE}
+    candidates = ["i1", "i4", "i5", "i6"]
+    resp = _post(app, "/v1/rank", {"task": "q2i", "query": "espresso coffee mug", "candidates": candidates})
+    assert resp.status_code == 200 and resp.headers["x-recfound-version"] == resp.json()["version"], resp.text
+    got = {item["item_id"]: item["score"] for item in resp.json()["items"]}
+    query = fake_vectors(["espresso coffee mug"], 64)[0]
+    expected = {item: float(fake_vectors([texts[item]], 64)[0] @ query) for item in candidates}
+    assert list(got) == sorted(candidates, key=lambda i: -expected[i]) and set(got) == set(candidates)
+    assert all(abs(got[i] - expected[i]) < 1e-5 for i in candidates)
+    generative = _post(app, "/v1/rank", {"task": "q2i", "query": "stainless steel kettle", "scorer": "generative",
+                                         "candidates": ["i4", "i6", "i5"]})  # fmt: skip
+    assert [(i["item_id"], i["score"]) for i in generative.json()["items"]] == [("i6", 3.0), ("i4", 0.0), ("i5", 0.0)]
+    u2i = _post(app, "/v1/rank", {"task": "u2i", "history": ["i3"], "candidates": ["i2", "i5", "i1"],
+                                  "scorer": "generative"})  # fmt: skip
+    assert u2i.status_code == 200 and sorted(_items(u2i)) == ["i1", "i2", "i5"], u2i.text
+    i2i = _items(_post(app, "/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i4", "i2", "i3"]}))
+    assert i2i[0] == "i2"
+
+
 LONG = " ".join(["word"] * 80)
 BAD_REQUESTS = [
     # (path, body, token, status, code, message fragment)
@@ -235,6 +259,18 @@ BAD_REQUESTS = [
     ("/v1/recommend", {"task": "x2i", "query": "x"}, TOKEN, 400, "invalid_type", "task"),
     ("/v1/recommend", {"task": "q2i", "query": "x", "colour": 1}, TOKEN, 400, "invalid_type", "colour"),
     ("/v1/recommend", {"task": "q2i", "query": LONG}, TOKEN, 400, "context_length_exceeded", "query[0]"),
+    ("/v1/rank", {"task": "q2i", "query": "x", "candidates": []}, TOKEN, 400, "empty_input", "candidates is empty"),
+    ("/v1/rank", {"task": "q2i", "query": "x", "candidates": ["i1", "i1"]}, TOKEN, 400, "invalid_value", "distinct"),
+    ("/v1/rank", {"task": "q2i", "query": "x", "candidates": ["i1", "zz9"]}, TOKEN, 400, "unknown_item", "'zz9'"),
+    ("/v1/rank", {"task": "q2i", "query": "x", "candidates": ["i1"], "scorer": "bm25"}, TOKEN, 400, "invalid_type",
+     "scorer"),
+    ("/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i2"], "scorer": "generative"}, TOKEN, 400,
+     "unsupported_value", "use scorer=embedding for i2i"),
+    ("/v1/rank", {"task": "u2i", "history": ["i1"], "candidates": [f"c{i}" for i in range(21)], "scorer":
+     "generative"}, TOKEN, 400, "too_many_inputs", "at most 20"),
+    ("/v1/rank", {"task": "u2i", "candidates": ["i1"]}, TOKEN, 400, "empty_input", "needs a non-empty 'history'"),
+    ("/v1/rank", {"task": "q2i", "query": " ".join(["w"] * 60), "candidates": ["i4"], "scorer": "generative"},
+     TOKEN, 400, "context_length_exceeded", "in the longest candidate"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, None, 401, "invalid_api_key", "bearer token"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, "wrong", 401, "invalid_api_key", "bearer token"),
     ("/v1/nothing", {}, TOKEN, 404, None, "Not Found"),
@@ -286,7 +322,7 @@ def test_replica_survives_bad_input(app: dict[str, Any]) -> None:
 
 
 PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
-             ("POST", "/v1/chat/completions"), ("POST", "/v1/recommend"), ("GET", "/v1/nothing"), ("GET", "/nothing"),
+             ("POST", "/v1/chat/completions"), ("POST", "/v1/recommend"), ("POST", "/v1/rank"), ("GET", "/v1/nothing"), ("GET", "/nothing"),
              ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]  # fmt: skip
 
 

@@ -74,9 +74,11 @@ class FakeEngine:
             time.sleep(SLOW_S)
         return [" ".join(f"{self.version} {task} says {p}".split()[:max_tokens]) for p in prompts]
 
-    def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
-        """The choice sharing most words with the prompt (the first on a tie)."""
-        return [max(choices, key=lambda c: len(set(c.lower().split()) & set(p.lower().split()))) for p in prompts]
+    def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
+        """How many words each choice shares with the prompt."""
+        words = [set(re.findall(r"[a-z0-9]+", p.lower())) for p in prompts]
+        return np.array([[len(w & set(re.findall(r"[a-z0-9]+", c.lower()))) for c in choices] for w in words],
+                        dtype=np.float32)  # fmt: skip
 
 
 def fake_vectors(texts: list[str], dim: int) -> np.ndarray:
@@ -198,9 +200,9 @@ def test_grm_engine_serves_a_tiny_published_adapter(tmp_path: Path) -> None:
     [text] = engine.generate("item_profile", ["Describe: red shoes"], max_tokens=4, temperature=0.0)
     assert isinstance(text, str)
     choices = ["positive", "negative", "neutral"]
-    picked = engine.choose("sentiment_analysis", ["Great shoes", "Awful socks"], choices)
-    assert picked == engine.model.choose(["Great shoes", "Awful socks"], choices, "sentiment_analysis")
-    assert set(picked) <= set(choices)
+    scores = engine.choice_scores("sentiment_analysis", ["Great shoes", "Awful socks"], choices)
+    expected = engine.model.choice_scores(["Great shoes", "Awful socks"], choices, "sentiment_analysis")
+    assert scores.dtype == np.float32 and np.allclose(scores, expected.numpy())
 
 
 def test_token_from_env_or_file(tmp_path: Path) -> None:

@@ -153,11 +153,6 @@ class GRM(nn.Module):
         count = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, torch.ones_like(losses))
         return (-total / count.clamp(min=1)).cpu()
 
-    def choose(self, prompts: Sequence[str], choices: Sequence[str], task: str) -> list[str]:
-        """The most likely of ``choices`` for each prompt (constrained decoding over a closed answer set)."""
-        best = self.choice_scores(prompts, choices, task).argmax(dim=1)
-        return [choices[i] for i in best.tolist()]
-
     def merge_task(self, task: str) -> PreTrainedModel:
         """A plain transformers model with ``task``'s routed experts folded in (deep copy; self is unchanged)."""
         return self.tuner.merge_task(task)

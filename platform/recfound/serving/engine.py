@@ -51,8 +51,9 @@ class Engine(Protocol):
         """One completion per prompt (the response only), routed as ``task``; temperature 0 is greedy."""
         ...
 
-    def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
-        """Per prompt, the one of ``choices`` the model finds most likely as its whole answer."""
+    def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
+        """(prompts, choices) float32: how likely the model finds each choice as the prompt's whole answer (higher
+        is likelier; GRM: mean log-likelihood per token). ``guided_choice`` and ``/v1/rank`` rank by it."""
         ...
 
 
@@ -115,5 +116,5 @@ class GRMEngine:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         return self.model.generate(prompts, task, max_new_tokens=max_tokens, **sampling)
 
-    def choose(self, task: str, prompts: list[str], choices: list[str]) -> list[str]:
-        return self.model.choose(prompts, choices, task)
+    def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
+        return self.model.choice_scores(prompts, choices, task).float().numpy()

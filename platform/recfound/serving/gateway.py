@@ -42,6 +42,7 @@ from recfound.serving.schemas import (
     EmbeddingRequest,
     ErrorType,
     Limits,
+    RankRequest,
     RecommendRequest,
     RecommendResponse,
     completion_id,
@@ -276,4 +277,11 @@ class Gateway:
     async def recommend(self, req: RecommendRequest) -> JSONResponse:
         req.check(self._limits)
         out: RecommendResponse = await answer(self._model.recommend.remote(req), self._limits)
+        return _versioned(out, out.version)
+
+    @api.post("/v1/rank")
+    async def rank(self, req: RankRequest) -> JSONResponse:
+        """A candidate list ordered by the model: every candidate once, best first, in /v1/recommend's shape."""
+        req.check(self._limits)
+        out: RecommendResponse = await answer(self._model.rank.remote(req), self._limits)
         return _versioned(out, out.version)

@@ -172,6 +172,11 @@ class ItemIndex:
     def __post_init__(self) -> None:
         self.position = {item: i for i, item in enumerate(self.item_ids)}
 
+    def score(self, task: str, query: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+        """Cosine score of each item at ``positions`` (exact; the rows of a candidate list only)."""
+        q = torch.from_numpy(np.asarray(query, dtype=np.float32))
+        return (self.vectors[task][torch.tensor(list(positions))] @ q).numpy()
+
     def search(self, task: str, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[Hit]:
         """Top ``k`` (position, cosine score), best first, never returning positions in ``exclude``."""
         q = torch.from_numpy(np.asarray(query, dtype=np.float32))

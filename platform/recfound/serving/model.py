@@ -22,7 +22,10 @@ from recfound.config import Config
 from recfound.serving.engine import Engine, Side, load_engine
 from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
 from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
-from recfound.serving.schemas import QUERY_PARAM, ApiError, ErrorType, RecommendedItem, RecommendRequest, RecommendResponse
+from recfound.serving.rank import rank_prompt
+from recfound.serving.schemas import (
+    QUERY_PARAM, ApiError, ErrorType, RankRequest, RecommendedItem, RecommendRequest, RecommendResponse, Scorer,
+)  # fmt: skip
 
 log = logging.getLogger("ray.serve")
 
@@ -294,40 +297,70 @@ class Model:
         texts = await self._generate_batch((live, task, prompts, max_tokens, temperature))
         return Generated(live.version, texts, sum(counts), await _count_tokens(live, texts))
 
-    async def choose(self, task: str, prompts: list[str], choices: list[str]) -> Generated:
-        """``guided_choice``: each prompt's most likely choice; scored pairs must fit the context like a completion."""
-        live = self._require_live()
+    async def _choice_scores(self, live: Loaded, task: str, prompts: list[str], choices: list[str],
+                             param: str, choice_param: str) -> tuple[np.ndarray, int]:  # fmt: skip
+        """(prompts, choices) scores and the prompts' token count; every (prompt, choice) pair must fit the context
+        like a completion."""
         counts = await _count_tokens(live, prompts)
         longest = max(await _count_tokens(live, choices))
         for i, n in enumerate(counts):
             if n + longest > live.engine.context_length:
-                raise _context_error("prompt", i, n + longest, live.engine.context_length,
-                                     f"{n} in the prompt + {longest} in the longest guided_choice")  # fmt: skip
+                raise _context_error(param, i, n + longest, live.engine.context_length,
+                                     f"{n} in the prompt + {longest} in the longest {choice_param}")  # fmt: skip
 
-        def score() -> list[str]:
+        def score() -> np.ndarray:
             with live.generate_lock:
-                return live.engine.choose(task, prompts, choices)
+                return live.engine.choice_scores(task, prompts, choices)
 
-        texts = await asyncio.to_thread(score)
-        return Generated(live.version, texts, sum(counts), await _count_tokens(live, texts))
+        return await asyncio.to_thread(score), sum(counts)
+
+    async def choose(self, task: str, prompts: list[str], choices: list[str]) -> Generated:
+        """``guided_choice``: each prompt's most likely choice (the first on a tie)."""
+        live = self._require_live()
+        scores, prompt_tokens = await self._choice_scores(live, task, prompts, choices, "prompt", "guided_choice")
+        texts = [choices[j] for j in scores.argmax(axis=1).tolist()]
+        return Generated(live.version, texts, prompt_tokens, await _count_tokens(live, texts))
+
+    def _query_side(self, live: Loaded, req: RecommendRequest | RankRequest) -> tuple[str, list[int]]:
+        """The query text as training rendered it, and the catalogue positions it names (history or anchor)."""
+        index = live.index
+        if req.task == "u2i":
+            history = _positions(index, req.history or [], "history")
+            return user_text([index.titles[p] for p in history], live.max_history), history
+        if req.task == "i2i":
+            item = _positions(index, [req.item_id or ""], "item_id")
+            return index.texts[item[0]], item
+        return req.query or "", []
+
+    async def _query_vector(self, live: Loaded, task: str, text: str) -> np.ndarray:
+        await self._check_embed_context(live, task, [text], QUERY_PARAM[task])
+        return (await self._embed_batch((live, task, [text])))[0]
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         live = self._require_live()
         index = live.index
-        exclude: list[int] = []
-        if req.task == "u2i":
-            history = _positions(index, req.history or [], "history")
-            text = user_text([index.titles[p] for p in history], live.max_history)
-            exclude = history if req.exclude_history else []
-        elif req.task == "i2i":
-            item = _positions(index, [req.item_id or ""], "item_id")
-            text, exclude = index.texts[item[0]], item
-        else:
-            text = req.query or ""
-        await self._check_embed_context(live, req.task, [text], QUERY_PARAM[req.task])
-        vectors = await self._embed_batch((live, req.task, [text]))
-        hits = await asyncio.to_thread(index.search, req.task, vectors[0], req.k, exclude)
+        text, named = self._query_side(live, req)
+        exclude = named if req.task == "i2i" or req.exclude_history else []
+        vector = await self._query_vector(live, req.task, text)
+        hits = await asyncio.to_thread(index.search, req.task, vector, req.k, exclude)
         items = [RecommendedItem(item_id=index.item_ids[p], title=index.titles[p], score=s) for p, s in hits]
+        return RecommendResponse(task=req.task, version=live.version, items=items)
+
+    async def rank(self, req: RankRequest) -> RecommendResponse:
+        """Every candidate once, best first (ties keep the request's order)."""
+        live = self._require_live()
+        index = live.index
+        text, _ = self._query_side(live, req)
+        positions = _positions(index, req.candidates, "candidates")
+        if req.scorer is Scorer.EMBEDDING:
+            scores = index.score(req.task, await self._query_vector(live, req.task, text), positions)
+        else:
+            task, prompt, choices = rank_prompt(req.task, text, [index.titles[p] for p in positions])
+            param = QUERY_PARAM[req.task]
+            scores = (await self._choice_scores(live, task, [prompt], choices, param, "candidate"))[0][0]
+        order = sorted(range(len(positions)), key=lambda i: -float(scores[i]))
+        items = [RecommendedItem(item_id=index.item_ids[positions[i]], title=index.titles[positions[i]],
+                                 score=float(scores[i])) for i in order]  # fmt: skip
         return RecommendResponse(task=req.task, version=live.version, items=items)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from recfound.config import Config
+from recfound.data.templates import LETTERS
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS
 
 MODEL_PREFIX = "recfound-"
@@ -86,7 +87,10 @@ class Limits(Config):
     max_k: int = Field(100, ge=1)
     """Most items /v1/recommend returns."""
     max_history: int = Field(200, ge=1)
-    """Most item ids in a /v1/recommend history (only the last `max_history` of the dataset are rendered)."""
+    """Most item ids in a /v1/recommend or /v1/rank history (only the last `max_history` of the dataset are
+    rendered)."""
+    max_candidates: int = Field(1000, ge=1)
+    """Most candidates one /v1/rank request orders."""
 
 
 def check_chars(texts: list[str], limits: Limits, param: str) -> None:
@@ -247,8 +251,9 @@ class ChatRequest(_GenerationRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
-class RecommendRequest(BaseModel):
-    """u2i: ``history`` (item ids, oldest first); q2i: ``query``; i2i: ``item_id``."""
+class _ItemQuery(BaseModel):
+    """The query side of /v1/recommend and /v1/rank: u2i ``history`` (item ids, oldest first); q2i ``query``; i2i
+    ``item_id``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -256,20 +261,60 @@ class RecommendRequest(BaseModel):
     history: list[str] | None = None
     query: str | None = None
     item_id: str | None = None
-    k: int = Field(10, ge=1)
-    exclude_history: bool = True
 
     def check(self, limits: Limits) -> None:
         needed = QUERY_PARAM[self.task]
         value = getattr(self, needed)
         if not value or (isinstance(value, str) and not value.strip()):
             raise ApiError(400, f"task {self.task} needs a non-empty {needed!r}", needed, "empty_input")
-        if self.k > limits.max_k:
-            raise ApiError(400, f"k={self.k}; at most {limits.max_k}", "k", "invalid_value")
         if self.history and len(self.history) > limits.max_history:
             raise ApiError(400, f"{len(self.history)} history items; at most {limits.max_history}", "history",
                            "too_many_inputs")  # fmt: skip
         check_chars([value] if isinstance(value, str) else value, limits, needed)
+
+
+class RecommendRequest(_ItemQuery):
+    k: int = Field(10, ge=1)
+    exclude_history: bool = True
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if self.k > limits.max_k:
+            raise ApiError(400, f"k={self.k}; at most {limits.max_k}", "k", "invalid_value")
+
+
+class Scorer(str, Enum):
+    """How /v1/rank scores a candidate."""
+
+    EMBEDDING = "embedding"
+    """Cosine similarity of the query side's embedding and the candidate's indexed vector (every task)."""
+    GENERATIVE = "generative"
+    """The generative model's likelihood of the candidate as its answer: u2i, the candidate's letter among the
+    listed candidates in a sequential-recommendation prompt (at most 20, the letters A-T); q2i, the candidate's
+    title as the rewrite of the query (query_rewriting)."""
+
+
+class RankRequest(_ItemQuery):
+    """Every candidate once, best first."""
+
+    candidates: list[str]
+    scorer: Scorer = Field(Scorer.EMBEDDING, strict=False)  # strict=False: the JSON string names the member
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if not self.candidates:
+            raise ApiError(400, "candidates is empty", "candidates", "empty_input")
+        if len(self.candidates) > limits.max_candidates:
+            raise ApiError(400, f"{len(self.candidates)} candidates; at most {limits.max_candidates}", "candidates",
+                           "too_many_inputs")  # fmt: skip
+        if len(set(self.candidates)) < len(self.candidates):
+            raise ApiError(400, "candidates must be distinct item ids", "candidates", "invalid_value")
+        if self.scorer is Scorer.GENERATIVE and self.task == "i2i":
+            raise ApiError(400, "scorer=generative ranks u2i and q2i; use scorer=embedding for i2i", "scorer",
+                           "unsupported_value")  # fmt: skip
+        if self.scorer is Scorer.GENERATIVE and self.task == "u2i" and len(self.candidates) > len(LETTERS):
+            raise ApiError(400, f"scorer=generative lists u2i candidates as lettered options: at most {len(LETTERS)}",
+                           "candidates", "too_many_inputs")  # fmt: skip
 
 
 class RecommendedItem(BaseModel):
