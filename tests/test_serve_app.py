@@ -171,6 +171,25 @@ def test_streaming_matches_non_streaming(client: OpenAI, app: dict[str, Any]) ->
     raw = _post(app, "/v1/completions", {"model": "recfound-gen", "prompt": "x", "stream": True})
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.endswith("data: [DONE]\n\n") and raw.headers["x-recfound-version"] == "v1"
+    for stop in (["says"], ["ration sa", "zzz"], ["v1"]):  # a stop string across pieces, and at the very start
+        kwargs = {"model": "recfound-gen", "prompt": "one two three", "max_tokens": 8, "stop": stop}
+        whole_text = client.completions.create(**kwargs).choices[0]
+        streamed = list(client.completions.create(**kwargs, stream=True))
+        assert "".join(c.choices[0].text for c in streamed) == whole_text.text
+        assert streamed[-1].choices[0].finish_reason == whole_text.finish_reason == "stop"
+
+
+def test_tokens_stream_as_they_are_decoded(client: OpenAI) -> None:
+    """The slow fake spreads a completion's words over SLOW_S: the first arrives long before the last (a replayed
+    finished text would deliver them together at the end)."""
+    arrivals: list[tuple[float, str]] = []
+    start = time.monotonic()
+    for chunk in client.completions.create(model="recfound-gen", prompt=f"{SLOW_PROMPT} a b c d e f", max_tokens=10,
+                                           stream=True):  # fmt: skip
+        if chunk.choices[0].text:
+            arrivals.append((time.monotonic() - start, chunk.choices[0].text))
+    assert "".join(t for _, t in arrivals) == f"v1 answer_generation says {SLOW_PROMPT} a b c d e f"
+    assert arrivals[-1][0] - arrivals[0][0] > SLOW_S / 2, arrivals
 
 
 def test_models_and_health(client: OpenAI, app: dict[str, Any]) -> None:

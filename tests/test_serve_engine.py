@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from recfound.data.templates import TEMPLATE_VERSION, item_text
 from recfound.serving.auth import (
@@ -34,6 +37,7 @@ from recfound.serving.auth import (
 from recfound.serving.engine import ENGINE_KEY, Engine, Side, load_engine
 from recfound.serving.index import IVF, ItemIndex, SearchConfig, SearchKind, build_item_index, text_meta, user_text
 from recfound.serving.registry import publish, resolve
+from recfound.serving.streaming import StopScanner, apply_stop
 
 FAKE_ENGINE = "test_serve_engine:FakeEngine"
 FAKE_CONFIG = "fake_model.json"
@@ -72,7 +76,21 @@ class FakeEngine:
     def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
         if any(p.startswith(SLOW_PROMPT) for p in prompts):
             time.sleep(SLOW_S)
-        return [" ".join(f"{self.version} {task} says {p}".split()[:max_tokens]) for p in prompts]
+        return [self._echo(task, p, max_tokens) for p in prompts]
+
+    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
+               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+        """``generate``'s text word by word; a slow prompt spreads its words over SLOW_S."""
+        pieces = re.findall(r"\s*\S+", self._echo(task, prompt, max_tokens))
+        for piece in pieces:
+            if cancelled.is_set():
+                return
+            if prompt.startswith(SLOW_PROMPT):
+                time.sleep(SLOW_S / len(pieces))
+            yield piece
+
+    def _echo(self, task: str, prompt: str, max_tokens: int) -> str:
+        return " ".join(f"{self.version} {task} says {prompt}".split()[:max_tokens])
 
     def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
         """How many words each choice shares with the prompt."""
@@ -200,6 +218,11 @@ def test_grm_engine_serves_a_tiny_published_adapter(tmp_path: Path) -> None:
     [text] = engine.generate("item_profile", ["Describe: red shoes"], max_tokens=4, temperature=0.0)
     assert isinstance(text, str)
     choices = ["positive", "negative", "neutral"]
+    streamed = "".join(engine.stream("item_profile", "Describe: red shoes", 6, 0.0, threading.Event()))
+    assert streamed == engine.generate("item_profile", ["Describe: red shoes"], max_tokens=6, temperature=0.0)[0]
+    cancelled = threading.Event()
+    cancelled.set()
+    assert len("".join(engine.stream("item_profile", "Describe: red shoes", 50, 0.0, cancelled))) < len(streamed) + 8
     scores = engine.choice_scores("sentiment_analysis", ["Great shoes", "Awful socks"], choices)
     expected = engine.model.choice_scores(["Great shoes", "Awful socks"], choices, "sentiment_analysis")
     assert scores.dtype == np.float32 and np.allclose(scores, expected.numpy())
@@ -300,6 +323,69 @@ class _GateEngine(_ProbeEngine):
         self.generating.set()
         assert self.release.wait(30)
         return ["done"] * len(prompts)
+
+
+class _EndlessStream(_ProbeEngine):
+    """Streams until cancelled, recording that it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = threading.Event()
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+    context_length = 1000
+
+    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
+               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+        while not cancelled.wait(0.01):
+            yield " token"
+        self.stopped.set()
+
+
+def test_closing_a_stream_stops_its_decoding() -> None:
+    """A client that goes away closes the replica's stream: decoding stops and the generation lock is free."""
+    import asyncio
+
+    from recfound.serving.model import Started
+
+    replica = _replica(_EndlessStream())
+    engine, live = replica._live.engine, replica._live
+
+    async def read_some_then_leave() -> list[object]:
+        stream = replica.stream("item_profile", "describe", 100, 0.0)
+        items = [await anext(stream), await anext(stream), await anext(stream)]
+        await stream.aclose()
+        return items
+
+    items = asyncio.run(read_some_then_leave())
+    assert items[0] == Started("v1", 1) and items[1:] == [" token", " token"]
+    assert engine.stopped.wait(10), "decoding went on after the stream was closed"
+    deadline = time.monotonic() + 10
+    while live.generate_lock.held_for() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert live.generate_lock.held_for() is None
+
+
+@given(st.text(alphabet="ab c", max_size=40), st.lists(st.integers(1, 6), max_size=12),
+       st.lists(st.text(alphabet="ab c", min_size=1, max_size=4), max_size=4))  # fmt: skip
+def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[int], stops: list[str]) -> None:
+    """However the completion is split into pieces, the stream sends exactly the non-streamed answer."""
+    pieces, start = [], 0
+    for size in cuts:
+        pieces.append(text[start : start + size])
+        start += size
+    pieces.append(text[start:])
+    scanner, sent, stopped = StopScanner(stops), [], False
+    for piece in pieces:
+        out, stopped = scanner.feed(piece)
+        sent.append(out)
+        if stopped:
+            break
+    if not stopped:
+        sent.append(scanner.flush())
+    assert ("".join(sent), stopped) == apply_stop(text, stops)
 
 
 def test_embeddings_are_served_while_a_generation_runs() -> None:

@@ -8,8 +8,10 @@ future backend, and a version always loads with the engine it was indexed with.
 from __future__ import annotations
 
 import importlib
+import threading
+from collections.abc import Iterator
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -49,6 +51,12 @@ class Engine(Protocol):
 
     def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
         """One completion per prompt (the response only), routed as ``task``; temperature 0 is greedy."""
+        ...
+
+    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
+               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+        """The completion of one prompt in pieces as they are decoded (they concatenate to what ``generate`` would
+        return); decoding stops soon after ``cancelled`` is set (a client that went away)."""
         ...
 
     def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
@@ -116,5 +124,43 @@ class GRMEngine:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         return self.model.generate(prompts, task, max_new_tokens=max_tokens, **sampling)
 
+    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
+               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+        """``generate`` on a worker thread with transformers' text streamer (whole words, as decoded) and a stopping
+        criterion watching ``cancelled``; an error there ends the stream and is raised here."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def decode() -> None:
+            try:
+                sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+                self.model.generate([prompt], task, max_new_tokens=max_tokens, streamer=streamer,
+                                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]), **sampling)  # fmt: skip
+            except BaseException as err:  # handed to the consumer, which would otherwise wait for ever
+                failure.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=decode, name="recfound-stream", daemon=True)
+        worker.start()
+        try:
+            yield from streamer
+        finally:
+            cancelled.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
     def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
         return self.model.choice_scores(prompts, choices, task).float().numpy()
+
+
+class _Cancelled:
+    """A transformers stopping criterion: stop every sequence once ``event`` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

@@ -13,10 +13,8 @@ describe the deployment; fetch those with the token, e.g. ``curl -H "Authorizati
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the ingress class at runtime.
 import asyncio
-import json
 import logging
-import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
@@ -33,7 +31,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from recfound.serving.auth import TokenSource, authorized, require_auth_off_network
-from recfound.serving.model import Embedded, Generated
+from recfound.serving.model import Embedded, Finished, Generated, Started
 from recfound.serving.schemas import (
     VERSION_HEADER,
     ApiError,
@@ -53,6 +51,7 @@ from recfound.serving.schemas import (
     model_names,
     stream_chunk,
 )
+from recfound.serving.streaming import StopScanner, apply_stop, sse
 
 log = logging.getLogger("ray.serve")
 
@@ -153,13 +152,15 @@ class BodyLimit:
 api.add_middleware(BodyLimit)
 
 
-async def answer(response: DeploymentResponse, limits: Limits) -> Any:
-    """The model replica's answer within ``request_timeout_s`` (504 past it, the request cancelled), or a 503 when
-    the Model's queue is full (Serve's ``max_queued_requests``): overload answers fast instead of piling up."""
+async def answer(call: DeploymentResponse | DeploymentResponseGenerator, limits: Limits) -> Any:
+    """The model replica's answer (a stream's next item) within ``request_timeout_s`` (504 past it, the request
+    cancelled), or a 503 when the Model's queue is full (Serve's ``max_queued_requests``): overload answers fast
+    instead of piling up."""
+    pending = anext(call) if isinstance(call, DeploymentResponseGenerator) else call
     try:
-        return await asyncio.wait_for(response, limits.request_timeout_s)
+        return await asyncio.wait_for(pending, limits.request_timeout_s)
     except TimeoutError:
-        response.cancel()
+        call.cancel()
         raise ApiError(504, f"no answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)", None,
                        "timeout", ErrorType.SERVER) from None  # fmt: skip
     except BackPressureError:
@@ -177,22 +178,6 @@ def _proxy_host() -> str:
 def _versioned(body: dict[str, Any] | BaseModel, version: str) -> JSONResponse:
     payload = body if isinstance(body, dict) else body.model_dump()
     return JSONResponse(payload, headers={VERSION_HEADER: version})
-
-
-def _apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def _pieces(text: str) -> list[str]:
-    """Word-sized stream pieces that concatenate back to exactly ``text``."""
-    return re.findall(r"\s*\S+|\s+$", text)
-
-
-async def _sse(events: Iterator[dict[str, Any]]) -> AsyncIterator[str]:
-    for event in events:
-        yield f"data: {json.dumps(event)}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT)
@@ -246,6 +231,8 @@ class Gateway:
         task = generative_task(req.model)
         max_tokens = req.checked_max_tokens(self._limits)
         choices, stops = req.choices(self._limits), req.stops(self._limits)
+        if req.stream and choices is None:
+            return await self._stream(req, task, prompts, max_tokens, stops, chat)
         if choices is not None:  # a whole choice is the answer: neither max_tokens nor stop cut it
             out: Generated = await answer(self._model.choose.remote(task, prompts, choices), self._limits)
             texts, finish = out.texts, ["stop"] * len(out.texts)
@@ -253,7 +240,7 @@ class Gateway:
             out = await answer(self._model.generate.remote(task, prompts, max_tokens, req.temperature), self._limits)
             texts, finish = [], []
             for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
-                text, stopped = _apply_stop(text, stops)
+                text, stopped = apply_stop(text, stops)
                 texts.append(text)
                 finish.append("stop" if stopped or tokens < max_tokens else "length")
         if not req.stream:
@@ -262,16 +249,62 @@ class Gateway:
             return _versioned(body, out.version)
         cid = completion_id(chat)
 
-        def events() -> Iterator[dict[str, Any]]:
+        async def chosen() -> AsyncIterator[dict[str, Any]]:  # a guided choice is known whole: one piece each
             for i, text in enumerate(texts):
                 if chat:
                     yield stream_chunk(cid, req.model, out.version, i, None, None, chat)
-                for piece in _pieces(text):
-                    yield stream_chunk(cid, req.model, out.version, i, piece, None, chat)
+                yield stream_chunk(cid, req.model, out.version, i, text, None, chat)
                 yield stream_chunk(cid, req.model, out.version, i, "", finish[i], chat)
 
-        return StreamingResponse(_sse(events()), media_type="text/event-stream",
-                                 headers={VERSION_HEADER: out.version})  # fmt: skip
+        return StreamingResponse(sse(chosen()), media_type="text/event-stream", headers={VERSION_HEADER: out.version})
+
+    async def _stream(self, req: CompletionRequest | ChatRequest, task: str, prompts: list[str], max_tokens: int,
+                      stops: list[str], chat: bool) -> StreamingResponse:  # fmt: skip
+        """Token streaming: each prompt's completion is sent as the replica decodes it, cut at a stop string.
+
+        Every prompt's stream is opened (and its context checked) before the 200, so bad input still gets a 4xx;
+        prompts decode one after another. An error after the 200 ends the stream with an error event; a client
+        that disconnects cancels the replica's streams, which stops their decoding.
+        """
+        opened: list[DeploymentResponseGenerator] = []
+        try:
+            for prompt in prompts:
+                opened.append(self._model.options(stream=True).stream.remote(task, prompt, max_tokens, req.temperature))
+                started: Started = await answer(opened[-1], self._limits)
+        except BaseException:
+            for stream in opened:
+                stream.cancel()
+            raise
+        cid, version = completion_id(chat), started.version
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                for i, stream in enumerate(opened):
+                    if chat:
+                        yield stream_chunk(cid, req.model, version, i, None, None, chat)
+                    scanner, finish = StopScanner(stops), "stop"
+                    while not isinstance(item := await answer(stream, self._limits), Finished):
+                        piece, stopped = scanner.feed(item)
+                        if piece:
+                            yield stream_chunk(cid, req.model, version, i, piece, None, chat)
+                        if stopped:
+                            stream.cancel()
+                            break
+                    else:
+                        finish = "length" if item.completion_tokens >= max_tokens else "stop"
+                        if rest := scanner.flush():
+                            yield stream_chunk(cid, req.model, version, i, rest, None, chat)
+                    yield stream_chunk(cid, req.model, version, i, "", finish, chat)
+            except ApiError as err:
+                yield err.body()
+            except Exception as err:
+                log.exception("stream failed after the 200")
+                yield ApiError(500, f"internal error: {type(err).__name__}", None, None, ErrorType.SERVER).body()
+            finally:
+                for stream in opened:
+                    stream.cancel()
+
+        return StreamingResponse(sse(events()), media_type="text/event-stream", headers={VERSION_HEADER: version})
 
     @api.post("/v1/recommend")
     async def recommend(self, req: RecommendRequest) -> JSONResponse:

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,24 @@ class Generated:
     completion_tokens: list[int]
 
 
+@dataclass(frozen=True)
+class Started:
+    """A stream's first item: the version decoding it and the prompt's token count."""
+
+    version: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A stream's last item."""
+
+    completion_tokens: int
+
+
+_END = object()
+
+
 def _embed_grouped(jobs: list[tuple[Loaded, str, list[str]]]) -> list[np.ndarray]:
     """One engine call per (version, task) in the batch; results back in job order."""
     groups: dict[tuple[int, str], list[int]] = defaultdict(list)
@@ -197,6 +216,7 @@ class Model:
         self._wanted: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self._error: str | None = None
+        self._decoding: set[asyncio.Task[None]] = set()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Switch to the version ``user_config`` names without ever pausing requests.
@@ -296,6 +316,45 @@ class Model:
                                      f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
         texts = await self._generate_batch((live, task, prompts, max_tokens, temperature))
         return Generated(live.version, texts, sum(counts), await _count_tokens(live, texts))
+
+    async def stream(self, task: str, prompt: str, max_tokens: int, temperature: float) -> AsyncIterator[Any]:
+        """One completion as it is decoded: ``Started``, then text pieces, then ``Finished``.
+
+        Decodes on a worker thread under the generation lock (one decoding at a time, beside the batched calls),
+        handing pieces to the event loop as they come. When the caller goes away (the client disconnected, a stop
+        string was reached) this generator is closed and the decoding stops at its next token.
+        """
+        live = self._require_live()
+        [n] = await _count_tokens(live, [prompt])
+        if n + max_tokens > live.engine.context_length:
+            raise _context_error("prompt", 0, n + max_tokens, live.engine.context_length,
+                                 f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
+        yield Started(live.version, n)
+        loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue[Any](), threading.Event()
+
+        def decode() -> None:
+            try:
+                with live.generate_lock:
+                    for piece in live.engine.stream(task, prompt, max_tokens, temperature, cancelled):
+                        loop.call_soon_threadsafe(queue.put_nowait, piece)
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+            except BaseException as err:
+                loop.call_soon_threadsafe(queue.put_nowait, err)
+
+        decoding = asyncio.create_task(asyncio.to_thread(decode))
+        self._decoding.add(decoding)  # the loop holds tasks weakly; a closed stream's decoding still finishes
+        decoding.add_done_callback(self._decoding.discard)
+        pieces: list[str] = []
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                pieces.append(item)
+                yield item
+        finally:
+            cancelled.set()
+        await decoding
+        yield Finished((await _count_tokens(live, ["".join(pieces)]))[0])
 
     async def _choice_scores(self, live: Loaded, task: str, prompts: list[str], choices: list[str],
                              param: str, choice_param: str) -> tuple[np.ndarray, int]:  # fmt: skip
