@@ -24,8 +24,8 @@ from recfound.data.generative_tasks import (
 from recfound.data.gritlm import SPLIT_PLACEHOLDER, gritlm_urls, read_gritlm
 from recfound.data.item_tasks import (
     build_attribute_value_extraction, build_item_profile, build_product_matching, build_product_relation_prediction,
-    unavailable_qa,
 )  # fmt: skip
+from recfound.data.qa import build_answer_generation, build_answerability_prediction, qa_counts
 from recfound.data.rows import EmbeddingRow, Row, Sample, TaskUnavailable
 from recfound.data.loading import load
 from recfound.data.sources import BadRowPolicy, BadRows, DataError
@@ -51,8 +51,8 @@ BUILDERS: dict[str, Callable[[Context], list[Sample]]] = {
     "product_matching": build_product_matching,
     "user_profile": build_user_profile,
     "item_profile": build_item_profile,
-    "answerability_prediction": unavailable_qa,
-    "answer_generation": unavailable_qa,
+    "answerability_prediction": build_answerability_prediction,
+    "answer_generation": build_answer_generation,
 }
 assert tuple(BUILDERS) == ALL_TASKS
 
@@ -67,6 +67,11 @@ class BuildConfig(Config):
     queries: InputURL | None = None
     """Shopping Queries (ESCI) judgements: parquet, CSV or JSON lines with query, product_id, esci_label
     [, product_title, product_brand], or an OpenSearch judgement-list JSON. Used by q2i and query_rewriting."""
+    qa: InputURL | None = None
+    """Amazon product question answering: McAuley's QA dumps (Python dict literal lines, single- or multi-answer)
+    or AmazonQA's JSON lines. Builds answer_generation from every answered question, and answerability_prediction
+    where the file labels answerability (AmazonQA); product text and reviews are added where the product is in
+    the reviews' catalogue."""
     gritlm: str | None = None
     """Published RecFound (GritLM) JSON lines, added to the rows built from reviews. With '{split}' in the URL
     the train/valid/test files keep their split; a single file is split by a seeded hash of each row's id."""
@@ -115,8 +120,8 @@ class BuildConfig(Config):
 
     @model_validator(mode="after")
     def _needs_reviews(self) -> BuildConfig:
-        if self.reviews is None and (self.meta or self.queries):
-            raise ValueError("meta and queries describe the items of a reviews file: set reviews too")
+        if self.reviews is None and (self.meta or self.queries or self.qa):
+            raise ValueError("meta, queries and qa describe the items of a reviews file: set reviews too")
         return self
 
 
@@ -199,7 +204,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     bad = BadRows(cfg.on_bad_rows, cfg.max_bad_fraction, f"{out}/{QUARANTINE}")
     synthetic = cfg.reviews is None and cfg.gritlm is None
     urls = write_catalogue(cfg.synthetic, f"{out}/raw") if synthetic else {
-        k: v for k, v in {"reviews": cfg.reviews, "meta": cfg.meta, "queries": cfg.queries}.items() if v}  # fmt: skip
+        k: v for k, v in {"reviews": cfg.reviews, "meta": cfg.meta, "queries": cfg.queries, "qa": cfg.qa}.items() if v}  # fmt: skip
     try:
         loaded = load(urls, bad, cfg.kcore) if urls else None
         extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
@@ -208,7 +213,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     ctx = None
     if loaded is not None:
         ctx = Context(seed=cfg.seed, catalogue=loaded.catalogue, timelines=loaded.timelines,
-                      judgements=loaded.judgements, source="synthetic" if synthetic else "amazon_reviews",
+                      judgements=loaded.judgements, questions=loaded.questions, source="synthetic" if synthetic else "amazon_reviews",
                       num_negatives=cfg.num_negatives, max_history=cfg.max_history, sr_options=cfg.sr_options,
                       holdout=cfg.holdout)  # fmt: skip
     built, skipped = _build_tasks(requested, ctx, extra, cfg)
@@ -244,5 +249,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     if "q2i" in built and ctx is not None:
         pseudo, why = q2i_mode(ctx)
         manifest["q2i"] = {"pseudo_queries": pseudo, "reason": why}
+    if ctx is not None and ctx.questions:
+        manifest["qa"] = qa_counts(ctx)
     write_json(f"{out}/{MANIFEST}", manifest)  # last: its presence marks a finished build
     return manifest

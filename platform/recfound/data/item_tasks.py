@@ -125,8 +125,3 @@ def build_item_profile(ctx: Context) -> list[Sample]:
     if not out:
         raise TaskUnavailable(f"{task}: no item has a description of at least 5 words")
     return out
-
-
-def unavailable_qa(ctx: Context) -> list[Sample]:
-    raise TaskUnavailable("needs a product question-answer source (e.g. AmazonQA), which no reader supports yet; "
-                          "rows in a gritlm= file are used")  # fmt: skip

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from recfound.data.catalogue import CatalogueItem, build_catalogue, variant_aliases
 from recfound.data.esci import QueryJudgement, read_queries
+from recfound.data.qa import Question, read_qa
 from recfound.data.sources import BadRows, DataError, read_meta, read_reviews
 from recfound.data.split import Timeline, dedupe, kcore, leave_last_out
 
@@ -16,6 +17,7 @@ class Loaded:
     catalogue: dict[str, CatalogueItem]
     timelines: dict[str, Timeline]
     judgements: list[QueryJudgement]
+    questions: list[Question] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     """What was dropped or merged on the way, for the manifest: nothing disappears unrecorded."""
 
@@ -25,7 +27,9 @@ def load(urls: dict[str, str], bad: BadRows, min_interactions: int) -> Loaded:
     reviews = read_reviews(urls["reviews"], bad)
     meta, repeats = read_meta(urls["meta"], bad) if urls.get("meta") else ({}, 0)
     judgements = read_queries(urls["queries"], bad) if urls.get("queries") else []
+    questions = read_qa(urls["qa"], bad) if urls.get("qa") else []
     aliases = variant_aliases((r.item for r in reviews), meta)
+    questions = [replace(q, item=aliases.get(q.item, q.item)) for q in questions]
     unique, repeated = dedupe([replace(r, item=aliases.get(r.item, r.item)) for r in reviews])
     kept = kcore(unique, min_interactions)
     if not kept:
@@ -46,4 +50,4 @@ def load(urls: dict[str, str], bad: BadRows, min_interactions: int) -> Loaded:
         "items_without_meta": sum(1 for i in items if i not in meta),
         "query_judgements": len(judgements),
     }
-    return Loaded(catalogue, timelines, judgements, counts)
+    return Loaded(catalogue, timelines, judgements, questions, counts)

@@ -154,7 +154,7 @@ def clean_text(raw: str) -> str:
     return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(raw))).strip()
 
 
-class _Fields:
+class Fields:
     """Typed access to one parsed JSON line, raising DataError that names the file, line and field."""
 
     def __init__(self, url: str, line: int, row: Any):
@@ -223,12 +223,12 @@ def read_lines(url: str) -> Iterator[tuple[int, str]]:
         raise DataError(url, f"cannot read past line {line}: {err}") from None
 
 
-def _json_rows(url: str, bad: BadRows) -> Iterator[_Fields]:
+def _json_rows(url: str, bad: BadRows) -> Iterator[Fields]:
     seen = 0
     for line, text in read_lines(url):
         seen += 1
         try:
-            yield _Fields(url, line, parse_json(url, line, text))
+            yield Fields(url, line, parse_json(url, line, text))
         except DataError as err:
             bad.report(err)
     if not seen:
@@ -236,7 +236,7 @@ def _json_rows(url: str, bad: BadRows) -> Iterator[_Fields]:
     bad.check(url, seen)
 
 
-def _detect(fields: _Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
+def _detect(fields: Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
     for schema, names in tables.items():
         if names["item"] in fields.row:
             return schema
@@ -244,7 +244,7 @@ def _detect(fields: _Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
     raise fields.error(tables[Schema.AMAZON_2018]["item"], f"unrecognised format: no item id, expected {expected}")
 
 
-def _lines_as(url: str, bad: BadRows, tables: dict[Schema, dict[str, str]]) -> Iterator[tuple[Schema, _Fields]]:
+def _lines_as(url: str, bad: BadRows, tables: dict[Schema, dict[str, str]]) -> Iterator[tuple[Schema, Fields]]:
     """The first usable line fixes the file's schema; later lines must follow it."""
     schema: Schema | None = None
     for fields in _json_rows(url, bad):

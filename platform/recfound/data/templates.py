@@ -77,6 +77,16 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "Describe this product for a shopper, based on its title, category, brand and features.",
         "Write the product description from the product information.",
     ),
+    "answer_generation": (
+        "Answer the shopper's question about the product, using the product information and reviews.",
+        "Given the product and what reviewers wrote about it, answer the question.",
+        "Reply to this product question as a helpful customer who owns the product would.",
+    ),
+    "answerability_prediction": (
+        "Can the question be answered from the product information and reviews? Answer yes or no.",
+        "Decide whether the reviews contain the answer to the shopper's question. Answer yes or no.",
+        "Is there enough information in the reviews to answer this question? Answer yes or no.",
+    ),
 }
 
 SENTIMENTS = ("very negative", "negative", "neutral", "positive", "very positive")  # index = rating - 1
