@@ -26,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from recfound.config import Config
 from recfound.data.rows import Split
 from recfound.eval.baselines import BM25, Baseline, ItemCF, MiniLM, Popularity
+from recfound.eval.closed import closed_answers
 from recfound.eval.convergence import find_history, read_history, summarize
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.protocols import (
@@ -91,6 +92,10 @@ class EvalConfig(Config):
     cost; 0 skips the generative tasks. Embedding tasks always use every row."""
     max_new_tokens: int = Field(128, ge=1)
     """Most tokens generated per prompt; longer references (profiles, descriptions) are cut off at this."""
+    closed_answers: bool = True
+    """Classification tasks (sentiment, relation, matching, answerability, sequential recommendation) answer with
+    the likeliest of their valid answers (per-token log-likelihood, as the Serve app's guided_choice), for every
+    generating system alike; false: free greedy decoding, parsed. Free-text tasks always decode."""
     batch_size: int = Field(16, ge=1)
     """Texts per forward pass when the GRM embeds or generates."""
     seed: int = 42
@@ -248,13 +253,21 @@ def generative_sample(data: Dataset, task: str, split: str, n: int, seed: int) -
     return rows.sample(n=n, random_state=seed).sort_index() if n < len(rows) else rows
 
 
+def answer(system: GRMSystem, task: str, prompts: list[str], max_new_tokens: int, closed: bool) -> list[str]:
+    """Free decoding, or, for a classification task with ``closed``, the likeliest of the prompt's valid answers."""
+    choices = [closed_answers(task, p) for p in prompts] if closed else []
+    if choices and all(c is not None for c in choices):
+        return system.choose(task, prompts, choices)
+    return system.generate(task, prompts, max_new_tokens)
+
+
 def evaluate_generative(
-    system: GRMSystem, samples: dict[str, pd.DataFrame], max_new_tokens: int
+    system: GRMSystem, samples: dict[str, pd.DataFrame], max_new_tokens: int, closed: bool = True
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """({task: {metric: value}}, every prediction with its reference) for the system's generations."""
     metrics, predictions = {}, []
     for task, rows in samples.items():
-        preds = system.generate(task, rows["prompt"].tolist(), max_new_tokens)
+        preds = answer(system, task, rows["prompt"].tolist(), max_new_tokens, closed)
         metric = GENERATIVE_METRICS[task]
         metrics[task] = {metric_name(metric): metric(preds, rows["response"].tolist())}
         predictions += [{"task": task, "id": i, "reference": r, "prediction": p}
@@ -311,7 +324,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         system.fit(data.items, data.interactions)
         scores = evaluate_embedding(system, embedding, data, cfg.protocols, cfg.seed)
         if isinstance(system, GRMSystem) and samples:
-            generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens)
+            generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens, cfg.closed_answers)
             scores |= generated
             (out / PREDICTIONS / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         del system  # frees a GRM before the next one loads

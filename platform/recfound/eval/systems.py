@@ -171,6 +171,20 @@ class GRMSystem:
         out[order] = vectors
         return out
 
+    @torch.inference_mode()
+    def choose(self, task: str, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[str]:
+        """Per prompt, the likeliest of its own ``choices`` (mean log-likelihood per token, as guided_choice);
+        prompts sharing a choice set are scored together."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, options in enumerate(choices):
+            groups.setdefault(tuple(options), []).append(i)
+        out = [""] * len(prompts)
+        for options, members in groups.items():
+            scores = self.model.choice_scores([prompts[i] for i in members], list(options), task, self.batch_size)
+            for i, best in zip(members, scores.argmax(dim=1).tolist(), strict=True):
+                out[i] = options[best]
+        return out
+
     def generate(self, task: str, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy responses, batched by similar prompt length (left padding costs compute on every new token)."""
         order = np.argsort([len(p) for p in prompts], kind="stable")
