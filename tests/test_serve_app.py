@@ -26,7 +26,9 @@ import ray
 import yaml
 from openai import NotFoundError, OpenAI
 from ray import serve
-from test_serve_engine import CATALOGUE, FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, make_dataset, publish_fake
+from test_serve_engine import (
+    CATALOGUE, FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, make_dataset, publish_fake, write_manifest,
+)  # fmt: skip
 
 from recfound.data.templates import item_text
 from recfound.serving.app import roll_out
@@ -201,10 +203,10 @@ def test_models_and_health(client: OpenAI, app: dict[str, Any]) -> None:
         client.embeddings.create(model="gpt-4", input="x")
 
 
-def _items(resp: httpx.Response) -> list[str]:
+def _items(resp: httpx.Response, version: str = "v1") -> list[str]:
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["version"] == "v1" == resp.headers["x-recfound-version"]
+    assert body["version"] == version == resp.headers["x-recfound-version"]
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
     return [i["item_id"] for i in body["items"]]
@@ -448,3 +450,45 @@ def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -
     time.sleep(SLOW_S)  # the abandoned generations finish in their threads
     resp = _post(app, f"{PREFIX}/v1/completions", {"model": "recfound-gen", "prompt": "hello", "max_tokens": 4})
     assert resp.status_code == 200, resp.text
+
+
+def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str, Any], client: OpenAI) -> None:
+    """Every other test here runs the fake engine: this one rolls out a tiny real GRM and checks that what Serve
+    answers equals the same engine called in process (embeddings, greedy and streamed completions, recommend,
+    generative rank)."""
+    from recfound.model.backbone import BackboneConfig
+    from recfound.model.grm import GRM
+    from recfound.serving.engine import Side, load_engine
+    from recfound.serving.index import ItemIndex, SearchConfig
+    from recfound.serving.rank import rank_prompt
+    from recfound.serving.registry import read_version, resolve
+
+    model_dir = app["model"].parent / "grm"
+    backbone = BackboneConfig(name="tiny", max_query_len=160, max_passage_len=192, max_generative_len=256)
+    GRM.build(backbone).save_pretrained(str(model_dir / "adapter"))
+    write_manifest(model_dir)
+    version = publish_fake(model_dir, app["data"], str(app["registry"]), engine="recfound.serving.engine:GRMEngine")
+    roll_out(version, timeout_s=120)
+    local = resolve(str(app["registry"]), version)
+    engine, index = load_engine(local), ItemIndex.load(local, SearchConfig())
+    instruction = read_version(local)["instructions"]["q2i"]["query"]
+
+    texts = ["red running shoes", "a mug for coffee"]
+    served = np.array([d.embedding for d in client.embeddings.create(model="recfound-q2i", input=texts).data])
+    direct = engine.embed("q2i", texts, instruction, Side.QUERY)
+    assert (np.sum(served * direct, axis=1) >= 0.9999).all()
+
+    prompt = "Describe the kettle."
+    whole = client.completions.create(model="recfound-item_profile", prompt=prompt, max_tokens=6)
+    assert whole.choices[0].text == engine.generate("item_profile", [prompt], 6, 0.0)[0]
+    streamed = client.completions.create(model="recfound-item_profile", prompt=prompt, max_tokens=6, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+    hits = index.search("q2i", direct[0], 3)
+    assert _items(_post(app, "/v1/recommend", {"task": "q2i", "query": texts[0], "k": 3}), version) == [
+        index.item_ids[p] for p, _ in hits]  # fmt: skip
+    candidates = ["i1", "i4", "i6"]
+    task, rank_text, choices = rank_prompt("q2i", texts[0], [index.titles[index.position[c]] for c in candidates])
+    scores = engine.choice_scores(task, [rank_text], choices)[0]
+    ranked = _post(app, "/v1/rank", {"task": "q2i", "query": texts[0], "candidates": candidates, "scorer": "generative"})
+    assert _items(ranked, version) == [candidates[i] for i in np.argsort(-scores, kind="stable")]
