@@ -86,3 +86,11 @@ def test_encode_prompt_is_left_padded_generation_context(tok):
 def test_length_mismatch_is_an_error(tok):
     with pytest.raises(ValueError, match="2 instructions for 1 texts"):
         encode_embedding(tok, ["a", "b"], ["x"], max_len=8)
+
+
+def test_a_budget_the_instruction_fills_is_an_error_not_a_zero_vector(tok):
+    """Pooling over no text tokens would embed every such text identically (the zero vector, silently)."""
+    instruction = "Represent this product to match it with search queries for it"
+    with pytest.raises(ValueError, match="fills the whole 32-token budget"):
+        encode_embedding(tok, [instruction], ["red shoes"], max_len=32)
+    assert encode_embedding(tok, [instruction], ["red shoes"], max_len=128)["text_mask"].sum() > 0

@@ -51,9 +51,13 @@ def encode_embedding(
     prefixes = [embedding_prefix(instruction) for instruction in instructions]
     rows = _tokenize(tok, [p + t for p, t in zip(prefixes, texts)])
     out = []
-    for (ids, offsets), prefix in zip(rows, prefixes):
+    for (ids, offsets), prefix, text in zip(rows, prefixes, texts):
         ids, offsets = ids[:max_len], offsets[:max_len]
-        out.append((ids, [int(start >= len(prefix) and end > start) for start, end in offsets]))
+        mask = [int(start >= len(prefix) and end > start) for start, end in offsets]
+        if text.strip() and not any(mask):  # pooling nothing would embed every such text as the zero vector
+            raise ValueError(f"the instruction {prefix!r} fills the whole {max_len}-token budget and leaves none of "
+                             "the text: raise max_query_len / max_passage_len or shorten the instruction")  # fmt: skip
+        out.append((ids, mask))
     ids, attention, text_mask = _pad(out, tok.pad_token_id, 0, padding_side)
     return {"input_ids": ids, "attention_mask": attention, "text_mask": text_mask}
 
