@@ -71,12 +71,6 @@ def _embedding(tok: Any, cfg: Budget, batch: Rows) -> Rows:
     texts = [t for pos, negs in zip(batch["pos"], negatives) for t in [pos, *negs]]
     instructions = [i for i in batch["pos_instruction"] for _ in range(1 + k)]
     p = encode_embedding(tok, instructions, texts, cfg.max_passage_len)
-    for side, enc, budget in (("query", q, "max_query_len"), ("passage", p, "max_passage_len")):
-        if (enc["text_mask"].sum(-1) == 0).any():
-            raise ValueError(
-                f"task {batch['task'][0]}: the instruction fills the whole {side} token budget, leaving no text to "
-                f"embed; raise model.backbone.{budget} (now {getattr(cfg, budget)})"
-            )
     shape = (len(negatives), 1 + k, -1)
     identities = [[item or text for item, text in zip([pos_item, *neg_items], [pos, *negs], strict=True)]
                   for pos_item, neg_items, pos, negs in zip(batch["pos_item"], batch["neg_items"], batch["pos"], negatives)]  # fmt: skip
