@@ -4,6 +4,7 @@
     python jobs/benchmark.py train                               # TorchTrainer step vs a plain PyTorch loop
     python jobs/benchmark.py data                                # build + Ray Data tokenise vs training's appetite
     python jobs/benchmark.py serve                               # Ray Serve HTTP vs direct engine calls
+    python jobs/benchmark.py search                              # exact vs faiss IVF item search, 10k-1M items
     python jobs/benchmark.py quality data=<dataset dir> out=<dir> [config=<yaml>]
                                                                  # train + evaluate: win/lose per baseline
     python jobs/benchmark.py <subcommand> --help                 # every option, with its default
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, quality, serve, train  # noqa: E402
+from recfound.bench import adapter, data, quality, search, serve, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 
 SUBCOMMANDS = {
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "train": (train.TrainBench, train.run),
     "data": (data.DataBench, data.run),
     "serve": (serve.ServeBench, serve.run),
+    "search": (search.SearchBench, search.run),
     "quality": (quality.QualityBench, quality.run),
 }
 

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,7 +34,17 @@ from recfound.serving.auth import (
     require_auth_off_network,
 )
 from recfound.serving.engine import ENGINE_KEY, Engine, Side, load_engine
-from recfound.serving.index import IVF, ItemIndex, SearchConfig, SearchKind, build_item_index, text_meta, user_text
+from recfound.serving.index import (
+    ExactSearch,
+    ItemIndex,
+    IVFSearch,
+    SearchConfig,
+    SearchKind,
+    build_item_index,
+    build_search,
+    text_meta,
+    user_text,
+)
 from recfound.serving.registry import publish, resolve
 from recfound.serving.streaming import StopScanner, apply_stop
 
@@ -155,7 +164,7 @@ def test_version_loads_its_named_engine_and_index(published: str) -> None:
     assert isinstance(engine, Engine) and engine.version == "v1"
     index = ItemIndex.load(published, SearchConfig())
     assert index.item_ids == [c[0] for c in CATALOGUE]
-    assert index.vectors["q2i"].shape == (len(CATALOGUE), 64)
+    assert isinstance(index.searches["q2i"], ExactSearch)  # auto: a 6-item catalogue is searched exactly
     [query] = engine.embed("q2i", ["coffee beans"], "", Side.QUERY)
     hits = index.search("q2i", query, k=3)
     assert index.item_ids[hits[0][0]] == "i4"
@@ -171,20 +180,57 @@ def test_bad_engine_factory_is_named(published: str) -> None:
         load_engine(published)
 
 
-def test_ivf_probing_every_list_is_exact_and_finds_itself() -> None:
-    gen = torch.Generator().manual_seed(0)
-    vectors = torch.nn.functional.normalize(torch.randn(400, 16, generator=gen), dim=1)
-    ivf = IVF(vectors, nlist=20, seed=0)
-    assert sorted(torch.cat(ivf.lists).tolist()) == list(range(400))  # every item in exactly one list
-    exact = ItemIndex(["x"] * 400, [""] * 400, [""] * 400, {"q2i": vectors}, SearchConfig(), {})
-    full = ItemIndex(exact.item_ids, exact.titles, exact.texts, {"q2i": vectors},
-                     SearchConfig(kind=SearchKind.IVF, nprobe=20), {"q2i": ivf})  # fmt: skip
-    probe = ItemIndex(exact.item_ids, exact.titles, exact.texts, {"q2i": vectors},
-                      SearchConfig(kind=SearchKind.IVF, nprobe=2), {"q2i": ivf})  # fmt: skip
-    for row in range(0, 400, 37):
-        query = vectors[row].numpy()
-        assert [p for p, _ in full.search("q2i", query, 5)] == [p for p, _ in exact.search("q2i", query, 5)]
-        assert probe.search("q2i", query, 1)[0][0] == row
+def clustered(n: int, d: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres: the structure IVF's lists follow."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def items() -> np.ndarray:
+    return clustered(2000)
+
+
+def test_ivf_probing_every_list_is_exact_search(items: np.ndarray) -> None:
+    exact = ExactSearch(items)
+    ivf = IVFSearch(items, nlist=20, nprobe=20, seed=0)
+    for row in range(0, len(items), 97):
+        assert [p for p, _ in ivf.search(items[row] + 0.1, 10)] == [p for p, _ in exact.search(items[row] + 0.1, 10)]
+    assert np.allclose(ivf.rows([5, 3]), items[[5, 3]])  # /v1/rank's rows come back through the direct map
+
+
+def test_ivf_finds_each_item_as_its_own_nearest_neighbour(items: np.ndarray) -> None:
+    ivf = build_search(items, SearchConfig(kind=SearchKind.IVF, nprobe=2))
+    assert isinstance(ivf, IVFSearch) and ivf.nlist == 44  # sqrt(items)
+    assert IVFSearch.clamp_nlist(100, 50) == 2 and IVFSearch.clamp_nlist(10, 50) == 1  # >= 39 items per list
+    found = [ivf.search(items[row], 1)[0][0] == row for row in range(0, len(items), 7)]
+    assert np.mean(found) >= 0.95
+
+
+@pytest.mark.parametrize("kind", [SearchKind.EXACT, SearchKind.IVF])
+def test_exclusions_are_honoured(items: np.ndarray, kind: SearchKind) -> None:
+    search = build_search(items, SearchConfig(kind=kind, nprobe=1000))
+    top = [p for p, _ in search.search(items[0], 10)]
+    kept = [p for p, _ in search.search(items[0], 10, exclude=top[:5])]
+    assert top[0] == 0 and not set(kept) & set(top[:5]) and kept[:5] == top[5:]
+    assert len(search.search(items[0], len(items), exclude=range(len(items) - 3))) == 3
+
+
+def test_auto_is_exact_below_ivf_min_items_and_ivf_from_there(items: np.ndarray) -> None:
+    config = SearchConfig(ivf_min_items=len(items))
+    assert config.kind_for(len(items) - 1) is SearchKind.EXACT and config.kind_for(len(items)) is SearchKind.IVF
+    assert isinstance(build_search(items[:-1], config), ExactSearch)
+    assert isinstance(build_search(items, config), IVFSearch)
+    assert SearchConfig().kind is SearchKind.AUTO and SearchConfig(kind="exact").kind_for(10**9) is SearchKind.EXACT
+
+
+def test_ivf_builds_are_deterministic(items: np.ndarray) -> None:
+    """Replicas build their index independently: the same seed must give the same answers everywhere."""
+    a, b = (IVFSearch(items, nlist=None, nprobe=3, seed=7) for _ in range(2))
+    queries = clustered(30, seed=1)
+    assert [a.search(q, 10) for q in queries] == [b.search(q, 10) for q in queries]
 
 
 def test_user_text_keeps_the_most_recent_titles_in_order() -> None:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field
 
 from recfound.config import Config
 from recfound.data.templates import ITEM_INSTRUCTIONS, QUERY_INSTRUCTIONS, TEMPLATE_VERSION, history_text
@@ -95,102 +99,150 @@ def _check_vectors(vectors: np.ndarray, n: int, task: str) -> None:
 
 
 class SearchKind(str, Enum):
-    """exact: one matmul over every item (right up to ~1M items on CPU); ivf: k-means buckets, probe a few."""
+    """auto: exact below ``ivf_min_items`` items, ivf from there; exact: score every item; ivf: faiss inverted
+    file (approximate)."""
 
+    AUTO = "auto"
     EXACT = "exact"
     IVF = "ivf"
 
 
 class SearchConfig(Config):
-    kind: SearchKind = SearchKind.EXACT
-    """exact scores every item; ivf scores only the items in the `nprobe` nearest k-means buckets (approximate)."""
-    nlist: int | None = None
-    """ivf: number of k-means buckets; default sqrt(number of items)."""
-    nprobe: int = 8
-    """ivf: buckets scanned per query; more is slower and closer to exact."""
+    kind: SearchKind = SearchKind.AUTO
+    """auto: exact below `ivf_min_items` items, ivf from there; exact: one matrix-vector product over every item
+    (~17 ms/query at 1M x 64 on 2 cores); ivf: scores only the items in the `nprobe` nearest of `nlist` k-means
+    lists (faiss IndexIVFFlat; approximate, ~0.65 ms at 1M)."""
+    ivf_min_items: int = Field(500_000, ge=1)
+    """auto: catalogue size from which ivf is used. Exact search time grows with items x dim: at d=64 on 2 cores
+    it reaches ~10 ms/query at 500k items (9 ms measured; `python jobs/benchmark.py search` measures a machine)."""
+    nlist: int | None = Field(None, ge=1)
+    """ivf: number of k-means lists; default sqrt(items), at most items/39 so every list trains on enough points."""
+    nprobe: int = Field(32, ge=1)
+    """ivf: lists scanned per query; more is slower and closer to exact (recall@10 ~0.95 at 32 on the benchmark's
+    clustered 1M items)."""
     seed: int = 0
-    """ivf: k-means initialisation seed, so every replica builds the same buckets."""
+    """ivf: k-means seed, so every replica builds the same lists and answers alike."""
+
+    def kind_for(self, items: int) -> SearchKind:
+        """The search a catalogue of ``items`` gets: ``auto`` resolved by ``ivf_min_items``."""
+        if self.kind is not SearchKind.AUTO:
+            return self.kind
+        return SearchKind.IVF if items >= self.ivf_min_items else SearchKind.EXACT
 
 
 Hit = tuple[int, float]
 
 
-class IVF:
-    """Inverted-file ANN: spherical k-means buckets; a query scores only the items of its ``nprobe`` nearest.
+class Search(Protocol):
+    """Top-K search over one task's item vectors, and the rows /v1/rank scores."""
 
-    Centroids train on a sample (``TRAIN_PER_LIST`` items per bucket, as faiss does) and every item is then
-    assigned in chunks, so building stays linear in the catalogue and never materialises an (n, nlist) matrix.
+    def search(self, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[Hit]: ...
+
+    def rows(self, positions: Sequence[int]) -> np.ndarray: ...
+
+
+class ExactSearch:
+    """Every item scored by one matrix-vector product over the loaded matrix, in place (never copied).
+
+    Kept in torch rather than faiss ``IndexFlatIP``: at 1M x 64, one query, 2 cores, ``torch.mv`` + topk takes
+    ~16-20 ms (memory bound; the product is ~14 ms of it) while IndexFlatIP takes ~80 ms, as faiss parallelises
+    a flat search over queries and so scans a lone query on one thread; faiss would also hold its own copy.
+    """
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = torch.from_numpy(vectors)
+
+    def search(self, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[Hit]:
+        scores = self.vectors @ torch.from_numpy(np.asarray(query, dtype=np.float32))
+        if exclude:
+            scores[torch.tensor(list(exclude))] = -math.inf
+        top = scores.topk(min(k, scores.shape[0]))
+        return [(int(i), float(s)) for i, s in zip(top.indices, top.values, strict=True) if s != -math.inf]
+
+    def rows(self, positions: Sequence[int]) -> np.ndarray:
+        return self.vectors[torch.tensor(list(positions))].numpy()
+
+
+class IVFSearch:
+    """faiss ``IndexIVFFlat`` (inner product on the unit vectors = cosine): spherical k-means lists; a query
+    scores the items of its ``nprobe`` nearest lists.
+
+    The index is the only copy of the vectors (the loaded matrix is dropped); /v1/rank's rows come back through
+    its direct map. k-means trains on ``TRAIN_PER_LIST`` items per list for ``ITERATIONS`` rounds with a fixed
+    seed: at 100k clustered items, faiss's defaults (256 per list, 25 rounds) took 4-8x longer to train for
+    +0.003-0.01 recall@10, and every replica builds this index when it loads a version. ``nprobe`` and the
+    exclusions travel in per-call search parameters, so concurrent searches never mutate the shared index.
+    Exclusions are a faiss ID selector (excluded items never enter the heap): it added ~0.05-0.1 ms per query
+    with 200 excluded at 100k-1M items, less than over-fetching k + len(exclude) and filtering.
     """
 
     TRAIN_PER_LIST = 64
-    CHUNK = 65536
+    MIN_PER_LIST = 39  # faiss's own minimum (ClusteringParameters.min_points_per_centroid)
+    ITERATIONS = 10
 
-    def __init__(self, vectors: torch.Tensor, nlist: int, seed: int, iters: int = 10):
-        nlist = max(1, min(nlist, vectors.shape[0]))
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(vectors.shape[0], generator=gen)
-        sample = vectors[order[: nlist * self.TRAIN_PER_LIST]]
-        centroids = sample[:nlist].clone()
-        for _ in range(iters):
-            assign = (sample @ centroids.T).argmax(dim=1)
-            sums = torch.zeros_like(centroids).index_add_(0, assign, sample)
-            filled = torch.bincount(assign, minlength=nlist) > 0  # an empty bucket keeps its old centroid
-            centroids[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
-        assign = torch.cat([(chunk @ centroids.T).argmax(dim=1) for chunk in vectors.split(self.CHUNK)])
-        self.centroids = centroids
-        self.lists = [torch.nonzero(assign == c).flatten() for c in range(nlist)]
+    def __init__(self, vectors: np.ndarray, nlist: int | None, nprobe: int, seed: int):
+        n, d = vectors.shape
+        self.nlist = self.clamp_nlist(n, nlist or math.isqrt(n))
+        self.nprobe = nprobe
+        self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.seed = seed
+        self.index.cp.spherical = True
+        self.index.cp.niter = self.ITERATIONS
+        self.index.cp.max_points_per_centroid = self.TRAIN_PER_LIST
+        self.index.train(vectors)
+        self.index.add(vectors)
+        self.index.make_direct_map()
 
-    def candidates(self, query: torch.Tensor, nprobe: int) -> torch.Tensor:
-        nearest = (self.centroids @ query).topk(min(nprobe, len(self.lists))).indices
-        return torch.cat([self.lists[int(c)] for c in nearest])
+    @classmethod
+    def clamp_nlist(cls, items: int, nlist: int) -> int:
+        """At most one list per ``MIN_PER_LIST`` items (faiss warns below that), at least one."""
+        return max(1, min(nlist, items // cls.MIN_PER_LIST))
+
+    def search(self, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[Hit]:
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64))) if exclude else None
+        params = faiss.SearchParametersIVF(nprobe=self.nprobe, sel=selector)
+        scores, ids = self.index.search(np.asarray(query, dtype=np.float32)[None], k, params=params)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+
+    def rows(self, positions: Sequence[int]) -> np.ndarray:
+        return self.index.reconstruct_batch(np.asarray(positions, dtype=np.int64))
+
+
+def build_search(vectors: np.ndarray, config: SearchConfig) -> Search:
+    """The search ``config`` picks for ``vectors`` (float32 unit rows)."""
+    if config.kind_for(vectors.shape[0]) is SearchKind.EXACT:
+        return ExactSearch(vectors)
+    start = time.perf_counter()
+    ivf = IVFSearch(vectors, config.nlist, config.nprobe, config.seed)
+    log.info("ivf over %d items: %d lists in %.1f s", vectors.shape[0], ivf.nlist, time.perf_counter() - start)
+    return ivf
 
 
 @dataclass
 class ItemIndex:
-    """The catalogue of one version and its per-task vectors, searched by cosine similarity."""
+    """The catalogue of one version and its per-task search, by cosine similarity."""
 
     item_ids: list[str]
     titles: list[str]
     texts: list[str]
-    vectors: dict[str, torch.Tensor]
-    search_config: SearchConfig
-    ivf: dict[str, IVF]
+    searches: dict[str, Search]
 
     @classmethod
     def load(cls, version_dir: str, search: SearchConfig) -> ItemIndex:
         table = pq.read_table(Path(version_dir) / ITEMS_FILE).to_pydict()
-        vectors = {
-            task: torch.from_numpy(np.load(Path(version_dir) / vectors_file(task), allow_pickle=False))
+        searches = {
+            task: build_search(np.load(Path(version_dir) / vectors_file(task), allow_pickle=False), search)
             for task in EMBEDDING_TASKS
         }
-        ivf = {}
-        if search.kind is SearchKind.IVF:
-            nlist = search.nlist or math.isqrt(len(table["item_id"])) or 1
-            ivf = {task: IVF(v, nlist, search.seed) for task, v in vectors.items()}
-        return cls(table["item_id"], table["title"], table["text"], vectors, search, ivf)
+        return cls(table["item_id"], table["title"], table["text"], searches)
 
     def __post_init__(self) -> None:
         self.position = {item: i for i, item in enumerate(self.item_ids)}
 
     def score(self, task: str, query: np.ndarray, positions: Sequence[int]) -> np.ndarray:
         """Cosine score of each item at ``positions`` (exact; the rows of a candidate list only)."""
-        q = torch.from_numpy(np.asarray(query, dtype=np.float32))
-        return (self.vectors[task][torch.tensor(list(positions))] @ q).numpy()
+        return self.searches[task].rows(positions) @ np.asarray(query, dtype=np.float32)
 
     def search(self, task: str, query: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[Hit]:
         """Top ``k`` (position, cosine score), best first, never returning positions in ``exclude``."""
-        q = torch.from_numpy(np.asarray(query, dtype=np.float32))
-        vectors = self.vectors[task]
-        if task in self.ivf:
-            positions = self.ivf[task].candidates(q, self.search_config.nprobe)
-            scores = vectors[positions] @ q  # the probed lists only: a small gather
-            if exclude:
-                scores[torch.isin(positions, torch.tensor(list(exclude)))] = -math.inf
-        else:
-            positions = None  # exact: score the matrix in place; gathering every row would copy all of it
-            scores = vectors @ q
-            if exclude:
-                scores[torch.tensor(list(exclude))] = -math.inf
-        top = scores.topk(min(k, scores.shape[0]))
-        return [(int(i if positions is None else positions[i]), float(s))
-                for i, s in zip(top.indices, top.values, strict=True) if s != -math.inf]  # fmt: skip
+        return self.searches[task].search(query, k, exclude)
