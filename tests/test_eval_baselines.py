@@ -78,8 +78,12 @@ def test_bm25_matches_the_formula() -> None:
     baseline.fit(items, INTERACTIONS.iloc[:0])
     scores = baseline.scorer("q2i", pd.DataFrame({"query": ["blue"]})).score(np.array([0]))
     # N=2, df=1: idf = ln(1 + 1.5/1.5) = ln 2; doc b: tf 2, |d| 3, avgdl 2.5
-    # norm = 1.5 (0.25 + 0.75 * 3/2.5) = 1.725; score = ln2 * 2 * 2.5 / (2 + 1.725)
-    assert scores[0].tolist() == pytest.approx([0.0, math.log(2) * 5 / 3.725])
+    # norm = 1.5 (0.25 + 0.75 * 3/2.5) = 1.725; score = ln2 * 2 / (2 + 1.725): Lucene's form, without the
+    # (k1 + 1) factor in the numerator, a constant that changes no ranking
+    assert scores[0].tolist() == pytest.approx([0.0, math.log(2) * 2 / 3.725])
+    # a repeated query term counts twice
+    twice = baseline.scorer("q2i", pd.DataFrame({"query": ["blue blue"]})).score(np.array([0]))
+    assert twice[0].tolist() == pytest.approx(2 * scores[0])
 
 
 def test_itemcf_recommends_the_co_occurring_item() -> None:

@@ -5,17 +5,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import pytrec_eval
 
 from recfound.eval.metrics import (
     GENERATIVE_METRICS,
     attribute_f1,
     binary_f1,
-    lcs_length,
     macro_f1,
     mean_defined,
     mrr_at_k,
     mrr_from_ranks,
     ndcg_at_k,
+    ndcg_from_ranks,
     option_accuracy,
     parse_attributes,
     parse_option,
@@ -107,6 +108,54 @@ def test_ranks_pad_queries_without_positives_and_reject_nan() -> None:
         ranks_from_scores(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
 
 
+# ---- ranks from scores against trec_eval (pytrec_eval) on the same runs ----
+
+
+def _trec_eval(scores: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
+    """(queries, 3) MRR@k, NDCG@k, Recall@k from trec_eval; item j is document "d{j:02d}".
+
+    trec_eval breaks a score tie by document id, descending. It has no MRR cutoff: MRR@k is its reciprocal
+    rank where a positive makes the top k (success@k), else 0.
+    """
+    qrels = {f"q{i}": {f"d{j:02d}": 1 for j in np.flatnonzero(row)} for i, row in enumerate(relevant)}
+    run = {f"q{i}": {f"d{j:02d}": float(s) for j, s in enumerate(row)} for i, row in enumerate(scores)}
+    measures = {"recip_rank", f"success.{k}", f"ndcg_cut.{k}", f"recall.{k}"}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    metrics = [per_query[f"q{i}"] for i in range(len(scores))]
+    return np.array([[m["recip_rank"] * m[f"success_{k}"], m[f"ndcg_cut_{k}"], m[f"recall_{k}"]] for m in metrics])
+
+
+def _ours(scores: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
+    ranks = ranks_from_scores(scores, relevant)
+    return np.stack([mrr_from_ranks(ranks, k), ndcg_from_ranks(ranks, k), recall_from_ranks(ranks, k)], axis=1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 20])
+def test_ranking_metrics_equal_trec_eval_when_ties_stay_within_a_relevance_level(k: int) -> None:
+    # Scores from a few levels, positives on even ones and negatives on odd ones: many ties among positives and
+    # among negatives, none between the two. Those ties cannot move a metric (binary relevance), so the two agree.
+    rng = np.random.default_rng(0)
+    relevant = rng.random((200, 12)) < 0.25
+    relevant[np.arange(200), rng.integers(0, 12, 200)] = True  # every query has a positive
+    scores = 2.0 * rng.integers(0, 4, relevant.shape) + ~relevant
+    np.testing.assert_allclose(_ours(scores, relevant, k), _trec_eval(scores, relevant, k), rtol=0, atol=1e-12)
+
+
+def test_a_positive_tied_with_negatives_takes_trec_evals_middle_tie_break() -> None:
+    # One negative above, then the positive tied with two negatives (items 1-3). trec_eval orders d03, d02, d01,
+    # so the positive's rank there is 2, 3 or 4 depending on its id alone; ours is the expected rank, 3, whatever
+    # the ids: equal to trec_eval where the id puts the positive in the middle of the tie.
+    scores = np.array([[0.9, 0.5, 0.5, 0.5, 0.1, 0.0]])
+    positive_at = {item: np.arange(6)[None, :] == item for item in (1, 2, 3)}
+    trec = {item: _trec_eval(scores, relevant, 3)[0] for item, relevant in positive_at.items()}
+    assert trec[3] == pytest.approx([1 / 2, 1 / math.log2(3), 1.0])  # first of the tie: rank 2
+    assert trec[2] == pytest.approx([1 / 3, 1 / 2, 1.0])  # middle: rank 3
+    assert trec[1].tolist() == [0.0, 0.0, 0.0]  # last: rank 4, past k = 3
+    for relevant in positive_at.values():
+        assert ranks_from_scores(scores, relevant).tolist() == [[3.0]]
+        np.testing.assert_allclose(_ours(scores, relevant, 3)[0], trec[2], rtol=0, atol=1e-12)
+
+
 # ---- generative metrics ----
 
 
@@ -156,8 +205,8 @@ def test_text_overlap_metrics() -> None:
     # overlap {red, shoes}: 2*2 / (3 + 3)
     assert token_f1(["the red shoes"], ["red running shoes"]) == pytest.approx(2 / 3)
     assert token_f1(["", ""], ["", "x"]) == 0.5  # both empty agree (1), one empty shares nothing (0)
-    assert lcs_length(list("abcd"), list("acbd")) == 3
     assert rouge_l(["a b c d"], ["a c b d"]) == pytest.approx(0.75)  # LCS 3: 2*3 / (4 + 4)
+    assert rouge_l(["", "x"], ["", ""]) == 0.0  # rouge-score: an empty side scores 0, both empty included
     assert math.isnan(rouge_l([], []))
 
 

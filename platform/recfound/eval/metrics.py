@@ -6,7 +6,10 @@ with it that come before it in item order) + half of the negatives tied with it.
 exactly its expected rank under a uniform random tie-break; tied positives are ordered by input order because
 with binary relevance their mutual order is immaterial. Metrics are then read at that rank, so a scorer that
 gives every item the same score earns chance-level rank (n + 1) / 2 rather than rank 1, and a positive at
-expected rank 10.5 misses a top-10 cutoff. MRR at rank r is 1 / E[r], not E[1 / r].
+expected rank 10.5 misses a top-10 cutoff. MRR at rank r is 1 / E[r], not E[1 / r]. Where no positive ties a
+negative, MRR@k, NDCG@k and Recall@k equal trec_eval's (pytrec_eval, tested); where one does, trec_eval orders
+the tie by document id, so its value depends on the ids, while ours is the expected rank (trec_eval's value when
+the id happens to put the positive mid-tie).
 
 Empty rule: a query without positives has no defined metric and scores nan; averages skip nan queries and are
 nan when no query is defined. The same holds for generative metrics over empty inputs.
@@ -21,6 +24,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
+from rouge_score import rouge_scorer, tokenizers
 
 from recfound.data.templates import RELATIONS, SENTIMENTS
 
@@ -28,7 +32,8 @@ _TOKEN = re.compile(r"[^\W_]+")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase alphanumeric runs: the one tokeniser behind BM25 and the text-overlap metrics."""
+    """Lowercase alphanumeric runs: the tokeniser behind BM25, token F1 and the label parsers (ROUGE-L uses
+    rouge-score's, which splits the same way on ASCII text)."""
     return _TOKEN.findall(text.lower())
 
 
@@ -255,29 +260,18 @@ def token_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
     return float(np.mean(scores))
 
 
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Longest common subsequence length, bit-parallel (Allison & Dix 1986): O(len(b)) big-int steps, not O(nm)."""
-    masks: dict[str, int] = {}
-    for i, token in enumerate(a):
-        masks[token] = masks.get(token, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for token in b:
-        u = v & masks.get(token, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
+# The tokenizer passed explicitly: left to default, RougeScorer logs through absl, whose first log installs a
+# root stderr handler (logging.basicConfig) in whatever process imports this module.
+_ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False))
 
 
 def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (LCS over ``tokenize`` tokens, beta 1): the free-text fallback, since BERTScore's
-    roberta-large scorer is not available offline."""
+    """Mean ROUGE-L F1 by ``rouge-score`` (Lin's tokenisation, no stemming): the free-text fallback, since
+    BERTScore's roberta-large scorer is not available offline. A pair with an empty side scores 0, even when both
+    are empty (rouge-score's rule; ``token_f1`` counts two empty texts as agreeing)."""
     if not _check_pairs(preds, refs):
         return float("nan")
-    scores = []
-    for pred, ref in zip(preds, refs):
-        p, r = tokenize(pred), tokenize(ref)
-        scores.append(_overlap_f1(lcs_length(p, r), len(p), len(r)))
-    return float(np.mean(scores))
+    return float(np.mean([_ROUGE_L.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(preds, refs)]))
 
 
 GenerativeMetric = Callable[[Sequence[str], Sequence[str]], float]

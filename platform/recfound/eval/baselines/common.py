@@ -88,7 +88,7 @@ class SparseRows:
 
 class SparseScorer(Scorer):
     """Scores = queries @ features: query rows weight features (terms, history items); each feature row spreads
-    its weights over items. BM25 and item-CF are both of this form, so one vectorised product serves both."""
+    its weights over items (item-CF: history items → similar items), as one vectorised sparse product."""
 
     def __init__(self, queries: SparseRows, features: SparseRows) -> None:
         self.queries, self.features = queries, features
