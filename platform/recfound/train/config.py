@@ -74,6 +74,11 @@ class BatchConfig(Config):
     """Rows of a task's stream shuffled together, reshuffled every epoch from (seed, epoch); 0 or 1 keeps the build
     order (one user's or anchor's rows side by side, so they are each other's in-batch negatives). Larger mixes
     more at the memory of that many tokenised rows per task and worker."""
+    small_task_rows: int = Field(4096, ge=0)
+    """Tasks with at most this many training rows share one Ray Data stream per mode, read whole at start-up and
+    kept in each worker's memory (every num_workers-th row); bigger tasks stream on their own, split across the
+    workers. One execution per task costs seconds of start-up each (11 tasks: 11 pipelines on 2 cores), and a
+    small task is replayed from memory after its first epoch anyway. 0: every task streams on its own."""
 
     @model_validator(mode="after")
     def _some_work(self) -> BatchConfig:

@@ -32,7 +32,7 @@ from recfound.train.halt import record_halt
 from recfound.train.mixing import allocate
 from recfound.train.objective import FALSE_NEGATIVES, JointObjective, TaskStats
 from recfound.train.s2sched import LossSource
-from recfound.train.streams import TaskStream
+from recfound.train.streams import Shard, TaskStream, split_tasks
 from recfound.train.telemetry import (
     StepRecord,
     Telemetry,
@@ -138,8 +138,12 @@ def train_worker(config: dict[str, Any]) -> None:
         if scheduler is not None:
             ray.get(scheduler.load_state_dict.remote(sched_state))
 
-    streams = {t: TaskStream(ray.train.get_dataset_shard(t), seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window,
-                             **positions.get(t, {})) for t in tasks}  # fmt: skip
+    shards: dict[str, Shard] = {}
+    for name, members in config["shared_streams"].items():
+        shards |= split_tasks(ray.train.get_dataset_shard(name), members, rank, world)
+    shards |= {t: ray.train.get_dataset_shard(t) for t in tasks if t not in shards}
+    streams = {t: TaskStream(shards[t], seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window, **positions.get(t, {}))
+               for t in tasks}  # fmt: skip
     with ThreadPoolExecutor(len(streams)) as pool:
         list(pool.map(TaskStream.prime, streams.values()))
     weights = _broadcast(ray.get(scheduler.weights.remote())[1] if scheduler is not None else None)

@@ -21,6 +21,7 @@ import recfound
 from recfound.io import exists, read_json
 from recfound.tasks import MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
+from recfound.train.streams import shared_streams
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
@@ -121,14 +122,21 @@ def _init_ray(cfg: TrainConfig) -> None:
 
 
 def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
+    """Tokenised training datasets: one per task, except the small tasks, one union per mode (``shared_streams``)."""
     from recfound.data.streams import task_datasets
     from recfound.train.batches import tokenize
 
     backbone = cfg.model.backbone.model_dump()
-    return {
+    tokenised = {
         task: ds.map_batches(tokenize, batch_size=64, fn_kwargs={"backbone": backbone, "task": task})
         for task, ds in task_datasets(plan.data, "train", plan.tasks).items()
     }
+    shared = shared_streams(plan.rows, cfg.batch.small_task_rows)
+    small = {t for members in shared.values() for t in members}
+    out = {task: ds for task, ds in tokenised.items() if task not in small}
+    for name, members in shared.items():
+        out[name] = tokenised[members[0]].union(*(tokenised[t] for t in members[1:]))
+    return out
 
 
 def scaling_config(cfg: TrainConfig) -> ScalingConfig:
@@ -143,7 +151,7 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
 def run(cfg: TrainConfig) -> str:
     """Train; return the final checkpoint's path (the job prints it as its last line)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from recfound.train.halt import clear_halt, halt_url, read_halt
@@ -162,11 +170,13 @@ def run(cfg: TrainConfig) -> str:
     scheduler = get_or_create_scheduler(scheduler_name, NAMESPACE, p.tasks, p.rows, cfg.scheduler)
     halt = halt_url(p.storage_path, p.name)
     clear_halt(halt)
+    datasets = _datasets(p, cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
                            "namespace": NAMESPACE, "run": p.name, "data": p.data, "halt": halt,
-                           "scheduler_initial": ray.get(scheduler.state_dict.remote())},  # fmt: skip
+                           "scheduler_initial": ray.get(scheduler.state_dict.remote()),
+                           "shared_streams": shared_streams(p.rows, cfg.batch.small_task_rows)},  # fmt: skip
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=p.name,
@@ -174,7 +184,9 @@ def run(cfg: TrainConfig) -> str:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets=_datasets(p, cfg),
+        datasets=datasets,
+        # The shared small-task datasets go whole to every worker (split_tasks picks its rows); the rest are split.
+        dataset_config=DataConfig(datasets_to_split=[t for t in datasets if t in p.tasks]),
     )
     result = trainer.fit()
     halted = read_halt(halt)

@@ -11,6 +11,10 @@ a pure function of those, so a rerun is identical and a resume that skips ``posi
 the interrupted run was, whether the epoch comes from the shard or from memory. (Ray Data's own local shuffle
 buffer would shuffle only what streams from the shard, not an epoch replayed from memory.)
 
+Small tasks (``BatchConfig.small_task_rows``) share one dataset per mode (``shared_streams``): every worker reads it
+whole once at start-up (one Ray Data execution per mode instead of one per task) and keeps every world-th row of
+each task in memory (``split_tasks``), served by a ``MemoryShard``.
+
 An epoch restart is a new Ray Data execution (read, tokenise, split: seconds of start-up and CPU), and a small
 task (a few dozen rows) ends its epoch every few steps: on a real slice that was 30 % of the run's step time
 spent waiting. So a shard whose epoch fits in ``cache_rows`` is kept (in its fixed order) from its first epoch
@@ -24,6 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from recfound.tasks import mode_of
+
 Rows = dict[str, np.ndarray]
 
 
@@ -31,6 +37,39 @@ class Shard(Protocol):
     """What a worker needs of a dataset shard (ray.data.DataIterator satisfies it)."""
 
     def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]: ...
+
+
+def shared_streams(rows: dict[str, int], limit: int) -> dict[str, list[str]]:
+    """Dataset name -> the small tasks (at most ``limit`` training rows) of one mode, which share it; a mode's lone
+    small task keeps its own stream (one execution either way)."""
+    groups: dict[str, list[str]] = {}
+    for task, n in rows.items():
+        if n <= limit:
+            groups.setdefault(f"small-{mode_of(task).value}-tasks", []).append(task)
+    return {name: tasks for name, tasks in groups.items() if len(tasks) > 1}
+
+
+class MemoryShard:
+    """Rows held in memory, served in chunks like a dataset shard (``Shard``)."""
+
+    def __init__(self, rows: Rows) -> None:
+        self.rows = rows
+
+    def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]:
+        for start in range(0, _length(self.rows), batch_size):
+            yield {k: v[start : start + batch_size] for k, v in self.rows.items()}
+
+
+def split_tasks(shard: Shard, tasks: list[str], rank: int, world: int) -> dict[str, MemoryShard]:
+    """A shared dataset read whole: this worker's rows of each task (every ``world``-th from ``rank``, in order)."""
+    rows = concat_rows(list(shard.iter_batches(batch_size=4096, batch_format="numpy", prefetch_batches=2)))
+    out = {}
+    for task in tasks:
+        mine = np.flatnonzero(rows["task"] == task)[rank::world]
+        if not len(mine):
+            raise RuntimeError(f"task {task}: no training rows for worker {rank} of {world}")
+        out[task] = MemoryShard({k: v[mine] for k, v in rows.items()})
+    return out
 
 
 def _length(rows: Rows) -> int:
