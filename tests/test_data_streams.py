@@ -10,6 +10,8 @@ from recfound.data.builder import BuildConfig, build
 from recfound.data.streams import task_datasets
 from recfound.tasks import EMBEDDING_COLUMNS, GENERATIVE_COLUMNS
 
+pytestmark = pytest.mark.slow  # starts a local Ray: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def local_ray():

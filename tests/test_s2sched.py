@@ -204,6 +204,7 @@ def wait_for_restart(actor, timeout_s: float = 60.0) -> None:
     raise TimeoutError("scheduler actor did not come back")
 
 
+@pytest.mark.slow  # starts a local Ray: not in `make test-fast` (the rest of this module is plain unit tests)
 def test_actor_restart_requires_state_and_continues(local_ray) -> None:
     expected = run(S2Sched(EMB, EQUAL_ROWS, CFG), range(20))
     actor = get_or_create_scheduler("s2sched", "test-s2sched", EMB, EQUAL_ROWS, CFG)

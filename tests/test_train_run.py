@@ -40,17 +40,39 @@ def _scheduler_steps(ckpt: Path) -> list[int]:
     return [row["step"] for row in json.loads((ckpt / "s2sched.json").read_text())["weights_history"]]
 
 
+def _history(ckpt: Path) -> list[dict]:
+    return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+
+
+def _checkpoints(storage: Path, name: str) -> dict[int, Path]:
+    """The run's checkpoints in storage by step."""
+    found = {}
+    for path in (storage / name).glob("checkpoint_*/trainer_state.json"):
+        found[json.loads(path.read_text())["step"]] = path.parent
+    return found
+
+
+def _tear(ckpt: Path) -> None:
+    """Make a checkpoint fail verification (its trainer_state.json no longer matches checkpoint.json's SHA-256)."""
+    state = ckpt / "trainer_state.json"
+    state.write_bytes(state.read_bytes().replace(b'"seed"', b'"seeds"', 1))
+
+
 def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_path: Path) -> None:
-    cfg = _cfg(synthetic_dataset, tmp_path, "name=run-a", "max_steps=6", "num_workers=2")
+    """Train 6 steps, checkpointing every 2; tear the step-6 and step-4 checkpoints, so a rerun resumes from step 2:
+    its steps 3-6 must repeat the uninterrupted run's (restored adapter, AdamW and LR schedule, stream positions,
+    sampler carry, S2Sched state, dropout seeds). Then raising max_steps resumes from the new step 6."""
+    cfg = _cfg(synthetic_dataset, tmp_path, "name=run-a", "max_steps=6", "num_workers=2", "checkpoint_every=2")
     ckpt = Path(run(cfg))
     verify(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 6
-    history = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in history] == list(range(1, 7))
-    assert {t for row in history for t in row["losses"]} == {"u2i", "i2i", "sentiment_analysis", "sequential_recommendation"}
-    assert history[-1]["losses"]["u2i"] < history[0]["losses"]["u2i"]
-    assert all(row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 50 for row in history)
+    uninterrupted = _history(ckpt)
+    assert [row["step"] for row in uninterrupted] == list(range(1, 7))
+    assert {t for row in uninterrupted for t in row["losses"]} == {"u2i", "i2i", "sentiment_analysis",
+                                                                   "sequential_recommendation"}  # fmt: skip
+    assert uninterrupted[-1]["losses"]["u2i"] < uninterrupted[0]["losses"]["u2i"]
+    assert all(row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 50 for row in uninterrupted)
     assert (ckpt / "losses.png").stat().st_size > 0 and (ckpt / "weights.png").stat().st_size > 0
     weights = json.loads((ckpt / "s2sched.json").read_text())["weights_history"]
     assert weights[-1]["weights"] != weights[0]["weights"]  # past warmup the mix moved
@@ -60,20 +82,32 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
     )
     assert vectors.shape[0] == 1
 
-    # Re-running the same name resumes from step 6 instead of starting over, S2Sched history continuous.
-    resumed = Path(run(cfg.model_copy(update={"max_steps": 8})))
-    history = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in history] == list(range(1, 9))
-    steps = _scheduler_steps(resumed)
-    assert steps == sorted(steps) and steps[: len(_scheduler_steps(ckpt))] == _scheduler_steps(ckpt)
+    # Torn newest checkpoints: the rerun falls back to the step-2 one instead of failing, and retrains steps 3-6.
+    checkpoints = _checkpoints(tmp_path, "run-a")
+    assert set(checkpoints) == {2, 4, 6}
+    _tear(checkpoints[6])
+    _tear(checkpoints[4])
+    fallback = Path(run(cfg))
+    assert fallback not in checkpoints.values()
+    resumed = _history(fallback)
+    assert [row["step"] for row in resumed] == list(range(1, 7))
+    assert resumed[:2] == uninterrupted[:2]  # restored from the step-2 checkpoint, timings and all
+    for got, want in zip(resumed[2:], uninterrupted[2:]):
+        assert got["seconds"] != want["seconds"], f"step {got['step']} was not retrained"
+        assert (got["lr"], got["tokens"], got["samples"]) == (want["lr"], want["tokens"], want["samples"]), got["step"]
+        # Same data, seeds, state and worker count: observed bit-equal (losses and S2Sched weights, 2 runs). 1e-5
+        # leaves room for a reduction order that differs on another machine; a shifted stream (other rows), lost
+        # Adam moments or a wrong LR (steps 4-6, after the first update from restored state) move losses that are
+        # changing by 1e-2-1e-1 a step far more than that.
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5), got["step"]
+        assert got["weights"] == pytest.approx(want["weights"], rel=1e-5), got["step"]
 
-    # Bytes flipped in the newest checkpoint: the next resume falls back to the step-6 one instead of failing.
-    state = resumed / "trainer_state.json"
-    assert b'"step": 8' in state.read_bytes()
-    state.write_bytes(state.read_bytes().replace(b'"step": 8', b'"step": 9'))
-    fallback = Path(run(cfg.model_copy(update={"max_steps": 9})))
-    history = [json.loads(line) for line in (fallback / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in history] == list(range(1, 10)) and fallback != resumed
+    # Re-running with a higher max_steps resumes from step 6 instead of starting over, S2Sched history continuous.
+    longer = Path(run(cfg.model_copy(update={"max_steps": 8})))
+    history = _history(longer)
+    assert [row["step"] for row in history] == list(range(1, 9)) and history[:6] == resumed
+    steps = _scheduler_steps(longer)
+    assert steps == sorted(steps) and steps[: len(_scheduler_steps(fallback))] == _scheduler_steps(fallback)
 
 
 def _losses(ckpt: Path) -> list[dict[str, float]]:
