@@ -57,6 +57,24 @@ def test_only_tmole_parameters_train_and_base_stays_fixed():
             assert torch.equal(p, frozen[name]), name
 
 
+def test_layers_to_transform_adapts_only_those_layers_and_backward_stops_there():
+    """Only layer 1 of 2 gets experts; layer 0 runs without a graph (its activations are not kept for backward)."""
+    tuner = make(layers_to_transform=[1])
+    adapted = {n for n, m in tuner.named_modules() if isinstance(m, TMoLELayer)}
+    assert adapted and all(".layers.1." in n for n in adapted) and len(adapted) == 4
+    reached: list[bool] = []
+    layer0 = tuner.model.model.layers[0]
+    layer0.register_forward_hook(lambda module, args, out: reached.append(out[0].requires_grad if isinstance(out, tuple) else out.requires_grad))
+    loss = tuner(input_ids=TOKENS, labels=TOKENS, task_ids=ids("query_rewriting", "user_profile")).loss
+    loss.backward()
+    assert reached == [False]
+    assert all(p.grad is not None for n, p in tuner.named_parameters() if p.requires_grad and "layers.1." in n)
+    with pytest.raises(ValueError, match="the backbone has layers 0-1"):
+        make(layers_to_transform=[1, 2])
+    with pytest.raises(ValueError, match="non-empty layer indexes"):
+        TMoLEConfig(layers_to_transform=[])
+
+
 def test_different_tasks_route_differently_and_same_task_identically():
     tuner = make()
     for name, gates in tuner.task_gates(ids("u2i", "q2i", "u2i"), Mode.EMBEDDING).items():

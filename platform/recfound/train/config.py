@@ -43,6 +43,10 @@ class AdapterConfig(Config):
     """Width of the learned task embedding that feeds each router."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Linear layers (name suffixes) that get experts. Adding MLP projections adds capacity and cost."""
+    layers_to_transform: list[int] | None = None
+    """Decoder layers (0-based indexes) whose target linears get experts; None: every layer. Backward stops at the
+    lowest adapted layer, so adapting only the top half of SmolLM2-135M's 30 layers cut an embedding step's
+    forward + backward from 19.5 s to 12.5 s on 2 cores (less adapter capacity, fewer layers that move)."""
 
     @model_validator(mode="after")
     def _experts_fit_groups(self) -> AdapterConfig:

@@ -53,6 +53,10 @@ class TMoLEConfig(PeftConfig):
         default_factory=lambda: list(DEFAULT_TARGETS),
         metadata={"help": "Module names (suffix match) or a regex of the linears to adapt."},
     )
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "Decoder layer indexes whose target linears get experts (peft's LoraConfig field); None: all."},
+    )
     backbone: dict[str, Any] | None = field(
         default=None, metadata={"help": "The BackboneConfig the adapter was trained on (to reload it alone)."}
     )
@@ -70,6 +74,10 @@ class TMoLEConfig(PeftConfig):
             mode_of(task)  # raises on an unknown task
         if not isinstance(self.target_modules, str):
             self.target_modules = sorted(self.target_modules)
+        if self.layers_to_transform is not None:
+            if not self.layers_to_transform or min(self.layers_to_transform) < 0:
+                raise ValueError(f"layers_to_transform must be non-empty layer indexes >= 0, got {self.layers_to_transform}")
+            self.layers_to_transform = sorted(set(self.layers_to_transform))
 
     @property
     def scaling(self) -> float:

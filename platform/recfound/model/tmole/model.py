@@ -33,7 +33,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_TABLE_KEY = "tmole_task_table.weight"
 # Config fields that fix the adapter's tensor layout or meaning; a saved adapter must agree on all of them.
-LAYOUT_FIELDS = ("tasks", "target_modules", "num_experts", "r", "alpha", "groups", "task_dim")
+LAYOUT_FIELDS = ("tasks", "target_modules", "layers_to_transform", "num_experts", "r", "alpha", "groups", "task_dim")
 
 
 class TMoLEModel(BaseTuner):
@@ -49,6 +49,9 @@ class TMoLEModel(BaseTuner):
 
     # --- peft hooks -------------------------------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: TMoLEConfig, adapter_name: str) -> None:
+        depth = getattr(model.config, "num_hidden_layers", None)
+        if config.layers_to_transform and depth is not None and config.layers_to_transform[-1] >= depth:
+            raise ValueError(f"layers_to_transform {config.layers_to_transform}: the backbone has layers 0-{depth - 1}")
         if not hasattr(self, "tmole_task_table"):
             self.tmole_task_table = nn.ModuleDict()
         table = nn.Embedding(len(config.tasks), config.task_dim)
