@@ -52,7 +52,8 @@ def _titles(text: str) -> set[str]:
 def assert_no_leakage(out: Path) -> None:
     """A user's valid/test target is never a positive, a history entry or an option in that user's train rows."""
     title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
-    for task, item_key, text_key in (("u2i", "pos_item", "query"), ("sequential_recommendation", "item", "prompt")):
+    for task, item_key, text_key in (("u2i", "pos_item", "query"), ("sequential_recommendation", "item", "prompt"),
+                                     ("explanation_generation", "item", "prompt")):  # fmt: skip
         seen_items: dict[str, set[str]] = {}
         seen_titles: dict[str, set[str]] = {}
         for row in read_task(out, task, "train"):

@@ -77,6 +77,22 @@ def test_no_test_target_leaks_into_the_users_training_rows(default_build):
     assert_no_leakage(default_build[0])
 
 
+def test_explanations_are_the_reviewers_reasons_for_liked_items(default_build):
+    """The response is the review's title (or first sentence) of a 4-5 star review, never a bare star rating; the
+    prompt shows the user's earlier items only and names the reviewed product."""
+    out, _ = default_build
+    reviews = {(r["reviewerID"], r["asin"]): r for r in map(json.loads, gzip.open(out / "raw" / "reviews_Synthetic_5.json.gz", "rt"))}
+    title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
+    rows = [r for split in SPLITS for r in read_task(out, "explanation_generation", split)]
+    assert rows
+    for row in rows:
+        review = reviews[(row["user"], row["item"])]
+        assert review["overall"] >= 4 and row["response"] in (review["summary"], review["reviewText"].split(". ")[0] + ".")
+        assert 3 <= len(row["response"].split()) <= 40 and not re.fullmatch(r"(?i)\w+ stars?", row["response"])
+        assert f"Product: {title[row['item']]}" in row["prompt"]
+    assert_no_leakage(out)
+
+
 def _files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
 

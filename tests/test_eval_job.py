@@ -257,15 +257,16 @@ def test_i2i_rows_name_their_anchor_item_and_item_cf_uses_it(synthetic_dataset: 
 
 
 def test_generative_metrics_read_the_builders_response_formats(synthetic_dataset: Path) -> None:
-    for task, metric in GENERATIVE_METRICS.items():
+    for task, metrics in GENERATIVE_METRICS.items():
         path = synthetic_dataset / "tasks" / task / "test.parquet"
         if path.is_file():
             refs = pd.read_parquet(path)["response"].tolist()
-            assert metric(refs, refs) == 1.0, task
+            assert [metric(refs, refs) for metric in metrics] == pytest.approx([1.0] * len(metrics)), task
     # a sentiment no reference has is still a class: its false positive counts
-    sentiment = GENERATIVE_METRICS["sentiment_analysis"]
+    (sentiment,) = GENERATIVE_METRICS["sentiment_analysis"]
     assert sentiment(["positive", "very negative"], ["positive"] * 2) == pytest.approx(1 / 3)
-    assert GENERATIVE_METRICS["sequential_recommendation"](["C: the kettle", "(b)"], ["C", "B"]) == 1.0
+    (option,) = GENERATIVE_METRICS["sequential_recommendation"]
+    assert option(["C: the kettle", "(b)"], ["C", "B"]) == 1.0
 
 
 def test_resolve_model_reads_a_merged_artifact(adapter: Path, tmp_path: Path) -> None:

@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import pytrec_eval
+import sacrebleu
 
 from recfound.eval.metrics import (
     GENERATIVE_METRICS,
     attribute_f1,
     binary_f1,
+    bleu4,
     macro_f1,
     mean_defined,
     mrr_at_k,
@@ -212,6 +214,20 @@ def test_text_overlap_metrics() -> None:
 
 def test_every_generative_task_has_a_metric() -> None:
     assert set(GENERATIVE_METRICS) == set(GENERATIVE_TASKS)
+    assert all(GENERATIVE_METRICS.values())
+
+
+def test_bleu4_is_sacrebleus_corpus_bleu_on_a_0_1_scale() -> None:
+    refs = ["the kettle boils water fast and quietly", "a warm coat for cold winter days"]
+    assert bleu4(refs, refs) == pytest.approx(1.0)
+    # n-grams, not bags of words: the same words shuffled score below one word changed in order
+    ref = ["the kettle boils water fast"]
+    assert bleu4(["kettle the boils fast water"], ref) < bleu4(["the kettle boils water slowly"], ref)
+    half = bleu4(["the kettle boils water slowly and loudly"], ["the kettle boils water fast and quietly"])
+    assert 0 < half < 1 and half == pytest.approx(
+        sacrebleu.corpus_bleu(["the kettle boils water slowly and loudly"],
+                              [["the kettle boils water fast and quietly"]]).score / 100)  # fmt: skip
+    assert math.isnan(bleu4([], []))
 
 
 # ---- protocols ----

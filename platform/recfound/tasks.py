@@ -1,7 +1,8 @@
 """The RecFound task set and the on-disk layout of a built dataset: the contract between data, model and training.
 
 Task names are a public contract (CLI, manifest, serving model names); ids are the row of the TMoLE task table
-and follow the paper's released code (0-2 embedding, 3-12 generative), so a checkpoint's routing is stable.
+and follow the paper's released code (0-2 embedding, 3-12 generative; later tasks are appended), so a checkpoint's
+routing is stable.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ GENERATIVE_TASKS: tuple[str, ...] = (
     "item_profile",
     "answerability_prediction",
     "answer_generation",
+    "explanation_generation",
 )
 ALL_TASKS: tuple[str, ...] = EMBEDDING_TASKS + GENERATIVE_TASKS
 TASK_ID: dict[str, int] = {name: i for i, name in enumerate(ALL_TASKS)}

@@ -101,8 +101,7 @@ def majority_scores(data: str, split: str, tasks: list[str], rows: int, seed: in
             continue
         answer = Counter(dataset.rows(task, "train", ["response"])["response"]).most_common(1)[0][0]
         references = generative_sample(dataset, task, split, rows, seed)["response"].tolist()
-        metric = GENERATIVE_METRICS[task]
-        out[task] = {metric_name(metric): metric([answer] * len(references), references)}
+        out[task] = {metric_name(m): m([answer] * len(references), references) for m in GENERATIVE_METRICS[task]}
     return out
 
 

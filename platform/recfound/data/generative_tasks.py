@@ -1,4 +1,5 @@
-"""User-understanding generative tasks (sequential recommendation, sentiment, user profile) and query rewriting.
+"""User-understanding generative tasks (sequential recommendation, sentiment, user profile, explanations) and query
+rewriting.
 
 Rows follow the user's leave-last-out split: a training prompt only ever shows training interactions, so the
 held-out next item cannot leak into a history or an option list.
@@ -6,6 +7,7 @@ held-out next item cannot leak into a history or an option list.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from recfound.data.context import Context
@@ -19,6 +21,9 @@ from recfound.tasks import SPLITS
 
 REVIEW_WORDS = 300  # long reviews are cut: the sentiment shows early and prompts must fit the context
 PROFILE_QUOTES = 3
+EXPLANATION_WORDS = (3, 40)  # an explanation shorter says nothing ("Great"), longer is a review, not a reason
+# Review titles that only restate the rating (Amazon's star-rating defaults), not a reason to like the item.
+RATING_TITLE = re.compile(r"^(one|two|three|four|five|[1-5])\s+stars?\.?$", re.IGNORECASE)
 
 
 def build_sequential_recommendation(ctx: Context) -> list[Sample]:
@@ -101,4 +106,32 @@ def build_query_rewriting(ctx: Context) -> list[Sample]:
         item, title = sorted(exact[query])[rng.randrange(len(exact[query]))]
         row = GenerativeRow(alpaca(pick(rng, INSTRUCTIONS[task]), query), title, "", item, "esci")
         out.append((ctx.split(f"query:{query}"), row))
+    return out
+
+
+def explanation(summary: str, text: str) -> str | None:
+    """The reviewer's reason, as P5 takes it: the review title, or else the review's first sentence, when either
+    is between ``EXPLANATION_WORDS`` long and is not a bare star rating."""
+    first_sentence = re.split(r"(?<=[.!?])\s+", text.strip(), maxsplit=1)[0] if text.strip() else ""
+    for candidate in (summary.strip(), first_sentence):
+        words = candidate.split()
+        if EXPLANATION_WORDS[0] <= len(words) <= EXPLANATION_WORDS[1] and not RATING_TITLE.match(candidate):
+            return " ".join(words)
+    return None
+
+
+def build_explanation_generation(ctx: Context) -> list[Sample]:
+    """History before the interaction + the item -> why this user likes it: the review's title or first sentence
+    (P5's explanation task), for reviews rated 4 or 5 (a low rating explains a dislike). Split follows the
+    interaction's, and the history holds only earlier items, so a held-out review never leaks into a prompt."""
+    task = "explanation_generation"
+    out: list[Sample] = []
+    for user, timeline in ctx.timelines.items():
+        for t, (split, event) in enumerate(timeline):
+            reason = explanation(event.summary, event.text) if event.rating >= 4 else None
+            if reason is None:
+                continue
+            text = f"Purchase history:\n{history(ctx, user, t) or '(none)'}\n\nProduct: {ctx.catalogue[event.item].title}"
+            prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text)
+            out.append((split, GenerativeRow(prompt, reason, user, event.item, ctx.source)))
     return out

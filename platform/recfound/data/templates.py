@@ -82,6 +82,11 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "Given the product and what reviewers wrote about it, answer the question.",
         "Reply to this product question as a helpful customer who owns the product would.",
     ),
+    "explanation_generation": (
+        "Given the user's purchase history and a product, explain why the user would like the product.",
+        "Write a short explanation of why this product suits this shopper, based on what they bought before.",
+        "In one sentence, say what this user will appreciate about the product.",
+    ),
     "answerability_prediction": (
         "Can the question be answered from the product information and reviews? Answer yes or no.",
         "Decide whether the reviews contain the answer to the shopper's question. Answer yes or no.",

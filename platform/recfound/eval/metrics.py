@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
+import sacrebleu
 from rouge_score import rouge_scorer, tokenizers
 
 from recfound.data.templates import RELATIONS, SENTIMENTS
@@ -274,23 +275,33 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     return float(np.mean([_ROUGE_L.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(preds, refs)]))
 
 
+def bleu4(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Corpus BLEU-4 by ``sacrebleu`` (its 13a tokenisation, one reference per row), on a 0-1 scale like every
+    other metric here (P5 and sacrebleu print it x100)."""
+    if not _check_pairs(preds, refs):
+        return float("nan")
+    return sacrebleu.corpus_bleu(list(preds), [list(refs)]).score / 100
+
+
 GenerativeMetric = Callable[[Sequence[str], Sequence[str]], float]
-GENERATIVE_METRICS: dict[str, GenerativeMetric] = {
-    "query_rewriting": rouge_l,
-    "sequential_recommendation": option_accuracy,
+GENERATIVE_METRICS: dict[str, tuple[GenerativeMetric, ...]] = {
+    "query_rewriting": (rouge_l,),
+    "sequential_recommendation": (option_accuracy,),
     # The builder's full label sets: a prediction naming a class no test row has is then a false positive of
     # that class, not silently unparsed.
-    "product_relation_prediction": partial(macro_f1, labels=RELATIONS),
-    "sentiment_analysis": partial(macro_f1, labels=SENTIMENTS),
-    "attribute_value_extraction": attribute_f1,
-    "product_matching": binary_f1,
-    "user_profile": rouge_l,
-    "item_profile": rouge_l,
-    "answerability_prediction": binary_f1,
-    "answer_generation": rouge_l,
+    "product_relation_prediction": (partial(macro_f1, labels=RELATIONS),),
+    "sentiment_analysis": (partial(macro_f1, labels=SENTIMENTS),),
+    "attribute_value_extraction": (attribute_f1,),
+    "product_matching": (binary_f1,),
+    "user_profile": (rouge_l,),
+    "item_profile": (rouge_l,),
+    "answerability_prediction": (binary_f1,),
+    "answer_generation": (rouge_l,),
+    "explanation_generation": (rouge_l, bleu4),  # P5 reports both for explanations
 }
-"""The paper's metric per generative task, with ROUGE-L standing in for BERTScore-F1. Each scorer reads the
-builder's response formats: SR a letter, SA and PRP the option text, PM and AP yes/no, AVE "attr: value; ..."."""
+"""The metrics per generative task, the paper's first (its headline in reports and verdicts), with ROUGE-L standing
+in for BERTScore-F1. Each scorer reads the builder's response formats: SR a letter, SA and PRP the option text, PM
+and AP yes/no, AVE "attr: value; ..."."""
 
 
 def metric_name(metric: GenerativeMetric) -> str:

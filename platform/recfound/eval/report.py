@@ -35,7 +35,7 @@ def headline(task: str) -> str:
     if task in EMBEDDING_TASKS:
         protocol = POOL_PROTOCOLS[task]
         return f"pool.{protocol.metric.value}@{protocol.k}"
-    return metric_name(GENERATIVE_METRICS[task])
+    return metric_name(GENERATIVE_METRICS[task][0])
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def sections(systems: Systems) -> list[Section]:
     tasks = [t for t in ALL_TASKS if any(t in s for s in systems.values())]
     pool = [(t, headline(t)) for t in tasks if t in EMBEDDING_TASKS]
     full = [(t, f"full.{m}") for t in tasks if t in EMBEDDING_TASKS for m in FULL_METRICS]
-    generative = [(t, headline(t)) for t in tasks if t not in EMBEDDING_TASKS]
+    generative = [(t, metric_name(m)) for t in tasks if t not in EMBEDDING_TASKS for m in GENERATIVE_METRICS[t]]
     found = [
         Section("Embedding, paper protocol (1 positive + sampled same-category negatives)", pool, "pool.png"),
         Section("Embedding, full catalogue (user's train items and the i2i anchor excluded)", full, "full.png"),

@@ -268,8 +268,8 @@ def evaluate_generative(
     metrics, predictions = {}, []
     for task, rows in samples.items():
         preds = answer(system, task, rows["prompt"].tolist(), max_new_tokens, closed)
-        metric = GENERATIVE_METRICS[task]
-        metrics[task] = {metric_name(metric): metric(preds, rows["response"].tolist())}
+        refs = rows["response"].tolist()
+        metrics[task] = {metric_name(metric): metric(preds, refs) for metric in GENERATIVE_METRICS[task]}
         predictions += [{"task": task, "id": i, "reference": r, "prediction": p}
                         for i, r, p in zip(rows["id"], rows["response"], preds)]  # fmt: skip
     return metrics, predictions
