@@ -5,6 +5,7 @@ import pytest
 
 from recfound.model.formats import (
     IGNORE_INDEX,
+    Side,
     embedding_prefix,
     encode_embedding,
     encode_generative,
@@ -41,6 +42,19 @@ def test_embedding_format_and_text_mask_covers_exactly_the_text(tok):
 def test_embedding_truncation_cuts_the_text_end(tok):
     batch = encode_embedding(tok, ["inst"], ["abcdefghij"], max_len=len(embedding_prefix("inst")) + 4)
     assert _decode(tok, batch["input_ids"][0][batch["text_mask"][0] == 1]) == "abcd"
+
+
+def test_a_history_query_keeps_its_end_and_the_instruction(tok):
+    """A u2i query is a history, oldest first: over budget it loses its oldest items, never the most recent; every
+    other task and side keeps the text's start (an item's title comes first)."""
+    history = "1. old kettle\n2. new mug"
+    whole = encode_embedding(tok, ["inst"], [history], max_len=128)
+    budget = int(whole["attention_mask"].sum() - whole["text_mask"].sum()) + len("2. new mug")  # bytes: 1 per char
+    kept = encode_embedding(tok, ["inst"], [history], max_len=budget, keep_end=Side.QUERY.keeps_end("u2i"))
+    ids, text_mask = kept["input_ids"][0], kept["text_mask"][0]
+    assert _decode(tok, ids[text_mask == 1]) == "2. new mug" and len(ids) == budget
+    assert _decode(tok, ids[text_mask == 0]) == embedding_prefix("inst")
+    assert [side.keeps_end(task) for side in Side for task in ("u2i", "q2i", "i2i")] == [True] + [False] * 5
 
 
 def test_generative_labels_cover_exactly_response_and_eos(tok):

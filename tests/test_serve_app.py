@@ -458,7 +458,8 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
     generative rank)."""
     from recfound.model.backbone import BackboneConfig
     from recfound.model.grm import GRM
-    from recfound.serving.engine import Side, load_engine
+    from recfound.model.formats import Side
+    from recfound.serving.engine import load_engine
     from recfound.serving.index import ItemIndex, SearchConfig
     from recfound.serving.rank import rank_prompt
     from recfound.serving.registry import read_version, resolve

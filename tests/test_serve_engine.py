@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recfound.data.templates import TEMPLATE_VERSION, item_text
+from recfound.model.formats import Side
 from recfound.serving.auth import (
     MIN_TOKEN_LENGTH,
     AuthConfigError,
@@ -33,7 +34,7 @@ from recfound.serving.auth import (
     load_token,
     require_auth_off_network,
 )
-from recfound.serving.engine import ENGINE_KEY, Engine, Side, load_engine
+from recfound.serving.engine import ENGINE_KEY, Engine, load_engine
 from recfound.serving.index import (
     ExactSearch,
     ItemIndex,

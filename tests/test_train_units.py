@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from recfound.model.formats import IGNORE_INDEX
+from recfound.model.formats import IGNORE_INDEX, Side
 from recfound.model.losses import LossConfig
-from recfound.serving.engine import Side
 from recfound.serving.model import Loaded, _embed_grouped, _generate_grouped
 from recfound.tasks import Mode
 from recfound.train.batches import collate

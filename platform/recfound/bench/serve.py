@@ -39,9 +39,10 @@ from recfound.config import Config, load_config
 from recfound.data.builder import BuildConfig, build
 from recfound.data.synthetic import SyntheticConfig
 from recfound.io import read_json, sha256
+from recfound.model.formats import Side
 from recfound.model.grm import GRM
 from recfound.serving.model import MODEL_DEPLOYMENT
-from recfound.serving.engine import ADAPTER_DIR, ENGINE_KEY, Engine, Side, load_engine
+from recfound.serving.engine import ADAPTER_DIR, ENGINE_KEY, Engine, load_engine
 from recfound.serving.index import build_item_index, text_meta
 from recfound.serving.registry import publish, read_version, resolve
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS, ITEMS, MANIFEST, task_path

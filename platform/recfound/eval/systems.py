@@ -23,10 +23,10 @@ from recfound.eval.convergence import HISTORY, latest_checkpoint
 from recfound.eval.protocols import DenseScorer, Scorer
 from recfound.merge.artifact import MANIFEST as MERGED_MANIFEST
 from recfound.model.backbone import BackboneConfig
-from recfound.model.formats import encode_embedding
+from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig, read_adapter_config
-from recfound.serving.engine import ADAPTER_DIR, Side
+from recfound.serving.engine import ADAPTER_DIR
 from recfound.tasks import EMBEDDING_TASKS
 from recfound.train import checkpoint
 
@@ -163,7 +163,8 @@ class GRMSystem:
         for start in range(0, len(texts), self.batch_size):
             batch = order[start : start + self.batch_size]
             enc = encode_embedding(
-                self.model.tokenizer, [instructions[i] for i in batch], [texts[i] for i in batch], self.budget[side]
+                self.model.tokenizer, [instructions[i] for i in batch], [texts[i] for i in batch], self.budget[side],
+                keep_end=side.keeps_end(task),
             )
             parts.append(self.model.embed(enc, self.model.task_ids([task] * len(batch))).float().cpu().numpy())
         vectors = np.concatenate(parts)

@@ -9,6 +9,7 @@ them on CPU workers; the model converts to tensors on its device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -23,6 +24,22 @@ IGNORE_INDEX = -100
 
 PaddingSide = Literal["left", "right"]
 Batch = dict[str, np.ndarray]
+
+
+class Side(str, Enum):
+    """Which side of retrieval a text is on: it sets the token budget and the truncation the model trained that
+    side with (training, evaluation and serving all encode through ``encode_embedding`` with these)."""
+
+    QUERY = "query"
+    """Users, search queries and the anchor item of i2i."""
+    ITEM = "item"
+    """Catalogue items, embedded once into the index."""
+
+    def keeps_end(self, task: str) -> bool:
+        """Whether an over-long text of ``task`` on this side loses its start rather than its end: a u2i query is
+        the user's history, oldest first, so its end holds the most recent items, the most predictive of the next
+        (cutting the end dropped them from 24 % of the Magazine slice's test users at 128 tokens)."""
+        return self is Side.QUERY and task == "u2i"
 
 
 def embedding_prefix(instruction: str) -> str:
@@ -41,10 +58,12 @@ def encode_embedding(
     texts: Sequence[str],
     max_len: int,
     padding_side: PaddingSide = "right",
+    keep_end: bool = False,
 ) -> Batch:
     """{input_ids, attention_mask, text_mask}, each (B, T) int64; text_mask is 1 exactly on the text's tokens.
 
-    Over-long inputs lose the end of the text: instructions are short and must survive to steer the embedding.
+    Over-long inputs lose the end of the text, or with ``keep_end`` its start (``Side.keeps_end``); the
+    instruction always survives, as it steers the embedding.
     """
     if len(instructions) != len(texts):
         raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
@@ -52,6 +71,8 @@ def encode_embedding(
     rows = _tokenize(tok, [p + t for p, t in zip(prefixes, texts)])
     out = []
     for (ids, offsets), prefix, text in zip(rows, prefixes, texts):
+        if keep_end:
+            ids, offsets = _fit(ids, offsets, (len(prefix), len(prefix) + len(text)), max_len)
         ids, offsets = ids[:max_len], offsets[:max_len]
         mask = [int(start >= len(prefix) and end > start) for start, end in offsets]
         if text.strip() and not any(mask):  # pooling nothing would embed every such text as the zero vector

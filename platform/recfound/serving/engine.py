@@ -1,8 +1,9 @@
 """The small interface serving needs from a model, and how a published version names the code that loads it.
 
-Serving never imports the model package directly: a version's ``version.json`` names an engine factory
+Serving reaches a model only through an engine: a version's ``version.json`` names an engine factory
 (``"module:callable"``, called with the version directory), so the same app serves the GRM, a test double or a
-future backend, and a version always loads with the engine it was indexed with.
+future backend, and a version always loads with the engine it was indexed with. The one model module imported
+here is ``model.formats`` (numpy only), for ``Side``: the budget and truncation of each retrieval side.
 """
 
 from __future__ import annotations
@@ -10,26 +11,17 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Iterator
-from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from recfound.model.formats import Side
 from recfound.serving.registry import read_version
 
 ENGINE_KEY = "engine"
 ADAPTER_DIR = "adapter"
 """Where the merge job puts the merged TMoLE adapter inside its artifact (see recfound.merge.artifact)."""
-
-
-class Side(str, Enum):
-    """Which side of retrieval a text is on: it sets the token budget the model trained that side with."""
-
-    QUERY = "query"
-    """Users, search queries and the anchor item of i2i."""
-    ITEM = "item"
-    """Catalogue items, embedded once into the index."""
 
 
 @runtime_checkable
@@ -115,7 +107,8 @@ class GRMEngine:
 
     def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
         """Truncated to the side's training budget, as in training (``encode_embedding`` keeps the instruction)."""
-        batch = self._encode(self.model.tokenizer, [instruction] * len(texts), texts, self._budget[side])
+        batch = self._encode(self.model.tokenizer, [instruction] * len(texts), texts, self._budget[side],
+                             keep_end=side.keeps_end(task))
         with torch.inference_mode():
             vectors = self.model.embed(batch, self.model.task_ids([task] * len(texts)))
         return vectors.float().cpu().numpy()

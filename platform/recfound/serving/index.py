@@ -26,7 +26,8 @@ from pydantic import Field
 
 from recfound.config import Config
 from recfound.data.templates import ITEM_INSTRUCTIONS, QUERY_INSTRUCTIONS, TEMPLATE_VERSION, history_text
-from recfound.serving.engine import Side, load_engine
+from recfound.model.formats import Side
+from recfound.serving.engine import load_engine
 from recfound.serving.registry import read_version
 from recfound.tasks import EMBEDDING_TASKS
 

@@ -20,7 +20,8 @@ from pydantic import Field
 from ray import serve
 
 from recfound.config import Config
-from recfound.serving.engine import Engine, Side, load_engine
+from recfound.model.formats import Side
+from recfound.serving.engine import Engine, load_engine
 from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
 from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
 from recfound.serving.rank import rank_prompt

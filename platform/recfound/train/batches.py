@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from recfound.model.formats import IGNORE_INDEX, encode_embedding, encode_generative
+from recfound.model.formats import IGNORE_INDEX, Side, encode_embedding, encode_generative
 from recfound.tasks import Mode, mode_of
 
 Rows = dict[str, np.ndarray]
@@ -57,12 +57,13 @@ def tokenize(batch: Rows, backbone: dict[str, Any], task: str) -> Rows:
     tok = _tokenizer(backbone["name"], backbone["path"])
     cfg = Budget(backbone["max_query_len"], backbone["max_passage_len"], backbone["max_generative_len"])
     if mode_of(task) is Mode.EMBEDDING:
-        return _embedding(tok, cfg, batch)
+        return _embedding(tok, cfg, batch, task)
     return _generative(tok, cfg, batch)
 
 
-def _embedding(tok: Any, cfg: Budget, batch: Rows) -> Rows:
-    q = encode_embedding(tok, list(batch["query_instruction"]), list(batch["query"]), cfg.max_query_len)
+def _embedding(tok: Any, cfg: Budget, batch: Rows, task: str) -> Rows:
+    q = encode_embedding(tok, list(batch["query_instruction"]), list(batch["query"]), cfg.max_query_len,
+                         keep_end=Side.QUERY.keeps_end(task))  # fmt: skip
     # Passages: the positive, then the row's hard negatives, all under the item-side instruction.
     negatives = [list(n) for n in batch["neg"]]
     k = len(negatives[0]) if negatives else 0
