@@ -40,7 +40,7 @@ from recfound.train.run import Plan, plan
 from recfound.train.run import run as train_run
 from recfound.train.s2sched import S2Sched
 from recfound.train.streams import TaskStream
-from recfound.train.telemetry import StepRecord, Telemetry, flops_per_token, peak_flops
+from recfound.train.telemetry import StepCost, StepRecord, Telemetry, peak_flops
 
 CHUNK = 64  # rows per tokenised batch, as run._datasets' map_batches and TaskStream use
 TB_ROOT = Path(tempfile.gettempdir()) / "recfound-tb"  # where rank 0's Telemetry writes (train.loop)
@@ -119,8 +119,8 @@ class PlainLoop:
         backbone = cfg.model.backbone.model_dump()
         self.streams = {t: TaskStream(preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone),
                                       seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window) for t in tasks}  # fmt: skip
-        flops = flops_per_token(sum(p.numel() for p in self.grm.parameters()))
-        self.telemetry = Telemetry(None, flops, peak_flops(self.device), every=10**9, device=self.device)  # no lines
+        self.cost = StepCost.of(self.grm.tuner.model)
+        self.telemetry = Telemetry(None, peak_flops(self.device), every=10**9, device=self.device)  # no lines
         self.step_count = 0
 
     def step(self) -> dict[str, Any]:
@@ -132,6 +132,7 @@ class PlainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         stats: TaskStats = {}
         tokens = samples = 0
+        flops = 0.0
         data_wait = 0.0
         counts = {mode: s.counts(self.weights) for mode, s in self.samplers.items()}
         for _ in range(self.cfg.optim.grad_accum):
@@ -145,6 +146,7 @@ class PlainLoop:
                 prev = stats.get(task, (0.0, 0))
                 stats[task] = (prev[0] + total, prev[1] + count)
             tokens, samples = tokens + _tokens(emb, gen), samples + sum(len(b["task"]) for b in (emb, gen) if b)
+            flops += self.cost.batches(emb, gen)
         losses = _reduce(stats, self.tasks, self.device)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -152,7 +154,7 @@ class PlainLoop:
         if step % self.cfg.scheduler.update_interval == 0:
             self.weights = self.scheduler.update(step, losses)
         seconds = time.perf_counter() - began
-        record = StepRecord(step, self.lr_schedule.get_last_lr()[0], seconds, tokens, samples, losses,
+        record = StepRecord(step, self.lr_schedule.get_last_lr()[0], seconds, tokens, samples, flops, losses,
                             dict(self.weights), {"data_wait": data_wait / seconds})  # fmt: skip
         self.telemetry.log(record, 1)
         return self.telemetry.history[-1]

@@ -34,9 +34,9 @@ from recfound.train.objective import FALSE_NEGATIVES, JointObjective, TaskStats
 from recfound.train.s2sched import LossSource
 from recfound.train.streams import Shard, TaskStream, split_tasks
 from recfound.train.telemetry import (
+    StepCost,
     StepRecord,
     Telemetry,
-    flops_per_token,
     peak_flops,
     plot_history,
 )
@@ -101,7 +101,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # the same initial adapter on every rank; merge rebuilds it from this seed
     grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone))
     objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk)
-    n_params = sum(p.numel() for p in grm.parameters())  # before ZeRO-3 partitions them
+    cost = StepCost.of(grm.tuner.model)  # before ZeRO-3 partitions the parameters
 
     emb_tasks = [t for t in tasks if mode_of(t) is Mode.EMBEDDING]
     gen_tasks = [t for t in tasks if mode_of(t) is Mode.GENERATIVE]
@@ -150,7 +150,7 @@ def train_worker(config: dict[str, Any]) -> None:
     telemetry = None
     if rank == 0:
         log_dir = Path(tempfile.gettempdir()) / "recfound-tb" / config["run"]
-        telemetry = Telemetry(log_dir, flops_per_token(n_params), peak_flops(device), cfg.log_every, device)
+        telemetry = Telemetry(log_dir, peak_flops(device), cfg.log_every, device)
         telemetry.history = history
 
     skipped = 0
@@ -160,6 +160,7 @@ def train_worker(config: dict[str, Any]) -> None:
         engine.zero_grad()
         stats: TaskStats = {}
         tokens = samples = 0
+        flops = 0.0
         counts = {mode: s.counts(weights) for mode, s in samplers.items()}
         data_wait = 0.0
         for _ in range(cfg.optim.grad_accum):
@@ -173,6 +174,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 prev = stats.get(task, (0.0, 0))
                 stats[task] = (prev[0] + total, prev[1] + count)
             tokens, samples = tokens + _tokens(emb, gen), samples + sum(len(b["task"]) for b in (emb, gen) if b)
+            flops += cost.batches(emb, gen)
         losses = _reduce(stats, [*tasks, FALSE_NEGATIVES], device)
         false_negatives = losses.pop(FALSE_NEGATIVES, None)
         bad = [t for t, v in losses.items() if not math.isfinite(v)]
@@ -203,7 +205,7 @@ def train_worker(config: dict[str, Any]) -> None:
             shares = {"data_wait": data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
             if false_negatives is not None:
                 shares["false_negative_queries"] = false_negatives
-            record = StepRecord(step, engine.lr(), seconds, tokens, samples, losses, dict(weights), shares)
+            record = StepRecord(step, engine.lr(), seconds, tokens, samples, flops, losses, dict(weights), shares)
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             # Every rank reports so Ray Train's rounds line up; the files of all ranks land in one directory.

@@ -7,6 +7,7 @@ GEMM rate (datasheets mean nothing for a shared VM); on GPU it is the datasheet 
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -43,9 +44,61 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return measured_gemm_peak(device), "flop_share"
 
 
-def flops_per_token(num_params: int) -> float:
-    """nanoGPT's 6N estimate: forward 2N plus backward 4N per token (attention's quadratic term ignored)."""
-    return 6.0 * num_params
+INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # Llama, Mistral, Qwen2 and SmolLM2 names
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """FLOPs of one training forward + backward from its batch shapes, counting only the work the step does (the
+    PaLM accounting: 2 FLOPs per multiply-add, a backward pass twice its forward), so the FLOP share stays honest
+    for adapter training: frozen weights get no weight gradients, backward stops at the lowest adapted layer,
+    attention costs 4 x width x T per token and layer forward (QK^T and AV over the padded length T), and only
+    generation runs the LM head. Activation recomputation (gradient checkpointing) is not useful work, as in MFU."""
+
+    layer_params: int
+    """Frozen matrix weights of one decoder layer (mean over layers)."""
+    layers: int
+    backward_layers: int
+    """Decoder layers from the lowest adapted one up: the only ones backward runs through."""
+    input_params: int
+    """Frozen weights of the lowest adapted layer's input projections (q, k, v): its input needs no gradient."""
+    width: int
+    head_params: int
+    """LM head weights: generation's logits, and their backward."""
+    adapter_params: int
+    """Trainable weights: forward, activation gradient and weight gradient (6 FLOPs per weight and token)."""
+
+    @classmethod
+    def of(cls, decoder: torch.nn.Module) -> StepCost:
+        """Read from a transformers causal LM whose adapter weights are the parameters that require grad."""
+        layers = list(decoder.base_model.layers)
+        adapted = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+        frozen = sum(p.numel() for layer in layers for p in layer.parameters() if not p.requires_grad and p.dim() == 2)
+        inputs = [p for name, p in layers[adapted[0]].named_parameters() if not p.requires_grad and p.dim() == 2
+                  and any(f"{proj}." in name for proj in INPUT_PROJECTIONS)] if adapted else []  # fmt: skip
+        return cls(
+            layer_params=frozen // max(1, len(layers)),
+            layers=len(layers),
+            backward_layers=len(layers) - adapted[0] if adapted else 0,
+            input_params=sum(p.numel() for p in inputs),
+            width=decoder.config.hidden_size,
+            head_params=decoder.get_output_embeddings().weight.numel(),
+            adapter_params=sum(p.numel() for p in decoder.parameters() if p.requires_grad),
+        )
+
+    def flops(self, rows: int, length: int, generative: bool) -> float:
+        """FLOPs of forward + backward over a (rows, length) padded batch."""
+        backward = self.layer_params * self.backward_layers - self.input_params if self.backward_layers else 0
+        dense = 2 * (self.layer_params * self.layers + backward) + 6 * self.adapter_params
+        attention = 4 * self.width * length * (self.layers + 2 * self.backward_layers)
+        head = 4 * self.head_params if generative else 0
+        return float(rows * length * (dense + attention + head))
+
+    def batches(self, emb: dict | None, gen: dict | None) -> float:
+        """FLOPs of one micro-batch of the joint objective: queries and passages embed, ``gen`` generates."""
+        shapes = ([(emb["q_mask"].shape, False), (emb["p_mask"].shape, False)] if emb else []) + (
+            [(gen["mask"].shape, True)] if gen else [])  # fmt: skip
+        return sum(self.flops(math.prod(shape[:-1]), shape[-1], generative) for shape, generative in shapes)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -63,6 +116,7 @@ class StepRecord:
     seconds: float
     tokens: int
     samples: int
+    flops: float
     losses: dict[str, float]
     weights: dict[str, float]
     extra: dict[str, float] = field(default_factory=dict)
@@ -71,9 +125,9 @@ class StepRecord:
 class Telemetry:
     """Formats and keeps rank 0's per-step records; ``history`` is what checkpoints and plots are made from."""
 
-    def __init__(self, log_dir: Path | None, flops_per_token: float, peak: tuple[float, str], every: int,
+    def __init__(self, log_dir: Path | None, peak: tuple[float, str], every: int,
                  device: torch.device = torch.device("cpu")) -> None:  # fmt: skip
-        self.flops_per_token, (self.peak, self.peak_label), self.every = flops_per_token, peak, every
+        (self.peak, self.peak_label), self.every = peak, every
         self.device = device
         self.history: list[dict] = []
         self._writer = None
@@ -84,7 +138,7 @@ class Telemetry:
 
     def log(self, record: StepRecord, world_size: int) -> dict[str, float]:
         tokens_per_s = record.tokens * world_size / record.seconds
-        share = tokens_per_s * self.flops_per_token / (self.peak * world_size)
+        share = record.flops / record.seconds / self.peak  # this rank's work over one device's peak
         memory = peak_memory_mb(self.device)
         row = asdict(record) | {"tokens_per_s": tokens_per_s, self.peak_label: share, "peak_mem_mb": memory}
         self.history.append(row)
