@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,3 +218,109 @@ def test_publish_cli_help_and_run(tmp_path: Path) -> None:
     assert run.stdout.strip() == "v1" and json.loads((registry / "latest.json").read_text())["version"] == "v1"
     bad = subprocess.run([*args[:2], f"model={tmp_path / 'nope'}", *args[3:]], capture_output=True, text=True)
     assert bad.returncode != 0 and "model: " in bad.stderr and "no such file" in bad.stderr
+
+
+def test_version_json_is_covered_by_the_checksums(tmp_path: Path) -> None:
+    """version.json names the engine factory serving imports: a tampered one must fail verification first."""
+    registry = tmp_path / "registry"
+    publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), str(registry))
+    meta_path = registry / "versions" / "v1" / "version.json"
+    original = meta_path.read_text()
+    meta_path.write_text(original.replace(FAKE_ENGINE, "os:system"))
+    with pytest.raises(ChecksumError, match="checksum mismatch for version.json"):
+        verify(resolve(str(registry)))
+    meta_path.write_text(original)
+    verify(resolve(str(registry)))
+    (registry / "versions" / "v1" / "sitecustomize.py").write_text("planted")
+    with pytest.raises(ChecksumError, match="not listed in checksums.json: sitecustomize.py"):
+        verify(resolve(str(registry)))
+
+
+def test_remote_keys_outside_the_version_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Object-store keys are arbitrary strings: a listing yielding ``v1/../../../evil`` must not escape the cache."""
+    url, cache = f"memory://escape-{tmp_path.name}", tmp_path / "cache"
+    fs = fsspec.filesystem("memory")
+    try:
+        publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), url)
+        fs.pipe(f"/escape-{tmp_path.name}/versions/v1/../../../evil", b"owned")
+        with pytest.raises(RegistryError, match=r"refusing to copy .*\.\./\.\./\.\./evil"):
+            resolve(url, cache_dir=str(cache))
+        assert not (tmp_path / "evil").exists() and not list(cache.rglob("*.json"))
+    finally:
+        fs.rm(f"/escape-{tmp_path.name}", recursive=True)
+
+
+def test_a_version_is_on_disk_before_the_rename_that_commits_it(tmp_path: Path, monkeypatch) -> None:
+    """Every staged file and folder is fsynced before the commit rename, the versions folder after it, and the
+    ``latest`` pointer before its own rename: a power cut must not leave a committed version with empty files."""
+    events: list[tuple[str, ...]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_rename(src: str, dst: str) -> None:
+        events.append(("rename", str(src), str(dst)))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
+    registry = tmp_path / "registry"
+    publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), str(registry))
+    final = registry / "versions" / "v1"
+    at = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final))
+    stage = events[at][1]
+    synced = {Path(e[1]).relative_to(stage).as_posix() for e in events[:at] if e[1].startswith(stage)}
+    assert {p.relative_to(final).as_posix() for p in final.rglob("*")} | {"."} <= synced
+    assert ("fsync", str(registry / "versions")) in events[at:]
+    pointer = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(registry / "latest.json"))
+    assert ("fsync", events[pointer][1]) in events[:pointer] and ("fsync", str(registry)) in events[pointer:]
+
+
+def test_stale_stage_folders_are_cleaned_and_live_ones_kept(tmp_path: Path, monkeypatch) -> None:
+    """A crashed publisher's ``.tmp-*`` goes at the next publish once older than STALE_STAGE_S; a publisher
+    still at work (it holds a lock on its folder) and a fresh folder are left alone."""
+    import fcntl
+
+    from recfound.serving import registry as reg
+
+    versions = tmp_path / "registry" / "versions"
+    hour_ago = time.time() - 3700
+    for name in (".tmp-v7-crashed", ".tmp-v8-live", ".tmp-v9-fresh"):
+        (versions / name / "weights").mkdir(parents=True)
+        (versions / name / "weights" / "adapter.bin").write_bytes(b"partial")
+    for name in (".tmp-v7-crashed", ".tmp-v8-live"):
+        os.utime(versions / name, (hour_ago, hour_ago))
+    live = os.open(versions / ".tmp-v8-live", os.O_RDONLY)
+    try:
+        fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert reg.STALE_STAGE_S == 3600
+        publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), str(tmp_path / "registry"))
+    finally:
+        os.close(live)
+    assert _entries(tmp_path / "registry") == [".tmp-v8-live", ".tmp-v9-fresh", "v1"]
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["then-fails", "then-uploads"])
+def test_a_remote_publisher_never_deletes_or_overwrites_a_version_it_did_not_create(
+    tmp_path: Path, fails: bool
+) -> None:
+    """Where claims are not exclusive (a store without conditional writes, an older publisher) another writer may
+    commit the claimed vN meanwhile: this publisher must then neither remove it (on failure) nor overwrite it."""
+    url, root = f"memory://theirs-{tmp_path.name}", f"/theirs-{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    theirs = json.dumps({"version": "v1", "by": "the other publisher"}).encode()
+
+    def other_commits_v1(version_dir: str) -> None:
+        fs.pipe(f"{root}/versions/v1/version.json", theirs)
+        if fails:
+            raise RuntimeError("out of memory while embedding")
+
+    try:
+        with pytest.raises((RuntimeError, RegistryError), match="out of memory|published concurrently"):
+            publish(str(make_artifact(tmp_path / "model")), url, other_commits_v1, {"engine": FAKE_ENGINE})
+        assert fs.cat(f"{root}/versions/v1/version.json") == theirs
+        assert fs.ls(f"{root}/versions/v1", detail=False) == [f"{root}/versions/v1/version.json"]
+    finally:
+        fs.rm(root, recursive=True)

@@ -1,8 +1,14 @@
 """Resume picks the newest checkpoint that verifies: a corrupt newest one must not block every resume."""
 
+import builtins
+import errno
+import io
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from ray.train import Checkpoint
@@ -101,3 +107,55 @@ def test_a_stop_is_recorded_in_the_run_storage_and_cleared_by_a_rerun(tmp_path: 
     assert read_halt(url) == "step 3: loss of task u2i is nan"
     clear_halt(url)
     assert read_halt(url) is None
+
+
+class _FullDisk:
+    """``open`` whose ``k``-th file opened for writing gets half its first write, then ENOSPC (a disk filling)."""
+
+    def __init__(self, real_open: Callable[..., IO[Any]], k: int):
+        self.real_open, self.k, self.opened = real_open, k, 0
+
+    def __call__(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
+        handle = self.real_open(file, mode, *args, **kwargs)
+        if not set(mode) & set("wax"):
+            return handle
+        self.opened += 1
+        return _Torn(handle) if self.opened == self.k else handle
+
+
+class _Torn:
+    def __init__(self, handle: IO[Any]):
+        self._handle = handle
+
+    def write(self, data: Any) -> int:
+        self._handle.write(data[: len(data) // 2])
+        self._handle.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> "_Torn":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+
+@pytest.mark.parametrize("k", range(1, 6), ids=["adapter", "trainer_state", "s2sched", "metrics", "manifest"])
+def test_a_full_disk_mid_checkpoint_names_the_file_and_the_last_good_one_resumes(
+    tmp_path: Path, monkeypatch, k: int
+) -> None:
+    """The k-th of the five files a checkpoint writes hits ENOSPC half written: the error names that file and the
+    cause, and the torn checkpoint (left where it was written) is never chosen over the last complete one."""
+    older = _save(tmp_path / "checkpoint_000000", 4)
+    torn = tmp_path / "checkpoint_000001"
+    torn.mkdir()
+    full = _FullDisk(builtins.open, k)
+    monkeypatch.setattr(builtins, "open", full)
+    monkeypatch.setattr(io, "open", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        checkpoint.save(torn, StubModel(), {"step": 8, "world_size": 1}, {"step": 8}, [{"step": 8}])
+    monkeypatch.undo()
+    assert full.opened == k and str(torn) in str(err.value) and "No space left on device" in str(err.value)
+    assert _chosen(torn) == older

@@ -6,12 +6,14 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 
 def exists(url: str) -> bool:
@@ -44,12 +46,28 @@ def sha256(url: str) -> str:
 
 
 def write_json(url: str, obj: Any) -> None:
-    """Write JSON so a reader never sees half a file: write a sibling temp file, then move it into place."""
+    """Write JSON so a reader never sees half a file: write a sibling temp file, then move it into place. Locally
+    the file is flushed to disk before the move and the folder after it: otherwise a power cut can leave the new
+    name pointing at an empty file (e.g. the registry's ``latest`` pointer)."""
     fs, path = url_to_fs(url)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # unique: two writers must not share (and move away) one temp file
     with fs.open(tmp, "w") as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)
+    local = isinstance(fs, LocalFileSystem)
+    if local:
+        fsync(tmp)
     fs.mv(tmp, path)
+    if local:
+        fsync(os.path.dirname(path))
+
+
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a local file's or folder's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(url: str) -> Any:

@@ -8,19 +8,27 @@ Layout at any fsspec URL (local directory, memory://, s3://, ...)::
         <artifact files>              the merged model, exactly as listed in manifest.json
         index/...                     the item index (see recfound.serving.index)
         version.json                  {"version", "engine", "instructions", "index_files": {relpath: sha256}, ...}
+        checksums.json                {"files": {relpath: sha256}} of every other file, version.json included
 
-A version is visible only once complete. On a local filesystem it is staged under ``versions/.tmp-*`` and
-renamed into place (one atomic rename). Object stores have no directory rename, so there ``version.json`` is
-uploaded last and is the commit marker: readers ignore version folders without it.
+``verify`` checks every file against ``checksums.json`` and refuses unlisted ones: ``version.json`` names the
+engine factory serving imports, so it is as tamper-evident as the weights.
+
+A version is visible only once complete. On a local filesystem it is staged under ``versions/.tmp-*``, flushed
+to disk (fsync) and renamed into place (one atomic rename). A publisher holds a lock on its stage folder; the
+next publish removes stage folders older than ``STALE_STAGE_S`` that no live publisher holds (a crash's
+leftovers). Object stores have no directory rename, so there ``version.json`` is uploaded last and is the
+commit marker: readers ignore version folders without it.
 
 Concurrent publishers never share a number: each first claims ``vN`` by creating ``versions/.claims/vN``
 create-if-absent (an exclusive create locally and on memory://; on object stores it needs conditional writes,
 which s3fs and gcsfs map ``xb`` to), retrying with the next number when another publisher holds it. A failed
-publish removes only the version folder it claimed; the number stays used, as a crashed publish's does.
+publish removes only what it uploaded itself, never a version folder that was there before it began (another
+writer's, where claims are not exclusive); the number stays used, as a crashed publish's does.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +44,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from recfound.io import read_json, sha256, write_json
+from recfound.io import fsync, read_json, sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,10 @@ CLAIMS = ".claims"
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 VERSION_FILE = "version.json"
+CHECKSUMS = "checksums.json"
+STAGE_PREFIX = ".tmp-"
+STALE_STAGE_S = 3600.0
+"""A stage folder older than this (seconds) and held by no publisher is a crashed publish's, removed at the next."""
 LATEST_ALIAS = "latest"
 CACHE_ENV = "RECFOUND_CACHE"
 _VERSION_NAME = re.compile(r"^v([1-9][0-9]*)$")
@@ -93,15 +105,38 @@ def read_version(version_dir: str) -> dict[str, Any]:
 
 
 def verify(version_dir: str) -> None:
-    """Check every artifact and index file of a local version directory against its recorded SHA-256.
+    """Check every file of a local version directory against ``checksums.json`` and refuse files it does not list.
 
-    Serving calls this before loading, so a version corrupted after publish is refused rather than served.
+    Serving calls this before loading, so a version corrupted after publish is refused rather than served; that
+    covers ``version.json``, whose engine factory is imported only after this passed.
     """
     root = Path(version_dir)
     if not (root / VERSION_FILE).is_file():
         raise ChecksumError(f"{version_dir}: no {VERSION_FILE}, not a complete version")
-    _check_files(root, _manifest_files(root))
-    _check_files(root, read_version(version_dir).get("index_files", {}))
+    sealed = _sealed_files(root)
+    unlisted = [rel for rel in _relpaths(root) if rel not in sealed and rel != CHECKSUMS]
+    if unlisted:
+        raise ChecksumError(f"{version_dir}: files not listed in {CHECKSUMS}: {', '.join(unlisted[:5])}")
+    _check_files(root, sealed)  # before version.json and manifest.json are read below
+    recorded = {**_manifest_files(root), **read_version(version_dir).get("index_files", {})}
+    disagree = sorted(rel for rel, digest in recorded.items() if sealed.get(rel) != digest)
+    if disagree:
+        raise ChecksumError(f"{version_dir}: checksum mismatch for {disagree[0]}: {CHECKSUMS} disagrees with "
+                            f"{MANIFEST} or {VERSION_FILE}")  # fmt: skip
+
+
+def _sealed_files(root: Path) -> dict[str, str]:
+    """The digests ``checksums.json`` records; a version without it predates sealing and is refused."""
+    path = root / CHECKSUMS
+    if not path.is_file():
+        raise ChecksumError(f"{root}: no {CHECKSUMS} (published by an older release?): publish the model again")
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ChecksumError(f"{path}: unreadable ({err!r})") from None
+    if not isinstance(files, dict) or VERSION_FILE not in files:
+        raise ChecksumError(f"{path}: expected a 'files' mapping that includes {VERSION_FILE}")
+    return {str(k): str(v) for k, v in files.items()}
 
 
 def publish(
@@ -118,26 +153,89 @@ def publish(
     fs, root = url_to_fs(registry_url)
     fs.makedirs(f"{root}/{VERSIONS}", exist_ok=True)
     name = _claim_version(fs, root)
-    local = isinstance(fs, LocalFileSystem)
-    # Staging inside the registry keeps the final rename on one filesystem, hence atomic.
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=f"{root}/{VERSIONS}" if local else None))
-    final = f"{root}/{VERSIONS}/{name}"
+    info = {**(meta or {}), "version": name, "source": model_dir, "created": time.time()}
+    if isinstance(fs, LocalFileSystem):
+        _publish_local(model_dir, Path(root) / VERSIONS, info, build_index_fn)
+    else:
+        _publish_remote(model_dir, fs, f"{root}/{VERSIONS}/{name}", info, build_index_fn)
+    _advance_latest(fs, root, name)
+    log.info("published %s to %s", name, registry_url)
+    return name
+
+
+def _publish_local(model_dir: str, versions: Path, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
+    """Stage inside ``versions`` (one filesystem, so the committing rename is atomic), locked while this publisher
+    works there, and on disk before the rename: after a power cut a committed version has all its bytes."""
+    _remove_stale_stages(versions)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{info['version']}-", dir=versions))
+    lock = os.open(stage, os.O_RDONLY)
     try:
-        info = {**(meta or {}), "version": name, "source": model_dir, "created": time.time()}
+        _try_lock(lock)  # a fresh, randomly named folder: no one else can hold it yet
         _stage(model_dir, stage, info, build_index_fn)
-        if local:
-            _rename_into_place(stage, final)
-        else:
-            _upload(stage, fs, final)
+        _fsync_tree(stage)
+        _rename_into_place(stage, str(versions / info["version"]))
+        fsync(versions)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        os.close(lock)
+
+
+def _publish_remote(model_dir: str, fs: Any, final: str, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
+    """Stage in a local temp folder, then upload. A failure removes ``final`` only once this publisher began
+    uploading into it; a ``final`` that exists before then is another writer's and is neither touched nor
+    overwritten (claims are exclusive only where the store honours create-if-absent)."""
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{info['version']}-"))
+    began = False
+    try:
+        _stage(model_dir, stage, info, build_index_fn)
+        if fs.exists(final):
+            raise RegistryError(f"{_url(fs, final)} exists already (published concurrently?); left as it is")
+        began = True
+        _upload(stage, fs, final)
     except BaseException:
-        if not local and fs.exists(final):
+        if began and fs.exists(final):
             fs.rm(final, recursive=True)
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    _advance_latest(fs, root, name)
-    log.info("published %s to %s", name, registry_url)
-    return name
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open folder ``fd`` without waiting; False if another process holds it.
+    A filesystem without locks counts as unlocked: the stage's age alone then protects a live publisher."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_stages(versions: Path) -> None:
+    """Remove stage folders a crashed publisher left: older than ``STALE_STAGE_S`` and locked by no one. A live
+    publisher holds its stage's lock until after its rename, so its folder is never taken however old."""
+    cutoff = time.time() - STALE_STAGE_S
+    for stage in versions.glob(f"{STAGE_PREFIX}*"):
+        try:
+            if not stage.is_dir() or stage.stat().st_mtime >= cutoff:
+                continue
+            fd = os.open(stage, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # committed or removed meanwhile
+        try:
+            if _try_lock(fd):
+                log.warning("removing %s: a stage folder older than %.0f s that no publisher holds", stage,
+                            STALE_STAGE_S)  # fmt: skip
+                shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under ``root``, deepest first and ``root`` last, flushed to disk."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [root]:
+        fsync(path)
 
 
 def _claim_version(fs: Any, root: str) -> str:
@@ -163,8 +261,9 @@ def _stage(model_dir: str, stage: Path, info: dict[str, Any], build_index_fn: Bu
     """Copy and verify the artifact into ``stage``, build the index there, and record everything's checksum."""
     _copy_tree(model_dir, stage)
     manifest = _manifest_files(stage)
-    if VERSION_FILE in manifest:
-        raise RegistryError(f"{model_dir}: {VERSION_FILE} is reserved for the registry's own record")
+    for reserved in (VERSION_FILE, CHECKSUMS):
+        if reserved in manifest:
+            raise RegistryError(f"{model_dir}: {reserved} is reserved for the registry's own record")
     _check_files(stage, manifest)
     unlisted = [rel for rel in _relpaths(stage) if rel not in manifest and rel != MANIFEST]
     if unlisted:
@@ -177,6 +276,9 @@ def _stage(model_dir: str, stage: Path, info: dict[str, Any], build_index_fn: Bu
         if rel not in manifest and rel not in (MANIFEST, VERSION_FILE)
     }
     (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    # Everything else was checked or hashed above: only the two records need hashing now.
+    sealed = {**manifest, **info["index_files"], **{f: sha256(str(stage / f)) for f in (MANIFEST, VERSION_FILE)}}
+    (stage / CHECKSUMS).write_text(json.dumps({"files": sealed}, indent=2, sort_keys=True))
 
 
 def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
@@ -199,7 +301,7 @@ def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | Non
     if (dest / VERSION_FILE).is_file():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}-", dir=dest.parent))
     try:
         _copy_tree(_url(fs, remote_dir), tmp)
         _rename_into_place(tmp, str(dest))
@@ -273,10 +375,20 @@ def _copy_tree(src_url: str, dest: Path) -> None:
     files = fs.find(src)
     if not files:
         raise RegistryError(f"{src_url}: no files to publish")
-    for path in files:
-        target = dest / path[len(src) :].lstrip("/")
+    relpaths = [_inside(src_url, src, path) for path in files]  # every one checked before the first write
+    for path, rel in zip(files, relpaths, strict=True):
+        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(target))
+
+
+def _inside(src_url: str, src: str, path: str) -> str:
+    """``path`` relative to ``src``, refused unless plainly inside it: object-store keys are arbitrary strings,
+    so a listing may yield ``v1/../../x`` or ``v1//etc/x``, which would otherwise land outside the destination."""
+    rel = path[len(src) + 1 :] if path.startswith(f"{src}/") else ""
+    if not rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise RegistryError(f"{src_url}: refusing to copy {path!r}: not a plain relative path inside it")
+    return rel
 
 
 def _rename_into_place(stage: Path, final: str) -> None:

@@ -9,6 +9,10 @@ Layout of a checkpoint directory:
   metrics.jsonl       rank 0's per-step records so far
   checkpoint.json     SHA-256 of every file above; written last, so its presence means the rest is complete
 
+A write that fails (disk full, read-only storage, no permission) raises CheckpointWriteError naming the file and
+the cause; the manifest is then never written, so the partial checkpoint is never resumed from, and a torn or
+unreadable manifest counts as corrupt rather than stopping the resume.
+
 A resume starts from the newest checkpoint that verifies (``resumable``), not blindly from the one Ray Train
 registered last: bytes flipped in that one on storage would otherwise fail every resume while an older
 checkpoint is intact.
@@ -16,10 +20,12 @@ checkpoint is intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,19 +47,41 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint without its manifest (half-written) or whose files do not match it."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, read-only or no permission); the message names the path and cause."""
+
+
 def _hash_tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256(str(p)) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+@contextmanager
+def writing(where: str | Path) -> Iterator[None]:
+    """An OSError inside becomes CheckpointWriteError naming the file (``where`` when the error names none) and
+    the cause: a full disk otherwise surfaces as a bare ``[Errno 28]`` from a worker, no file named."""
+    try:
+        yield
+    except OSError as err:
+        code = errno.errorcode.get(err.errno or 0)
+        cause = f"{err.strerror} [{code}]" if err.strerror and code else str(err)
+        raise CheckpointWriteError(f"checkpoint not written: {err.filename or where}: {cause}; the last complete "
+                                   f"checkpoint stays and a resume starts from it") from err  # fmt: skip
 
 
 def save(
     root: Path, grm: GRM, trainer_state: dict[str, Any], scheduler_state: dict[str, Any], history: list[dict]
 ) -> None:
     """Rank 0's part, after the engine wrote its optimizer state into ``root``; the manifest covers both."""
-    grm.save_pretrained(str(root / "adapter"))
-    (root / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    (root / "s2sched.json").write_text(json.dumps(scheduler_state))
-    write_history(history, root / "metrics.jsonl")
-    (root / MANIFEST).write_text(json.dumps({"files": _hash_tree(root)}, indent=2, sort_keys=True))
+    with writing(root / "adapter"):
+        grm.save_pretrained(str(root / "adapter"))
+    for name, text in (("trainer_state.json", json.dumps(trainer_state, indent=2)),
+                       ("s2sched.json", json.dumps(scheduler_state))):  # fmt: skip
+        with writing(root / name):
+            (root / name).write_text(text)
+    with writing(root / "metrics.jsonl"):
+        write_history(history, root / "metrics.jsonl")
+    with writing(root / MANIFEST):
+        (root / MANIFEST).write_text(json.dumps({"files": _hash_tree(root)}, indent=2, sort_keys=True))
 
 
 def verify(root: Path) -> None:
@@ -61,7 +89,10 @@ def verify(root: Path) -> None:
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{root}: no {MANIFEST}; the checkpoint was never completed")
-    expected = json.loads(manifest.read_text())["files"]
+    try:
+        expected = dict(json.loads(manifest.read_text())["files"])
+    except (ValueError, KeyError, TypeError) as err:  # torn by a failed write: corrupt, like a missing file
+        raise CorruptCheckpointError(f"{root}: {MANIFEST} is unreadable ({err!r})") from None
     actual = _hash_tree(root)
     for name, digest in expected.items():
         if actual.get(name) != digest:

@@ -209,7 +209,8 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             # Every rank reports so Ray Train's rounds line up; the files of all ranks land in one directory.
-            with tempfile.TemporaryDirectory() as tmp:
+            # A full or read-only disk (here or in the run's storage) fails the step naming the file and cause.
+            with checkpoint.writing(f"the checkpoint of step {step}"), tempfile.TemporaryDirectory() as tmp:
                 wrote = engine.save(Path(tmp), rank)
                 with engine.full_weights():  # ZeRO-3: every rank joins the gather, rank 0 saves the adapter
                     if scheduler is not None and telemetry is not None:
