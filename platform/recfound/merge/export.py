@@ -1,0 +1,505 @@
+"""Compact deployment: one task's folded plain model, optionally int8, as safetensors or ONNX, checksummed.
+
+An export needs neither TMoLE nor the GRM: the task's routed experts are folded into the base weights
+(``GRM.merge_task``), which leaves the backbone architecture alone. An embedding task keeps the decoder and the
+GRM's read-out (bidirectional attention, mean of the text tokens' last hidden states, L2-normalised, as
+``GRM.embed``); a generative task keeps the causal LM (decoded as ``GRM.generate`` decodes).
+
+Layout of the output directory, flat, so an fp32 export is also a plain transformers directory:
+  config.json + tokenizer files    the backbone's config and tokenizer (generation_config.json for a causal LM)
+  model.safetensors                format=safetensors, quantize=none (transformers' own file)
+  model.int8.safetensors           format=safetensors, quantize=int8: int8 linears + scales, everything else fp32
+  model.onnx                       format=onnx, embedding tasks; int8 by onnxruntime's dynamic quantizer
+  manifest.json                    task, mode, source, quantization, format, SHA-256 per file; written last
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
+
+from recfound.config import Config, InputURL
+from recfound.io import sha256
+from recfound.model.backbone import BackboneConfig
+from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt
+from recfound.model.grm import GRM
+from recfound.model.tmole import TMoLEConfig
+from recfound.model.tmole.model import read_adapter_config
+from recfound.model.tokenizer import with_pad
+from recfound.tasks import EMBEDDING_TASKS, Mode, mode_of
+
+MANIFEST = "manifest.json"
+EXPORT_KIND = "recfound-export"
+INT8_FILE = "model.int8.safetensors"
+ONNX_FILE = "model.onnx"
+INPUTS = ("input_ids", "attention_mask", "text_mask")
+OUTPUT = "embedding"
+OPSET = 17
+
+
+class Quantize(str, Enum):
+    NONE = "none"
+    INT8 = "int8"
+
+
+class ExportFormat(str, Enum):
+    SAFETENSORS = "safetensors"
+    ONNX = "onnx"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or loaded; the message names the input at fault."""
+
+
+class ExportConfig(Config):
+    """Which merged model and task to export, and in what form."""
+
+    model: InputURL
+    """Local merged artifact directory written by jobs/merge.py (manifest.json, adapter/, tokenizer/)."""
+    task: str
+    """The one task to export: u2i, q2i or i2i export the embedding read-out, a generative task the causal LM."""
+    out: str
+    """Output directory; replaced if it holds an earlier export, refused if it holds anything else."""
+    quantize: Quantize = Quantize.NONE
+    """none: float32 weights. int8: the nn.Linear weights (but keep_float's) as per-channel int8, activations quantised
+    per batch at run time (torch dynamic quantization; onnxruntime's for onnx, which also quantizes the embedding
+    table): those linears 4x smaller, faster CPU matmuls, vectors slightly off the fp32 ones."""
+    keep_float: list[str] = ["down_proj"]
+    """quantize=int8: linears whose module name ends with one of these stay float32 (comma-separated; empty:
+    quantize all). down_proj's input, the gated MLP activation, has outliers that one int8 scale per batch flattens:
+    on SmolLM2-135M (q2i) quantizing it too cut the mean cosine to the fp32 vectors from 0.995 to 0.980."""
+    format: ExportFormat = ExportFormat.SAFETENSORS
+    """safetensors: loads with PyTorch (recfound.merge.export.load_export; fp32 also with plain transformers).
+    onnx: one model.onnx for onnxruntime, embedding tasks only (needs pip install -e '.[export]')."""
+
+    @field_validator("keep_float", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [v for v in value.split(",") if v] if isinstance(value, str) else value
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        mode_of(task)  # raises naming the known tasks
+        return task
+
+    @model_validator(mode="after")
+    def _onnx_embeds_only(self) -> ExportConfig:
+        if self.format is ExportFormat.ONNX and mode_of(self.task) is Mode.GENERATIVE:
+            raise ValueError(
+                f"format=onnx exports embedding tasks ({', '.join(EMBEDDING_TASKS)}) only: decoding {self.task} "
+                "needs a KV cache this exporter does not trace; use format=safetensors"
+            )
+        return self
+
+
+# --- the embedding read-out ------------------------------------------------------------------------------------
+class Embedder(nn.Module):
+    """``GRM.embed`` on a plain decoder: (B, T) ids, attention and text masks -> (B, D) unit float32 vectors.
+
+    The padding-only (bidirectional) 4D mask is built from plain tensor ops rather than transformers' mask helpers
+    so the ONNX tracer records it; on every text token it equals the mask ``create_bidirectional_mask`` gives the GRM.
+    """
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        keys = attention_mask.bool()[:, None, None, :]
+        mask = keys.expand(-1, 1, input_ids.shape[1], -1)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                              is_causal=False).last_hidden_state  # fmt: skip
+        weights = text_mask.to(torch.float32).unsqueeze(-1)
+        pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)
+
+
+# --- int8 (torch dynamic quantization) ---------------------------------------------------------------------------
+def _quantize_linears(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy with the linears ``names`` as torch's dynamic int8 linear, weights symmetric per output channel."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao eager quantization is deprecated for torchao, not a dependency here
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return quantize_dynamic(model, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8)
+
+
+def _int8_linears(model: nn.Module, keep_float: Sequence[str]) -> list[str]:
+    """Names of the nn.Linear modules to quantize: all but those whose name ends with a ``keep_float`` entry."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    matches = {k: [n for n in linears if n == k or n.endswith("." + k)] for k in keep_float}
+    unmatched = [k for k, found in matches.items() if not found]
+    if unmatched:
+        raise ExportError(f"keep_float: {', '.join(unmatched)} names no linear of the model, e.g. {linears[-1]}")
+    kept = {n for found in matches.values() for n in found}
+    return [name for name in linears if name not in kept]
+
+
+def _int8_tensors(model: nn.Module, keep_float: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Plain tensors for safetensors (which has no quantized dtype): per quantized linear, int8 weights and their
+    per-channel scale and zero point; every other tensor (embeddings, norms, kept linears) as it is."""
+    names = _int8_linears(model, keep_float)
+    replaced = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
+    tensors: dict[str, torch.Tensor] = {}
+    stored: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key not in replaced and value.data_ptr() not in stored:  # a tied weight (lm_head = embed_tokens) once
+            stored.add(value.data_ptr())
+            tensors[key] = value.contiguous()
+    quantized = _quantize_linears(model, names)
+    for name in names:
+        layer = quantized.get_submodule(name)
+        weight, bias = layer.weight(), layer.bias()
+        tensors[f"{name}.weight.int8"] = weight.int_repr()
+        tensors[f"{name}.weight.scale"] = weight.q_per_channel_scales()
+        tensors[f"{name}.weight.zero_point"] = weight.q_per_channel_zero_points()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach()
+    return tensors
+
+
+def _load_int8(model: nn.Module, path: Path) -> nn.Module:
+    """Fill a freshly built ``model`` from ``_int8_tensors``' file; linears stored as int8 become dynamic int8."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    tensors = load_file(str(path))
+    names = [key.removesuffix(".weight.int8") for key in tensors if key.endswith(".weight.int8")]
+    quantized: dict[str, nn.Module] = {}
+    for name in names:
+        try:
+            int8, scale, zero = (tensors.pop(f"{name}.weight.{part}") for part in ("int8", "scale", "zero_point"))
+        except KeyError as err:
+            raise ExportError(f"{path}: int8 linear {name} has no {err.args[0]}") from None
+        bias = tensors.pop(f"{name}.bias", None)
+        dense = (int8.float() - zero[:, None].float()) * scale[:, None].float()  # re-quantises to exactly int8
+        layer = DynamicLinear(int8.shape[1], int8.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            layer.set_weight_bias(torch.quantize_per_channel(dense, scale, zero, 0, torch.qint8), bias)
+        quantized[name] = layer
+    state = model.state_dict()
+    loaded = {state[key].data_ptr() for key in tensors if key in state}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    replaced = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
+    stray = sorted(k for k in missing if k not in replaced and state[k].data_ptr() not in loaded)  # tied: loaded
+    if stray or unexpected:
+        raise ExportError(f"{path}: does not fit {type(model).__name__}: missing {stray[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
+    for name, layer in quantized.items():
+        model.set_submodule(name, layer)
+    return model
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+def export(cfg: ExportConfig) -> Path:
+    """Write ``cfg.task``'s export of the merged model to ``cfg.out`` (staged beside it, moved in when complete)."""
+    source, out = Path(cfg.model), Path(cfg.out)
+    adapter = _read_merged(source, cfg.task)
+    if cfg.format is ExportFormat.ONNX:
+        _require_onnx()
+    _check_out(out, source)
+    grm = _load_grm(source, adapter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        details = _write_model(grm, cfg, stage)
+        grm.tokenizer.save_pretrained(str(stage))
+        files = {str(p.relative_to(stage)): sha256(str(p)) for p in sorted(stage.rglob("*")) if p.is_file()}
+        manifest = {
+            "kind": EXPORT_KIND,
+            "task": cfg.task,
+            "mode": mode_of(cfg.task).value,
+            "quantization": cfg.quantize.value,
+            "format": cfg.format.value,
+            "keep_float": cfg.keep_float if cfg.quantize is Quantize.INT8 else [],
+            "source": {"model": str(source.resolve()), "manifest_sha256": sha256(str(source / MANIFEST))},
+            "backbone": adapter.backbone,
+            "budgets": _budgets(grm.backbone),
+            **details,
+            "files": files,
+            "created": datetime.now(timezone.utc).isoformat(),
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _budgets(backbone: BackboneConfig) -> dict[str, int]:
+    """Token budgets per side, so a loaded export truncates exactly as training and GRMEngine do."""
+    return {Side.QUERY.value: backbone.max_query_len, Side.ITEM.value: backbone.max_passage_len,
+            "generative": backbone.max_generative_len}  # fmt: skip
+
+
+def _read_merged(root: Path, task: str) -> TMoLEConfig:
+    """The merged artifact's adapter config, after checking it is one, that it verifies and knows ``task``."""
+    if not root.is_dir():
+        raise ExportError(f"model={root}: not a local directory")
+    manifest = _read_manifest(root)
+    if manifest.get("kind") == EXPORT_KIND:
+        origin = manifest.get("source", {}).get("model")
+        raise ExportError(f"model={root}: is an export ({manifest.get('task')}), not a merged artifact; "
+                          f"export from the merged directory it came from: {origin}")  # fmt: skip
+    if not (root / "adapter").is_dir():
+        raise ExportError(f"model={root}: not a merged artifact (no adapter/); merge with jobs/merge.py first")
+    _check_files(root, manifest.get("files"), unlisted_ok=True)
+    adapter = read_adapter_config(str(root / "adapter"))
+    if task not in adapter.tasks:
+        raise ExportError(f"task={task}: the model was not trained on it; its tasks are {', '.join(adapter.tasks)}")
+    if adapter.backbone is None:
+        raise ExportError(f"model={root}: the adapter config does not record its backbone")
+    return adapter
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        checkpoint = (root / "checkpoint.json").is_file()
+        hint = " (a training checkpoint: merge it first with jobs/merge.py)" if checkpoint else ""
+        raise ExportError(f"{root}: no {MANIFEST}, not a merged artifact or export{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: not JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return manifest
+
+
+def _check_files(root: Path, files: Any, unlisted_ok: bool) -> None:
+    """Every listed file present with its SHA-256; unless ``unlisted_ok``, no file that the manifest omits."""
+    if not isinstance(files, dict) or not files:
+        raise ExportError(f"{root / MANIFEST}: expected a non-empty 'files' mapping of relative path to SHA-256")
+    for rel, digest in sorted(files.items()):
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise ExportError(f"{root}: listed file {rel!r} lies outside the directory")
+        if not path.is_file():
+            raise ExportError(f"{root}: {rel} is listed in {MANIFEST} but missing")
+        if sha256(str(path)) != digest:
+            raise ExportError(f"{root}: {rel} does not match its SHA-256 in {MANIFEST}")
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    if not unlisted_ok and present - set(files):
+        raise ExportError(f"{root}: files not listed in {MANIFEST}: {', '.join(sorted(present - set(files))[:5])}")
+
+
+def _require_onnx() -> None:
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"format=onnx needs {' and '.join(missing)}: pip install -e '.[export]'")
+
+
+def _check_out(out: Path, source: Path) -> None:
+    """Never overwrite the source or a directory that is not an earlier export."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise ExportError(f"out={out}: must lie outside model={source} (and not contain it)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+        raise ExportError(f"out={out}: exists and is not an earlier export; refusing to overwrite it")
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("kind") == EXPORT_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_grm(root: Path, adapter: TMoLEConfig) -> GRM:
+    """fp32 with sdpa on the CPU: an export must not depend on the exporting machine (bf16 or flash on a GPU)."""
+    assert adapter.backbone is not None  # _read_merged checked it
+    recorded = {**adapter.backbone, "dtype": "float32", "attn_implementation": "sdpa", "gradient_checkpointing": False}
+    return GRM.from_pretrained(str(root / "adapter"), backbone=BackboneConfig.model_validate(recorded)).eval()
+
+
+def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
+    """The model files for ``cfg`` in ``stage``; returns the manifest's description of the read-out."""
+    folded = _unmark_gguf(grm.merge_task(cfg.task).eval())  # float32 already: _load_grm built it so
+    embedding = mode_of(cfg.task) is Mode.EMBEDDING
+    module = folded.base_model if embedding else folded  # an embedding export has no use for the LM head
+    if cfg.quantize is Quantize.INT8:
+        _int8_linears(module, cfg.keep_float)  # refuses a keep_float entry that names no linear, before any work
+    if cfg.format is ExportFormat.ONNX:
+        module.config.save_pretrained(str(stage))
+        _write_onnx(module, grm, stage / ONNX_FILE, cfg)
+    elif cfg.quantize is Quantize.INT8:
+        module.config.save_pretrained(str(stage))
+        if not embedding:
+            folded.generation_config.save_pretrained(str(stage))
+        save_file(_int8_tensors(module, cfg.keep_float), str(stage / INT8_FILE), metadata={"format": "recfound-int8"})
+    else:
+        module.save_pretrained(str(stage))
+    if not embedding:
+        return {}
+    read_out = {"attention": "bidirectional", "pooling": "mean of text tokens", "normalised": True}
+    return {"embedding": read_out | {"dim": folded.config.hidden_size, "inputs": list(INPUTS), "output": OUTPUT}}
+
+
+def _unmark_gguf(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop the GGUF loader's "quantized" marks (smollm2-135m): it dequantises every tensor to float on load but
+    keeps a quantization_config, which, saved, sends from_pretrained looking for the GGUF file."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config.__dict__.pop("quantization_config", None)
+            module.config._is_quantized = False
+            module.hf_quantizer, module.is_quantized = None, False
+    return model
+
+
+def _write_onnx(decoder: nn.Module, grm: GRM, path: Path, cfg: ExportConfig) -> None:
+    """torch's TorchScript exporter (the dynamo one needs onnxscript too); int8 by onnxruntime's quantizer."""
+    sample = encode_embedding(grm.tokenizer, ["an instruction"] * 2, ["a text", "a somewhat longer text"],
+                              grm.backbone.max_query_len)  # fmt: skip
+    target = path if cfg.quantize is Quantize.NONE else path.with_suffix(".fp32.onnx")
+    axes = {name: {0: "batch", 1: "tokens"} for name in INPUTS} | {OUTPUT: {0: "batch"}}
+    with warnings.catch_warnings():
+        # The tracer warns about shape tests in transformers' sdpa path (q_length == 1 and the like): constant for
+        # every input with more than one token, and an embedding input always has its prefix's tokens.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(Embedder(decoder).eval(), tuple(torch.as_tensor(sample[k]) for k in INPUTS), str(target),
+                          dynamo=False, input_names=list(INPUTS), output_names=[OUTPUT], dynamic_axes=axes,
+                          opset_version=OPSET)  # fmt: skip
+    if cfg.quantize is Quantize.INT8:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # The TorchScript exporter names a linear's MatMul after its module path: /decoder/layers.0/mlp/down_proj/MatMul
+        patterns = [f"/{k.replace('.', '/')}/" for k in cfg.keep_float]
+        graph = onnx.load(str(target), load_external_data=False).graph
+        kept = [node.name for node in graph.node if any(p in node.name for p in patterns)]
+        quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=kept)
+        target.unlink()
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+def verify_export(path: str | Path) -> dict[str, Any]:
+    """The manifest of an export, after checking every file against its SHA-256 (and that none is unlisted)."""
+    root = Path(path)
+    manifest = _read_manifest(root)
+    if manifest.get("kind") != EXPORT_KIND:
+        raise ExportError(f"{root}: not an export (manifest kind {manifest.get('kind')!r}); jobs/export.py writes one")
+    _check_files(root, manifest.get("files"), unlisted_ok=False)
+    return manifest
+
+
+@dataclass
+class ExportedEmbedder:
+    """An embedding export: ``embed`` gives what ``GRM.embed`` gives for the exported task."""
+
+    task: str
+    tokenizer: Any
+    budgets: Mapping[str, int]
+    run: Callable[[Batch], np.ndarray]
+    """An ``encode_embedding`` batch -> (B, D) float32 unit vectors (PyTorch or onnxruntime)."""
+    model: nn.Module | None = None
+    """The PyTorch decoder behind ``run``; None for ONNX."""
+
+    def embed(self, texts: Sequence[str], instruction: str, side: Side = Side.QUERY) -> np.ndarray:
+        """(n, D) vectors of ``texts`` under ``instruction``, truncated as training truncated ``side``."""
+        batch = encode_embedding(self.tokenizer, [instruction] * len(texts), list(texts), self.budgets[side.value],
+                                 keep_end=side.keeps_end(self.task))  # fmt: skip
+        return self.run(batch)
+
+
+@dataclass
+class ExportedGenerator:
+    """A generative export: ``generate`` decodes as ``GRM.generate`` does for the exported task."""
+
+    task: str
+    tokenizer: Any
+    model: nn.Module
+    max_len: int
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
+        batch = encode_prompt(self.tokenizer, list(prompts), max_len=self.max_len)
+        ids, attention = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
+        options = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                   "eos_token_id": self.tokenizer.eos_token_id} | generate_kwargs  # fmt: skip
+        out = self.model.generate(input_ids=ids, attention_mask=attention, **options)
+        return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+
+def load_export(
+    path: str | Path, verify: bool = True, threads: int | None = None
+) -> ExportedEmbedder | ExportedGenerator:
+    """Load an export for CPU inference; ``threads`` caps onnxruntime's intra-op threads (PyTorch: set_num_threads)."""
+    root = Path(path)
+    manifest = verify_export(root) if verify else _read_manifest(root)
+    task, budgets = manifest["task"], manifest["budgets"]
+    tokenizer = with_pad(AutoTokenizer.from_pretrained(str(root)))
+    if manifest["format"] == ExportFormat.ONNX.value:
+        return ExportedEmbedder(task, tokenizer, budgets, _onnx_runner(root / ONNX_FILE, threads))
+    model = _load_torch(root, manifest)
+    if manifest["mode"] == Mode.EMBEDDING.value:
+        return ExportedEmbedder(task, tokenizer, budgets, _torch_runner(model), model)
+    return ExportedGenerator(task, tokenizer, model, budgets["generative"])
+
+
+def _load_torch(root: Path, manifest: Mapping[str, Any]) -> nn.Module:
+    auto = AutoModel if manifest["mode"] == Mode.EMBEDDING.value else AutoModelForCausalLM
+    options: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    if manifest["quantization"] == Quantize.NONE.value:
+        return auto.from_pretrained(str(root), **options).eval()
+    model = auto.from_config(AutoConfig.from_pretrained(str(root)), **options)
+    if (root / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(root))
+    return _load_int8(model, root / INT8_FILE).eval()
+
+
+def _torch_runner(model: nn.Module) -> Callable[[Batch], np.ndarray]:
+    embedder = Embedder(model).eval()
+
+    def run(batch: Batch) -> np.ndarray:
+        with torch.inference_mode():
+            return embedder(*(torch.as_tensor(batch[name]) for name in INPUTS)).numpy()
+
+    return run
+
+
+def _onnx_runner(path: Path, threads: int | None) -> Callable[[Batch], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(batch: Batch) -> np.ndarray:
+        return session.run([OUTPUT], {name: np.asarray(batch[name], dtype=np.int64) for name in INPUTS})[0]
+
+    return run
