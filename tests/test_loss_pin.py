@@ -1,8 +1,8 @@
 """The first optimizer steps of the tiny model's training step, pinned (as torchtune pins its recipes' losses).
 
-One process, no Ray: the tiny config's model, objective, optimizer, LR schedule, clipping and per-step dropout seed,
-driven as ``train_worker`` drives them on one rank (DDP on one rank adds nothing to the numbers), on one fixed
-batch of hand-written rows tokenised by ``tokenize`` and joined by ``collate``. A change anywhere on that path
+One process, no Ray: the tiny config's model, objective and engine (AdamW, LR schedule, clipping) driven by the
+trainer's own ``train_step`` on one rank (DDP on one rank adds nothing to the numbers), on one fixed batch of
+hand-written rows tokenised by ``tokenize``. A change anywhere on that path
 (model init, TMoLE routing, formats, losses, AdamW / schedule / clip, seeding) moves these numbers: if the change is
 intended, re-pin with ``.venv/bin/python tests/test_loss_pin.py`` and paste its output over PINNED.
 """
@@ -20,29 +20,29 @@ from recfound.config import load_config
 from recfound.tasks import Mode
 from recfound.train.batches import collate, tokenize
 from recfound.train.config import TrainConfig
-from recfound.train.engine import clipped_step
-from recfound.train.loop import step_seed
-from recfound.train.objective import FALSE_NEGATIVES, JointObjective
-from recfound.train.optim import build_lr_schedule, build_optimizer
+from recfound.train.engine import TorchEngine
+from recfound.train.objective import JointObjective
+from recfound.train.step import train_step
+from recfound.train.telemetry import StepCost
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 5
 
-# Per step: (total loss, {task: mean loss of its queries / response tokens}). Measured on the 2-core CI machine in
+# Per step: {task: mean loss of its queries / response tokens, over all ranks}. Measured on the 2-core CI machine in
 # fp32 (bit-identical over runs, with 1 or 2 threads, deterministic algorithms on or off); re-pin as the module
 # doc says.
-PINNED: list[tuple[float, dict[str, float]]] = [
-    (11.324712753295898, {"q2i": 1.4862905740737915, "sentiment_analysis": 6.533853530883789,
-                          "sequential_recommendation": 7.506936073303223, "u2i": 7.741579532623291}),
-    (10.257023811340332, {"q2i": 1.0406783819198608, "sentiment_analysis": 6.451887130737305,
-                          "sequential_recommendation": 7.402148246765137, "u2i": 6.224045276641846}),
-    (8.46910285949707, {"q2i": 0.41219010949134827, "sentiment_analysis": 6.279901027679443,
-                        "sequential_recommendation": 7.15648078918457, "u2i": 3.647459030151367}),
-    (7.192328929901123, {"q2i": 0.13839693367481232, "sentiment_analysis": 6.106924533843994,
-                         "sequential_recommendation": 6.870429039001465, "u2i": 1.7547746896743774}),
-    (6.268587589263916, {"q2i": 0.06659726798534393, "sentiment_analysis": 5.938679218292236,
-                         "sequential_recommendation": 6.602377891540527, "u2i": 0.3518745005130768}),
-]  # fmt: skip
+PINNED: list[dict[str, float]] = [
+    {'q2i': 1.4862905740737915, 'sentiment_analysis': 6.533853318956163,
+     'sequential_recommendation': 7.506936073303223, 'u2i': 7.741579532623291},
+    {'q2i': 1.0406783819198608, 'sentiment_analysis': 6.45188734266493,
+     'sequential_recommendation': 7.402148246765137, 'u2i': 6.224045276641846},
+    {'q2i': 0.41219010949134827, 'sentiment_analysis': 6.279900868733724,
+     'sequential_recommendation': 7.15648078918457, 'u2i': 3.647459030151367},
+    {'q2i': 0.13839693367481232, 'sentiment_analysis': 6.106924692789714,
+     'sequential_recommendation': 6.870429039001465, 'u2i': 1.7547746896743774},
+    {'q2i': 0.06659726798534393, 'sentiment_analysis': 5.9386791653103295,
+     'sequential_recommendation': 6.602377891540527, 'u2i': 0.3518745005130768},
+]
 
 
 def _embedding_rows(task: str, queries: list[str], items: list[tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -64,49 +64,60 @@ def _generative_rows(task: str, pairs: list[tuple[str, str]]) -> dict[str, np.nd
             "response": np.array([r for _, r in pairs])}  # fmt: skip
 
 
-def _batch(cfg: TrainConfig) -> tuple[dict, dict]:
+class _Fixed:
+    """A task's rows, the same every step (the stream the trainer reads, reduced to one fixed batch)."""
+
+    def __init__(self, rows: dict[str, np.ndarray], backbone: dict) -> None:
+        self.batch = tokenize(rows, backbone, str(rows["task"][0]))
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        assert n == len(self.batch["task"])
+        return self.batch
+
+
+def _sources(cfg: TrainConfig) -> dict[str, _Fixed]:
     """Two embedding and two generative tasks, two rows each: routing by task and mode is on the path."""
     backbone = cfg.model.backbone.model_dump()
-    emb = [
+    rows = [
         _embedding_rows("u2i", ["1. red mug\n2. blue mug", "1. trail shoes\n2. socks"],
                         [("green mug", "garden hose"), ("running cap", "coffee beans")]),
         _embedding_rows("q2i", ["mug for tea", "waterproof hiking boots"],
                         [("ceramic tea mug 350 ml", "usb cable"), ("leather hiking boots", "desk lamp")]),
-    ]  # fmt: skip
-    gen = [
         _generative_rows("sentiment_analysis", [("Review: great mug, keeps tea hot. Sentiment?", "positive"),
                                                 ("Review: broke after a day. Sentiment?", "negative")]),
         _generative_rows("sequential_recommendation", [("History: red mug, blue mug. Options: A: green mug B: hose",
                                                         "A"), ("History: boots, socks. Options: A: lamp B: cap", "B")]),
     ]  # fmt: skip
-    emb_rows = collate([tokenize(rows, backbone, str(rows["task"][0])) for rows in emb], Mode.EMBEDDING)
-    gen_rows = collate([tokenize(rows, backbone, str(rows["task"][0])) for rows in gen], Mode.GENERATIVE)
-    return emb_rows, gen_rows
+    return {str(r["task"][0]): _Fixed(r, backbone) for r in rows}
 
 
-def first_steps(steps: int = STEPS) -> list[tuple[float, dict[str, float]]]:
-    """``train_worker``'s step on one rank, ``steps`` times on the same batch: (loss, per-task losses) per step."""
+def joint_batch(cfg: TrainConfig) -> tuple[dict, dict]:
+    """The fixed rows as one step's (embedding, generative) batches, as ``train_step`` collates them."""
+    sources = _sources(cfg)
+    modes = {Mode.EMBEDDING: ["u2i", "q2i"], Mode.GENERATIVE: ["sentiment_analysis", "sequential_recommendation"]}
+    emb, gen = (collate([sources[t].batch for t in tasks], mode) for mode, tasks in modes.items())
+    return emb, gen
+
+
+def first_steps(steps: int = STEPS) -> list[dict[str, float]]:
+    """The trainer's ``train_step`` on one rank (the engine without its DDP wrapper), ``steps`` times on the same
+    batch: the per-task losses of each step."""
     from recfound.model.grm import GRM
 
     cfg = load_config(TrainConfig, str(TINY), [])
     torch.manual_seed(cfg.seed)
     grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone))
     objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim)
-    schedule = build_lr_schedule(optimizer, cfg.optim, cfg.max_steps)
-    emb, gen = _batch(cfg)
+    engine = TorchEngine(objective, [p for p in objective.parameters() if p.requires_grad], cfg)
+    sources = _sources(cfg)
+    counts = {Mode.EMBEDDING: {"u2i": 2, "q2i": 2},
+              Mode.GENERATIVE: {"sentiment_analysis": 2, "sequential_recommendation": 2}}
     out = []
     for step in range(1, steps + 1):
-        torch.manual_seed(step_seed(cfg.seed, 0, step))
-        optimizer.zero_grad(set_to_none=True)
-        loss, stats = objective(emb, gen)
-        (loss / cfg.optim.grad_accum).backward()
-        assert clipped_step(params, optimizer, cfg.optim.grad_clip)
-        schedule.step()
-        stats.pop(FALSE_NEGATIVES)
-        per_task = {str(task): (total / count).item() for task, (total, count) in sorted(stats.items())}
-        out.append((loss.item(), per_task))
+        done = train_step(engine, sources, counts, grad_accum=1, cost=StepCost.of(grm.tuner.model), seed=cfg.seed,
+                          rank=0, step=step, device=torch.device("cpu"))  # fmt: skip
+        assert done.applied and done.non_finite is None
+        out.append(dict(sorted(done.losses.items())))
     return out
 
 
@@ -119,22 +130,22 @@ def deterministic(one_thread) -> Iterator[None]:
 
 
 def test_first_steps_of_the_tiny_model_match_the_pinned_losses(deterministic) -> None:
-    """The total and per-task losses of the first 5 optimizer steps equal PINNED (rel 1e-4: float noise of another
-    CPU or BLAS is ~1e-6; any change to the model, objective, optimizer or seeding moves them far more), and the
-    step learns: both modes' losses fall on the repeated batch."""
+    """The per-task losses of the first 5 optimizer steps equal PINNED (rel 1e-4: float noise of another CPU or
+    BLAS is ~1e-6; any change to the model, objective, optimizer or seeding moves them far more), and the step
+    learns: both modes' losses fall on the repeated batch."""
     got = first_steps()
-    assert [step[1].keys() for step in got] == [step[1].keys() for step in PINNED]
-    for step, ((loss, tasks), (want_loss, want_tasks)) in enumerate(zip(got, PINNED, strict=True), start=1):
-        assert loss == pytest.approx(want_loss, rel=1e-4), (step, loss, want_loss)
-        assert tasks == pytest.approx(want_tasks, rel=1e-4), (step, tasks, want_tasks)
-    first, last = got[0][1], got[-1][1]
+    assert [step.keys() for step in got] == [step.keys() for step in PINNED]
+    for step, (tasks, want) in enumerate(zip(got, PINNED, strict=True), start=1):
+        assert tasks == pytest.approx(want, rel=1e-4), (step, tasks, want)
+    first, last = got[0], got[-1]
     assert last["u2i"] < first["u2i"] and last["sentiment_analysis"] < first["sentiment_analysis"]
 
 
 if __name__ == "__main__":  # re-pin: prints PINNED's new value
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    print("PINNED: list[tuple[float, dict[str, float]]] = [")
-    for loss, tasks in first_steps():
-        print(f"    ({loss!r}, {{{', '.join(f'{t!r}: {v!r}' for t, v in tasks.items())}}}),")
+    print("PINNED: list[dict[str, float]] = [")
+    for tasks in first_steps():
+        pairs = [f"{t!r}: {v!r}" for t, v in tasks.items()]
+        print(f"    {{{', '.join(pairs[:2])},\n     {', '.join(pairs[2:])}}},")
     print("]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loss_pin import TINY, _batch
+from test_loss_pin import TINY, joint_batch
 
 from recfound.bench.common import counted_flops
 from recfound.config import load_config
@@ -21,7 +21,7 @@ def _step(layers: list[int] | None) -> tuple[float, float, StepCost]:
     torch.manual_seed(0)
     grm = GRM.build(cfg.model.backbone, adapter.build(cfg.model.backbone))
     objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk)
-    emb, gen = _batch(cfg)
+    emb, gen = joint_batch(cfg)
     counted = counted_flops(lambda: objective(emb, gen)[0].backward())
     cost = StepCost.of(grm.tuner.model)
     return cost.batches(emb, gen), counted, cost

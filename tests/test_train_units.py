@@ -17,9 +17,11 @@ from recfound.serving.model import Loaded, _embed_grouped, _generate_grouped
 from recfound.tasks import Mode
 from recfound.train.batches import collate
 from recfound.train.engine import rebase_lr
-from recfound.train.loop import Sampler
+from recfound.train.mixing import Sampler
 from recfound.train.objective import FALSE_NEGATIVES, JointObjective
 from recfound.train.optim import OptimConfig, build_lr_schedule, build_optimizer
+from recfound.train.step import StepResult, train_step
+from recfound.train.telemetry import StepCost
 
 # ------------------------------------------------------------------------------------------------------ Sampler
 
@@ -198,6 +200,69 @@ def test_joint_objective_with_one_mode_is_that_mode_alone_and_masks_false_negati
     assert [int(v) for v in stats[FALSE_NEGATIVES]] == [1, 2]
     gen_only, _ = JointObjective(FakeGRM(), cfg)(None, _gen_rows())
     assert gen_only.item() == pytest.approx(11.0 / 4)
+
+
+# ------------------------------------------------------------------------------------------------- train_step
+
+
+class _Source:
+    """A task's stream: every take returns the same generative rows, cut to n."""
+
+    def __init__(self, task: str) -> None:
+        self.rows = _gen_rows() | {"task": np.array([task, task])}
+        self.taken: list[int] = []
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        self.taken.append(n)
+        return {k: v[:n] for k, v in self.rows.items()}
+
+
+class _Engine:
+    """Each call reports its per-task (loss sum, count) from ``losses``; counts backward and step calls."""
+
+    def __init__(self, losses: list[dict[str, float]]) -> None:
+        self.losses, self.calls, self.backwards, self.steps, self.zeroed = losses, 0, 0, 0, 0
+
+    def __call__(self, emb: dict | None, gen: dict | None) -> tuple[torch.Tensor, dict]:
+        assert emb is None and gen is not None
+        stats = {t: (torch.tensor(v * 2), torch.tensor(2)) for t, v in self.losses[self.calls].items()}
+        self.calls += 1
+        return torch.tensor(0.0), stats
+
+    def zero_grad(self) -> None:
+        self.zeroed += 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.backwards += 1
+
+    def step(self) -> bool:
+        self.steps += 1
+        return True
+
+
+def _train_step(engine: _Engine, sources: dict[str, _Source], grad_accum: int) -> StepResult:
+    counts = {Mode.EMBEDDING: {}, Mode.GENERATIVE: {t: 2 for t in sources}}
+    cost = StepCost(layer_params=64, layers=1, backward_layers=1, input_params=16, width=4, head_params=64, adapter_params=8)
+    return train_step(engine, sources, counts, grad_accum=grad_accum, cost=cost, seed=0, rank=0, step=1,
+                      device=torch.device("cpu"))  # fmt: skip
+
+
+def test_train_step_accumulates_micro_batches_then_updates_once() -> None:
+    """Two micro-batches: each task's loss is its mean over both, one zero_grad and one update per step, and the
+    rows and tokens of both count."""
+    sources = {"a": _Source("a"), "b": _Source("b")}
+    engine = _Engine([{"a": 1.0, "b": 3.0}, {"a": 2.0, "b": 5.0}])
+    done = _train_step(engine, sources, grad_accum=2)
+    assert done.losses == pytest.approx({"a": 1.5, "b": 4.0}) and done.non_finite is None and done.applied
+    assert (engine.calls, engine.backwards, engine.steps, engine.zeroed) == (2, 2, 1, 1)
+    assert sources["a"].taken == [2, 2] and done.samples == 8 and done.tokens == 8 * 4 and done.flops > 0
+
+
+def test_train_step_with_a_non_finite_loss_names_the_task_and_does_not_update() -> None:
+    sources = {"a": _Source("a"), "b": _Source("b")}
+    engine = _Engine([{"a": 1.0, "b": float("nan")}])
+    done = _train_step(engine, sources, grad_accum=1)
+    assert done.non_finite == "b" and not done.applied and engine.steps == 0
 
 
 # -------------------------------------------------------------------------------------------------- rebase_lr

@@ -1,8 +1,8 @@
 """The TorchTrainer run (Ray Train + per-task Ray Data streams + the S2Sched actor) against a plain PyTorch loop.
 
-The plain loop is the trainer's step with Ray taken out: one process, the same seeds, GRM, JointObjective, optimizer
-and LR schedule, batches made by the same ``tokenize`` and ``collate`` from the same rows in the same order
-(pre-tokenised in memory, so its data costs nothing), and S2Sched as an object instead of an actor. It runs before
+The plain loop calls the trainer's own step (``train.step.train_step``) with Ray taken out: one process, the same
+seeds, GRM, JointObjective and engine (without the DDP wrapper), the same rows in the same order (pre-tokenised in
+memory by the trainer's ``tokenize``, so its data costs nothing), and S2Sched as an object instead of an actor. It runs before
 and after the TorchTrainer run (A-B-A), and the trainer is compared with the mean of the two, which cancels load
 that drifts linearly over the pair. Trainer figures come from the run's metrics.jsonl (the step body) and from its
 TensorBoard event times (the whole iteration, ``ray.train.report`` included), after the first ``skip`` steps.
@@ -31,14 +31,15 @@ from recfound.bench.common import (
 from recfound.config import Config, load_config
 from recfound.model.grm import GRM
 from recfound.tasks import Mode, mode_of, task_path
-from recfound.train.batches import Rows, collate, tokenize
+from recfound.train.batches import Rows, tokenize
 from recfound.train.config import TrainConfig
-from recfound.train.loop import Sampler, _reduce, _tokens, step_seed
-from recfound.train.objective import JointObjective, TaskStats
-from recfound.train.optim import build_lr_schedule, build_optimizer
+from recfound.train.engine import TorchEngine
+from recfound.train.mixing import Sampler
+from recfound.train.objective import JointObjective
 from recfound.train.run import Plan, plan
 from recfound.train.run import run as train_run
 from recfound.train.s2sched import S2Sched
+from recfound.train.step import train_step
 from recfound.train.streams import TaskStream
 from recfound.train.telemetry import StepCost, StepRecord, Telemetry, peak_flops
 
@@ -100,8 +101,8 @@ def preload(data: str, task: str, rows: int, backbone: dict[str, Any]) -> Preloa
 
 
 class PlainLoop:
-    """``train.loop.train_worker``'s step as rank 0 of one worker runs it, without Ray: no DDP, no actor, no
-    reports, no dataset shards. S2Sched is fed the training losses (its default source)."""
+    """``train_step`` as rank 0 of a one-worker run calls it, without Ray: no DDP wrapper, no actor, no reports, no
+    dataset shards. S2Sched is fed the training losses (its default source)."""
 
     def __init__(self, cfg: TrainConfig, data: str, tasks: list[str], rows: Mapping[str, int], steps: int) -> None:
         self.cfg, self.tasks = cfg, tasks
@@ -110,10 +111,8 @@ class PlainLoop:
         self.grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone)).to(self.device)
         self.scheduler = S2Sched(tasks, rows, cfg.scheduler)
         self.weights = dict(self.scheduler.weights)
-        self.objective = JointObjective(self.grm, cfg.loss, cfg.batch.grad_cache_chunk)
-        self.params = [p for p in self.grm.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.optim)
-        self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
+        objective = JointObjective(self.grm, cfg.loss, cfg.batch.grad_cache_chunk)
+        self.engine = TorchEngine(objective, [p for p in objective.parameters() if p.requires_grad], cfg)
         sizes = {Mode.EMBEDDING: cfg.batch.embedding, Mode.GENERATIVE: cfg.batch.generative}
         self.samplers = {mode: Sampler([t for t in tasks if mode_of(t) is mode], size) for mode, size in sizes.items()}
         backbone = cfg.model.backbone.model_dump()
@@ -124,38 +123,19 @@ class PlainLoop:
         self.step_count = 0
 
     def step(self) -> dict[str, Any]:
-        """One optimizer step; returns its telemetry row (the fields of metrics.jsonl)."""
+        """One optimizer step, the trainer's ``train_step`` on rank 0; returns its telemetry row (the fields of
+        metrics.jsonl)."""
         self.step_count += 1
         step = self.step_count
         began = time.perf_counter()
-        torch.manual_seed(step_seed(self.cfg.seed, 0, step))  # rank 0's dropout masks
-        self.optimizer.zero_grad(set_to_none=True)
-        stats: TaskStats = {}
-        tokens = samples = 0
-        flops = 0.0
-        data_wait = 0.0
         counts = {mode: s.counts(self.weights) for mode, s in self.samplers.items()}
-        for _ in range(self.cfg.optim.grad_accum):
-            fetch = time.perf_counter()
-            parts = {mode: [self.streams[t].take(n) for t, n in c.items() if n] for mode, c in counts.items()}
-            emb, gen = collate(parts[Mode.EMBEDDING], Mode.EMBEDDING), collate(parts[Mode.GENERATIVE], Mode.GENERATIVE)
-            data_wait += time.perf_counter() - fetch
-            loss, micro_stats = self.objective(emb, gen)
-            (loss / self.cfg.optim.grad_accum).backward()
-            for task, (total, count) in micro_stats.items():
-                prev = stats.get(task, (0.0, 0))
-                stats[task] = (prev[0] + total, prev[1] + count)
-            tokens, samples = tokens + _tokens(emb, gen), samples + sum(len(b["task"]) for b in (emb, gen) if b)
-            flops += self.cost.batches(emb, gen)
-        losses = _reduce(stats, self.tasks, self.device)
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.lr_schedule.step()
+        done = train_step(self.engine, self.streams, counts, grad_accum=self.cfg.optim.grad_accum, cost=self.cost,
+                          seed=self.cfg.seed, rank=0, step=step, device=self.device)  # fmt: skip
         if step % self.cfg.scheduler.update_interval == 0:
-            self.weights = self.scheduler.update(step, losses)
+            self.weights = self.scheduler.update(step, done.losses)
         seconds = time.perf_counter() - began
-        record = StepRecord(step, self.lr_schedule.get_last_lr()[0], seconds, tokens, samples, flops, losses,
-                            dict(self.weights), {"data_wait": data_wait / seconds})  # fmt: skip
+        record = StepRecord(step, self.engine.lr(), seconds, done.tokens, done.samples, done.flops, done.losses,
+                            dict(self.weights), {"data_wait": done.data_wait / seconds})  # fmt: skip
         self.telemetry.log(record, 1)
         return self.telemetry.history[-1]
 

@@ -1,11 +1,11 @@
-"""How a worker applies gradients: DDP with torch's AdamW, or DeepSpeed ZeRO, behind one small interface.
+"""How a worker applies gradients: torch's AdamW (under DDP), or DeepSpeed ZeRO, behind one small interface.
 
 The loop calls the engine for forward, backward, step, checkpoint and restore, and never asks which one it is.
 Both use the same AdamW, warmup + linear decay and grad-norm clip, so ``zero_stage`` changes memory and
 communication, not the optimisation: a ZeRO run's loss curve follows the DDP run's.
 
 Checkpoint files (next to what ``checkpoint.save`` writes):
-  DDP:       optimizer.pt           AdamW + LR-schedule state (rank 0; every rank holds the same)
+  torch:     optimizer.pt           AdamW + LR-schedule state (rank 0; every rank holds the same)
   DeepSpeed: zero/ckpt/...          each rank's ZeRO partition of the optimizer (and, for stage 3, parameters),
              zero/rank-<r>.json     SHA-256 of rank r's files: a checkpoint missing any rank's part is refused
 """
@@ -56,18 +56,15 @@ def clipped_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, c
     return True
 
 
-class DDPEngine:
-    """torch DDP (gloo on CPU, NCCL on GPU) via Ray Train's ``prepare_model``; AdamW state replicated on every rank."""
+class TorchEngine:
+    """torch's AdamW on ``model``: the objective wrapped in DDP (gloo on CPU, NCCL on GPU) by Ray Train's
+    ``prepare_model`` in a worker, or the bare objective in one process (the benchmark's plain loop). AdamW state
+    is replicated on every rank."""
 
-    def __init__(self, objective: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, find_unused: bool) -> None:
-        import ray.train.torch
-
-        self.params, self.cfg = params, cfg
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
+        self.model, self.params, self.cfg = model, params, cfg
         self.optimizer = build_optimizer(params, cfg.optim)
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
-        self.model = ray.train.torch.prepare_model(
-            objective, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
-        )
 
     def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]:
         return self.model(*batch)
@@ -209,5 +206,8 @@ def build_engine(objective: nn.Module, cfg: TrainConfig, device: torch.device, d
     params = [p for p in objective.parameters() if p.requires_grad]
     if cfg.zero_stage:
         return DeepSpeedEngine(objective.to(device), params, cfg, dtype)
+    import ray.train.torch
+
     # A run of one mode never uses the other mode's experts: DDP must not wait for their gradients.
-    return DDPEngine(objective, params, cfg, find_unused=not both_modes)
+    model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": not both_modes})
+    return TorchEngine(model, params, cfg)

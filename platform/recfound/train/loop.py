@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +24,13 @@ import torch.distributed as dist
 from recfound.model.grm import GRM
 from recfound.tasks import Mode, mode_of
 from recfound.train import checkpoint
-from recfound.train.batches import collate
 from recfound.train.config import TrainConfig
 from recfound.train.engine import build_engine, verify_partitions
 from recfound.train.halt import record_halt
-from recfound.train.mixing import allocate
-from recfound.train.objective import FALSE_NEGATIVES, JointObjective, TaskStats
+from recfound.train.mixing import Sampler
+from recfound.train.objective import JointObjective
 from recfound.train.s2sched import LossSource
+from recfound.train.step import train_step
 from recfound.train.streams import Shard, TaskStream, split_tasks
 from recfound.train.telemetry import (
     StepCost,
@@ -51,45 +50,6 @@ def _broadcast(obj: Any) -> Any:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
-
-
-def _reduce(stats: TaskStats, tasks: list[str], device: torch.device) -> dict[str, float]:
-    """All-reduce per-task (loss sum, count) so every task's loss is its mean over all ranks' samples."""
-    table = torch.zeros(len(tasks), 2, dtype=torch.float64, device=device)
-    for i, task in enumerate(tasks):
-        if task in stats:
-            table[i, 0], table[i, 1] = stats[task][0].double(), stats[task][1].double()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(table)
-    return {task: (table[i, 0] / table[i, 1]).item() for i, task in enumerate(tasks) if table[i, 1] > 0}
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Dropout's seed for one rank's step: distinct per rank and step, and the same after a resume, so a
-    resumed run draws the masks the uninterrupted one would have (no RNG state to checkpoint)."""
-    return (seed * 1_000_003 + rank) * 1_000_003 + step
-
-
-class Sampler:
-    """Per-step sample counts from the schedule's weights, carrying fractional quotas to later steps.
-
-    Largest-remainder rounding of one step alone would never give a task with weight x batch < 0.5 a sample; the
-    carried remainder gives every task its share over time while each step still sums to the batch size.
-    """
-
-    def __init__(self, tasks: list[str], total: int) -> None:
-        self.tasks, self.total = tasks, total
-        self.carry = {t: 0.0 for t in tasks}
-
-    def counts(self, weights: dict[str, float]) -> dict[str, int]:
-        if not self.tasks or not self.total:
-            return {}
-        norm = sum(weights[t] for t in self.tasks)
-        quota = {t: weights[t] / norm * self.total + self.carry[t] for t in self.tasks}
-        positive = {t: max(q, 0.0) for t, q in quota.items()}
-        counts = allocate({t: q / sum(positive.values()) for t, q in positive.items()}, self.total)
-        self.carry = {t: quota[t] - counts[t] for t in self.tasks}
-        return counts
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -156,33 +116,15 @@ def train_worker(config: dict[str, Any]) -> None:
     skipped = 0
     for step in range(start + 1, cfg.max_steps + 1):
         began = time.perf_counter()
-        torch.manual_seed(step_seed(cfg.seed, rank, step))
-        engine.zero_grad()
-        stats: TaskStats = {}
-        tokens = samples = 0
-        flops = 0.0
         counts = {mode: s.counts(weights) for mode, s in samplers.items()}
-        data_wait = 0.0
-        for _ in range(cfg.optim.grad_accum):
-            fetch = time.perf_counter()
-            parts = {mode: [streams[t].take(n) for t, n in c.items() if n] for mode, c in counts.items()}
-            emb, gen = collate(parts[Mode.EMBEDDING], Mode.EMBEDDING), collate(parts[Mode.GENERATIVE], Mode.GENERATIVE)
-            data_wait += time.perf_counter() - fetch
-            loss, micro_stats = engine(emb, gen)
-            engine.backward(loss)
-            for task, (total, count) in micro_stats.items():
-                prev = stats.get(task, (0.0, 0))
-                stats[task] = (prev[0] + total, prev[1] + count)
-            tokens, samples = tokens + _tokens(emb, gen), samples + sum(len(b["task"]) for b in (emb, gen) if b)
-            flops += cost.batches(emb, gen)
-        losses = _reduce(stats, [*tasks, FALSE_NEGATIVES], device)
-        false_negatives = losses.pop(FALSE_NEGATIVES, None)
-        bad = [t for t, v in losses.items() if not math.isfinite(v)]
+        done = train_step(engine, streams, counts, grad_accum=cfg.optim.grad_accum, cost=cost, seed=cfg.seed,
+                          rank=rank, step=step, device=device)  # fmt: skip
+        losses, bad = done.losses, done.non_finite
         if bad:  # every rank sees the same reduced losses, so all stop here; a retry would fail the same way
             if rank == 0:
-                record_halt(config["halt"], step, f"step {step}: loss of task {bad[0]} is {losses[bad[0]]}")
+                record_halt(config["halt"], step, f"step {step}: loss of task {bad} is {losses[bad]}")
             return
-        skipped = 0 if engine.step() else skipped + 1
+        skipped = 0 if done.applied else skipped + 1
         if skipped > (0 if cfg.zero_stage else cfg.optim.max_skipped_steps):
             if rank == 0:
                 record_halt(config["halt"], step, f"step {step}: gradient norm not finite for {skipped} consecutive "
@@ -202,10 +144,11 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"step": step, "loss": sum(losses.values()) / max(1, len(losses))}
         if telemetry is not None:
             seconds = time.perf_counter() - began
-            shares = {"data_wait": data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
-            if false_negatives is not None:
-                shares["false_negative_queries"] = false_negatives
-            record = StepRecord(step, engine.lr(), seconds, tokens, samples, flops, losses, dict(weights), shares)
+            shares = {"data_wait": done.data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
+            if done.false_negatives is not None:
+                shares["false_negative_queries"] = done.false_negatives
+            record = StepRecord(step, engine.lr(), seconds, done.tokens, done.samples, done.flops, losses, dict(weights),
+                                shares)  # fmt: skip
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             # Every rank reports so Ray Train's rounds line up; the files of all ranks land in one directory.
@@ -230,11 +173,6 @@ def _verify_zero(root: Path) -> None:
     """A ZeRO checkpoint is resumable when its manifest and every rank's partition verify."""
     checkpoint.verify(root)
     verify_partitions(root)
-
-
-def _tokens(emb: dict | None, gen: dict | None) -> int:
-    masks = ([emb["q_mask"], emb["p_mask"]] if emb else []) + ([gen["mask"]] if gen else [])
-    return sum(int(m.sum()) for m in masks)
 
 
 def _trainer_state(step: int, seed: int, world: int, streams: dict[str, TaskStream], samplers: dict[Mode, Sampler]) -> dict:

@@ -1,7 +1,8 @@
 """Turn per-task weights into per-task sample counts for one batch.
 
 S2Sched weights choose samples, they never weight the loss, so the only place they touch a batch is here: a
-candidate pool is cut down to ``total`` samples split across a group's tasks by weight.
+candidate pool is cut down to ``total`` samples split across a group's tasks by weight (``allocate``), and a
+step's batch is split across a mode's tasks with fractions carried to later steps (``Sampler``).
 """
 
 from __future__ import annotations
@@ -58,3 +59,25 @@ def allocate(weights: Mapping[str, float], total: int, available: Mapping[str, i
             remaining -= caps[t]
             open_tasks.remove(t)
     return counts
+
+
+class Sampler:
+    """Per-step sample counts from the schedule's weights, carrying fractional quotas to later steps.
+
+    Largest-remainder rounding of one step alone would never give a task with weight x batch < 0.5 a sample; the
+    carried remainder gives every task its share over time while each step still sums to the batch size.
+    """
+
+    def __init__(self, tasks: list[str], total: int) -> None:
+        self.tasks, self.total = tasks, total
+        self.carry = {t: 0.0 for t in tasks}
+
+    def counts(self, weights: dict[str, float]) -> dict[str, int]:
+        if not self.tasks or not self.total:
+            return {}
+        norm = sum(weights[t] for t in self.tasks)
+        quota = {t: weights[t] / norm * self.total + self.carry[t] for t in self.tasks}
+        positive = {t: max(q, 0.0) for t, q in quota.items()}
+        counts = allocate({t: q / sum(positive.values()) for t, q in positive.items()}, self.total)
+        self.carry = {t: quota[t] - counts[t] for t in self.tasks}
+        return counts
