@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers import AutoModelForCausalLM
 
 from recfound.config import ConfigError, load_config
 from recfound.model.backbone import BackboneConfig, load_backbone, resolve_dtype
@@ -60,7 +61,7 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_loads_offline_and_generates():
+def test_smollm2_loads_offline_and_generates(tmp_path):
     grm = GRM.build(BackboneConfig(name="smollm2-135m")).eval()
     assert grm.tuner.model.config.model_type == "llama"
     answer = grm.generate(["What is the capital of France? Answer in one word."], "answer_generation", 8)
@@ -74,5 +75,12 @@ def test_smollm2_loads_offline_and_generates():
     assert tok.decode(labelled) == "yes" + tok.eos_token
     emb = grm.embed(batch, grm.task_ids(["i2i"]))
     assert emb.shape == (1, 576) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+    # The GGUF loader dequantises every tensor but used to leave its quantizer on the model: a folded task model
+    # (`jobs/merge.py export_tasks=`) then refused to save ("quantized with gguf and is not serializable").
+    folded = grm.merge_task("item_profile").eval()
+    folded.save_pretrained(str(tmp_path))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.as_tensor(batch["input_ids"][:, :4])
+    assert torch.equal(loaded(ids).logits, folded(ids).logits)
     hidden = grm.hidden_states(batch["input_ids"], batch["attention_mask"], grm.task_ids(["i2i"]), Mode.EMBEDDING)
     assert torch.isfinite(hidden).all()

@@ -39,7 +39,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    PreTrainedModel,
 )
 
 from recfound.config import Config, InputURL
@@ -347,7 +346,7 @@ def _load_grm(root: Path, adapter: TMoLEConfig) -> GRM:
 
 def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
     """The model files for ``cfg`` in ``stage``; returns the manifest's description of the read-out."""
-    folded = _unmark_gguf(grm.merge_task(cfg.task).eval())  # float32 already: _load_grm built it so
+    folded = grm.merge_task(cfg.task).eval()  # float32 already: _load_grm built it so
     embedding = mode_of(cfg.task) is Mode.EMBEDDING
     module = folded.base_model if embedding else folded  # an embedding export has no use for the LM head
     if cfg.quantize is Quantize.INT8:
@@ -366,17 +365,6 @@ def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
         return {}
     read_out = {"attention": "bidirectional", "pooling": "mean of text tokens", "normalised": True}
     return {"embedding": read_out | {"dim": folded.config.hidden_size, "inputs": list(INPUTS), "output": OUTPUT}}
-
-
-def _unmark_gguf(model: PreTrainedModel) -> PreTrainedModel:
-    """Drop the GGUF loader's "quantized" marks (smollm2-135m): it dequantises every tensor to float on load but
-    keeps a quantization_config, which, saved, sends from_pretrained looking for the GGUF file."""
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.config.__dict__.pop("quantization_config", None)
-            module.config._is_quantized = False
-            module.hf_quantizer, module.is_quantized = None, False
-    return model
 
 
 def _write_onnx(decoder: nn.Module, grm: GRM, path: Path, cfg: ExportConfig) -> None:

@@ -117,7 +117,19 @@ def _smollm2(attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
     model = AutoModelForCausalLM.from_pretrained(
         package_dir, gguf_file=SMOLLM2_GGUF, config=config, dtype=dtype, attn_implementation=attn
     )
-    return model, tokenizer
+    return _unmark_gguf(model), tokenizer
+
+
+def _unmark_gguf(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop the GGUF loader's "quantized" marks: it dequantises every tensor to float but keeps its quantizer and
+    a quantization_config, so save_pretrained of a folded task model refuses ("not serializable") and a saved
+    config would send from_pretrained looking for the GGUF file."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config.__dict__.pop("quantization_config", None)
+            module.config._is_quantized = False
+            module.hf_quantizer, module.is_quantized = None, False
+    return model
 
 
 def _pretrained(path: str, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
