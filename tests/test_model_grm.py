@@ -154,4 +154,3 @@ def test_toy_two_task_problem_drives_both_losses_down():
     (emb_first, gen_first), (emb_last, gen_last) = history[0], history[-1]
     assert emb_last < 0.5 * emb_first, history[::10]
     assert gen_last < 0.5 * gen_first, history[::10]
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -300,6 +301,35 @@ def test_stale_stage_folders_are_cleaned_and_live_ones_kept(tmp_path: Path, monk
     finally:
         os.close(live)
     assert _entries(tmp_path / "registry") == [".tmp-v8-live", ".tmp-v9-fresh", "v1"]
+
+
+def test_a_replica_killed_mid_download_leaves_no_copy_behind_for_long(tmp_path: Path) -> None:
+    """A replica killed while downloading a version into the shared cache leaves its ``.tmp-*`` folder; the next
+    download there removes it once older than STALE_STAGE_S and held by no one, and leaves a live download's
+    (locked) and a fresh one alone, as publishing does for stage folders."""
+    import fcntl
+
+    from recfound.serving import registry as reg
+
+    url, cache = f"memory://stale-{tmp_path.name}", tmp_path / "cache"
+    try:
+        publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), url)
+        parent = cache / hashlib.sha256(url.encode()).hexdigest()[:16]
+        hour_ago = time.time() - 3700
+        for name in (".tmp-v1-killed", ".tmp-v1-live", ".tmp-v1-fresh"):
+            (parent / name / "weights").mkdir(parents=True)
+            (parent / name / "weights" / "adapter.bin").write_bytes(b"partial")
+        for name in (".tmp-v1-killed", ".tmp-v1-live"):
+            os.utime(parent / name, (hour_ago, hour_ago))
+        live = os.open(parent / ".tmp-v1-live", os.O_RDONLY)
+        try:
+            fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            reg.verify(reg.resolve(url, cache_dir=str(cache)))
+        finally:
+            os.close(live)
+        assert sorted(p.name for p in parent.iterdir()) == [".tmp-v1-fresh", ".tmp-v1-live", "v1"]
+    finally:
+        fsspec.filesystem("memory").rm(f"/stale-{tmp_path.name}", recursive=True)
 
 
 @pytest.mark.parametrize("fails", [True, False], ids=["then-fails", "then-uploads"])

@@ -28,6 +28,7 @@ writer's, where claims are not exclusive); the number stays used, as a crashed p
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -37,7 +38,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,18 +167,11 @@ def publish(
 def _publish_local(model_dir: str, versions: Path, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
     """Stage inside ``versions`` (one filesystem, so the committing rename is atomic), locked while this publisher
     works there, and on disk before the rename: after a power cut a committed version has all its bytes."""
-    _remove_stale_stages(versions)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{info['version']}-", dir=versions))
-    lock = os.open(stage, os.O_RDONLY)
-    try:
-        _try_lock(lock)  # a fresh, randomly named folder: no one else can hold it yet
+    with _locked_stage(versions, info["version"]) as stage:
         _stage(model_dir, stage, info, build_index_fn)
         _fsync_tree(stage)
         _rename_into_place(stage, str(versions / info["version"]))
         fsync(versions)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        os.close(lock)
 
 
 def _publish_remote(model_dir: str, fs: Any, final: str, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
@@ -200,6 +194,22 @@ def _publish_remote(model_dir: str, fs: Any, final: str, info: dict[str, Any], b
         shutil.rmtree(stage, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _locked_stage(parent: Path, version: str) -> Iterator[Path]:
+    """A fresh temp folder in ``parent`` for ``version``, locked while its writer (a publisher or a downloading
+    replica) works in it and removed afterwards. Folders that writers killed mid-way left behind are removed
+    first (``_remove_stale_stages``): a SIGKILL runs no cleanup."""
+    _remove_stale_stages(parent)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{version}-", dir=parent))
+    lock = os.open(stage, os.O_RDONLY)
+    try:
+        _try_lock(lock)  # a fresh, randomly named folder: no one else can hold it yet
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        os.close(lock)
+
+
 def _try_lock(fd: int) -> bool:
     """Take an exclusive lock on the open folder ``fd`` without waiting; False if another process holds it.
     A filesystem without locks counts as unlocked: the stage's age alone then protects a live publisher."""
@@ -212,11 +222,11 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _remove_stale_stages(versions: Path) -> None:
-    """Remove stage folders a crashed publisher left: older than ``STALE_STAGE_S`` and locked by no one. A live
-    publisher holds its stage's lock until after its rename, so its folder is never taken however old."""
+def _remove_stale_stages(parent: Path) -> None:
+    """Remove stage folders a crashed writer left: older than ``STALE_STAGE_S`` and locked by no one. A live
+    writer holds its stage's lock until after its rename, so its folder is never taken however old."""
     cutoff = time.time() - STALE_STAGE_S
-    for stage in versions.glob(f"{STAGE_PREFIX}*"):
+    for stage in parent.glob(f"{STAGE_PREFIX}*"):
         try:
             if not stage.is_dir() or stage.stat().st_mtime >= cutoff:
                 continue
@@ -225,7 +235,7 @@ def _remove_stale_stages(versions: Path) -> None:
             continue  # committed or removed meanwhile
         try:
             if _try_lock(fd):
-                log.warning("removing %s: a stage folder older than %.0f s that no publisher holds", stage,
+                log.warning("removing %s: a stage folder older than %.0f s that no writer holds", stage,
                             STALE_STAGE_S)  # fmt: skip
                 shutil.rmtree(stage, ignore_errors=True)
         finally:
@@ -301,15 +311,13 @@ def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | Non
     if (dest / VERSION_FILE).is_file():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{name}-", dir=dest.parent))
-    try:
-        _copy_tree(_url(fs, remote_dir), tmp)
-        _rename_into_place(tmp, str(dest))
-    except RegistryError:
-        if not (dest / VERSION_FILE).is_file():  # losing the rename to a concurrent download is success
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _locked_stage(dest.parent, name) as tmp:
+        try:
+            _copy_tree(_url(fs, remote_dir), tmp)
+            _rename_into_place(tmp, str(dest))
+        except RegistryError:
+            if not (dest / VERSION_FILE).is_file():  # losing the rename to a concurrent download is success
+                raise
     return str(dest)
 
 
