@@ -16,7 +16,7 @@ from recfound.config import load_config
 from recfound.train.checkpoint import CorruptCheckpointError, load_model, verify
 from recfound.train.config import TrainConfig
 from recfound.train.engine import verify_rank
-from recfound.train.run import RunError, run
+from recfound.train.run import NAMESPACE, RunError, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.slow
@@ -186,6 +186,30 @@ def test_killed_worker_restarts_from_checkpoint(synthetic_dataset: Path, tmp_pat
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 14
     steps = _scheduler_steps(ckpt)
     assert steps == sorted(set(steps))  # continuous: no step recorded twice, none going back
+
+
+def test_killed_scheduler_actor_resumes_with_a_continuous_history(synthetic_dataset: Path, tmp_path: Path) -> None:
+    """Ray restarts the killed S2Sched actor empty; it refuses calls until restored (SchedulerLostState), so the
+    workers fail over to the last checkpoint, whose scheduler state is loaded back: the run completes with every
+    scheduler update recorded once and in order, none lost to the restart."""
+    cfg = _cfg(synthetic_dataset, tmp_path, "name=run-s", "max_steps=14", "num_workers=2", "max_failures=2")
+    killed = threading.Event()
+
+    def kill_scheduler() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((tmp_path / "run-s").glob("checkpoint_*/checkpoint.json")):
+            time.sleep(0.5)
+        ray.kill(ray.get_actor("s2sched-run-s", namespace=NAMESPACE), no_restart=False)
+        killed.set()
+
+    killer = threading.Thread(target=kill_scheduler)
+    killer.start()
+    ckpt = Path(run(cfg))
+    killer.join()
+    assert killed.is_set()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 14
+    steps = _scheduler_steps(ckpt)
+    assert steps == sorted(set(steps)) and steps[-1] == 14 and len(steps) == 14 // cfg.scheduler.update_interval
 
 
 def test_non_finite_loss_stops_with_step_and_task(synthetic_dataset: Path, tmp_path: Path) -> None:
