@@ -69,7 +69,7 @@ def test_checksum_mismatch_publishes_nothing(tmp_path: Path) -> None:
     model, data = make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data")
     publish_fake(model, data, str(registry))
     (model / "weights" / "adapter.bin").write_bytes(b"truncated")
-    with pytest.raises(ChecksumError, match=r"checksum mismatch for weights/adapter.bin"):
+    with pytest.raises(ChecksumError, match=r"model: weights/adapter.bin does not match its SHA-256 in manifest.json"):
         publish_fake(model, data, str(registry))
     assert latest_version(str(registry)) == "v1"
     assert _entries(registry) == ["v1"]
@@ -82,7 +82,7 @@ def test_unlisted_and_missing_files_are_refused(tmp_path: Path) -> None:
         publish_fake(model, data, str(tmp_path / "registry"))
     (model / "stray.txt").unlink()
     (model / "weights" / "adapter.bin").unlink()
-    with pytest.raises(ChecksumError, match="weights/adapter.bin is listed in the manifest but missing"):
+    with pytest.raises(ChecksumError, match="weights/adapter.bin is listed in manifest.json but missing"):
         publish_fake(model, data, str(tmp_path / "registry"))
     assert _entries(tmp_path / "registry") == []
     with pytest.raises(VersionNotFound, match="no published version"):
@@ -228,7 +228,7 @@ def test_version_json_is_covered_by_the_checksums(tmp_path: Path) -> None:
     meta_path = registry / "versions" / "v1" / "version.json"
     original = meta_path.read_text()
     meta_path.write_text(original.replace(FAKE_ENGINE, "os:system"))
-    with pytest.raises(ChecksumError, match="checksum mismatch for version.json"):
+    with pytest.raises(ChecksumError, match="version.json does not match its SHA-256 in checksums.json"):
         verify(resolve(str(registry)))
     meta_path.write_text(original)
     verify(resolve(str(registry)))

@@ -13,6 +13,7 @@ from typing import IO, Any
 import pytest
 from ray.train import Checkpoint
 
+from recfound.artifacts import CHECKPOINT_MANIFEST
 from recfound.io import sha256
 from recfound.train import checkpoint
 from recfound.train.checkpoint import CorruptCheckpointError
@@ -65,7 +66,7 @@ def test_a_sound_newest_checkpoint_is_chosen_without_a_warning(tmp_path: Path, c
 
 def test_half_written_and_newer_than_registered_checkpoints_are_never_chosen(tmp_path: Path) -> None:
     oldest, torn, registered = _run(tmp_path, 3)
-    (torn / checkpoint.MANIFEST).unlink()  # an upload that never completed
+    (torn / CHECKPOINT_MANIFEST).unlink()  # an upload that never completed
     _flip(registered / "trainer_state.json")
     _save(tmp_path / "checkpoint_000003", 16)  # in storage, but Ray Train never registered it
     assert _chosen(registered) == oldest

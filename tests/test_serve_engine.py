@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from recfound.artifacts import MANIFEST, hash_tree
 from recfound.data.templates import TEMPLATE_VERSION, item_text
 from recfound.model.formats import Side
 from recfound.serving.auth import (
@@ -119,9 +120,8 @@ def fake_vectors(texts: list[str], dim: int) -> np.ndarray:
 
 def write_manifest(model_dir: Path) -> None:
     """What the merge job writes: the SHA-256 of every file of the artifact."""
-    files = {p.relative_to(model_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(model_dir.rglob("*")) if p.is_file() and p.name != "manifest.json"}  # fmt: skip
-    (model_dir / "manifest.json").write_text(json.dumps({"files": files, "method": "ties"}))
+    files = hash_tree(model_dir, skip={MANIFEST})
+    (model_dir / MANIFEST).write_text(json.dumps({"files": files, "method": "ties"}))
 
 
 def make_artifact(model_dir: Path, dim: int = 64, context_length: int = 64, load_delay_s: float = 0.0) -> Path:

@@ -32,17 +32,18 @@ import yaml
 from pydantic import Field
 from ray import serve
 
+from recfound.artifacts import ADAPTER_DIR, hash_tree
 from recfound.bench.common import (
     CONFIG_DIR, Better, Report, Table, Target, fmt, interleaved, median, percentile, torch_threads,
 )  # fmt: skip
 from recfound.config import Config, load_config
 from recfound.data.builder import BuildConfig, build
 from recfound.data.synthetic import SyntheticConfig
-from recfound.io import read_json, sha256
+from recfound.io import read_json
 from recfound.model.formats import Side
 from recfound.model.grm import GRM
 from recfound.serving.model import MODEL_DEPLOYMENT
-from recfound.serving.engine import ADAPTER_DIR, ENGINE_KEY, Engine, load_engine
+from recfound.serving.engine import ENGINE_KEY, Engine, load_engine
 from recfound.serving.index import build_item_index, text_meta
 from recfound.serving.registry import publish, read_version, resolve
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS, ITEMS, MANIFEST, task_path
@@ -102,7 +103,7 @@ def _artifact(cfg: TrainConfig, out: Path) -> Path:
     """What the merge job hands to publish: ``adapter/`` and a manifest with every file's SHA-256."""
     torch.manual_seed(cfg.seed)
     GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone)).save_pretrained(str(out / ADAPTER_DIR))
-    files = {p.relative_to(out).as_posix(): sha256(str(p)) for p in sorted(out.rglob("*")) if p.is_file()}
+    files = hash_tree(out)
     (out / "manifest.json").write_text(json.dumps({"files": files}))
     return out
 

@@ -10,7 +10,6 @@ TensorBoard event times (the whole iteration, ``ray.train.report`` included), af
 
 from __future__ import annotations
 
-import json
 import struct
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 from fsspec.core import url_to_fs
 from pydantic import Field
 
+from recfound.artifacts import read_metrics
 from recfound.bench.common import (
     CONFIG_DIR, Better, Report, Table, Target, fmt, median, percentile, top_ops, torch_threads,
 )  # fmt: skip
@@ -226,7 +226,7 @@ def run(bench: TrainBench) -> Report:
             p = plan(cfg)
             before, _ = run_plain(cfg, p, bench.steps)
             checkpoint = Path(train_run(cfg))
-            history = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines() if line]
+            history = read_metrics(checkpoint)
             after, ops = run_plain(cfg, p, bench.steps, profile=bench.profile and i == bench.pairs - 1)
             triples.append({"name": p.name, "data": p.data, "tasks": p.tasks,
                             "trainer": summarize(history, bench.skip, wall_intervals(p.name)),

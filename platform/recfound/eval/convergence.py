@@ -8,7 +8,6 @@ curve are trailing means over ``window`` recorded steps.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from recfound.artifacts import METRICS
 from recfound.tasks import TASK_ID
 
-HISTORY = "metrics.jsonl"
 CHECKPOINT_GLOB = "checkpoint_*"
 
 
@@ -32,15 +31,11 @@ def find_history(path: Path) -> Path | None:
     """``metrics.jsonl`` itself, inside a checkpoint, or inside a run directory's latest checkpoint (the newest
     checkpoint holds the whole history so far)."""
     if path.is_file():
-        return path if path.name == HISTORY else None
-    if (path / HISTORY).is_file():
-        return path / HISTORY
+        return path if path.name == METRICS else None
+    if (path / METRICS).is_file():
+        return path / METRICS
     latest = latest_checkpoint(path)
-    return latest / HISTORY if latest is not None and (latest / HISTORY).is_file() else None
-
-
-def read_history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return latest / METRICS if latest is not None and (latest / METRICS).is_file() else None
 
 
 @dataclass(frozen=True)

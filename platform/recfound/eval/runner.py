@@ -23,11 +23,12 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from recfound.artifacts import read_metrics
 from recfound.config import Config
 from recfound.data.rows import Split
 from recfound.eval.baselines import BM25, Baseline, ItemCF, MiniLM, Popularity
 from recfound.eval.closed import closed_answers
-from recfound.eval.convergence import find_history, read_history, summarize
+from recfound.eval.convergence import find_history, summarize
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.protocols import (
     full_catalogue_eval, merge_duplicate_queries, pool_eval, task_candidates, training_exclusions,
@@ -337,7 +338,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "seed": cfg.seed, "config": cfg.model_dump(mode="json")}  # fmt: skip
     histories = {}
     if source.history is not None and source.history.is_file():
-        history = read_history(source.history)
+        history = read_metrics(source.history)
         results["history"] = str(source.history)
         results["convergence"] = summarize(history, cfg.convergence_target, cfg.convergence_window)
         histories[MODEL] = history
@@ -387,7 +388,7 @@ def compare(cfg: EvalConfig) -> dict[str, Any]:
         else:
             raise EvalError(f"compare: {entry}: no such directory")
         if history is not None and history.is_file():
-            histories[label] = read_history(history)
+            histories[label] = read_metrics(history)
             res["convergence"] = summarize(histories[label], cfg.convergence_target, cfg.convergence_window)
         runs[label] = res
     results = {

@@ -8,7 +8,6 @@ the baselines; it also generates for the generative tasks.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,14 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recfound.eval.convergence import HISTORY, latest_checkpoint
+from recfound.artifacts import ADAPTER_DIR, MANIFEST, METRICS, read_trainer_state
+from recfound.eval.convergence import latest_checkpoint
 from recfound.eval.protocols import DenseScorer, Scorer
-from recfound.merge.artifact import MANIFEST as MERGED_MANIFEST
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig, read_adapter_config
-from recfound.serving.engine import ADAPTER_DIR
 from recfound.tasks import EMBEDDING_TASKS
 from recfound.train import checkpoint
 
@@ -58,7 +56,7 @@ class ModelSource:
     @property
     def history(self) -> Path | None:
         """The run's per-step ``metrics.jsonl`` (training checkpoints only)."""
-        return self.path / HISTORY if self.kind is ModelKind.CHECKPOINT else None
+        return self.path / METRICS if self.kind is ModelKind.CHECKPOINT else None
 
 
 def resolve_model(path: str) -> ModelSource:
@@ -74,7 +72,7 @@ def resolve_model(path: str) -> ModelSource:
                 f"(no {ADAPTER_DIR}/, adapter_config.json or checkpoint_* inside)"
             )
         root = latest
-    if (root / ADAPTER_DIR).is_dir() and (root / MERGED_MANIFEST).is_file():
+    if (root / ADAPTER_DIR).is_dir() and (root / MANIFEST).is_file():
         kind, adapter = ModelKind.MERGED, root / ADAPTER_DIR
     elif (root / ADAPTER_DIR).is_dir():
         try:
@@ -92,7 +90,7 @@ def resolve_model(path: str) -> ModelSource:
         raise ModelError(f"model={path}: the adapter does not record its backbone, so it cannot be rebuilt")
     trained = None
     if kind is ModelKind.CHECKPOINT:
-        trained = tuple(json.loads((root / "trainer_state.json").read_text())["streams"])
+        trained = tuple(read_trainer_state(root)["streams"])
     return ModelSource(root, kind, adapter, config, trained)
 
 

@@ -18,16 +18,14 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from recfound.artifacts import ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, hash_tree, read_trainer_state
 from recfound.config import Config
-from recfound.io import sha256
 from recfound.merge.methods import MergeMethod, merge
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig
 from recfound.model.tmole.model import read_adapter_config, read_adapter_weights
 from recfound.train import checkpoint
-
-MANIFEST = "manifest.json"
 
 
 class MergeConfig(Config):
@@ -69,9 +67,9 @@ class MergeConfig(Config):
 
 def _initial_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """θ0, the adapter as training initialised it: rebuilt from the run's recorded seed (init is seeded)."""
-    seed = json.loads((ckpt / "trainer_state.json").read_text())["seed"]
+    seed = read_trainer_state(ckpt)["seed"]
     torch.manual_seed(seed)
-    return _fresh(read_adapter_config(str(ckpt / "adapter"))).tuner.trainable_state_dict()
+    return _fresh(read_adapter_config(str(ckpt / ADAPTER_DIR))).tuner.trainable_state_dict()
 
 
 def _fresh(config: TMoLEConfig) -> GRM:
@@ -84,10 +82,10 @@ def merge_checkpoints(cfg: MergeConfig) -> Path:
     roots = [Path(c) for c in cfg.checkpoints]
     for root in roots:
         checkpoint.verify(root)
-    configs = [read_adapter_config(str(r / "adapter")) for r in roots]
+    configs = [read_adapter_config(str(r / ADAPTER_DIR)) for r in roots]
     if any(c.to_json() != configs[0].to_json() for c in configs[1:]):
         raise ValueError("checkpoints come from different adapter configs; merge only checkpoints of one run")
-    states = [read_adapter_weights(str(r / "adapter")) for r in roots]
+    states = [read_adapter_weights(str(r / ADAPTER_DIR)) for r in roots]
     params: dict[str, Any] = {}
     if cfg.method is MergeMethod.TIES:
         params = {"base": _initial_state(roots[0]), "density": cfg.density, "scale": cfg.scale}
@@ -102,12 +100,12 @@ def merge_checkpoints(cfg: MergeConfig) -> Path:
     out = Path(cfg.out)
     if out.exists():
         shutil.rmtree(out)
-    grm.save_pretrained(str(out / "adapter"))
-    grm.tokenizer.save_pretrained(str(out / "tokenizer"))
+    grm.save_pretrained(str(out / ADAPTER_DIR))
+    grm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     for task in cfg.export_tasks:
         grm.merge_task(task).save_pretrained(str(out / "tasks" / task))
         grm.tokenizer.save_pretrained(str(out / "tasks" / task))
-    files = {str(p.relative_to(out)): sha256(str(p)) for p in sorted(out.rglob("*")) if p.is_file()}
+    files = hash_tree(out)
     manifest = {
         "files": files,
         "sources": [str(r.resolve()) for r in roots],

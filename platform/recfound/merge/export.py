@@ -41,6 +41,7 @@ from transformers import (
     GenerationConfig,
 )
 
+from recfound.artifacts import ADAPTER_DIR, MANIFEST, hash_tree, verify_tree
 from recfound.config import Config, InputURL
 from recfound.io import sha256
 from recfound.model.backbone import BackboneConfig
@@ -51,7 +52,6 @@ from recfound.model.tmole.model import read_adapter_config
 from recfound.model.tokenizer import with_pad
 from recfound.tasks import EMBEDDING_TASKS, Mode, mode_of
 
-MANIFEST = "manifest.json"
 EXPORT_KIND = "recfound-export"
 INT8_FILE = "model.int8.safetensors"
 ONNX_FILE = "model.onnx"
@@ -232,7 +232,7 @@ def export(cfg: ExportConfig) -> Path:
     try:
         details = _write_model(grm, cfg, stage)
         grm.tokenizer.save_pretrained(str(stage))
-        files = {str(p.relative_to(stage)): sha256(str(p)) for p in sorted(stage.rglob("*")) if p.is_file()}
+        files = hash_tree(stage)
         manifest = {
             "kind": EXPORT_KIND,
             "task": cfg.task,
@@ -272,10 +272,10 @@ def _read_merged(root: Path, task: str) -> TMoLEConfig:
         origin = manifest.get("source", {}).get("model")
         raise ExportError(f"model={root}: is an export ({manifest.get('task')}), not a merged artifact; "
                           f"export from the merged directory it came from: {origin}")  # fmt: skip
-    if not (root / "adapter").is_dir():
-        raise ExportError(f"model={root}: not a merged artifact (no adapter/); merge with jobs/merge.py first")
+    if not (root / ADAPTER_DIR).is_dir():
+        raise ExportError(f"model={root}: not a merged artifact (no {ADAPTER_DIR}/); merge with jobs/merge.py first")
     _check_files(root, manifest.get("files"), unlisted_ok=True)
-    adapter = read_adapter_config(str(root / "adapter"))
+    adapter = read_adapter_config(str(root / ADAPTER_DIR))
     if task not in adapter.tasks:
         raise ExportError(f"task={task}: the model was not trained on it; its tasks are {', '.join(adapter.tasks)}")
     if adapter.backbone is None:
@@ -302,17 +302,7 @@ def _check_files(root: Path, files: Any, unlisted_ok: bool) -> None:
     """Every listed file present with its SHA-256; unless ``unlisted_ok``, no file that the manifest omits."""
     if not isinstance(files, dict) or not files:
         raise ExportError(f"{root / MANIFEST}: expected a non-empty 'files' mapping of relative path to SHA-256")
-    for rel, digest in sorted(files.items()):
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root.resolve()):
-            raise ExportError(f"{root}: listed file {rel!r} lies outside the directory")
-        if not path.is_file():
-            raise ExportError(f"{root}: {rel} is listed in {MANIFEST} but missing")
-        if sha256(str(path)) != digest:
-            raise ExportError(f"{root}: {rel} does not match its SHA-256 in {MANIFEST}")
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {MANIFEST}
-    if not unlisted_ok and present - set(files):
-        raise ExportError(f"{root}: files not listed in {MANIFEST}: {', '.join(sorted(present - set(files))[:5])}")
+    verify_tree(root, files, listed_in=MANIFEST, error=ExportError, unlisted_ok=unlisted_ok, skip={MANIFEST})
 
 
 def _require_onnx() -> None:
@@ -341,7 +331,7 @@ def _load_grm(root: Path, adapter: TMoLEConfig) -> GRM:
     """fp32 with sdpa on the CPU: an export must not depend on the exporting machine (bf16 or flash on a GPU)."""
     assert adapter.backbone is not None  # _read_merged checked it
     recorded = {**adapter.backbone, "dtype": "float32", "attn_implementation": "sdpa", "gradient_checkpointing": False}
-    return GRM.from_pretrained(str(root / "adapter"), backbone=BackboneConfig.model_validate(recorded)).eval()
+    return GRM.from_pretrained(str(root / ADAPTER_DIR), backbone=BackboneConfig.model_validate(recorded)).eval()
 
 
 def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from recfound.artifacts import ADAPTER_DIR
 from recfound.model.formats import Side
 from recfound.serving.registry import read_version
 
 ENGINE_KEY = "engine"
-ADAPTER_DIR = "adapter"
 """Where the merge job puts the merged TMoLE adapter inside its artifact (see recfound.merge.artifact)."""
 
 

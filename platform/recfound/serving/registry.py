@@ -45,6 +45,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from recfound.artifacts import MANIFEST, hash_tree, verify_tree
 from recfound.io import fsync, read_json, sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 VERSIONS = "versions"
 CLAIMS = ".claims"
 LATEST = "latest.json"
-MANIFEST = "manifest.json"
 VERSION_FILE = "version.json"
 CHECKSUMS = "checksums.json"
 STAGE_PREFIX = ".tmp-"
@@ -115,10 +115,8 @@ def verify(version_dir: str) -> None:
     if not (root / VERSION_FILE).is_file():
         raise ChecksumError(f"{version_dir}: no {VERSION_FILE}, not a complete version")
     sealed = _sealed_files(root)
-    unlisted = [rel for rel in _relpaths(root) if rel not in sealed and rel != CHECKSUMS]
-    if unlisted:
-        raise ChecksumError(f"{version_dir}: files not listed in {CHECKSUMS}: {', '.join(unlisted[:5])}")
-    _check_files(root, sealed)  # before version.json and manifest.json are read below
+    # Before version.json and manifest.json are read below.
+    verify_tree(root, sealed, listed_in=CHECKSUMS, error=ChecksumError, unlisted_ok=False, skip={CHECKSUMS})
     recorded = {**_manifest_files(root), **read_version(version_dir).get("index_files", {})}
     disagree = sorted(rel for rel, digest in recorded.items() if sealed.get(rel) != digest)
     if disagree:
@@ -274,17 +272,13 @@ def _stage(model_dir: str, stage: Path, info: dict[str, Any], build_index_fn: Bu
     for reserved in (VERSION_FILE, CHECKSUMS):
         if reserved in manifest:
             raise RegistryError(f"{model_dir}: {reserved} is reserved for the registry's own record")
-    _check_files(stage, manifest)
-    unlisted = [rel for rel in _relpaths(stage) if rel not in manifest and rel != MANIFEST]
-    if unlisted:
-        raise ChecksumError(f"{model_dir}: files not listed in {MANIFEST}: {', '.join(unlisted[:5])}")
+    try:
+        verify_tree(stage, manifest, listed_in=MANIFEST, error=ChecksumError, unlisted_ok=False, skip={MANIFEST})
+    except ChecksumError as err:  # name the artifact the user gave, not the temporary copy
+        raise ChecksumError(str(err).replace(str(stage), model_dir)) from None
     (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     build_index_fn(str(stage))
-    info["index_files"] = {
-        rel: sha256(str(stage / rel))
-        for rel in _relpaths(stage)
-        if rel not in manifest and rel not in (MANIFEST, VERSION_FILE)
-    }
+    info["index_files"] = hash_tree(stage, skip={*manifest, MANIFEST, VERSION_FILE})
     (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     # Everything else was checked or hashed above: only the two records need hashing now.
     sealed = {**manifest, **info["index_files"], **{f: sha256(str(stage / f)) for f in (MANIFEST, VERSION_FILE)}}
@@ -358,18 +352,6 @@ def _manifest_files(root: Path) -> dict[str, str]:
     if not isinstance(files, dict) or not files:
         raise ChecksumError(f"{path}: expected a non-empty 'files' mapping of relative path to SHA-256")
     return {str(k): str(v) for k, v in files.items()}
-
-
-def _check_files(root: Path, expected: Mapping[str, str]) -> None:
-    for rel, digest in sorted(expected.items()):
-        path = root / rel
-        if not path.resolve().is_relative_to(root.resolve()):
-            raise ChecksumError(f"{root}: listed file {rel!r} lies outside the artifact")
-        if not path.is_file():
-            raise ChecksumError(f"{root}: {rel} is listed in the manifest but missing")
-        actual = sha256(str(path))
-        if actual != digest:
-            raise ChecksumError(f"{root}: checksum mismatch for {rel}: expected {digest[:12]}…, got {actual[:12]}…")
 
 
 def _relpaths(root: Path) -> list[str]:

@@ -29,14 +29,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recfound.io import sha256
+from recfound.artifacts import (
+    ADAPTER_DIR, CHECKPOINT_MANIFEST, METRICS, SCHEDULER_STATE, TRAINER_STATE, hash_tree, read_metrics,
+    read_trainer_state, verify_tree,
+)  # fmt: skip
 from recfound.model.grm import GRM
 from recfound.train.telemetry import write_history
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
 
-MANIFEST = "checkpoint.json"
 PREFIX = "checkpoint_"
 """Ray Train's checkpoint directory names; they sort by creation time."""
 
@@ -49,10 +51,6 @@ class CorruptCheckpointError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (disk full, read-only or no permission); the message names the path and cause."""
-
-
-def _hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256(str(p)) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
 @contextmanager
@@ -72,31 +70,29 @@ def save(
     root: Path, grm: GRM, trainer_state: dict[str, Any], scheduler_state: dict[str, Any], history: list[dict]
 ) -> None:
     """Rank 0's part, after the engine wrote its optimizer state into ``root``; the manifest covers both."""
-    with writing(root / "adapter"):
-        grm.save_pretrained(str(root / "adapter"))
-    for name, text in (("trainer_state.json", json.dumps(trainer_state, indent=2)),
-                       ("s2sched.json", json.dumps(scheduler_state))):  # fmt: skip
+    with writing(root / ADAPTER_DIR):
+        grm.save_pretrained(str(root / ADAPTER_DIR))
+    for name, text in ((TRAINER_STATE, json.dumps(trainer_state, indent=2)),
+                       (SCHEDULER_STATE, json.dumps(scheduler_state))):  # fmt: skip
         with writing(root / name):
             (root / name).write_text(text)
-    with writing(root / "metrics.jsonl"):
-        write_history(history, root / "metrics.jsonl")
-    with writing(root / MANIFEST):
-        (root / MANIFEST).write_text(json.dumps({"files": _hash_tree(root)}, indent=2, sort_keys=True))
+    with writing(root / METRICS):
+        write_history(history, root / METRICS)
+    with writing(root / CHECKPOINT_MANIFEST):
+        files = hash_tree(root, skip={CHECKPOINT_MANIFEST})
+        (root / CHECKPOINT_MANIFEST).write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
 
 
 def verify(root: Path) -> None:
     """Raise CorruptCheckpointError unless every file listed in the manifest is present and unchanged."""
-    manifest = root / MANIFEST
+    manifest = root / CHECKPOINT_MANIFEST
     if not manifest.is_file():
-        raise CorruptCheckpointError(f"{root}: no {MANIFEST}; the checkpoint was never completed")
+        raise CorruptCheckpointError(f"{root}: no {CHECKPOINT_MANIFEST}; the checkpoint was never completed")
     try:
         expected = dict(json.loads(manifest.read_text())["files"])
     except (ValueError, KeyError, TypeError) as err:  # torn by a failed write: corrupt, like a missing file
-        raise CorruptCheckpointError(f"{root}: {MANIFEST} is unreadable ({err!r})") from None
-    actual = _hash_tree(root)
-    for name, digest in expected.items():
-        if actual.get(name) != digest:
-            raise CorruptCheckpointError(f"{root}: {name} is missing or does not match its SHA-256 in {MANIFEST}")
+        raise CorruptCheckpointError(f"{root}: {CHECKPOINT_MANIFEST} is unreadable ({err!r})") from None
+    verify_tree(root, expected, listed_in=CHECKPOINT_MANIFEST, error=CorruptCheckpointError)
 
 
 def _older_or_same(latest: Checkpoint) -> list[Checkpoint]:
@@ -143,15 +139,14 @@ def load_state(root: Path, grm: GRM) -> tuple[dict[str, Any], dict[str, Any], li
     """Restore the adapter in place; return (trainer_state, scheduler_state, history). The engine, built on the
     restored adapter, then loads its optimizer state from the same directory."""
     verify(root)
-    grm.tuner.load_pretrained(str(root / "adapter"))
-    history = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line]
-    return json.loads((root / "trainer_state.json").read_text()), json.loads((root / "s2sched.json").read_text()), history
+    grm.tuner.load_pretrained(str(root / ADAPTER_DIR))
+    return read_trainer_state(root), json.loads((root / SCHEDULER_STATE).read_text()), read_metrics(root)
 
 
 def load_model(root: str) -> GRM:
     """The trained model of a verified checkpoint (or of a bare adapter directory)."""
     path = Path(root)
-    if (path / "adapter").is_dir():
+    if (path / ADAPTER_DIR).is_dir():
         verify(path)
-        path = path / "adapter"
+        path = path / ADAPTER_DIR
     return GRM.from_pretrained(str(path))

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from recfound.io import sha256
+from recfound.artifacts import hash_tree, read_trainer_state, verify_tree
 from recfound.train.checkpoint import CorruptCheckpointError
 from recfound.train.config import TrainConfig
 from recfound.train.optim import build_lr_schedule, build_optimizer
@@ -162,8 +162,8 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(root / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True,
                                     save_latest=False)  # fmt: skip
         # Every rank writes into its own temporary directory: all files there beside the manifests are its own.
-        files = sorted(p for p in (root / ZERO_DIR).rglob("*") if p.is_file() and not p.name.startswith("rank-"))
-        digests = {str(p.relative_to(root)): sha256(str(p)) for p in files}
+        digests = {f"{ZERO_DIR}/{rel}": digest for rel, digest in hash_tree(root / ZERO_DIR).items()
+                   if not rel.startswith("rank-")}  # fmt: skip
         (root / ZERO_DIR / f"rank-{rank}.json").write_text(json.dumps(digests, indent=2, sort_keys=True))
         return True
 
@@ -187,15 +187,14 @@ def verify_rank(root: Path, rank: int) -> None:
     manifest = root / ZERO_DIR / f"rank-{rank}.json"
     if not manifest.is_file():
         raise CorruptCheckpointError(f"{root}: no ZeRO partition of rank {rank} ({manifest.name} is missing)")
-    for name, digest in json.loads(manifest.read_text()).items():
-        if not (root / name).is_file() or sha256(str(root / name)) != digest:
-            raise CorruptCheckpointError(f"{root}: {name} is missing or does not match its SHA-256 in {manifest.name}")
+    files = json.loads(manifest.read_text())
+    verify_tree(root, files, listed_in=manifest.name, error=CorruptCheckpointError)
 
 
 def verify_partitions(root: Path) -> None:
     """Raise unless the partition of every rank of the run that wrote ``root`` verifies. Each rank chooses the
     checkpoint to resume on its own, so all must check all partitions, not just their own, to choose alike."""
-    world = json.loads((root / "trainer_state.json").read_text())["world_size"]
+    world = read_trainer_state(root)["world_size"]
     for rank in range(world):
         verify_rank(root, rank)
 
