@@ -53,6 +53,40 @@ def test_false_negatives_leave_the_denominator():
     assert (got.loss[:2] < contrastive_loss(queries, passages, temperature=0.5, reduction="none").loss[:2]).all()
 
 
+def test_logq_correction_subtracts_each_candidates_log_probability():
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    passages = torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
+    log_q = torch.log(torch.tensor([[0.5, 0.1], [0.2, 0.1], [0.05, 0.05]]))
+    got = contrastive_loss(queries, passages, temperature=0.5, reduction="none", log_q=log_q).loss
+    scores = queries @ passages.reshape(6, 4).T / 0.5 - log_q.reshape(1, 6)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(scores, torch.tensor([0, 2, 4]), reduction="none"))
+
+
+@pytest.mark.parametrize("correct", [False, True], ids=["plain", "logq"])
+def test_logq_correction_keeps_popularity_that_in_batch_negatives_erase(correct: bool) -> None:
+    """One uninformative query, items drawn as positives with probabilities (0.55, 0.15, 0.15, 0.15): the full
+    softmax's answer scores item 0 log(0.55 / 0.15) = 1.30 above the others. Plain in-batch InfoNCE learns no gap
+    at all (popular items are also the most frequent negatives); with log q subtracted it learns the 1.30."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.55, 0.15, 0.15, 0.15])
+    items = torch.nn.Parameter(torch.randn(4, 8, generator=gen))
+    query = torch.nn.functional.normalize(torch.randn(8, generator=gen), dim=0).expand(16, 8)
+    optimizer = torch.optim.Adam([items], lr=0.05)
+    for _ in range(400):
+        drawn = torch.multinomial(probs, 16, replacement=True, generator=gen)
+        passages = torch.nn.functional.normalize(items[drawn], dim=-1)[:, None, :]
+        log_q = probs.log()[drawn][:, None] if correct else None
+        loss = contrastive_loss(query, passages, temperature=0.1, log_q=log_q).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        scores = torch.nn.functional.normalize(items, dim=-1) @ query[0] / 0.1
+    gap = (scores[0] - scores[1:].mean()).item()
+    assert gap == pytest.approx(math.log(0.55 / 0.15) if correct else 0.0, abs=0.05)
+
+
 def test_total_loss_weights_and_optional_terms():
     cfg = LossConfig(contrastive_weight=0.5, generative_weight=2.0)
     assert total_loss(cfg, torch.tensor(2.0), torch.tensor(3.0)).item() == pytest.approx(7.0)
@@ -78,7 +112,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     queries, passages = _rank_data(rank)
     passages.requires_grad_(True)
-    loss = contrastive_loss(queries, passages, temperature=0.1).loss
+    log_q = -torch.arange(6, dtype=torch.float32).reshape(3, 2) - rank  # each rank's own candidates' log q
+    loss = contrastive_loss(queries, passages, temperature=0.1, log_q=log_q).loss
     loss.backward()
     save_file({"loss": loss.detach(), "grad": passages.grad}, f"{out}/rank{rank}.safetensors")
     dist.barrier()
@@ -97,8 +132,9 @@ def test_cross_device_negatives_gather_with_gradients(tmp_path):
     passages = torch.stack([p for _, p in data]).requires_grad_(True)  # (world, 3, 2, 8)
     everything = passages.reshape(-1, 8)
     losses = []
+    log_q = torch.cat([-torch.arange(6, dtype=torch.float32) - rank for rank in range(world)])
     for rank, (queries, _) in enumerate(data):
-        scores = queries @ everything.T / 0.1
+        scores = queries @ everything.T / 0.1 - log_q
         losses.append(torch.nn.functional.cross_entropy(scores, rank * 6 + torch.arange(3) * 2))
     sum(losses).backward()  # every rank's loss sends gradient to every rank's passages
     for rank in range(world):

@@ -219,9 +219,10 @@ def test_non_finite_loss_stops_with_step_and_task(synthetic_dataset: Path, tmp_p
 
 
 def test_scheduler_reads_validation_losses(synthetic_dataset: Path, tmp_path: Path) -> None:
-    """source=valid: S2Sched is fed losses re-measured on fixed validation batches, not the training batch's."""
+    """source=valid: S2Sched is fed losses re-measured on fixed validation batches, not the training batch's.
+    (With the logQ-corrected contrastive loss on, so its popularity prior reaches the worker.)"""
     cfg = _cfg(synthetic_dataset, tmp_path, "name=run-v", "max_steps=4", "num_workers=1", "scheduler.source=valid",
-               "scheduler.valid_batches=1")  # fmt: skip
+               "scheduler.valid_batches=1", "loss.logq_correction=true")  # fmt: skip
     ckpt = Path(run(cfg))
     state = json.loads((ckpt / "s2sched.json").read_text())
     train_losses = [json.loads(line)["losses"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]

@@ -15,11 +15,12 @@ from recfound.model.formats import IGNORE_INDEX, Side
 from recfound.model.losses import LossConfig
 from recfound.serving.model import Loaded, _embed_grouped, _generate_grouped
 from recfound.tasks import Mode
-from recfound.train.batches import collate
+from recfound.train.batches import collate, item_keys
 from recfound.train.engine import rebase_lr
 from recfound.train.mixing import Sampler
 from recfound.train.objective import FALSE_NEGATIVES, JointObjective
 from recfound.train.optim import OptimConfig, build_lr_schedule, build_optimizer
+from recfound.train.popularity import ItemPrior
 from recfound.train.step import StepResult, train_step
 from recfound.train.telemetry import StepCost
 
@@ -263,6 +264,17 @@ def test_train_step_with_a_non_finite_loss_names_the_task_and_does_not_update() 
     engine = _Engine([{"a": 1.0, "b": float("nan")}])
     done = _train_step(engine, sources, grad_accum=1)
     assert done.non_finite == "b" and not done.applied and engine.steps == 0
+
+
+def test_item_prior_is_each_items_share_of_the_positives_and_unseen_items_count_once() -> None:
+    prior = ItemPrior.from_counts({"a": 6, "b": 3})
+    got = prior.lookup(np.stack([item_keys(["a", "b"]), item_keys(["zz", "a"])]))
+    np.testing.assert_allclose(got, np.log([[0.6, 0.3], [0.1, 0.6]]), rtol=1e-6)
+
+
+def test_joint_objective_refuses_logq_correction_without_a_prior() -> None:
+    with pytest.raises(ValueError, match="logq_correction needs the items' popularity prior"):
+        JointObjective(FakeGRM(), LossConfig(logq_correction=True))
 
 
 # -------------------------------------------------------------------------------------------------- rebase_lr

@@ -36,7 +36,7 @@ from recfound.train.config import TrainConfig
 from recfound.train.engine import TorchEngine
 from recfound.train.mixing import Sampler
 from recfound.train.objective import JointObjective
-from recfound.train.run import Plan, plan
+from recfound.train.run import Plan, item_prior, plan
 from recfound.train.run import run as train_run
 from recfound.train.s2sched import S2Sched
 from recfound.train.step import train_step
@@ -104,14 +104,15 @@ class PlainLoop:
     """``train_step`` as rank 0 of a one-worker run calls it, without Ray: no DDP wrapper, no actor, no reports, no
     dataset shards. S2Sched is fed the training losses (its default source)."""
 
-    def __init__(self, cfg: TrainConfig, data: str, tasks: list[str], rows: Mapping[str, int], steps: int) -> None:
+    def __init__(self, cfg: TrainConfig, planned: Plan, steps: int) -> None:
+        data, tasks = planned.data, planned.tasks
         self.cfg, self.tasks = cfg, tasks
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         torch.manual_seed(cfg.seed)
         self.grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone)).to(self.device)
-        self.scheduler = S2Sched(tasks, rows, cfg.scheduler)
+        self.scheduler = S2Sched(tasks, planned.rows, cfg.scheduler)
         self.weights = dict(self.scheduler.weights)
-        objective = JointObjective(self.grm, cfg.loss, cfg.batch.grad_cache_chunk)
+        objective = JointObjective(self.grm, cfg.loss, cfg.batch.grad_cache_chunk, item_prior(planned, cfg))
         self.engine = TorchEngine(objective, [p for p in objective.parameters() if p.requires_grad], cfg)
         sizes = {Mode.EMBEDDING: cfg.batch.embedding, Mode.GENERATIVE: cfg.batch.generative}
         self.samplers = {mode: Sampler([t for t in tasks if mode_of(t) is mode], size) for mode, size in sizes.items()}
@@ -146,7 +147,7 @@ def run_plain(
     """Telemetry rows of ``steps`` plain-loop steps and, with ``profile``, the top operators of three more. Runs
     on as many torch threads as a Ray Train worker gets (Ray sets OMP_NUM_THREADS to its CPUs)."""
     with torch_threads(max(1, int(cfg.cpus_per_worker))):
-        loop = PlainLoop(cfg, planned.data, planned.tasks, planned.rows, steps + (3 if profile else 0))
+        loop = PlainLoop(cfg, planned, steps + (3 if profile else 0))
         rows = [loop.step() for _ in range(steps)]
         ops = top_ops(lambda: [loop.step() for _ in range(3)]) if profile else []
     return rows, ops

@@ -22,6 +22,10 @@ class LossConfig(Config):
     """Weight of the generative (response cross-entropy) loss in the total."""
     cross_device_negatives: bool = True
     """Under torch.distributed, score each query against every rank's passages (more negatives per step)."""
+    logq_correction: bool = False
+    """Subtract log q(item), the item's share of the training positives, from each candidate's logit (Yi et al.
+    2019): in-batch negatives are other rows' positives, so plain InfoNCE pushes popular items down; corrected, it
+    estimates the full softmax and keeps popularity. Costs one pass over the positives' ids at start-up."""
 
 
 class PairKeys(NamedTuple):
@@ -54,6 +58,7 @@ def contrastive_loss(
     cross_device: bool = True,
     reduction: Literal["mean", "none"] = "mean",
     keys: PairKeys | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> InfoNCE:
     """InfoNCE of L2-normalised embeddings (``reduction="none"``: one loss per query, which is how training
     reports a loss per task).
@@ -67,6 +72,8 @@ def contrastive_loss(
     GritLM and sentence-transformers do): the query's positive item showing up elsewhere in the batch, or the
     positive of another row with the same query text (one I2I anchor's several related items, one user twice).
     Pushing those apart would teach the model to push away exactly what it should retrieve.
+
+    ``log_q`` (B, 1 + K): log of each passage's sampling probability, subtracted from its logit (logQ correction).
     """
     batch, group, dim = passages.shape
     if queries.shape != (batch, dim):
@@ -80,6 +87,9 @@ def contrastive_loss(
         candidates = torch.cat(all_gather(candidates), dim=0)
         offset = dist.get_rank() * batch * group
     scores = queries.float() @ candidates.float().T / temperature
+    if log_q is not None:
+        log_q = log_q.reshape(batch * group).to(scores)
+        scores = scores - (_gather(log_q) if distributed else log_q)[None, :]
     targets = offset + torch.arange(batch, device=scores.device) * group
     masked = torch.zeros(batch, dtype=torch.long, device=scores.device)
     if keys is not None:

@@ -89,10 +89,11 @@ def _embedding(tok: Any, cfg: Budget, batch: Rows, task: str) -> Rows:
 def pair_keys(queries: Sequence[str], items: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
     """Stable 63-bit hashes of query texts (B,) and passage item ids or texts (B, 1 + K) for the loss's
     ``PairKeys``: the same on every worker and run, so they compare across devices."""
-    return {"q_key": _hashes(queries), "p_key": np.stack([_hashes(row) for row in items])}
+    return {"q_key": item_keys(queries), "p_key": np.stack([item_keys(row) for row in items])}
 
 
-def _hashes(texts: Sequence[str]) -> np.ndarray:
+def item_keys(texts: Sequence[str]) -> np.ndarray:
+    """Stable 63-bit hash of each item id (or text): the keys of ``pair_keys`` and of the popularity prior."""
     return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1 for t in texts],
                     dtype=np.int64)  # fmt: skip
 

@@ -60,7 +60,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # the same initial adapter on every rank; merge rebuilds it from this seed
     grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone))
-    objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk)
+    objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk, config["prior"])
     cost = StepCost.of(grm.tuner.model)  # before ZeRO-3 partitions the parameters
 
     emb_tasks = [t for t in tasks if mode_of(t) is Mode.EMBEDDING]

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from recfound.model.grm import GRM
 from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, total_loss
 from recfound.train.batches import Rows
+from recfound.train.popularity import ItemPrior
 
 TaskStats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # task -> (summed loss, count), detached
 LENGTH_GROUP = 8
@@ -42,9 +43,12 @@ def _per_task(values: torch.Tensor, tasks: Sequence[str]) -> TaskStats:
 class JointObjective(nn.Module):
     """w_c * InfoNCE over the step's embedding rows + w_g * token-mean CE over its generative rows."""
 
-    def __init__(self, grm: GRM, cfg: LossConfig, grad_cache_chunk: int = 0) -> None:
+    def __init__(self, grm: GRM, cfg: LossConfig, grad_cache_chunk: int = 0, prior: ItemPrior | None = None) -> None:
         super().__init__()
+        if cfg.logq_correction and prior is None:
+            raise ValueError("loss.logq_correction needs the items' popularity prior (ItemPrior.from_dataset)")
         self.grm, self.cfg, self.grad_cache_chunk = grm, cfg, grad_cache_chunk
+        self.prior = prior if cfg.logq_correction else None
 
     def forward(self, emb: Rows | None, gen: Rows | None) -> tuple[torch.Tensor, TaskStats]:
         contrastive = generative = None
@@ -65,9 +69,9 @@ class JointObjective(nn.Module):
         flat = [rows[key].reshape(-1, width) for key in ("p_ids", "p_mask", "p_text")]
         passages = self._embed(*flat, ids.repeat_interleave(group)).reshape(batch, group, -1)
         keys = PairKeys(*(torch.as_tensor(rows[k], device=ids.device) for k in ("q_key", "p_key")))
-        per_query, masked = contrastive_loss(
-            queries, passages, self.cfg.temperature, self.cfg.cross_device_negatives, reduction="none", keys=keys
-        )
+        log_q = torch.as_tensor(self.prior.lookup(rows["p_key"]), device=ids.device) if self.prior else None
+        per_query, masked = contrastive_loss(queries, passages, self.cfg.temperature, self.cfg.cross_device_negatives,
+                                             reduction="none", keys=keys, log_q=log_q)  # fmt: skip
         stats = _per_task(per_query, tasks)
         stats[FALSE_NEGATIVES] = ((masked > 0).sum().detach(), torch.tensor(batch))
         return per_query.mean(), stats

@@ -21,6 +21,7 @@ import recfound
 from recfound.io import exists, read_json
 from recfound.tasks import MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
+from recfound.train.popularity import ItemPrior
 from recfound.train.streams import shared_streams
 
 if TYPE_CHECKING:
@@ -121,6 +122,13 @@ def _init_ray(cfg: TrainConfig) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed))
 
 
+def item_prior(plan: Plan, cfg: TrainConfig) -> ItemPrior | None:
+    """The embedding tasks' positive counts when the loss corrects for them (``loss.logq_correction``)."""
+    if not cfg.loss.logq_correction:
+        return None
+    return ItemPrior.from_dataset(plan.data, [t for t in plan.tasks if mode_of(t) is Mode.EMBEDDING])
+
+
 def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
     """Tokenised training datasets: one per task, except the small tasks, one union per mode (``shared_streams``)."""
     from recfound.data.streams import task_datasets
@@ -175,7 +183,7 @@ def run(cfg: TrainConfig) -> str:
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
                            "namespace": NAMESPACE, "run": p.name, "data": p.data, "halt": halt,
-                           "scheduler_initial": ray.get(scheduler.state_dict.remote()),
+                           "scheduler_initial": ray.get(scheduler.state_dict.remote()), "prior": item_prior(p, cfg),
                            "shared_streams": shared_streams(p.rows, cfg.batch.small_task_rows)},  # fmt: skip
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(

@@ -36,7 +36,9 @@ class ValidationProbe:
 
     @torch.no_grad()
     def losses(self, grm: GRM, loss: LossConfig) -> dict[str, float]:
-        objective = JointObjective(grm, loss.model_copy(update={"cross_device_negatives": False}))
+        # Plain InfoNCE on this rank's rows: a trend signal for the scheduler, comparable step to step.
+        plain = loss.model_copy(update={"cross_device_negatives": False, "logq_correction": False})
+        objective = JointObjective(grm, plain)
         was_training = grm.training
         grm.eval()
         try:
