@@ -44,6 +44,7 @@ PREFIX = "/api"
 MAX_CHARS = 2000
 MAX_BODY = 64 * 1024
 PREFIXED_TIMEOUT_S = 1.0
+FUZZ_CASES = 25  # generated requests per operation: bounded, about 10 s per operation on the fake engine
 
 
 def _free_port() -> int:
@@ -345,6 +346,37 @@ def test_replica_survives_bad_input(app: dict[str, Any]) -> None:
 PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
              ("POST", "/v1/chat/completions"), ("POST", "/v1/recommend"), ("POST", "/v1/rank"), ("GET", "/v1/nothing"), ("GET", "/nothing"),
              ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]  # fmt: skip
+
+
+def test_schema_fuzzing_finds_no_server_error(app: dict[str, Any]) -> None:
+    """schemathesis generates requests from the published /openapi.json (bearer token set), a bounded number per
+    operation: no answer is a 5xx, and every error is OpenAI's error object."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(f"{app['url']}/openapi.json", headers=AUTH)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/embeddings", "/v1/completions", "/v1/chat/completions",
+                                              "/v1/recommend", "/v1/rank"}  # fmt: skip
+    statuses: dict[str, set[int]] = {}
+    for operation in operations:
+        _fuzz(operation, app["url"], statuses.setdefault(operation.label, set()))
+    assert statuses and all(statuses.values())
+
+
+def _fuzz(operation: Any, url: str, seen: set[int]) -> None:
+    """FUZZ_CASES generated requests to one operation: each under 500, each error in OpenAI's shape."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=FUZZ_CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy())
+    def call(case: Any) -> None:
+        resp = case.call(base_url=url, headers=AUTH, timeout=30)
+        seen.add(resp.status_code)
+        assert resp.status_code < 500, (operation.label, resp.status_code, resp.text[:300])
+        if resp.status_code >= 400:
+            assert set(resp.json()["error"]) == {"message", "type", "param", "code"}, resp.text[:300]
+
+    call()
 
 
 @pytest.mark.parametrize("prefix", ["", PREFIX])
