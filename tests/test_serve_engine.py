@@ -438,14 +438,15 @@ def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[in
 def test_embeddings_are_served_while_a_generation_runs() -> None:
     """Embeddings and generation hold separate engine locks: /v1/embeddings and /v1/recommend never queue behind a
     long completion on the same replica."""
-    from recfound.serving.model import Loaded, _embed_grouped, _generate_grouped
+    from recfound.serving.metrics import ServingMetrics
+    from recfound.serving.model import Job, Loaded, _embed_grouped, _generate_grouped
 
-    engine = _GateEngine()
+    engine, metrics = _GateEngine(), ServingMetrics()
     live = Loaded("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
-    generation = threading.Thread(target=_generate_grouped, args=([(live, "q2i", ["a long one"], 512, 0.0)],))
+    generation = threading.Thread(target=_generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
     generation.start()
     assert engine.generating.wait(30)
-    embedded = threading.Thread(target=_embed_grouped, args=([(live, "q2i", ["a query"])],))
+    embedded = threading.Thread(target=_embed_grouped, args=([Job(live, "q2i", ["a query"], 2)], metrics))
     embedded.start()
     embedded.join(10)
     finished_first = not embedded.is_alive()

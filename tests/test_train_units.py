@@ -13,7 +13,8 @@ from torch import nn
 
 from recfound.model.formats import IGNORE_INDEX, Side
 from recfound.model.losses import LossConfig
-from recfound.serving.model import Loaded, _embed_grouped, _generate_grouped
+from recfound.serving.metrics import ServingMetrics
+from recfound.serving.model import Job, Loaded, _embed_grouped, _generate_grouped
 from recfound.tasks import Mode
 from recfound.train.batches import collate, item_keys
 from recfound.train.engine import rebase_lr
@@ -349,13 +350,14 @@ def test_embed_grouped_makes_one_call_per_version_and_task_and_answers_in_reques
     """Requests of v1/q2i (twice), v1/u2i and v2/q2i: three engine calls (under the embed lock, with the task's
     query instruction), and each request gets exactly its own rows back, in request order."""
     v1, v2 = _loaded("v1"), _loaded("v2")
-    jobs = [(v1, "q2i", ["apple", "bat"]), (v2, "q2i", ["cat"]), (v1, "u2i", ["dog"]), (v1, "q2i", ["eel"])]
-    out = _embed_grouped(jobs)
+    jobs = [Job(v1, "q2i", ["apple", "bat"], 2), Job(v2, "q2i", ["cat"], 1), Job(v1, "u2i", ["dog"], 1),
+            Job(v1, "q2i", ["eel"], 1)]  # fmt: skip
+    out = _embed_grouped(jobs, ServingMetrics())
     assert v1.engine.calls == [("embed", "q2i", ["apple", "bat", "eel"], "q2i instruction", Side.QUERY, True),
                                ("embed", "u2i", ["dog"], "u2i instruction", Side.QUERY, True)]  # fmt: skip
     assert v2.engine.calls == [("embed", "q2i", ["cat"], "q2i instruction", Side.QUERY, True)]
-    for (_, _, texts), vectors in zip(jobs, out):
-        assert vectors.tolist() == [[float(ord(t[0])), float(len(t))] for t in texts]
+    for job, vectors in zip(jobs, out):
+        assert vectors.tolist() == [[float(ord(t[0])), float(len(t))] for t in job.texts]
     assert v1.busiest() is None and v2.busiest() is None  # locks released
 
 
@@ -363,12 +365,12 @@ def test_generate_grouped_splits_by_version_task_and_sampling_and_answers_in_req
     """One generate call per (version, task, max_tokens, temperature), under the generation lock; each request
     gets its own completions in its prompts' order."""
     v1, v2 = _loaded("v1"), _loaded("v2")
-    jobs = [(v1, "q2i", ["p1", "p2"], 8, 0.0), (v1, "q2i", ["p3"], 16, 0.0), (v2, "q2i", ["p4"], 8, 0.0),
-            (v1, "q2i", ["p5"], 8, 0.0), (v1, "q2i", ["p6"], 8, 0.7)]  # fmt: skip
-    out = _generate_grouped(jobs)
+    jobs = [Job(v1, "q2i", ["p1", "p2"], 2, 8, 0.0), Job(v1, "q2i", ["p3"], 1, 16, 0.0), Job(v2, "q2i", ["p4"], 1, 8, 0.0),
+            Job(v1, "q2i", ["p5"], 1, 8, 0.0), Job(v1, "q2i", ["p6"], 1, 8, 0.7)]  # fmt: skip
+    out = _generate_grouped(jobs, ServingMetrics())
     assert v1.engine.calls == [("generate", "q2i", ["p1", "p2", "p5"], 8, 0.0, True),
                                ("generate", "q2i", ["p3"], 16, 0.0, True),
                                ("generate", "q2i", ["p6"], 8, 0.7, True)]  # fmt: skip
     assert v2.engine.calls == [("generate", "q2i", ["p4"], 8, 0.0, True)]
-    assert out == [[f"{live.version}:{task}:{p}:{n}" for p in prompts] for live, task, prompts, n, _ in jobs]
+    assert out == [[f"{j.live.version}:{j.task}:{p}:{j.max_tokens}" for p in j.texts] for j in jobs]
     assert v1.busiest() is None

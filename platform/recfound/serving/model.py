@@ -23,6 +23,7 @@ from recfound.config import Config
 from recfound.model.formats import Side
 from recfound.serving.engine import Engine, load_engine
 from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
+from recfound.serving.metrics import ServingMetrics
 from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
 from recfound.serving.rank import rank_prompt
 from recfound.serving.schemas import (
@@ -159,37 +160,59 @@ class Finished:
 _END = object()
 
 
-def _embed_grouped(jobs: list[tuple[Loaded, str, list[str]]]) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class Job:
+    """One request's share of a batch. ``tokens`` (its prompt tokens) and ``queued`` (when it entered the batch
+    queue) are for the metrics of the engine call that serves it."""
+
+    live: Loaded
+    task: str
+    texts: list[str]
+    tokens: int
+    max_tokens: int = 0
+    temperature: float = 0.0
+    queued: float = field(default_factory=time.monotonic)
+
+
+def _started(metrics: ServingMetrics, kind: str, members: list[Job]) -> None:
+    inputs, tokens = sum(len(job.texts) for job in members), sum(job.tokens for job in members)
+    metrics.engine_call(kind, inputs, tokens, [job.queued for job in members])
+
+
+def _embed_grouped(jobs: list[Job], metrics: ServingMetrics) -> list[np.ndarray]:
     """One engine call per (version, task) in the batch; results back in job order."""
     groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-    for j, (live, task, _) in enumerate(jobs):
-        groups[(id(live), task)].append(j)
+    for j, job in enumerate(jobs):
+        groups[(id(job.live), job.task)].append(j)
     out: list[np.ndarray] = [np.empty(0)] * len(jobs)
     for members in groups.values():
-        live, task, _ = jobs[members[0]]
-        texts = [t for j in members for t in jobs[j][2]]
+        live, task = jobs[members[0]].live, jobs[members[0]].task
         with live.embed_lock:
-            vectors = live.engine.embed(task, texts, live.instructions[task]["query"], Side.QUERY)
+            _started(metrics, "embed", [jobs[j] for j in members])
+            vectors = live.engine.embed(task, [t for j in members for t in jobs[j].texts],
+                                        live.instructions[task]["query"], Side.QUERY)  # fmt: skip
         start = 0
         for j in members:
-            out[j] = vectors[start : start + len(jobs[j][2])]
-            start += len(jobs[j][2])
+            out[j] = vectors[start : start + len(jobs[j].texts)]
+            start += len(jobs[j].texts)
     return out
 
 
-def _generate_grouped(jobs: list[tuple[Loaded, str, list[str], int, float]]) -> list[list[str]]:
+def _generate_grouped(jobs: list[Job], metrics: ServingMetrics) -> list[list[str]]:
     groups: dict[tuple[int, str, int, float], list[int]] = defaultdict(list)
-    for j, (live, task, _, max_tokens, temperature) in enumerate(jobs):
-        groups[(id(live), task, max_tokens, temperature)].append(j)
+    for j, job in enumerate(jobs):
+        groups[(id(job.live), job.task, job.max_tokens, job.temperature)].append(j)
     out: list[list[str]] = [[] for _ in jobs]
     for members in groups.values():
-        live, task, _, max_tokens, temperature = jobs[members[0]]
-        with live.generate_lock:
-            texts = live.engine.generate(task, [p for j in members for p in jobs[j][2]], max_tokens, temperature)
+        first = jobs[members[0]]
+        with first.live.generate_lock:
+            _started(metrics, "generate", [jobs[j] for j in members])
+            texts = first.live.engine.generate(first.task, [p for j in members for p in jobs[j].texts],
+                                               first.max_tokens, first.temperature)  # fmt: skip
         start = 0
         for j in members:
-            out[j] = texts[start : start + len(jobs[j][2])]
-            start += len(jobs[j][2])
+            out[j] = texts[start : start + len(jobs[j].texts)]
+            start += len(jobs[j].texts)
     return out
 
 
@@ -217,7 +240,8 @@ class Model:
         self._wanted: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self._error: str | None = None
-        self._decoding: set[asyncio.Task[None]] = set()
+        self._decoding: set[asyncio.Task[int]] = set()
+        self._metrics = ServingMetrics()  # here, in the replica: Serve tags the series with its deployment and replica
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Switch to the version ``user_config`` names without ever pausing requests.
@@ -242,7 +266,7 @@ class Model:
         self._max_engine_call_s = cfg.max_engine_call_s
         self._wanted = name
         if self._live is None:
-            self._live = await asyncio.to_thread(self._load, name)
+            self._go_live(await asyncio.to_thread(self._load, name))
         elif name != self._live.version:
             # Keep a reference: the event loop holds tasks only weakly.
             self._loading = asyncio.create_task(self._switch(name))
@@ -259,8 +283,13 @@ class Model:
             self._refuse(name, err)
             return
         if self._wanted == name:  # a later reconfigure may have asked for another version meanwhile
-            self._live, self._error = loaded, None
+            self._go_live(loaded)
+            self._error = None
             log.info("serving version %s", name)
+
+    def _go_live(self, loaded: Loaded) -> None:
+        previous, self._live = self._live, loaded
+        self._metrics.serving(loaded.version, previous.version if previous else None)
 
     def _refuse(self, name: str, err: Exception) -> None:
         self._error = f"refused version {name!r}: {err}"
@@ -296,17 +325,19 @@ class Model:
         return sum(counts[1:])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, jobs: list[tuple[Loaded, str, list[str]]]) -> list[np.ndarray]:
-        return await asyncio.to_thread(_embed_grouped, jobs)
+    async def _embed_batch(self, jobs: list[Job]) -> list[np.ndarray]:
+        return await asyncio.to_thread(_embed_grouped, jobs, self._metrics)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, jobs: list[tuple[Loaded, str, list[str], int, float]]) -> list[list[str]]:
-        return await asyncio.to_thread(_generate_grouped, jobs)
+    async def _generate_batch(self, jobs: list[Job]) -> list[list[str]]:
+        return await asyncio.to_thread(_generate_grouped, jobs, self._metrics)
 
     async def embed(self, task: str, texts: list[str]) -> Embedded:
         live = self._require_live()
         tokens = await self._check_embed_context(live, task, texts, "input")
-        return Embedded(live.version, await self._embed_batch((live, task, texts)), tokens)
+        vectors = await self._embed_batch(Job(live, task, texts, tokens))
+        self._metrics.tokens("embed", task, tokens)
+        return Embedded(live.version, vectors, tokens)
 
     async def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> Generated:
         live = self._require_live()
@@ -315,8 +346,10 @@ class Model:
             if n + max_tokens > live.engine.context_length:
                 raise _context_error("prompt", i, n + max_tokens, live.engine.context_length,
                                      f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
-        texts = await self._generate_batch((live, task, prompts, max_tokens, temperature))
-        return Generated(live.version, texts, sum(counts), await _count_tokens(live, texts))
+        texts = await self._generate_batch(Job(live, task, prompts, sum(counts), max_tokens, temperature))
+        completion = await _count_tokens(live, texts)
+        self._metrics.tokens("generate", task, sum(counts), sum(completion))
+        return Generated(live.version, texts, sum(counts), completion)
 
     async def stream(self, task: str, prompt: str, max_tokens: int, temperature: float) -> AsyncIterator[Any]:
         """One completion as it is decoded: ``Started``, then text pieces, then ``Finished``.
@@ -330,32 +363,37 @@ class Model:
         if n + max_tokens > live.engine.context_length:
             raise _context_error("prompt", 0, n + max_tokens, live.engine.context_length,
                                  f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
+        self._metrics.tokens("stream", task, n)
         yield Started(live.version, n)
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue[Any](), threading.Event()
 
-        def decode() -> None:
+        def decode() -> int:
+            """Decodes, handing pieces over, and returns the decoded text's token count, also counted here for a
+            stream closed early (its consumer is gone by then)."""
+            pieces: list[str] = []
             try:
                 with live.generate_lock:
                     for piece in live.engine.stream(task, prompt, max_tokens, temperature, cancelled):
+                        pieces.append(piece)
                         loop.call_soon_threadsafe(queue.put_nowait, piece)
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
             except BaseException as err:
                 loop.call_soon_threadsafe(queue.put_nowait, err)
+            [tokens] = live.engine.count_tokens(["".join(pieces)])
+            self._metrics.tokens("stream", task, 0, tokens)
+            return tokens
 
         decoding = asyncio.create_task(asyncio.to_thread(decode))
         self._decoding.add(decoding)  # the loop holds tasks weakly; a closed stream's decoding still finishes
         decoding.add_done_callback(self._decoding.discard)
-        pieces: list[str] = []
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                pieces.append(item)
                 yield item
         finally:
             cancelled.set()
-        await decoding
-        yield Finished((await _count_tokens(live, ["".join(pieces)]))[0])
+        yield Finished(await decoding)
 
     async def _choice_scores(self, live: Loaded, task: str, prompts: list[str], choices: list[str],
                              param: str, choice_param: str) -> tuple[np.ndarray, int]:  # fmt: skip
@@ -379,7 +417,9 @@ class Model:
         live = self._require_live()
         scores, prompt_tokens = await self._choice_scores(live, task, prompts, choices, "prompt", "guided_choice")
         texts = [choices[j] for j in scores.argmax(axis=1).tolist()]
-        return Generated(live.version, texts, prompt_tokens, await _count_tokens(live, texts))
+        completion = await _count_tokens(live, texts)
+        self._metrics.tokens("choose", task, prompt_tokens, sum(completion))
+        return Generated(live.version, texts, prompt_tokens, completion)
 
     def _query_side(self, live: Loaded, req: RecommendRequest | RankRequest) -> tuple[str, list[int]]:
         """The query text as training rendered it, and the catalogue positions it names (history or anchor)."""
@@ -392,17 +432,19 @@ class Model:
             return index.texts[item[0]], item
         return req.query or "", []
 
-    async def _query_vector(self, live: Loaded, task: str, text: str) -> np.ndarray:
-        await self._check_embed_context(live, task, [text], QUERY_PARAM[task])
-        return (await self._embed_batch((live, task, [text])))[0]
+    async def _query_vector(self, live: Loaded, task: str, text: str) -> tuple[np.ndarray, int]:
+        """The query's embedding and its token count."""
+        tokens = await self._check_embed_context(live, task, [text], QUERY_PARAM[task])
+        return (await self._embed_batch(Job(live, task, [text], tokens)))[0], tokens
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         live = self._require_live()
         index = live.index
         text, named = self._query_side(live, req)
         exclude = named if req.task == "i2i" or req.exclude_history else []
-        vector = await self._query_vector(live, req.task, text)
+        vector, tokens = await self._query_vector(live, req.task, text)
         hits = await asyncio.to_thread(index.search, req.task, vector, req.k, exclude)
+        self._metrics.tokens("recommend", req.task, tokens)
         items = [RecommendedItem(item_id=index.item_ids[p], title=index.titles[p], score=s) for p, s in hits]
         return RecommendResponse(task=req.task, version=live.version, items=items)
 
@@ -413,11 +455,14 @@ class Model:
         text, _ = self._query_side(live, req)
         positions = _positions(index, req.candidates, "candidates")
         if req.scorer is Scorer.EMBEDDING:
-            scores = index.score(req.task, await self._query_vector(live, req.task, text), positions)
+            vector, tokens = await self._query_vector(live, req.task, text)
+            scores = index.score(req.task, vector, positions)
         else:
             task, prompt, choices = rank_prompt(req.task, text, [index.titles[p] for p in positions])
-            param = QUERY_PARAM[req.task]
-            scores = (await self._choice_scores(live, task, [prompt], choices, param, "candidate"))[0][0]
+            choice_scores, tokens = await self._choice_scores(live, task, [prompt], choices, QUERY_PARAM[req.task],
+                                                              "candidate")  # fmt: skip
+            scores = choice_scores[0]
+        self._metrics.tokens("rank", req.task, tokens)
         order = sorted(range(len(positions)), key=lambda i: -float(scores[i]))
         items = [RecommendedItem(item_id=index.item_ids[positions[i]], title=index.titles[positions[i]],
                                  score=float(scores[i])) for i in order]  # fmt: skip
