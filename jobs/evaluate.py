@@ -1,7 +1,8 @@
 """Evaluate a RecFound model against baselines on a built dataset, or compare several runs in one report.
 
 Embedding tasks: the paper's sampled pools and the full catalogue; generative tasks: greedy decoding scored by
-the paper's metric. Writes <out>/results.json, <out>/report.md and PNG plots, and prints the tables.
+the paper's metric; candidate_ranking also over candidate lists (the item bought + 19 sampled, NDCG@10 and AUC).
+Writes <out>/results.json, <out>/report.md and PNG plots, and prints the tables.
 """
 
 import json
@@ -16,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recfound.config import cli  # noqa: E402
 from recfound.eval.report import tables  # noqa: E402
-from recfound.eval.runner import EvalConfig, EvalError, compare, evaluate  # noqa: E402
+from recfound.eval.compare import compare  # noqa: E402
+from recfound.eval.runner import EvalConfig, EvalError, evaluate  # noqa: E402
 from recfound.eval.systems import ModelError  # noqa: E402
 
 USAGE = """

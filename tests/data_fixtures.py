@@ -53,14 +53,17 @@ def assert_no_leakage(out: Path) -> None:
     """A user's valid/test target is never a positive, a history entry or an option in that user's train rows."""
     title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
     for task, item_key, text_key in (("u2i", "pos_item", "query"), ("sequential_recommendation", "item", "prompt"),
-                                     ("explanation_generation", "item", "prompt")):  # fmt: skip
+                                     ("explanation_generation", "item", "prompt"),
+                                     ("candidate_ranking", "item", "prompt")):  # fmt: skip
         seen_items: dict[str, set[str]] = {}
         seen_titles: dict[str, set[str]] = {}
-        for row in read_task(out, task, "train"):
+        for row in read_task(out, task, "train"):  # every candidate, "no" rows' included
             seen_items.setdefault(row["user"], set()).add(row[item_key])
             seen_titles.setdefault(row["user"], set()).update(_titles(row[text_key]))
         for split in ("valid", "test"):
             for row in read_task(out, task, split):
+                if row.get("response") == "no":  # a candidate_ranking negative is no held-out target
+                    continue
                 target = row[item_key]
                 assert target not in seen_items.get(row["user"], set()), (task, row["id"])
                 assert title[target] not in seen_titles.get(row["user"], set()), (task, row["id"])
@@ -72,3 +75,5 @@ def assert_no_leakage(out: Path) -> None:
     assert set(last.values()) == {"test"}
     for split in ("train", "valid", "test"):  # a user's own items are never their negatives
         assert all(not own[r["user"]] & set(r["neg_items"]) for r in read_task(out, "u2i", split))
+        ranking = read_task(out, "candidate_ranking", split)
+        assert all(r["item"] not in own[r["user"]] for r in ranking if r["response"] == "no")

@@ -118,6 +118,23 @@ def test_quality_verdicts_compare_each_model_with_each_baseline() -> None:
     }
 
 
+def test_quality_verdicts_rank_candidate_lists_against_the_retrieval_baselines_too() -> None:
+    from recfound.bench.quality import verdicts
+
+    systems = {
+        "recfound": {"candidate_ranking": {"binary_f1": 0.6, "list.ndcg@10": 0.5}},
+        "popularity": {"candidate_ranking": {"list.ndcg@10": 0.4}},
+        "item_cf": {"candidate_ranking": {"list.ndcg@10": 0.7}},
+        "majority": {"candidate_ranking": {"binary_f1": 0.667}},
+        "backbone": {"candidate_ranking": {"binary_f1": 0.3, "list.ndcg@10": 0.3}},
+    }  # fmt: skip
+    rows = {(r["metric"], r["baseline"]): r["recfound_wins"] for r in verdicts(systems, ["recfound"])}
+    assert rows == {
+        ("binary_f1", "majority"): False, ("binary_f1", "backbone"): True, ("list.ndcg@10", "backbone"): True,
+        ("list.ndcg@10", "popularity"): True, ("list.ndcg@10", "item_cf"): False,
+    }  # fmt: skip
+
+
 def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
     """The whole quality pipeline at toy size: train, merge, evaluate, verdicts (key=value arguments, as issued)."""
     out = tmp_path / "quality"

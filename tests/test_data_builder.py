@@ -17,7 +17,7 @@ from data_fixtures import SMALL, assert_no_leakage, read_task, small_build, writ
 from recfound.data.builder import BuildConfig, build
 from recfound.data.sources import DataError
 from recfound.data.synthetic import write_catalogue
-from recfound.data.templates import TEMPLATE_VERSION
+from recfound.data.templates import TEMPLATE_VERSION, history_text, ranking_input, with_candidate
 from recfound.io import sha256
 from recfound.tasks import (
     ALL_TASKS, EMBEDDING_COLUMNS, EMBEDDING_TASKS, GENERATIVE_COLUMNS, INTERACTION_COLUMNS, ITEM_COLUMNS, SPLITS,
@@ -91,6 +91,37 @@ def test_explanations_are_the_reviewers_reasons_for_liked_items(default_build):
         assert 3 <= len(row["response"].split()) <= 40 and not re.fullmatch(r"(?i)\w+ stars?", row["response"])
         assert f"Product: {title[row['item']]}" in row["prompt"]
     assert_no_leakage(out)
+
+
+def test_candidate_ranking_asks_about_the_next_item_or_a_sampled_unbought_one(default_build):
+    """Per interaction after a user's first: a "yes" row whose candidate is that item and a "no" row whose candidate
+    was never bought by the user, both with the same instruction and history (the items before it, most recent
+    max_history) and the target's split; 1:1, so "yes" is not the majority answer."""
+    out, manifest = default_build
+    title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
+    timeline: dict[str, list[dict]] = {}
+    for event in pq.read_table(out / "interactions.parquet").to_pylist():  # in each user's timeline order
+        timeline.setdefault(event["user"], []).append(event)
+    max_history = manifest["config"]["max_history"]
+    positives = 0
+    for split in SPLITS:
+        rows = read_task(out, "candidate_ranking", split)
+        assert [r["response"] for r in rows] == ["yes", "no"] * (len(rows) // 2) and rows
+        for pos, neg in zip(rows[::2], rows[1::2], strict=True):
+            events = timeline[pos["user"]]
+            t = [e["item"] for e in events].index(pos["item"])
+            assert t >= 1 and events[t]["split"] == split and neg["user"] == pos["user"]
+            assert neg["item"] not in {e["item"] for e in events}
+            past = history_text([title[e["item"]] for e in events[max(0, t - max_history) : t]])
+            assert ranking_input(pos["prompt"])["history"] == ranking_input(neg["prompt"])["history"] == past
+            for row in (pos, neg):
+                assert ranking_input(row["prompt"])["title"] == title[row["item"]]
+            assert with_candidate(neg["prompt"], title[pos["item"]]) == pos["prompt"]  # same instruction too
+            positives += 1
+    assert positives == sum(len(events) - 1 for events in timeline.values())
+    assert_no_leakage(out)
+    with pytest.raises(ValueError, match="not a candidate_ranking prompt"):
+        with_candidate("### Instruction:\nhi\n\n### Response:", "a title")
 
 
 def _files(out: Path) -> dict[str, bytes]:

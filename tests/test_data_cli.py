@@ -54,7 +54,7 @@ def test_real_magazine_slice_with_esci(tmp_path):
     assert _rows_per_second(result.stdout) > 0
     built = {"u2i", "q2i", "i2i", "sequential_recommendation", "sentiment_analysis", "user_profile",
              "product_relation_prediction", "product_matching", "item_profile", "attribute_value_extraction",
-             "explanation_generation"}  # fmt: skip
+             "explanation_generation", "candidate_ranking"}  # fmt: skip
     assert set(manifest["tasks"]) == built
     assert all(manifest["tasks"][t][s] > 0 for t in built for s in SPLITS)
     # The judged ASINs are not in this catalogue and the judgements carry no product text.

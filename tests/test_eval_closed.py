@@ -13,7 +13,8 @@ from recfound.eval.systems import GRMSystem
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
 
-CLASSIFICATION = ("sentiment_analysis", "product_relation_prediction", "product_matching", "sequential_recommendation")
+CLASSIFICATION = ("sentiment_analysis", "product_relation_prediction", "product_matching", "sequential_recommendation",
+                  "candidate_ranking")
 
 
 @pytest.fixture(scope="module")

@@ -115,8 +115,25 @@ def test_generative_tasks_are_decoded_and_scored_for_the_grm_systems_only(evalua
         assert all(0.0 <= res["systems"][name][t][headline(t)] <= 1.0 for t in generative)
         lines = (evaluated / "predictions" / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == sum(min(3, built[t]["test"]) for t in generative)
-    assert not set(res["systems"]["bm25"]) & set(generative)
+    # a baseline never decodes: its one generative-task entry is candidate_ranking's lists
+    assert set(res["systems"]["bm25"]) & set(generative) == {"candidate_ranking"}
+    assert set(res["systems"]["bm25"]["candidate_ranking"]) == {"list.auc", "list.ndcg@10"}
     assert {res["queries"][t] for t in generative} <= {1, 2, 3}
+
+
+def test_candidate_lists_are_ranked_by_the_grms_and_every_u2i_baseline(evaluated: Path) -> None:
+    res = results(evaluated)
+    assert res["lists"] == {"candidate_ranking": 3}  # max_rows_per_task lists
+    for name in ("recfound", "backbone", "popularity", "bm25", "item_cf"):
+        metrics = res["systems"][name]["candidate_ranking"]
+        assert 0 <= metrics["list.auc"] <= 1 and 0 < metrics["list.ndcg@10"] <= 1, (name, metrics)
+    assert "binary_f1" in res["systems"]["recfound"]["candidate_ranking"]  # the yes/no rows, decoded as well
+    assert res["systems"]["recfound"]["candidate_ranking"] != res["systems"]["backbone"]["candidate_ranking"]
+    report = (evaluated / "report.md").read_text()
+    lists = report.split("### Candidate lists")[1].split("###")[0]
+    assert all(f"| {name} |" in lists for name in ("recfound", "backbone", "popularity", "bm25", "item_cf"))
+    assert "Candidate lists ranked per task: candidate_ranking 3." in report
+    assert (evaluated / "lists.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_and_plots_are_written(evaluated: Path) -> None:

@@ -11,6 +11,7 @@ import sacrebleu
 from recfound.eval.metrics import (
     GENERATIVE_METRICS,
     attribute_f1,
+    auc_from_ranks,
     binary_f1,
     bleu4,
     macro_f1,
@@ -100,6 +101,20 @@ def test_valid_mask_drops_items_but_never_the_positive() -> None:
     scores, relevant = np.array([[0.2, 0.9, 0.5]]), np.array([[True, False, False]])
     assert ranks_from_scores(scores, relevant, np.array([[True, False, True]])).tolist() == [[2.0]]
     assert ranks_from_scores(scores, relevant, np.array([[False, True, True]])).tolist() == [[3.0]]
+
+
+def test_auc_from_ranks_counts_won_pairs_and_half_ties() -> None:
+    # row 0: positive 0.5 beats 0.1, ties two 0.5s, loses to 0.9: (1 + 0.5 + 0.5) / 4 pairs
+    # row 1: positives 0.8, 0.3 vs negatives 0.9, 0.8, 0.1: 0.8 wins 0 + 0.5 + 1, 0.3 wins 0 + 0 + 1 -> 2.5 / 6
+    # row 2: positive first of 3: 1; row 3: no negative (nan); row 4: no positive (nan)
+    scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1], [0.8, 0.9, 0.3, 0.8, 0.1], [0.9, 0.2, 0.1, 0.0, 0.0],
+                       [0.1, 0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.5]])  # fmt: skip
+    relevant = np.array([[1, 0, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5], bool)
+    valid = np.array([[1] * 5, [1] * 5, [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1] * 5], bool)
+    auc = auc_from_ranks(ranks_from_scores(scores, relevant, valid), (valid & ~relevant).sum(axis=1))
+    assert auc[:3] == pytest.approx([0.5, 2.5 / 6, 1.0]) and np.isnan(auc[3:]).all()
+    constant = ranks_from_scores(np.zeros((1, 20)), np.eye(1, 20, dtype=bool))
+    assert auc_from_ranks(constant, np.array([19])).tolist() == [0.5]  # chance
 
 
 def test_ranks_pad_queries_without_positives_and_reject_nan() -> None:
@@ -291,6 +306,14 @@ def test_pools_top_up_from_other_categories_and_pad() -> None:
     assert (items[0] >= 0).sum() == 5 and items.shape == (1, 5) and relevant.sum() == 1
     with pytest.raises(KeyError, match="not in the item list"):
         sample_pools(["nope"], ["rare"], ids, cats, 19)
+
+
+def test_pools_never_draw_a_querys_excluded_items() -> None:
+    bought = [{f"i{i}" for i in range(2, 38, 2)}, set()]  # every even item but i0 (the positive) and i38
+    items, _ = sample_pools(["i0", "i0"], ["even", "even"], ITEM_IDS, ITEM_CATS, 5, exclude=bought)
+    assert items[0, :2].tolist() == [0, 38]  # the one same-category item left, then other categories
+    assert all(ITEM_CATS[i] == "odd" for i in items[0, 2:]) and len(set(items[0].tolist())) == 6
+    assert {ITEM_CATS[i] for i in items[1]} == {"even"}  # exclusions are per query
 
 
 def test_candidates_restrict_negatives() -> None:

@@ -14,7 +14,8 @@ SYSTEMS = {
     "recfound": {"u2i": {"pool.mrr@20": 0.5, "full.mrr": 0.2}, "i2i": {"pool.ndcg@20": 0.9},
                  "sentiment_analysis": {"macro_f1": 0.4}},
     "bm25": {"u2i": {"pool.mrr@20": 0.3, "full.mrr": 0.2}, "i2i": {"pool.ndcg@20": 0.95}},
-    "item_cf": {"u2i": {"pool.mrr@20": 0.5, "full.mrr": None}},
+    "item_cf": {"u2i": {"pool.mrr@20": 0.5, "full.mrr": None},
+                "candidate_ranking": {"list.ndcg@10": 0.6, "list.auc": 0.7}},
 }  # fmt: skip
 
 # Per-step losses: a falls 10 -> 6, b reaches 3 only at step 5, c never moves; d is trained only from step 2.
@@ -41,8 +42,9 @@ def test_average_rank_ties_share_and_a_missing_value_ranks_last() -> None:
 
 
 def test_tables_list_each_protocol_with_only_the_systems_that_can_do_it() -> None:
-    assert [s.image for s in sections(SYSTEMS)] == ["pool.png", "full.png", "generative.png"]
+    assert [s.image for s in sections(SYSTEMS)] == ["pool.png", "full.png", "generative.png", "lists.png"]
     assert headline("q2i") == "pool.mrr@20" and headline("i2i") == "pool.ndcg@20"
+    assert headline("candidate_ranking") == "list.ndcg@10"  # the metric every system has, not the GRMs' yes/no F1
     assert headline("sentiment_analysis") == "macro_f1" and headline("sequential_recommendation") == "option_accuracy"
     text = tables(SYSTEMS)
     generative = text.split("### Generative")[1].split("###")[0]
@@ -50,6 +52,8 @@ def test_tables_list_each_protocol_with_only_the_systems_that_can_do_it() -> Non
     pool = text.split("### Embedding, paper protocol")[1].split("###")[0]
     assert "| item_cf | 0.500 | – | – |" in pool  # no i2i value: shown as –, and no mean over a partial row
     assert "| recfound | 0.500 | 0.900 | 0.700 |" in pool
+    lists = text.split("### Candidate lists")[1].split("###")[0]
+    assert "| item_cf | 0.600 | 0.700 | 0.650 | 1.000 |" in lists and "recfound" not in lists
 
 
 def test_write_report_writes_markdown_and_one_png_per_protocol(tmp_path: Path) -> None:
@@ -58,7 +62,7 @@ def test_write_report_writes_markdown_and_one_png_per_protocol(tmp_path: Path) -
                "skipped": {"minilm": "not installed"}, "convergence": summarize(HISTORY, 0.8, 1)}  # fmt: skip
     files = write_report(results, tmp_path, {"recfound": HISTORY})
     names = {f.name for f in files}
-    assert {"report.md", "pool.png", "full.png", "generative.png", "losses.png", "weights.png"} <= names
+    assert {"report.md", "pool.png", "full.png", "generative.png", "lists.png", "losses.png", "weights.png"} <= names
     for f in files:
         assert f.is_file() and (f.suffix != ".png" or f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
     report = (tmp_path / "report.md").read_text()

@@ -34,14 +34,14 @@ STEPS = 5
 PINNED: list[dict[str, float]] = [
     {'q2i': 1.4862905740737915, 'sentiment_analysis': 6.533853318956163,
      'sequential_recommendation': 7.506936073303223, 'u2i': 7.741579532623291},
-    {'q2i': 1.0406783819198608, 'sentiment_analysis': 6.45188734266493,
-     'sequential_recommendation': 7.402148246765137, 'u2i': 6.224045276641846},
-    {'q2i': 0.41219010949134827, 'sentiment_analysis': 6.279900868733724,
-     'sequential_recommendation': 7.15648078918457, 'u2i': 3.647459030151367},
-    {'q2i': 0.13839693367481232, 'sentiment_analysis': 6.106924692789714,
-     'sequential_recommendation': 6.870429039001465, 'u2i': 1.7547746896743774},
-    {'q2i': 0.06659726798534393, 'sentiment_analysis': 5.9386791653103295,
-     'sequential_recommendation': 6.602377891540527, 'u2i': 0.3518745005130768},
+    {'q2i': 0.994291365146637, 'sentiment_analysis': 6.471424102783203,
+     'sequential_recommendation': 7.401218891143799, 'u2i': 6.247036933898926},
+    {'q2i': 0.35014304518699646, 'sentiment_analysis': 6.334908803304036,
+     'sequential_recommendation': 7.176381587982178, 'u2i': 3.6687469482421875},
+    {'q2i': 0.11433480679988861, 'sentiment_analysis': 6.197263081868489,
+     'sequential_recommendation': 6.913081645965576, 'u2i': 1.7860721349716187},
+    {'q2i': 0.05396090820431709, 'sentiment_analysis': 6.057251824273004,
+     'sequential_recommendation': 6.69622802734375, 'u2i': 0.3456890285015106},
 ]
 
 

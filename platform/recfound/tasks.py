@@ -30,6 +30,7 @@ GENERATIVE_TASKS: tuple[str, ...] = (
     "answerability_prediction",
     "answer_generation",
     "explanation_generation",
+    "candidate_ranking",
 )
 ALL_TASKS: tuple[str, ...] = EMBEDDING_TASKS + GENERATIVE_TASKS
 TASK_ID: dict[str, int] = {name: i for i, name in enumerate(ALL_TASKS)}

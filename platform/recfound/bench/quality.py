@@ -3,8 +3,9 @@
 The verdicts are the issue's targets, one per (task, metric, baseline): U2I and I2I against popularity, BM25,
 item-CF and zero-shot MiniLM on the paper's pools and the full catalogue; Q2I against BM25 and MiniLM;
 classification-style generative tasks against the majority answer of the training split and the untrained
-backbone; free-text tasks against the untrained backbone. Every figure comes from jobs/evaluate.py's own
-results.json, run here with the same code a user runs.
+backbone; free-text tasks against the untrained backbone; candidate_ranking's list metrics also against every
+retrieval baseline (the issue's target: NDCG@10 over candidate lists above popularity and item-CF). Every figure
+comes from jobs/evaluate.py's own results.json, run here with the same code a user runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import Field
 from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
 from recfound.config import Config, load_config
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
+from recfound.eval.protocols import LIST_PROTOCOLS, list_metric_names
 from recfound.eval.runner import RESULTS, Dataset, EvalConfig, evaluate, generative_sample
 from recfound.eval.systems import resolve_model
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
@@ -35,7 +37,7 @@ EMBEDDING_TARGETS: list[tuple[str, str, list[str]]] = [
     ("q2i", "full.ndcg@10", ["bm25", "minilm"]),
 ]
 CLASSIFICATION = {"sentiment_analysis", "product_relation_prediction", "product_matching",
-                  "sequential_recommendation", "answerability_prediction"}  # fmt: skip
+                  "sequential_recommendation", "answerability_prediction", "candidate_ranking"}  # fmt: skip
 """Generative tasks with a fixed answer set: they must also beat always answering the training split's mode."""
 MAJORITY, MERGED = "majority", "merged"
 
@@ -112,7 +114,8 @@ def verdicts(systems: dict[str, dict[str, dict[str, float | None]]], models: lis
     reference = systems[models[0]]
     for task in sorted(t for t in reference if t not in EMBEDDING_TASKS):
         baselines = [MAJORITY, "backbone"] if task in CLASSIFICATION else ["backbone"]
-        targets += [(task, metric, baselines) for metric in reference[task]]
+        ranked = list_metric_names(task) if task in LIST_PROTOCOLS else ()
+        targets += [(task, metric, baselines + (RETRIEVAL if metric in ranked else [])) for metric in reference[task]]
     rows = []
     for task, metric, baselines in targets:
         for baseline in baselines:

@@ -19,8 +19,8 @@ from recfound.config import Config, InputURL
 from recfound.data.context import Context
 from recfound.data.embedding_tasks import build_i2i, build_q2i, build_u2i, q2i_mode
 from recfound.data.generative_tasks import (
-    build_explanation_generation, build_query_rewriting, build_sentiment_analysis, build_sequential_recommendation,
-    build_user_profile,
+    build_candidate_ranking, build_explanation_generation, build_query_rewriting, build_sentiment_analysis,
+    build_sequential_recommendation, build_user_profile,
 )  # fmt: skip
 from recfound.data.gritlm import SPLIT_PLACEHOLDER, gritlm_urls, read_gritlm
 from recfound.data.item_tasks import (
@@ -55,6 +55,7 @@ BUILDERS: dict[str, Callable[[Context], list[Sample]]] = {
     "answerability_prediction": build_answerability_prediction,
     "answer_generation": build_answer_generation,
     "explanation_generation": build_explanation_generation,
+    "candidate_ranking": build_candidate_ranking,
 }
 assert tuple(BUILDERS) == ALL_TASKS
 
@@ -86,13 +87,14 @@ class BuildConfig(Config):
     reason in the manifest. A listed task that cannot be built is an error. Names: u2i, q2i, i2i,
     query_rewriting, sequential_recommendation, product_relation_prediction, sentiment_analysis,
     attribute_value_extraction, product_matching, user_profile, item_profile, answerability_prediction,
-    answer_generation, explanation_generation."""
+    answer_generation, explanation_generation, candidate_ranking."""
     kcore: int = Field(5, ge=1)
     """Keep only users and items with at least this many interactions (iterated; the real slices are 5-core)."""
     num_negatives: int = Field(1, ge=1)
     """Hard negatives per embedding row (the paper uses 1)."""
     max_history: int = Field(20, ge=1)
-    """Most recent items shown as a user's history (u2i, sequential_recommendation, user_profile)."""
+    """Most recent items shown as a user's history (u2i, sequential_recommendation, candidate_ranking,
+    user_profile, explanation_generation)."""
     sr_options: int = Field(10, ge=2, le=20)
     """Lettered options per sequential_recommendation prompt: the next item plus sampled negatives."""
     holdout: float = Field(0.1, gt=0, lt=0.5)

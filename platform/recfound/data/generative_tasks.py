@@ -1,5 +1,5 @@
-"""User-understanding generative tasks (sequential recommendation, sentiment, user profile, explanations) and query
-rewriting.
+"""User-understanding generative tasks (sequential recommendation, candidate ranking, sentiment, user profile,
+explanations) and query rewriting.
 
 Rows follow the user's leave-last-out split: a training prompt only ever shows training interactions, so the
 held-out next item cannot leak into a history or an option list.
@@ -15,7 +15,7 @@ from recfound.data.embedding_tasks import history
 from recfound.data.esci import Esci
 from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
 from recfound.data.templates import (
-    INSTRUCTIONS, LETTERS, SENTIMENTS, alpaca, history_text, lettered, pick, profile_text,
+    INSTRUCTIONS, LETTERS, NO, SENTIMENTS, YES, alpaca, candidate_text, history_text, lettered, pick, profile_text,
 )  # fmt: skip
 from recfound.tasks import SPLITS
 
@@ -24,6 +24,7 @@ PROFILE_QUOTES = 3
 EXPLANATION_WORDS = (3, 40)  # an explanation shorter says nothing ("Great"), longer is a review, not a reason
 # Review titles that only restate the rating (Amazon's star-rating defaults), not a reason to like the item.
 RATING_TITLE = re.compile(r"^(one|two|three|four|five|[1-5])\s+stars?\.?$", re.IGNORECASE)
+RANKING_NEGATIVES = 1  # "no" rows per "yes" row: balanced, so always answering "yes" (or "no") is worth nothing
 
 
 def build_sequential_recommendation(ctx: Context) -> list[Sample]:
@@ -41,6 +42,27 @@ def build_sequential_recommendation(ctx: Context) -> list[Sample]:
             prompt = alpaca(pick(rng, INSTRUCTIONS[task]), history(ctx, user, t), titles)
             answer = LETTERS[options.index(target.item)]
             out.append((split, GenerativeRow(prompt, answer, user, target.item, ctx.source)))
+    return out
+
+
+def build_candidate_ranking(ctx: Context) -> list[Sample]:
+    """History -> will the user buy this candidate next (M6-Rec's and P5's ranking as a yes/no question): per
+    interaction after the first, "yes" for the item bought and "no" for ``RANKING_NEGATIVES`` items sampled
+    (seeded per row, same category first) from the catalogue minus everything the user ever bought. Both rows
+    share one instruction and the history before the target, and take the target's split, so a held-out item is
+    never a candidate, a negative or a history entry in that user's training rows."""
+    task = "candidate_ranking"
+    out: list[Sample] = []
+    for user, timeline in ctx.timelines.items():
+        own = frozenset(i.item for _, i in timeline)
+        for t in range(1, len(timeline)):
+            split, target = timeline[t]
+            rng = ctx.rng(task, user, t)
+            instruction, past = pick(rng, INSTRUCTIONS[task]), history(ctx, user, t)
+            negatives = ctx.negatives(rng, target.item, own, RANKING_NEGATIVES)
+            for item, answer in [(target.item, YES), *((n, NO) for n in negatives)]:
+                prompt = alpaca(instruction, candidate_text(past, ctx.catalogue[item].title))
+                out.append((split, GenerativeRow(prompt, answer, user, item, ctx.source)))
     return out
 
 

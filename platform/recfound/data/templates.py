@@ -9,6 +9,7 @@ task has exactly one instruction because the catalogue is embedded once, with it
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 TEMPLATE_VERSION = "1"
@@ -87,6 +88,13 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "Write a short explanation of why this product suits this shopper, based on what they bought before.",
         "In one sentence, say what this user will appreciate about the product.",
     ),
+    "candidate_ranking": (
+        "Given the user's purchase history, will the user buy the candidate product next? Answer yes or no.",
+        "Based on what this shopper bought before, decide whether the candidate product is their next purchase. "
+        "Answer yes or no.",
+        "Is the candidate product the next thing this user buys, judging from their purchase history? "
+        "Answer yes or no.",
+    ),
     "answerability_prediction": (
         "Can the question be answered from the product information and reviews? Answer yes or no.",
         "Decide whether the reviews contain the answer to the shopper's question. Answer yes or no.",
@@ -129,6 +137,33 @@ def item_text(title: str, categories: Sequence[str], brand: str) -> str:
 def history_text(titles: Sequence[str]) -> str:
     """A user's items, oldest first, numbered so order survives tokenisation."""
     return "\n".join(f"{i}. {title}" for i, title in enumerate(titles, start=1))
+
+
+def candidate_text(history: str, title: str) -> str:
+    """candidate_ranking's input: the user's numbered history, then the one product asked about."""
+    return f"Purchase history:\n{history}\n\nCandidate product: {title}"
+
+
+_RANKING_INPUT = re.compile(
+    r"Purchase history:\n(?P<history>.*)\n\nCandidate product: (?P<title>.*)\n\n### Response:\Z", re.DOTALL
+)
+
+
+def ranking_input(prompt: str) -> re.Match[str]:
+    """The ``history`` and ``title`` spans of a candidate_ranking prompt (the title follows the last "Candidate
+    product:" label, so a history title holding the label still parses); ValueError when ``prompt`` is not one."""
+    match = _RANKING_INPUT.search(prompt)
+    if match is None:
+        raise ValueError("not a candidate_ranking prompt: no 'Purchase history:' ... 'Candidate product: <title>' "
+                         "input before '### Response:'")  # fmt: skip
+    return match
+
+
+def with_candidate(prompt: str, title: str) -> str:
+    """The candidate_ranking prompt asking about ``title`` instead: same instruction and history, so a list's
+    candidates differ only in the product named."""
+    match = ranking_input(prompt)
+    return prompt[: match.start("title")] + title + prompt[match.end("title") :]
 
 
 def pair_text(first: str, second: str, names: tuple[str, str] = ("Product 1", "Product 2")) -> str:

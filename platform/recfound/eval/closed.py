@@ -18,6 +18,7 @@ _FIXED: dict[str, tuple[str, ...]] = {
     "product_relation_prediction": RELATIONS,
     "product_matching": (YES, NO),
     "answerability_prediction": (YES, NO),
+    "candidate_ranking": (YES, NO),
 }
 _OPTIONS = re.compile(r"### Options:\n(.*?)\n\n### Response:", re.DOTALL)
 _LETTER = re.compile(r"^([A-Z]): ", re.MULTILINE)

