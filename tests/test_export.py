@@ -202,7 +202,7 @@ def test_bad_input_is_refused_clearly(merged, tmp_path) -> None:
         export(ExportConfig(model=str(merged), task="q2i", out=str(merged / "export")))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not an earlier export; refusing to overwrite"):
+    with pytest.raises(ExportError, match="not an earlier output of this job .*; refusing to overwrite"):
         export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "busy")))
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     assert not list(tmp_path.glob(".e.tmp-*")) and not list(tmp_path.glob(".busy.tmp-*"))

@@ -9,7 +9,10 @@ a tampered registry version are different failures to the user) with the same wo
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+import shutil
+import uuid
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,10 @@ CHECKPOINT_MANIFEST = "checkpoint.json"
 """A training checkpoint's SHA-256 list, written last: its absence marks a checkpoint that never completed."""
 MANIFEST = "manifest.json"
 """The SHA-256 list (and provenance) of a merged model, an export or a built dataset, written last."""
+EXPORT_KIND = "recfound-export"
+"""``kind`` in an export's manifest (jobs/export.py): one task, folded, no adapter."""
+ADAPTED_KIND = "adapted"
+"""``kind`` in an adapted model's manifest (jobs/adapt.py): a merged model's layout with new task rows."""
 
 
 def hash_tree(root: Path, skip: Collection[str] = ()) -> dict[str, str]:
@@ -74,3 +81,76 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file, or of the one inside checkpoint directory ``path``."""
     file = path / METRICS if path.is_dir() else path
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def read_manifest(root: Path, error: type[Exception]) -> dict[str, Any]:
+    """A merged model's, adaptation's or export's manifest as a JSON object; ``error`` names what is wrong."""
+    path = root / MANIFEST
+    if not path.is_file():
+        checkpoint = (root / CHECKPOINT_MANIFEST).is_file()
+        hint = " (a training checkpoint: merge it first with jobs/merge.py)" if checkpoint else ""
+        raise error(f"{root}: no {MANIFEST}, not a merged artifact or export{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise error(f"{path}: expected a JSON object")
+    return manifest
+
+
+def check_files(root: Path, files: Any, error: type[Exception], unlisted_ok: bool) -> None:
+    """Every file the manifest lists present with its SHA-256; unless ``unlisted_ok``, no file that it omits."""
+    if not isinstance(files, dict) or not files:
+        raise error(f"{root / MANIFEST}: expected a non-empty 'files' mapping of relative path to SHA-256")
+    verify_tree(root, files, listed_in=MANIFEST, error=error, unlisted_ok=unlisted_ok, skip={MANIFEST})
+
+
+def read_merged(root: Path, error: type[Exception]) -> dict[str, Any]:
+    """The manifest of a merged (or adapted) model at ``root`` once every file it lists verifies; an export, a
+    checkpoint or a bare directory is refused naming what to pass instead."""
+    if not root.is_dir():
+        raise error(f"model={root}: not a local directory")
+    manifest = read_manifest(root, error)
+    if manifest.get("kind") == EXPORT_KIND:
+        origin = manifest.get("source", {}).get("model")
+        raise error(f"model={root}: is an export ({manifest.get('task')}), not a merged artifact; "
+                    f"use the merged directory it came from: {origin}")  # fmt: skip
+    if not (root / ADAPTER_DIR).is_dir():
+        raise error(f"model={root}: not a merged artifact (no {ADAPTER_DIR}/); merge with jobs/merge.py first")
+    check_files(root, manifest.get("files"), error, unlisted_ok=True)
+    return manifest
+
+
+def check_out(out: Path, source: Path, kind: str, error: type[Exception]) -> None:
+    """Never write over the source, into it, or over a directory that is not an earlier output of ``kind``."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise error(f"out={out}: must lie outside model={source} (and not contain it)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _kind(out) != kind)):
+        raise error(f"out={out}: exists and is not an earlier output of this job (manifest kind {kind!r}); "
+                    "refusing to overwrite it")
+
+
+def _kind(path: Path) -> Any:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to write into; moved into place (replacing ``out``) when the block ends
+    without error, removed otherwise: ``out`` never holds half an artifact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +39,17 @@ from transformers import (
     GenerationConfig,
 )
 
-from recfound.artifacts import ADAPTER_DIR, MANIFEST, hash_tree, verify_tree
+from recfound.artifacts import (
+    ADAPTER_DIR,
+    EXPORT_KIND,
+    MANIFEST,
+    check_files,
+    check_out,
+    hash_tree,
+    read_manifest,
+    read_merged,
+    staged,
+)
 from recfound.config import Config, InputURL
 from recfound.io import sha256
 from recfound.model.backbone import BackboneConfig
@@ -52,7 +60,6 @@ from recfound.model.tmole.model import read_adapter_config
 from recfound.model.tokenizer import with_pad
 from recfound.tasks import EMBEDDING_TASKS, Mode, mode_of
 
-EXPORT_KIND = "recfound-export"
 INT8_FILE = "model.int8.safetensors"
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask", "text_mask")
@@ -224,12 +231,9 @@ def export(cfg: ExportConfig) -> Path:
     adapter = _read_merged(source, cfg.task)
     if cfg.format is ExportFormat.ONNX:
         _require_onnx()
-    _check_out(out, source)
+    check_out(out, source, EXPORT_KIND, ExportError)
     grm = _load_grm(source, adapter)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with staged(out) as stage:
         details = _write_model(grm, cfg, stage)
         grm.tokenizer.save_pretrained(str(stage))
         files = hash_tree(stage)
@@ -248,12 +252,6 @@ def export(cfg: ExportConfig) -> Path:
             "created": datetime.now(timezone.utc).isoformat(),
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
@@ -264,17 +262,8 @@ def _budgets(backbone: BackboneConfig) -> dict[str, int]:
 
 
 def _read_merged(root: Path, task: str) -> TMoLEConfig:
-    """The merged artifact's adapter config, after checking it is one, that it verifies and knows ``task``."""
-    if not root.is_dir():
-        raise ExportError(f"model={root}: not a local directory")
-    manifest = _read_manifest(root)
-    if manifest.get("kind") == EXPORT_KIND:
-        origin = manifest.get("source", {}).get("model")
-        raise ExportError(f"model={root}: is an export ({manifest.get('task')}), not a merged artifact; "
-                          f"export from the merged directory it came from: {origin}")  # fmt: skip
-    if not (root / ADAPTER_DIR).is_dir():
-        raise ExportError(f"model={root}: not a merged artifact (no {ADAPTER_DIR}/); merge with jobs/merge.py first")
-    _check_files(root, manifest.get("files"), unlisted_ok=True)
+    """The merged artifact's adapter config, once it verifies, records its backbone and knows ``task``."""
+    read_merged(root, ExportError)
     adapter = read_adapter_config(str(root / ADAPTER_DIR))
     if task not in adapter.tasks:
         raise ExportError(f"task={task}: the model was not trained on it; its tasks are {', '.join(adapter.tasks)}")
@@ -283,48 +272,10 @@ def _read_merged(root: Path, task: str) -> TMoLEConfig:
     return adapter
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
-    if not path.is_file():
-        checkpoint = (root / "checkpoint.json").is_file()
-        hint = " (a training checkpoint: merge it first with jobs/merge.py)" if checkpoint else ""
-        raise ExportError(f"{root}: no {MANIFEST}, not a merged artifact or export{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path}: not JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return manifest
-
-
-def _check_files(root: Path, files: Any, unlisted_ok: bool) -> None:
-    """Every listed file present with its SHA-256; unless ``unlisted_ok``, no file that the manifest omits."""
-    if not isinstance(files, dict) or not files:
-        raise ExportError(f"{root / MANIFEST}: expected a non-empty 'files' mapping of relative path to SHA-256")
-    verify_tree(root, files, listed_in=MANIFEST, error=ExportError, unlisted_ok=unlisted_ok, skip={MANIFEST})
-
-
 def _require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"format=onnx needs {' and '.join(missing)}: pip install -e '.[export]'")
-
-
-def _check_out(out: Path, source: Path) -> None:
-    """Never overwrite the source or a directory that is not an earlier export."""
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise ExportError(f"out={out}: must lie outside model={source} (and not contain it)")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
-        raise ExportError(f"out={out}: exists and is not an earlier export; refusing to overwrite it")
-
-
-def _is_export(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text()).get("kind") == EXPORT_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _load_grm(root: Path, adapter: TMoLEConfig) -> GRM:
@@ -387,10 +338,10 @@ def _write_onnx(decoder: nn.Module, grm: GRM, path: Path, cfg: ExportConfig) -> 
 def verify_export(path: str | Path) -> dict[str, Any]:
     """The manifest of an export, after checking every file against its SHA-256 (and that none is unlisted)."""
     root = Path(path)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root, ExportError)
     if manifest.get("kind") != EXPORT_KIND:
         raise ExportError(f"{root}: not an export (manifest kind {manifest.get('kind')!r}); jobs/export.py writes one")
-    _check_files(root, manifest.get("files"), unlisted_ok=False)
+    check_files(root, manifest.get("files"), ExportError, unlisted_ok=False)
     return manifest
 
 
@@ -437,7 +388,7 @@ def load_export(
 ) -> ExportedEmbedder | ExportedGenerator:
     """Load an export for CPU inference; ``threads`` caps onnxruntime's intra-op threads (PyTorch: set_num_threads)."""
     root = Path(path)
-    manifest = verify_export(root) if verify else _read_manifest(root)
+    manifest = verify_export(root) if verify else read_manifest(root, ExportError)
     task, budgets = manifest["task"], manifest["budgets"]
     tokenizer = with_pad(AutoTokenizer.from_pretrained(str(root)))
     if manifest["format"] == ExportFormat.ONNX.value:

@@ -73,9 +73,8 @@ class GRM(nn.Module):
         self, input_ids: ArrayLike, attention_mask: ArrayLike, task_ids: torch.Tensor, mode: Mode
     ) -> torch.Tensor:
         """(B, T, H) last hidden states: bidirectional attention for EMBEDDING, causal for GENERATIVE."""
-        ids, attention = self._tensor(input_ids), self._tensor(attention_mask)
         decoder = self.tuner.model.base_model
-        embeds = decoder.get_input_embeddings()(ids)
+        embeds, attention, width = self._inputs(self._tensor(input_ids), self._tensor(attention_mask), task_ids)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         mask: Any = attention
         extra: dict[str, Any] = {}
@@ -88,7 +87,18 @@ class GRM(nn.Module):
             extra["is_causal"] = False
         with self.tuner.route(task_ids, mode):
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
-        return out.last_hidden_state
+        return out.last_hidden_state[:, width:]
+
+    def _inputs(self, ids: torch.Tensor, attention: torch.Tensor,
+                task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+        """Token embeddings with the rows' soft prompts in front (when a task has one), the attention mask to match,
+        and the prefix width. Positions follow the mask, so the tokens sit after the prompt as in training."""
+        embeds = self.tuner.model.get_input_embeddings()(ids)
+        prefix = self.tuner.soft_prompt(task_ids)
+        if prefix is None:
+            return embeds, attention, 0
+        vectors, mask = prefix
+        return torch.cat([vectors.to(embeds), embeds], 1), torch.cat([mask.to(attention), attention], 1), mask.shape[1]
 
     def embed(self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised float32 mean of the text tokens' hidden states (``encode_embedding`` batch)."""
@@ -127,10 +137,12 @@ class GRM(nn.Module):
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
         } | generate_kwargs
-        out = self.tuner.generate(
-            input_ids=ids, attention_mask=attention, task_ids=self.task_ids([task] * len(prompts)), **options
-        )
-        return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        task_ids = self.task_ids([task] * len(prompts))
+        embeds, attention, width = self._inputs(ids, attention, task_ids)
+        # With a soft prompt the input is embeddings, and transformers then returns the new tokens only.
+        inputs = {"inputs_embeds": embeds} if width else {"input_ids": ids}
+        out = self.tuner.generate(**inputs, attention_mask=attention, task_ids=task_ids, **options)
+        return self.tokenizer.batch_decode(out if width else out[:, ids.shape[1] :], skip_special_tokens=True)
 
     @torch.no_grad()
     def choice_scores(self, prompts: Sequence[str], choices: Sequence[str], task: str,

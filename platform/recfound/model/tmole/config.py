@@ -60,6 +60,11 @@ class TMoLEConfig(PeftConfig):
     backbone: dict[str, Any] | None = field(
         default=None, metadata={"help": "The BackboneConfig the adapter was trained on (to reload it alone)."}
     )
+    soft_prompts: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Tasks with trainable soft-prompt vectors (task -> how many), put before their inputs' "
+                          "token embeddings (M6-Rec's prompt tuning; written by jobs/adapt.py method=prompt)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +77,9 @@ class TMoLEConfig(PeftConfig):
             raise ValueError(f"tasks must be a non-empty list of distinct names, got {self.tasks}")
         for task in self.tasks:
             mode_of(task)  # raises on an unknown task
+        wrong = {t: n for t, n in self.soft_prompts.items() if t not in self.tasks or n < 1}
+        if wrong:
+            raise ValueError(f"soft_prompts {wrong}: each must name a task of {self.tasks} with at least 1 vector")
         if not isinstance(self.target_modules, str):
             self.target_modules = sorted(self.target_modules)
         if self.layers_to_transform is not None:

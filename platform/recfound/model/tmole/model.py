@@ -32,8 +32,11 @@ from recfound.tasks import Mode, mode_of
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_TABLE_KEY = "tmole_task_table.weight"
+SOFT_PROMPT_PREFIX = "tmole_soft_prompt."
+"""State-dict key prefix of a task's (n, hidden) soft-prompt vectors: ``tmole_soft_prompt.<task>``."""
 # Config fields that fix the adapter's tensor layout or meaning; a saved adapter must agree on all of them.
-LAYOUT_FIELDS = ("tasks", "target_modules", "layers_to_transform", "num_experts", "r", "alpha", "groups", "task_dim")
+LAYOUT_FIELDS = ("tasks", "target_modules", "layers_to_transform", "num_experts", "r", "alpha", "groups", "task_dim",
+                 "soft_prompts")  # fmt: skip
 
 
 class TMoLEModel(BaseTuner):
@@ -57,6 +60,9 @@ class TMoLEModel(BaseTuner):
         table = nn.Embedding(len(config.tasks), config.task_dim)
         nn.init.xavier_normal_(table.weight)
         self.tmole_task_table[adapter_name] = table.to(next(model.parameters()).device)
+        if not hasattr(self, "tmole_soft_prompt"):
+            self.tmole_soft_prompt = nn.ModuleDict()
+        self.tmole_soft_prompt[adapter_name] = _sampled_vocabulary(model, config.soft_prompts)
 
     def _create_and_replace(
         self,
@@ -94,6 +100,26 @@ class TMoLEModel(BaseTuner):
     def task_table(self) -> nn.Embedding:
         """The active adapter's (num tasks, task_dim) task embeddings, the routers' input."""
         return self.tmole_task_table[self._adapter]
+
+    @property
+    def soft_prompts(self) -> nn.ParameterDict:
+        """The active adapter's soft prompts: task -> (n, hidden) vectors (empty unless adapted with prompts)."""
+        return self.tmole_soft_prompt[self._adapter]
+
+    def soft_prompt(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, P, hidden) vectors to put before each row's token embeddings and their (B, P) attention mask, or None
+        when no row's task has a soft prompt. A row's own vectors are right-aligned and the rest of its P positions
+        masked out, so a row of a task without a prompt computes exactly what it would with no prefix at all."""
+        prompts, tasks = self.soft_prompts, self.adapter_config.tasks
+        names = [tasks[i] for i in task_ids.reshape(-1).tolist()]
+        if not any(name in prompts for name in names):
+            return None
+        width = max(p.shape[0] for p in prompts.values())
+        first = next(iter(prompts.values()))
+        rows = [prompts[name] if name in prompts else first[:0] for name in names]
+        vectors = torch.stack([torch.cat([first.new_zeros(width - len(r), first.shape[1]), r]) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=first.device)
+        return vectors, mask
 
     def task_id(self, task: str) -> int:
         try:
@@ -176,6 +202,8 @@ class TMoLEModel(BaseTuner):
             router = layer.tmole_router[adapter]
             state[f"{name}.tmole_router.weight"] = router.weight.detach()
             state[f"{name}.tmole_router.bias"] = router.bias.detach()
+        for task, vectors in self.soft_prompts.items():
+            state[SOFT_PROMPT_PREFIX + task] = vectors.detach()
         return state
 
     @torch.no_grad()
@@ -222,6 +250,9 @@ class TMoLEModel(BaseTuner):
     # --- merging ----------------------------------------------------------------------------------------------
     def merge_task(self, task: str) -> PreTrainedModel:
         """A deep copy of the base model with ``task``'s routed delta folded into W0 and no TMoLE modules left."""
+        if task in self.soft_prompts:
+            raise ValueError(f"task {task!r} has a soft prompt (jobs/adapt.py method=prompt), which cannot be folded "
+                             "into weights; serve the adapted artifact itself")  # fmt: skip
         for _, layer in self._layers():
             layer.clear_folded()
         clone = copy.deepcopy(self)
@@ -230,6 +261,15 @@ class TMoLEModel(BaseTuner):
             for _, layer in clone._layers():
                 layer.fold_into_base(clone._adapter, routing)
         return clone.unload()
+
+
+def _sampled_vocabulary(model: nn.Module, counts: Mapping[str, int]) -> nn.ParameterDict:
+    """Per task, its soft prompt initialised as the embeddings of randomly drawn vocabulary tokens (Lester et al.
+    2021: trains better than random vectors); draws nothing when no task has one, so seeded inits stay as they were."""
+    vocabulary = model.get_input_embeddings().weight
+    picks = {task: torch.randint(vocabulary.shape[0], (n,)) for task, n in counts.items()}
+    return nn.ParameterDict({task: nn.Parameter(vocabulary[ids.to(vocabulary.device)].detach().float().clone())
+                             for task, ids in picks.items()})  # fmt: skip
 
 
 def read_adapter_config(path: str) -> TMoLEConfig:

@@ -1,0 +1,199 @@
+"""jobs/adapt.py: a new task or domain on ~1 % of the adapter's parameters (task-table rows, soft prompts), on the tiny
+random-init model without Ray: only those parameters move, the loss falls, and the artifact is served like a merge."""
+
+import json
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from recfound.artifacts import MANIFEST
+from recfound.merge.artifact import MergeConfig, merge_checkpoints
+from recfound.model.backbone import BackboneConfig
+from recfound.model.formats import Side
+from recfound.model.grm import GRM
+from recfound.model.tmole import TMoLEConfig, read_adapter_config, read_adapter_weights
+from recfound.model.tmole.model import TASK_TABLE_KEY
+from recfound.serving.engine import ENGINE_KEY, load_engine
+from recfound.serving.index import build_item_index, text_meta
+from recfound.serving.registry import publish, resolve_verified
+from recfound.tasks import ITEMS
+from recfound.train import checkpoint
+from recfound.train.adapt import AdaptConfig, AdaptError, adapt, trainable_model
+
+REPO = Path(__file__).resolve().parents[1]
+# Budgets that fit the synthetic rows' instructions (byte-level tokenizer).
+BACKBONE = BackboneConfig(name="tiny", max_query_len=192, max_passage_len=192, max_generative_len=256)
+TASKS = ["u2i", "q2i", "i2i", "sentiment_analysis"]  # item_profile is new to this model
+TASK_DIM = 16
+STEPS = 12
+PROMPTS = ["Describe the item: red running shoes", "Describe the item: ceramic coffee mug"]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A merged artifact whose adapter moved away from its init (experts, routers and task rows all matter)."""
+    root = tmp_path_factory.mktemp("adapt")
+    torch.manual_seed(7)
+    grm = GRM.build(BACKBONE, TMoLEConfig(num_experts=3, r=4, alpha=8, task_dim=TASK_DIM, tasks=TASKS))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor in grm.tuner.trainable_state_dict().values():
+            tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
+    (root / "ckpt").mkdir()
+    checkpoint.save(root / "ckpt", grm, {"step": 1, "seed": 7}, {"weights_history": []}, [])
+    return merge_checkpoints(MergeConfig(checkpoints=[str(root / "ckpt")], method="linear", out=str(root / "merged")))
+
+
+def _config(merged: Path, data: Path, out: Path, **overrides) -> AdaptConfig:
+    return AdaptConfig(model=str(merged), data=str(data), out=str(out), steps=STEPS, valid_rows=32, **overrides)
+
+
+@pytest.fixture(scope="module")
+def adapted(merged: Path, synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new task (item_profile) and an existing one on this data (i2i), task-embedding rows only."""
+    out = tmp_path_factory.mktemp("adapted") / "out"
+    return adapt(_config(merged, synthetic_dataset, out, tasks="item_profile,i2i"))
+
+
+@pytest.fixture(scope="module")
+def prompted(merged: Path, synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prompted") / "out"
+    return adapt(_config(merged, synthetic_dataset, out, tasks="item_profile", method="prompt", prompt_tokens=2))
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_only_the_adapted_rows_change(merged: Path, adapted: Path) -> None:
+    source, result = read_adapter_weights(str(merged / "adapter")), read_adapter_weights(str(adapted / "adapter"))
+    assert result.keys() == source.keys()
+    for key in source.keys() - {TASK_TABLE_KEY}:  # every expert and router, byte for byte
+        assert _same_bytes(result[key], source[key]), key
+    tasks = read_adapter_config(str(adapted / "adapter")).tasks
+    assert tasks == [*TASKS, "item_profile"]  # a new task is appended: existing task ids keep their rows
+    old, new = source[TASK_TABLE_KEY], result[TASK_TABLE_KEY]
+    for task in ("u2i", "q2i", "sentiment_analysis"):
+        assert _same_bytes(new[tasks.index(task)], old[TASKS.index(task)]), task
+    assert not torch.equal(new[tasks.index("i2i")], old[TASKS.index("i2i")])
+    # item_profile started at the mean of the generative rows (sentiment_analysis alone here) and moved from it.
+    assert not torch.equal(new[tasks.index("item_profile")], old[TASKS.index("sentiment_analysis")])
+    assert read_adapter_config(str(adapted / "adapter")).backbone == read_adapter_config(str(merged / "adapter")).backbone
+
+
+def test_the_optimizer_gets_only_task_rows_and_prompts(merged: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
+    """Everything else, backbone included, is frozen in the model that trains."""
+    cfg = _config(merged, synthetic_dataset, tmp_path / "o", tasks="item_profile", method="prompt", prompt_tokens=2)
+    model = trainable_model(read_adapter_config(str(merged / "adapter")), read_adapter_weights(str(merged / "adapter")), cfg)
+    trained = {name for name, p in model.grm.named_parameters() if p.requires_grad}
+    assert trained == {"tuner.tmole_task_table.default.weight", "tuner.tmole_soft_prompt.default.item_profile"}
+    assert {id(p) for p in model.params} == {id(p) for p in model.grm.parameters() if p.requires_grad}
+    assert model.count == TASK_DIM + 2 * model.grm.tuner.model.config.hidden_size
+
+
+def test_trained_share_is_reported_and_small(merged: Path, adapted: Path, prompted: Path) -> None:
+    total = sum(t.numel() for t in read_adapter_weights(str(merged / "adapter")).values())
+    for path, trained in ((adapted, 2 * TASK_DIM), (prompted, TASK_DIM + 2 * 64)):
+        manifest = _manifest(path)
+        assert manifest["trained_parameters"] == trained and manifest["adapter_parameters"] == total
+        assert manifest["trained_share"] == pytest.approx(trained / total) and manifest["trained_share"] <= 0.02
+    assert _manifest(adapted)["method"] == "task_embedding" and _manifest(adapted)["adapted_tasks"] == ["item_profile", "i2i"]
+    assert _manifest(prompted)["method"] == "prompt" and _manifest(prompted)["kind"] == "adapted"
+
+
+def test_the_adapted_tasks_valid_loss_goes_down(adapted: Path, prompted: Path) -> None:
+    for path in (adapted, prompted):
+        manifest = _manifest(path)
+        assert len(manifest["train_loss"]) == STEPS
+        for task, loss in manifest["valid_loss"].items():
+            assert loss["after"] < loss["before"], (path.name, task, loss)
+
+
+def test_same_seed_same_weights(merged: Path, synthetic_dataset: Path, adapted: Path, tmp_path: Path) -> None:
+    """Tensor bytes, not file hashes: safetensors writes its header's metadata in a per-process random order."""
+    again = adapt(_config(merged, synthetic_dataset, tmp_path / "again", tasks="item_profile,i2i"))
+    first, second = read_adapter_weights(str(adapted / "adapter")), read_adapter_weights(str(again / "adapter"))
+    assert first.keys() == second.keys() and all(_same_bytes(first[k], second[k]) for k in first)
+    assert _manifest(again)["train_loss"] == _manifest(adapted)["train_loss"]
+
+
+def _serve(model: Path, data: Path, registry: Path):
+    """jobs/publish.py's publish (verify, index the catalogue with the engine), then the engine serving loads."""
+    meta = {ENGINE_KEY: "recfound.serving.engine:GRMEngine", **text_meta(json.loads((data / MANIFEST).read_text()))}
+    publish(str(model), str(registry), partial(build_item_index, items_url=str(data / ITEMS)), meta)
+    return load_engine(resolve_verified(str(registry)))
+
+
+def test_published_artifacts_serve_the_adapted_tasks(merged, adapted, prompted, synthetic_dataset, tmp_path, one_thread) -> None:
+    source, plain, prompt = (_serve(m, synthetic_dataset, tmp_path / name)
+                             for m, name in ((merged, "r0"), (adapted, "r1"), (prompted, "r2")))  # fmt: skip
+    texts = ["red running shoes", "ceramic coffee mug"]
+    direct = GRM.from_pretrained(str(adapted / "adapter")).eval()
+    with torch.no_grad():
+        expected = direct.generate(PROMPTS, "item_profile", max_new_tokens=6)
+    assert plain.generate("item_profile", PROMPTS, max_tokens=6, temperature=0.0) == expected
+    assert plain.embed("i2i", texts, "Find the item", Side.ITEM).shape == (2, 64)
+    # The soft prompt is in the served path (generation and scoring), and untouched tasks serve as before.
+    tuned = GRM.from_pretrained(str(prompted / "adapter")).eval()
+    assert tuned.tuner.soft_prompt(tuned.task_ids(["item_profile"])) is not None
+    assert prompt.generate("item_profile", PROMPTS, max_tokens=6, temperature=0.0) == tuned.generate(
+        PROMPTS, "item_profile", max_new_tokens=6)
+    scores = prompt.choice_scores("item_profile", PROMPTS[:1], ["shoes", "mug"])
+    assert torch.allclose(torch.from_numpy(scores), tuned.choice_scores(PROMPTS[:1], ["shoes", "mug"], "item_profile"))
+    for served in (plain, prompt):
+        assert (served.embed("u2i", texts, "Find the item", Side.QUERY) ==
+                source.embed("u2i", texts, "Find the item", Side.QUERY)).all()  # fmt: skip
+        assert served.generate("sentiment_analysis", PROMPTS, 6, 0.0) == source.generate("sentiment_analysis", PROMPTS, 6, 0.0)
+
+
+def test_a_prompted_task_refuses_to_fold(prompted: Path) -> None:
+    with pytest.raises(ValueError, match="soft prompt"):
+        GRM.from_pretrained(str(prompted / "adapter")).merge_task("item_profile")
+
+
+def test_bad_input_is_refused_before_training(merged, synthetic_dataset, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("recfound.train.adapt.train_step", lambda *a, **k: pytest.fail("trained on bad input"))
+    with pytest.raises(ValidationError, match="unknown task 'nope'"):
+        _config(merged, synthetic_dataset, tmp_path / "o", tasks="i2i,nope")
+    with pytest.raises(ValidationError, match="method"):
+        _config(merged, synthetic_dataset, tmp_path / "o", tasks="i2i", method="lora")
+    with pytest.raises(AdaptError, match="no train split of task answer_generation"):  # the synthetic build skips it
+        adapt(_config(merged, synthetic_dataset, tmp_path / "o", tasks="i2i,answer_generation"))
+    partial_data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, partial_data)
+    (partial_data / "tasks" / "i2i" / "valid.parquet").unlink()
+    with pytest.raises(AdaptError, match="no valid split of task i2i"):
+        adapt(_config(merged, partial_data, tmp_path / "o", tasks="i2i"))
+    with pytest.raises(AdaptError, match="merge it first"):
+        adapt(_config(merged.parent / "ckpt", synthetic_dataset, tmp_path / "o", tasks="i2i"))
+    with pytest.raises(AdaptError, match="must lie outside"):
+        adapt(_config(merged, synthetic_dataset, merged / "inside", tasks="i2i"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help_errors_and_run(merged: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
+    job = [sys.executable, str(REPO / "jobs" / "adapt.py")]
+    shown = subprocess.run([*job, "--help"], capture_output=True, text=True, check=True).stdout
+    for key in ("model", "data", "tasks", "out", "method", "prompt_tokens", "steps", "rows", "seed"):
+        assert f"  {key} (" in shown
+    assert "task_embedding|prompt" in shown
+    base = [f"model={merged}", f"data={synthetic_dataset}", f"out={tmp_path / 'o'}"]
+    bad = subprocess.run([*job, *base, "tasks=i2i", "method=lora"], check=False, capture_output=True, text=True)
+    assert bad.returncode != 0 and "method" in bad.stderr and not (tmp_path / "o").exists()
+    bad = subprocess.run([*job, *base, "tasks=answer_generation"], check=False, capture_output=True, text=True)
+    assert bad.returncode == 1 and "error: data=" in bad.stderr and "no train split" in bad.stderr
+    done = subprocess.run([*job, *base, "tasks=item_profile", "steps=2", "rows=20", "valid_rows=8"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "o") and "adapter parameters" in lines[-2]
+    assert _manifest(tmp_path / "o")["train_rows"] == {"item_profile": 20}
