@@ -31,13 +31,20 @@ BIN = Path(sys.executable).parent
 
 
 def step(*args: str, env: dict[str, str] | None = None, echo: bool = True) -> str:
-    """Run one job as a user would; return its last output line (the jobs print their result there)."""
+    """Run one job as a user would, its output shown as it comes (with ``echo``, else only its last line) so
+    the job's progress lines and its own messages keep their order; return the last line (the job's result)."""
     print(f"\n$ {' '.join(args)}", flush=True)
-    done = subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    print(done.stdout[-3000:] if echo else done.stdout.strip().splitlines()[-1:][0] + "\n", end="", flush=True)
-    if done.returncode:
-        raise SystemExit(f"demo stopped: `{' '.join(args)}` exited with {done.returncode}")
-    return done.stdout.strip().splitlines()[-1]
+    last = ""
+    with subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) as job:
+        for line in job.stdout:
+            if echo:
+                print(line, end="", flush=True)
+            last = line.strip() or last
+    if not echo:
+        print(last, flush=True)
+    if job.returncode:
+        raise SystemExit(f"demo stopped: `{' '.join(args)}` exited with {job.returncode}")
+    return last
 
 
 def serve_config(port: int) -> Path:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
+from recfound.train.console import quiet_ray_console  # noqa: E402
+
+quiet_ray_console()  # before Ray is imported: it reads its log filter from the environment once
 from recfound.config import cli  # noqa: E402
 from recfound.train.config import TrainConfig  # noqa: E402
 from recfound.train.run import RunError, run  # noqa: E402

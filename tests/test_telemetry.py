@@ -1,6 +1,9 @@
-"""The step's FLOP estimate (the FLOP share / MFU in every training log line) against torch's own FLOP counter."""
+"""The step's FLOP estimate (the FLOP share / MFU in every training log line) against torch's own FLOP counter,
+and the progress line itself."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from recfound.config import load_config
 from recfound.model.grm import GRM
 from recfound.train.config import TrainConfig
 from recfound.train.objective import JointObjective
-from recfound.train.telemetry import StepCost
+from recfound.train.telemetry import StepCost, StepRecord, Telemetry, clock_text
 
 
 def _step(layers: list[int] | None) -> tuple[float, float, StepCost]:
@@ -34,3 +37,21 @@ def test_step_cost_matches_torchs_flop_counter(layers: list[int] | None, one_thr
     estimate, counted, cost = _step(layers)
     assert cost.backward_layers == (2 if layers is None else 1) and cost.layers == 2
     assert estimate == pytest.approx(counted, rel=0.1)
+
+
+def test_progress_line_shows_step_of_total_mean_loss_and_an_eta_from_the_wall_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Rank 0 logs one line every ``every`` steps: step/total, the tasks' mean loss and an ETA at the wall-clock
+    rate since the first step (2 s a step here, though each step's own compute took 0.5 s: checkpoints and
+    reports count), then the fields the cluster test parses (per-task losses) and the throughput figures."""
+    ticks = iter(100.0 + 2.0 * i for i in range(5))
+    telemetry = Telemetry(None, (1e12, "flop_share"), every=5, total=64, clock=lambda: next(ticks))
+    with caplog.at_level(logging.INFO, logger="recfound.train.telemetry"):
+        for step in range(1, 6):
+            record = StepRecord(step, 1e-3, 0.5, 1000, 8, 1e11, {"u2i": 2.0, "q2i": 4.0}, {"u2i": 0.5, "q2i": 0.5})
+            telemetry.log(record, world_size=2)
+    [line] = caplog.messages
+    assert line.startswith("step 5/64 | loss 3.000 | eta 1:58 | lr 1.00e-03 | 500 ms | 4,000 tok/s | ")
+    assert "flop_share 20.0%" in line and line.endswith("u2i=2.000 q2i=4.000")
+    assert clock_text(3725) == "1:02:05" and clock_text(59.6) == "1:00"

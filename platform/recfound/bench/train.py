@@ -120,7 +120,7 @@ class PlainLoop:
         self.streams = {t: TaskStream(preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone),
                                       seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window) for t in tasks}  # fmt: skip
         self.cost = StepCost.of(self.grm.tuner.model)
-        self.telemetry = Telemetry(None, peak_flops(self.device), every=10**9, device=self.device)  # no lines
+        self.telemetry = Telemetry(None, peak_flops(self.device), every=10**9, total=steps, device=self.device)  # no lines
         self.step_count = 0
 
     def step(self) -> dict[str, Any]:

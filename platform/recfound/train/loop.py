@@ -110,7 +110,7 @@ def train_worker(config: dict[str, Any]) -> None:
     telemetry = None
     if rank == 0:
         log_dir = Path(tempfile.gettempdir()) / "recfound-tb" / config["run"]
-        telemetry = Telemetry(log_dir, peak_flops(device), cfg.log_every, device)
+        telemetry = Telemetry(log_dir, peak_flops(device), cfg.log_every, cfg.max_steps, device)
         telemetry.history = history
 
     skipped = 0

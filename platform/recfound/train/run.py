@@ -21,6 +21,7 @@ import recfound
 from recfound.io import exists, read_json
 from recfound.tasks import MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
+from recfound.train.console import RAY_CONSOLE_LEVEL, worker_env_vars
 from recfound.train.popularity import ItemPrior
 from recfound.train.streams import shared_streams
 
@@ -107,19 +108,25 @@ def plan(cfg: TrainConfig) -> Plan:
 
 
 def _init_ray(cfg: TrainConfig) -> None:
+    """Start or join Ray with a quiet console (train/console.py), then say once where Ray's own logs are."""
     import ray
 
     if ray.is_initialized():
         return
+    runtime_env: dict[str, object] = {"env_vars": worker_env_vars()}
     if os.environ.get("RAY_ADDRESS"):
         # On a cluster (ray job submit): ship the library to every worker, installed there or not.
-        ray.init(runtime_env={"py_modules": [str(Path(recfound.__file__).parent)]})
-        return
-    # A local Ray gets enough logical CPUs for the workers plus one for Ray Data's tokenisation tasks, and the
-    # dashboard (where available): Ray Train's placement-group cleaner polls the state API it serves, and
-    # without it logs a warning every few seconds (start-up time measured the same with and without).
-    needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
+        context = ray.init(runtime_env=runtime_env, logging_level=RAY_CONSOLE_LEVEL)
+    else:
+        # A local Ray gets enough logical CPUs for the workers plus one for Ray Data's tokenisation tasks, and the
+        # dashboard (where available): Ray Train's placement-group cleaner polls the state API it serves, and
+        # without it logs a warning every few seconds (start-up time measured the same with and without).
+        needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
+        context = ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env,
+                           logging_level=RAY_CONSOLE_LEVEL)  # fmt: skip
+    dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
+    print(f"ray: logs in {context.address_info['session_dir']}/logs{dashboard}", flush=True)
 
 
 def item_prior(plan: Plan, cfg: TrainConfig) -> ItemPrior | None:
@@ -159,7 +166,7 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
 def run(cfg: TrainConfig) -> str:
     """Train; return the final checkpoint's path (the job prints it as its last line)."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from recfound.train.halt import clear_halt, halt_url, read_halt
@@ -191,6 +198,7 @@ def run(cfg: TrainConfig) -> str:
             storage_path=p.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=RAY_CONSOLE_LEVEL),
         ),
         datasets=datasets,
         # The shared small-task datasets go whole to every worker (split_tasks picks its rows); the rest are split.

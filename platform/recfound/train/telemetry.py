@@ -7,14 +7,20 @@ GEMM rate (datasheets mean nothing for a shared VM); on GPU it is the datasheet 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+# Rank 0's progress line. In a Ray Train worker the root logger writes it once to the worker's stderr, which
+# the driver echoes, and to Ray Train's application log file (a print would be echoed twice: stdout and stderr).
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; the first match wins.
 DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
@@ -125,10 +131,11 @@ class StepRecord:
 class Telemetry:
     """Formats and keeps rank 0's per-step records; ``history`` is what checkpoints and plots are made from."""
 
-    def __init__(self, log_dir: Path | None, peak: tuple[float, str], every: int,
-                 device: torch.device = torch.device("cpu")) -> None:  # fmt: skip
-        (self.peak, self.peak_label), self.every = peak, every
-        self.device = device
+    def __init__(self, log_dir: Path | None, peak: tuple[float, str], every: int, total: int,
+                 device: torch.device = torch.device("cpu"), clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        (self.peak, self.peak_label), self.every, self.total = peak, every, total
+        self.device, self._clock = device, clock
+        self._first: tuple[int, float] | None = None
         self.history: list[dict] = []
         self._writer = None
         if log_dir is not None:
@@ -150,21 +157,40 @@ class Telemetry:
             self._writer.add_scalar("throughput/tokens_per_s", tokens_per_s, record.step)
             self._writer.add_scalar(f"throughput/{self.peak_label}", share, record.step)
             self._writer.add_scalar("memory/peak_mb", memory, record.step)
+        eta = self.eta_s(record.step, record.seconds)
         if record.step % self.every == 0:
             losses = " ".join(f"{t}={v:.3f}" for t, v in record.losses.items())
-            print(
-                f"step {record.step} | lr {record.lr:.2e} | {record.seconds * 1e3:.0f} ms | "
-                f"{tokens_per_s:,.0f} tok/s | {record.samples * world_size / record.seconds:.1f} samples/s | "
-                f"{self.peak_label} {share:.1%} | peak mem {memory:,.0f} MB | "
+            mean = sum(record.losses.values()) / max(1, len(record.losses))
+            log.info(
+                f"step {record.step}/{self.total} | loss {mean:.3f} | eta {clock_text(eta)} | lr {record.lr:.2e} | "
+                f"{record.seconds * 1e3:.0f} ms | {tokens_per_s:,.0f} tok/s | "
+                f"{record.samples * world_size / record.seconds:.1f} samples/s | {self.peak_label} {share:.1%} | "
+                f"peak mem {memory:,.0f} MB | "
                 + "".join(f"{k.replace('_', ' ')} {v:.1%} | " for k, v in record.extra.items())
-                + losses,
-                flush=True,
+                + losses
             )
         return {"tokens_per_s": tokens_per_s, self.peak_label: share}
+
+    def eta_s(self, step: int, seconds: float) -> float:
+        """Seconds until step ``total`` at the wall-clock rate since this process's first step, so checkpoints,
+        reports and scheduler updates count; the step's own time until a second step gives a rate."""
+        now = self._clock()
+        if self._first is None:
+            self._first = (step, now)
+        first_step, first_at = self._first
+        per_step = (now - first_at) / (step - first_step) if step > first_step else seconds
+        return per_step * (self.total - step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def clock_text(seconds: float) -> str:
+    """A duration as H:MM:SS, or M:SS under an hour."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def write_history(history: list[dict], out: Path) -> None:
