@@ -1,7 +1,10 @@
 """Suite-wide setup: offline, quiet, and one small synthetic dataset shared by the tests that need one."""
 
+import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,3 +34,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a Serve replica class run in process: ``@serve.batch`` reads the replica's ``max_ongoing_requests``
+    (only to warn when batches could never fill); outside Serve it gets the deployment's."""
+    from ray import serve
+
+    from recfound.serving.model import Model
+
+    config = SimpleNamespace(max_ongoing_requests=Model.max_ongoing_requests)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(_deployment_config=config))
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.Runner]:
+    """One event loop per module, as a replica has: a ``@serve.batch`` queue belongs to the method, not the
+    instance, and is bound to the loop of its first call."""
+    with asyncio.Runner() as runner:
+        yield runner

@@ -288,8 +288,6 @@ BAD_REQUESTS = [
      "scorer"),
     ("/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i2"], "scorer": "generative"}, TOKEN, 400,
      "unsupported_value", "use scorer=embedding for i2i"),
-    ("/v1/rank", {"task": "u2i", "history": ["i1"], "candidates": [f"c{i}" for i in range(21)], "scorer":
-     "generative"}, TOKEN, 400, "too_many_inputs", "at most 20"),
     ("/v1/rank", {"task": "u2i", "candidates": ["i1"]}, TOKEN, 400, "empty_input", "needs a non-empty 'history'"),
     ("/v1/rank", {"task": "q2i", "query": " ".join(["w"] * 60), "candidates": ["i4"], "scorer": "generative"},
      TOKEN, 400, "context_length_exceeded", "in the longest candidate"),
@@ -492,8 +490,8 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
     from recfound.model.grm import GRM
     from recfound.model.formats import Side
     from recfound.serving.engine import load_engine
-    from recfound.serving.index import ItemIndex, SearchConfig
-    from recfound.serving.rank import rank_prompt
+    from recfound.serving.index import ItemIndex, SearchConfig, user_text
+    from recfound.serving.rank import rank_question
     from recfound.serving.registry import read_version, resolve
 
     model_dir = app["model"].parent / "grm"
@@ -521,7 +519,10 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
     assert _items(_post(app, "/v1/recommend", {"task": "q2i", "query": texts[0], "k": 3}), version) == [
         index.item_ids[p] for p, _ in hits]  # fmt: skip
     candidates = ["i1", "i4", "i6"]
-    task, rank_text, choices = rank_prompt("q2i", texts[0], [index.titles[index.position[c]] for c in candidates])
-    scores = engine.choice_scores(task, [rank_text], choices)[0]
-    ranked = _post(app, "/v1/rank", {"task": "q2i", "query": texts[0], "candidates": candidates, "scorer": "generative"})
-    assert _items(ranked, version) == [candidates[i] for i in np.argsort(-scores, kind="stable")]
+    titles = [index.titles[index.position[c]] for c in candidates]
+    for task, query in [("q2i", {"query": texts[0]}), ("u2i", {"history": ["i2", "i3"]})]:
+        text = texts[0] if task == "q2i" else user_text([index.titles[index.position[i]] for i in ("i2", "i3")], 3)
+        question = rank_question(task, text, titles, engine.tasks)  # u2i: a candidate_ranking question each
+        scores = question.scores(engine.choice_scores(question.task, question.prompts, question.choices))
+        ranked = _post(app, "/v1/rank", {"task": task, **query, "candidates": candidates, "scorer": "generative"})
+        assert _items(ranked, version) == [candidates[i] for i in np.argsort(-scores, kind="stable")]

@@ -49,6 +49,7 @@ from recfound.serving.index import (
 )
 from recfound.serving.registry import publish, resolve
 from recfound.serving.streaming import StopScanner, apply_stop
+from recfound.tasks import ALL_TASKS
 
 FAKE_ENGINE = "test_serve_engine:FakeEngine"
 FAKE_CONFIG = "fake_model.json"
@@ -76,6 +77,7 @@ class FakeEngine:
         cfg = json.loads((root / FAKE_CONFIG).read_text())
         self.version = json.loads((root / "version.json").read_text())["version"]
         self.dim, self.context_length = cfg["dim"], cfg["context_length"]
+        self.tasks = tuple(cfg["tasks"])
         time.sleep(cfg["load_delay_s"])  # a real model takes a while to load; hot swaps must not wait for it
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -124,10 +126,12 @@ def write_manifest(model_dir: Path) -> None:
     (model_dir / MANIFEST).write_text(json.dumps({"files": files, "method": "ties"}))
 
 
-def make_artifact(model_dir: Path, dim: int = 64, context_length: int = 64, load_delay_s: float = 0.0) -> Path:
-    """A merged-model artifact the fake engine loads: its config plus some 'weights', with a manifest."""
+def make_artifact(model_dir: Path, dim: int = 64, context_length: int = 64, load_delay_s: float = 0.0,
+                  tasks: tuple[str, ...] = ALL_TASKS) -> Path:  # fmt: skip
+    """A merged-model artifact the fake engine loads: its config (``tasks``: what it was trained on) plus some
+    'weights', with a manifest."""
     (model_dir / "weights").mkdir(parents=True)
-    cfg = {"dim": dim, "context_length": context_length, "load_delay_s": load_delay_s}
+    cfg = {"dim": dim, "context_length": context_length, "load_delay_s": load_delay_s, "tasks": list(tasks)}
     (model_dir / FAKE_CONFIG).write_text(json.dumps(cfg))
     (model_dir / "weights" / "adapter.bin").write_bytes(bytes(range(256)) * 16)
     write_manifest(model_dir)
@@ -418,7 +422,8 @@ def test_closing_a_stream_stops_its_decoding() -> None:
 @given(st.text(alphabet="ab c", max_size=40), st.lists(st.integers(1, 6), max_size=12),
        st.lists(st.text(alphabet="ab c", min_size=1, max_size=4), max_size=4))  # fmt: skip
 def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[int], stops: list[str]) -> None:
-    """However the completion is split into pieces, the stream sends exactly the non-streamed answer."""
+    """However the completion is split into pieces, the stream sends exactly the non-streamed answer (found by this
+    test: stops "a" and " aa" on " aa" arriving as " ", "a", "a" once sent " " where the whole text sends "")."""
     pieces, start = [], 0
     for size in cuts:
         pieces.append(text[start : start + size])
@@ -431,7 +436,8 @@ def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[in
         if stopped:
             break
     if not stopped:
-        sent.append(scanner.flush())
+        rest, stopped = scanner.flush()
+        sent.append(rest)
     assert ("".join(sent), stopped) == apply_stop(text, stops)
 
 

@@ -4,23 +4,23 @@ engine of test_serve_engine, its metric classes swapped for a recorder that refu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from ray import serve
 from test_serve_engine import make_artifact, make_dataset, publish_fake
 
 from recfound.serving.metrics import ServingMetrics
 from recfound.serving.model import Finished, Model, Started
-from recfound.serving.rank import rank_prompt
+from recfound.serving.rank import rank_question
 from recfound.serving.schemas import RankRequest, RecommendRequest, Scorer
+from recfound.tasks import ALL_TASKS
 
 Points = dict[str, list[tuple[float, dict[str, str]]]]
+pytestmark = pytest.mark.usefixtures("replica_context")
 
 
 class _Recorded:
@@ -54,22 +54,6 @@ def registry(tmp_path: Path) -> str:
     publish_fake(make_artifact(tmp_path / "m1"), data, registry)
     publish_fake(make_artifact(tmp_path / "m2", dim=32), data, registry)
     return registry
-
-
-@pytest.fixture(autouse=True)
-def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``@serve.batch`` reads the replica's ``max_ongoing_requests`` (only to warn when batches could never fill):
-    outside Serve it gets the deployment's."""
-    config = SimpleNamespace(max_ongoing_requests=Model.max_ongoing_requests)
-    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(_deployment_config=config))
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.Runner]:
-    """One event loop for the module, as a replica has: a ``@serve.batch`` queue belongs to the method, not the
-    instance, and is bound to the loop of its first call."""
-    with asyncio.Runner() as runner:
-        yield runner
 
 
 def _run(loop: asyncio.Runner, registry: str, calls: Callable[[Any], Awaitable[Any]],
@@ -164,7 +148,7 @@ def test_choices_recommendations_and_rankings_count_their_tokens(loop: asyncio.R
     assert {item.item_id for item in ranked.items} == {"i4", "i5"}
     choose, recommend, rank = ({"call": c, "task": t} for c, t in
                                [("choose", "sentiment_analysis"), ("recommend", "q2i"), ("rank", "q2i")])  # fmt: skip
-    _, ranker_prompt, _ = rank_prompt("q2i", "coffee", ["espresso coffee beans", "ceramic coffee mug"])
+    [ranker_prompt] = rank_question("q2i", "coffee", ["espresso coffee beans", "ceramic coffee mug"], ALL_TASKS).prompts
     assert _sorted(points, "recfound_prompt_tokens") == [(5, choose), (1, rank), (len(ranker_prompt.split()), rank),
                                                        (2, recommend)]  # fmt: skip
     assert points["recfound_completion_tokens"] == [(3, choose)]

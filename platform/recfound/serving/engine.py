@@ -32,6 +32,8 @@ class Engine(Protocol):
     """The registry version this engine was loaded from (``version.json``)."""
     context_length: int
     """Most tokens one input may take: instruction + text for embeddings, prompt + completion for generation."""
+    tasks: tuple[str, ...]
+    """The tasks the model was trained on (``/v1/rank`` picks its generative scorer from them)."""
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Token count of each text, as the engine tokenises it (used to refuse over-long inputs)."""
@@ -100,6 +102,7 @@ class GRMEngine:
         self.model = GRM.from_pretrained(f"{version_dir}/{ADAPTER_DIR}").eval()
         self.model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.context_length = self.model.backbone.max_generative_len
+        self.tasks = tuple(self.model.tuner.adapter_config.tasks)
         self._budget = {Side.QUERY: self.model.backbone.max_query_len, Side.ITEM: self.model.backbone.max_passage_len}
 
     def count_tokens(self, texts: list[str]) -> list[int]:

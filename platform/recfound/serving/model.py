@@ -25,7 +25,7 @@ from recfound.serving.engine import Engine, load_engine
 from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
 from recfound.serving.metrics import ServingMetrics
 from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
-from recfound.serving.rank import rank_prompt
+from recfound.serving.rank import rank_question
 from recfound.serving.schemas import (
     QUERY_PARAM, ApiError, ErrorType, RankRequest, RecommendedItem, RecommendRequest, RecommendResponse, Scorer,
 )  # fmt: skip
@@ -458,10 +458,10 @@ class Model:
             vector, tokens = await self._query_vector(live, req.task, text)
             scores = index.score(req.task, vector, positions)
         else:
-            task, prompt, choices = rank_prompt(req.task, text, [index.titles[p] for p in positions])
-            choice_scores, tokens = await self._choice_scores(live, task, [prompt], choices, QUERY_PARAM[req.task],
-                                                              "candidate")  # fmt: skip
-            scores = choice_scores[0]
+            question = rank_question(req.task, text, [index.titles[p] for p in positions], live.engine.tasks)
+            table, tokens = await self._choice_scores(live, question.task, question.prompts, question.choices,
+                                                      QUERY_PARAM[req.task], "candidate")  # fmt: skip
+            scores = question.scores(table)
         self._metrics.tokens("rank", req.task, tokens)
         order = sorted(range(len(positions)), key=lambda i: -float(scores[i]))
         items = [RecommendedItem(item_id=index.item_ids[positions[i]], title=index.titles[positions[i]],

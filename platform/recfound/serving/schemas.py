@@ -17,7 +17,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from recfound.config import Config
-from recfound.data.templates import LETTERS
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS
 
 MODEL_PREFIX = "recfound-"
@@ -312,9 +311,6 @@ class RankRequest(_ItemQuery):
         if self.scorer is Scorer.GENERATIVE and self.task == "i2i":
             raise ApiError(400, "scorer=generative ranks u2i and q2i; use scorer=embedding for i2i", "scorer",
                            "unsupported_value")  # fmt: skip
-        if self.scorer is Scorer.GENERATIVE and self.task == "u2i" and len(self.candidates) > len(LETTERS):
-            raise ApiError(400, f"scorer=generative lists u2i candidates as lettered options: at most {len(LETTERS)}",
-                           "candidates", "too_many_inputs")  # fmt: skip
 
 
 class RecommendedItem(BaseModel):
