@@ -291,8 +291,9 @@ class Gateway:
                             stream.cancel()
                             break
                     else:
-                        finish = "length" if item.completion_tokens >= max_tokens else "stop"
-                        if rest := scanner.flush():
+                        rest, cut = scanner.flush()
+                        finish = "length" if item.completion_tokens >= max_tokens and not cut else "stop"
+                        if rest:
                             yield stream_chunk(cid, req.model, version, i, rest, None, chat)
                     yield stream_chunk(cid, req.model, version, i, "", finish, chat)
             except ApiError as err:

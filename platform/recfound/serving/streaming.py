@@ -14,29 +14,43 @@ def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class StopScanner:
-    """Cuts a stream of pieces at the first stop string, as ``apply_stop`` cuts the whole text: it holds back the
-    last ``len(longest stop) - 1`` characters, which could be the start of a stop string still arriving."""
+    """Cuts a stream of pieces at the first stop string, as ``apply_stop`` cuts the whole text.
+
+    It holds back every tail of the text so far that is the start of a stop string still arriving, and cuts at a
+    stop string found only when no such tail starts before it: with stops "a" and " aa", the text " a" may yet
+    become " aa", which the whole text would cut earlier.
+    """
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = stops
-        self._hold = max((len(s) for s in stops), default=1) - 1
         self._pending = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """(text safe to send now, whether a stop string was reached: then nothing after it is ever sent)."""
         self._pending += piece
-        text, stopped = apply_stop(self._pending, self._stops)
-        if stopped:
+        pending, open_at = self._pending, self._open_at()
+        found = [pending.find(s) for s in self._stops if s in pending]
+        if found and min(found) <= open_at:
             self._pending = ""
-            return text, True
-        cut = max(len(self._pending) - self._hold, 0)
-        text, self._pending = self._pending[:cut], self._pending[cut:]
-        return text, False
+            return pending[: min(found)], True
+        safe = min([open_at, *found])
+        self._pending = pending[safe:]
+        return pending[:safe], False
 
-    def flush(self) -> str:
-        """What was held back, once the stream has ended without a stop."""
+    def _open_at(self) -> int:
+        """Where the earliest tail of the pending text that a stop string starts with (and is longer than) begins;
+        the text's length when there is none."""
+        pending = self._pending
+        for start in range(len(pending)):
+            tail = pending[start:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
+                return start
+        return len(pending)
+
+    def flush(self) -> tuple[str, bool]:
+        """What was held back, cut at a stop string it holds, once the stream has ended; and whether it was cut."""
         text, self._pending = self._pending, ""
-        return text
+        return apply_stop(text, self._stops)
 
 
 async def sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
