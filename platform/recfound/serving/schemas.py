@@ -123,8 +123,18 @@ def generative_task(model: str) -> str:
     return task
 
 
+EMBEDDING_MODELS = [MODEL_PREFIX + t for t in EMBEDDING_TASKS]
+GENERATIVE_MODELS = [GENERIC_MODEL] + [MODEL_PREFIX + t for t in GENERATIVE_TASKS]
+
+
 def model_names() -> list[str]:
-    return [MODEL_PREFIX + t for t in EMBEDDING_TASKS] + [GENERIC_MODEL] + [MODEL_PREFIX + t for t in GENERATIVE_TASKS]
+    return EMBEDDING_MODELS + GENERATIVE_MODELS
+
+
+def _model_field(names: list[str]) -> Any:
+    """``model``, its names published as the OpenAPI schema's enum (clients and fuzzers see what is valid) but
+    checked by the route, so an unknown name answers OpenAI's 404 model_not_found rather than a 400."""
+    return Field(json_schema_extra={"enum": names})
 
 
 class _OpenAIRequest(BaseModel):
@@ -132,7 +142,7 @@ class _OpenAIRequest(BaseModel):
 
 
 class EmbeddingRequest(_OpenAIRequest):
-    model: str
+    model: str = _model_field(EMBEDDING_MODELS)
     input: str | list[str]
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = None
@@ -152,7 +162,7 @@ class EmbeddingRequest(_OpenAIRequest):
 
 
 class _GenerationRequest(_OpenAIRequest):
-    model: str
+    model: str = _model_field(GENERATIVE_MODELS)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     """Default 0 (greedy), the decoding the paper evaluates with."""
@@ -288,9 +298,9 @@ class Scorer(str, Enum):
     EMBEDDING = "embedding"
     """Cosine similarity of the query side's embedding and the candidate's indexed vector (every task)."""
     GENERATIVE = "generative"
-    """The generative model's likelihood of the candidate as its answer: u2i, the candidate's letter among the
-    listed candidates in a sequential-recommendation prompt (at most 20, the letters A-T); q2i, the candidate's
-    title as the rewrite of the query (query_rewriting)."""
+    """The generative model's likelihood of the candidate as its answer (serving/rank.py): u2i, "yes" minus "no"
+    to candidate_ranking's question about it (a model trained on that task) or its letter among the listed
+    candidates of a sequential-recommendation prompt (at most 20); q2i, its title as the query's rewrite."""
 
 
 class RankRequest(_ItemQuery):
