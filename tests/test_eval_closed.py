@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from data_fixtures import read_task, small_build
-from recfound.eval.closed import closed_answers
+from recfound.data.templates import alpaca
+from recfound.eval.closed import CONTENT_FREE, closed_answers, content_free
 from recfound.eval.runner import answer
 from recfound.eval.systems import GRMSystem
 from recfound.model.backbone import BackboneConfig
@@ -50,3 +53,36 @@ def test_closed_answers_are_the_likeliest_label_and_free_text_still_decodes(buil
     assert picked == [options[int(s.argmax())] for options, s in zip(letters, scores, strict=True)]
     assert answer(system, "sequential_recommendation", prompts, 3, closed=False) == system.generate(
         "sequential_recommendation", prompts, 3)  # fmt: skip
+
+
+@pytest.mark.parametrize("task", CLASSIFICATION)
+def test_a_content_free_twin_keeps_instruction_and_options_and_drops_the_input(built: Path, task: str) -> None:
+    for row in read_task(built, task, "train")[:3]:
+        prompt = row["prompt"]
+        twin = content_free(prompt)
+        assert twin.startswith(prompt.split("### Input:")[0] + "### Input:\n" + CONTENT_FREE + "\n\n### ")
+        assert closed_answers(task, twin) == closed_answers(task, prompt)  # the options survive
+        assert content_free(twin) == twin
+    with pytest.raises(ValueError, match="Input"):
+        content_free("Describe the kettle.")
+
+
+class _Prior(GRMSystem):
+    """Scores every answer by a fixed prior, plus 1 for the answer its input names: the prior decides uncalibrated
+    (a majority-label model), the input decides calibrated."""
+
+    PRIOR = {"positive": 5.0, "negative": 0.0, "neutral": 2.0}
+
+    def __init__(self) -> None:
+        pass
+
+    def choice_scores(self, task: str, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+        return np.array([[self.PRIOR[c] + (f"### Input:\n{c}" in p) for c in choices] for p in prompts])
+
+
+def test_calibrated_choice_answers_from_the_input_not_the_prior() -> None:
+    labels = ["negative", "neutral", "positive", "negative"]
+    prompts = [alpaca("Rate it.", label) for label in labels]
+    options = [("positive", "negative", "neutral")] * len(prompts)
+    assert _Prior().choose("sentiment_analysis", prompts, options) == ["positive"] * 4
+    assert _Prior().choose("sentiment_analysis", prompts, options, calibrate=True) == labels

@@ -21,6 +21,9 @@ _FIXED: dict[str, tuple[str, ...]] = {
     "candidate_ranking": (YES, NO),
 }
 _OPTIONS = re.compile(r"### Options:\n(.*?)\n\n### Response:", re.DOTALL)
+_INPUT = re.compile(r"(### Input:\n)(.*?)(\n\n### (?:Options|Response):)", re.DOTALL)
+CONTENT_FREE = "N/A"
+"""The input of a calibration prompt (Zhao et al. 2021, "Calibrate before use"): says nothing about any answer."""
 _LETTER = re.compile(r"^([A-Z]): ", re.MULTILINE)
 
 
@@ -32,3 +35,13 @@ def closed_answers(task: str, prompt: str) -> tuple[str, ...] | None:
     if task == "sequential_recommendation" and (options := _OPTIONS.search(prompt)):
         return tuple(_LETTER.findall(options.group(1))) or None
     return None
+
+
+def content_free(prompt: str) -> str:
+    """``prompt`` with its input replaced by ``CONTENT_FREE``: same instruction and options, no evidence. How
+    likely a model finds each answer here is its prior for that answer (a preferred label, a preferred letter),
+    which calibrated scoring subtracts. ValueError when the prompt has no input section."""
+    calibration, found = _INPUT.subn(lambda m: m.group(1) + CONTENT_FREE + m.group(3), prompt, count=1)
+    if not found:
+        raise ValueError("not an instruction prompt with an '### Input:' section")
+    return calibration

@@ -102,6 +102,11 @@ class EvalConfig(Config):
     """Classification tasks (sentiment, relation, matching, answerability, sequential recommendation) answer with
     the likeliest of their valid answers (per-token log-likelihood, as the Serve app's guided_choice), for every
     generating system alike; false: free greedy decoding, parsed. Free-text tasks always decode."""
+    calibrate_answers: bool = False
+    """With closed_answers: subtract each answer's score on the prompt's content-free twin (the input replaced by
+    "N/A"; Zhao et al. 2021) before picking, for every generating system alike. A model that prefers one label
+    whatever the input (the majority, a first letter) then answers from the input; costs one more scoring pass
+    per distinct twin."""
     batch_size: int = Field(16, ge=1)
     """Texts per forward pass when the GRM embeds or generates."""
     seed: int = 42
@@ -263,21 +268,24 @@ def generative_sample(data: Dataset, task: str, split: str, n: int, seed: int) -
     return rows.sample(n=n, random_state=seed).sort_index() if n < len(rows) else rows
 
 
-def answer(system: GRMSystem, task: str, prompts: list[str], max_new_tokens: int, closed: bool) -> list[str]:
-    """Free decoding, or, for a classification task with ``closed``, the likeliest of the prompt's valid answers."""
+def answer(system: GRMSystem, task: str, prompts: list[str], max_new_tokens: int, closed: bool,
+           calibrate: bool = False) -> list[str]:  # fmt: skip
+    """Free decoding, or, for a classification task with ``closed``, the likeliest of the prompt's valid answers
+    (``calibrate``: relative to the model's prior for each, ``GRMSystem.choose``)."""
     choices = [closed_answers(task, p) for p in prompts] if closed else []
     if choices and all(c is not None for c in choices):
-        return system.choose(task, prompts, choices)
+        return system.choose(task, prompts, choices, calibrate)
     return system.generate(task, prompts, max_new_tokens)
 
 
 def evaluate_generative(
-    system: GRMSystem, samples: dict[str, pd.DataFrame], max_new_tokens: int, closed: bool = True
+    system: GRMSystem, samples: dict[str, pd.DataFrame], max_new_tokens: int, closed: bool = True,
+    calibrate: bool = False,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """({task: {metric: value}}, every prediction with its reference) for the system's generations."""
     metrics, predictions = {}, []
     for task, rows in samples.items():
-        preds = answer(system, task, rows["prompt"].tolist(), max_new_tokens, closed)
+        preds = answer(system, task, rows["prompt"].tolist(), max_new_tokens, closed, calibrate)
         refs = rows["response"].tolist()
         metrics[task] = {metric_name(metric): metric(preds, refs) for metric in GENERATIVE_METRICS[task]}
         predictions += [{"task": task, "id": i, "reference": r, "prediction": p}
@@ -336,7 +344,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         system.fit(data.items, data.interactions)
         scores = evaluate_embedding(system, embedding, data, cfg.protocols, cfg.seed)
         if isinstance(system, GRMSystem) and samples:
-            generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens, cfg.closed_answers)
+            generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens, cfg.closed_answers,
+                                                          cfg.calibrate_answers)  # fmt: skip
             scores |= generated
             (out / PREDICTIONS / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         scores = add_list_metrics(scores, system, lists)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from recfound.artifacts import ADAPTER_DIR, MANIFEST, METRICS, read_trainer_state
+from recfound.eval.closed import content_free
 from recfound.eval.convergence import latest_checkpoint
 from recfound.eval.protocols import DenseScorer, Scorer
 from recfound.model.backbone import BackboneConfig
@@ -175,17 +176,31 @@ class GRMSystem:
         """(prompts, choices) mean log-likelihood per token of each choice as the response (as guided_choice)."""
         return self.model.choice_scores(list(prompts), list(choices), task, self.batch_size).float().numpy()
 
-    def choose(self, task: str, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[str]:
-        """Per prompt, the likeliest of its own ``choices``; prompts sharing a choice set are scored together."""
+    def choose(self, task: str, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+               calibrate: bool = False) -> list[str]:  # fmt: skip
+        """Per prompt, the likeliest of its own ``choices``; prompts sharing a choice set are scored together. With
+        ``calibrate``, each answer's score on the prompt's content-free twin (``closed.content_free``) is
+        subtracted first: the answer the input makes likelier than the model's prior for it wins."""
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, options in enumerate(choices):
             groups.setdefault(tuple(options), []).append(i)
         out = [""] * len(prompts)
         for options, members in groups.items():
             scores = self.choice_scores(task, [prompts[i] for i in members], options)
+            if calibrate:
+                scores = scores - self._prior(task, [prompts[i] for i in members], options)
             for i, best in zip(members, scores.argmax(axis=1).tolist(), strict=True):
                 out[i] = options[best]
         return out
+
+    def _prior(self, task: str, prompts: Sequence[str], options: Sequence[str]) -> np.ndarray:
+        """(prompts, options) scores of each prompt's content-free twin; twins repeat (one per instruction
+        paraphrase and option list), so each distinct one is scored once."""
+        twins = [content_free(p) for p in prompts]
+        distinct = list(dict.fromkeys(twins))
+        table = self.choice_scores(task, distinct, options)
+        row = {twin: i for i, twin in enumerate(distinct)}
+        return table[[row[t] for t in twins]]
 
     def generate(self, task: str, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy responses, batched by similar prompt length (left padding costs compute on every new token)."""
