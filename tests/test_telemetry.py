@@ -55,3 +55,14 @@ def test_progress_line_shows_step_of_total_mean_loss_and_an_eta_from_the_wall_cl
     assert line.startswith("step 5/64 | loss 3.000 | eta 1:58 | lr 1.00e-03 | 500 ms | 4,000 tok/s | ")
     assert "flop_share 20.0%" in line and line.endswith("u2i=2.000 q2i=4.000")
     assert clock_text(3725) == "1:02:05" and clock_text(59.6) == "1:00"
+
+
+def test_a_cpu_peak_measured_under_load_is_measured_again_and_the_share_never_passes_one() -> None:
+    """A GEMM peak measured while other work held the cores (here: an impossible 1 FLOP/s) is re-measured at the
+    first step that beats it; the share stays a share."""
+    telemetry = Telemetry(None, (1.0, "flop_share"), every=10, total=2)
+    record = StepRecord(1, 1e-3, 0.5, 1000, 8, 1e9, {"u2i": 2.0}, {"u2i": 1.0})
+    share = telemetry.log(record, world_size=1)["flop_share"]
+    assert telemetry.peak >= 2e9 and 0 < share <= 1.0
+    gpu = Telemetry(None, (1.0, "mfu"), every=10, total=2)  # a datasheet peak is never replaced
+    assert gpu.log(record, world_size=1)["mfu"] == 2e9 and gpu.peak == 1.0

@@ -145,6 +145,7 @@ class Telemetry:
 
     def log(self, record: StepRecord, world_size: int) -> dict[str, float]:
         tokens_per_s = record.tokens * world_size / record.seconds
+        self._raise_measured_peak(record.flops / record.seconds)
         share = record.flops / record.seconds / self.peak  # this rank's work over one device's peak
         memory = peak_memory_mb(self.device)
         row = asdict(record) | {"tokens_per_s": tokens_per_s, self.peak_label: share, "peak_mem_mb": memory}
@@ -170,6 +171,12 @@ class Telemetry:
                 + losses
             )
         return {"tokens_per_s": tokens_per_s, self.peak_label: share}
+
+    def _raise_measured_peak(self, achieved: float) -> None:
+        """A step faster than the measured GEMM peak means the peak was measured while other work held the cores
+        (Ray Data's tokenisation at start-up, another job): measure again, and never report over 100 %."""
+        if self.peak_label == "flop_share" and achieved > self.peak:
+            self.peak = max(measured_gemm_peak(self.device), achieved)
 
     def eta_s(self, step: int, seconds: float) -> float:
         """Seconds until step ``total`` at the wall-clock rate since this process's first step, so checkpoints,
