@@ -4,12 +4,17 @@ and the progress line itself."""
 from __future__ import annotations
 
 import logging
+import posixpath
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
+from fsspec.core import url_to_fs
 from test_loss_pin import TINY, joint_batch
 
 from recfound.bench.common import counted_flops
+from recfound.artifacts import TENSORBOARD_DIR
 from recfound.config import load_config
 from recfound.model.grm import GRM
 from recfound.train.config import TrainConfig
@@ -66,3 +71,23 @@ def test_a_cpu_peak_measured_under_load_is_measured_again_and_the_share_never_pa
     assert telemetry.peak >= 2e9 and 0 < share <= 1.0
     gpu = Telemetry(None, (1.0, "mfu"), every=10, total=2)  # a datasheet peak is never replaced
     assert gpu.log(record, world_size=1)["mfu"] == 2e9 and gpu.peak == 1.0
+
+
+def test_event_files_go_to_the_runs_storage_path(tmp_path: Path) -> None:
+    """A local storage path is written in place; a remote one (here fsspec's memory://) gets the files copied at
+    each sync, so a run's curves outlive the node of rank 0."""
+    record = StepRecord(1, 1e-3, 0.5, 1000, 8, 1e9, {"u2i": 2.0}, {"u2i": 1.0})
+    local = tmp_path / "runs" / "quality" / TENSORBOARD_DIR
+    telemetry = Telemetry(str(local), (1e12, "flop_share"), every=10, total=1)
+    telemetry.log(record, world_size=1)
+    telemetry.close()
+    assert [p.name.startswith("events.out.tfevents.") for p in local.iterdir()] == [True]
+
+    remote = f"memory://bucket/runs/quality-{uuid.uuid4().hex[:6]}/{TENSORBOARD_DIR}"
+    telemetry = Telemetry(remote, (1e12, "flop_share"), every=10, total=1)
+    telemetry.log(record, world_size=1)
+    telemetry.sync()
+    fs, root = url_to_fs(remote)
+    [copied] = fs.ls(root, detail=False)
+    assert fs.cat_file(copied) == (telemetry._local / posixpath.basename(copied)).read_bytes()
+    telemetry.close()

@@ -74,6 +74,7 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
     assert uninterrupted[-1]["losses"]["u2i"] < uninterrupted[0]["losses"]["u2i"]
     assert all(row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 50 for row in uninterrupted)
     assert (ckpt / "losses.png").stat().st_size > 0 and (ckpt / "weights.png").stat().st_size > 0
+    assert list((tmp_path / "run-a" / "tensorboard").glob("events.out.tfevents.*"))  # beside the checkpoints
     weights = json.loads((ckpt / "s2sched.json").read_text())["weights_history"]
     assert weights[-1]["weights"] != weights[0]["weights"]  # past warmup the mix moved
     grm = load_model(str(ckpt))

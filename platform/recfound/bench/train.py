@@ -11,7 +11,6 @@ TensorBoard event times (the whole iteration, ``ray.train.report`` included), af
 from __future__ import annotations
 
 import struct
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,7 @@ import torch
 from fsspec.core import url_to_fs
 from pydantic import Field
 
-from recfound.artifacts import read_metrics
+from recfound.artifacts import TENSORBOARD_DIR, read_metrics
 from recfound.bench.common import (
     CONFIG_DIR, Better, Report, Table, Target, fmt, median, percentile, top_ops, torch_threads,
 )  # fmt: skip
@@ -44,7 +43,6 @@ from recfound.train.streams import TaskStream
 from recfound.train.telemetry import StepCost, StepRecord, Telemetry, peak_flops
 
 CHUNK = 64  # rows per tokenised batch, as run._datasets' map_batches and TaskStream use
-TB_ROOT = Path(tempfile.gettempdir()) / "recfound-tb"  # where rank 0's Telemetry writes (train.loop)
 TB_TAG = "throughput/tokens_per_s"  # one event per step
 TARGETS = [
     Target("TorchTrainer step / plain loop (metrics.jsonl seconds)", "trainer_vs_plain_step", 1.05, Better.LOWER),
@@ -162,13 +160,13 @@ def _records(blob: bytes) -> Iterator[bytes]:
         pos += 12 + length + 4
 
 
-def wall_intervals(run_name: str) -> dict[int, float]:
+def wall_intervals(events: Path) -> dict[int, float]:
     """Step -> seconds since the previous step's TensorBoard event: the whole iteration, including
     ``ray.train.report`` and everything else the step timer in metrics.jsonl does not cover."""
     from tensorboardX.proto.event_pb2 import Event
 
     walls: dict[int, float] = {}
-    for path in sorted((TB_ROOT / run_name).glob("events.out.tfevents.*")):
+    for path in sorted(events.glob("events.out.tfevents.*")):
         for payload in _records(path.read_bytes()):
             event = Event.FromString(payload)
             if any(v.tag == TB_TAG for v in event.summary.value):
@@ -230,7 +228,7 @@ def run(bench: TrainBench) -> Report:
             history = read_metrics(checkpoint)
             after, ops = run_plain(cfg, p, bench.steps, profile=bench.profile and i == bench.pairs - 1)
             triples.append({"name": p.name, "data": p.data, "tasks": p.tasks,
-                            "trainer": summarize(history, bench.skip, wall_intervals(p.name)),
+                            "trainer": summarize(history, bench.skip, wall_intervals(Path(p.storage_path, p.name, TENSORBOARD_DIR))),
                             "plain_before": summarize(before, bench.skip), "plain_after": summarize(after, bench.skip),
                             "trainer_rows": history, "plain_before_rows": before, "plain_after_rows": after})  # fmt: skip
     finally:

@@ -109,8 +109,7 @@ def train_worker(config: dict[str, Any]) -> None:
     weights = _broadcast(ray.get(scheduler.weights.remote())[1] if scheduler is not None else None)
     telemetry = None
     if rank == 0:
-        log_dir = Path(tempfile.gettempdir()) / "recfound-tb" / config["run"]
-        telemetry = Telemetry(log_dir, peak_flops(device), cfg.log_every, cfg.max_steps, device)
+        telemetry = Telemetry(config["tensorboard"], peak_flops(device), cfg.log_every, cfg.max_steps, device)
         telemetry.history = history
 
     skipped = 0
@@ -162,6 +161,7 @@ def train_worker(config: dict[str, Any]) -> None:
                         state = _trainer_state(step, cfg.seed, world, streams, samplers)
                         sched_state = ray.get(scheduler.state_dict.remote())
                         checkpoint.save(Path(tmp), grm, state, sched_state, telemetry.history)
+                        telemetry.sync()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
         elif step % cfg.log_every == 0:  # each report is a round trip to the controller: not every step
             ray.train.report(metrics)

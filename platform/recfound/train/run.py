@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import posixpath
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +19,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 import recfound
+from recfound.artifacts import TENSORBOARD_DIR
 from recfound.io import exists, read_json
 from recfound.tasks import MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
@@ -189,7 +191,8 @@ def run(cfg: TrainConfig) -> str:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
-                           "namespace": NAMESPACE, "run": p.name, "data": p.data, "halt": halt,
+                           "namespace": NAMESPACE, "data": p.data, "halt": halt,
+                           "tensorboard": posixpath.join(p.storage_path.rstrip("/"), p.name, TENSORBOARD_DIR),
                            "scheduler_initial": ray.get(scheduler.state_dict.remote()), "prior": item_prior(p, cfg),
                            "shared_streams": shared_streams(p.rows, cfg.batch.small_task_rows)},  # fmt: skip
         scaling_config=scaling_config(cfg),

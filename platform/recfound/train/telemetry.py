@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 # Rank 0's progress line. In a Ray Train worker the root logger writes it once to the worker's stderr, which
 # the driver echoes, and to Ray Train's application log file (a print would be echoed twice: stdout and stderr).
@@ -131,17 +135,18 @@ class StepRecord:
 class Telemetry:
     """Formats and keeps rank 0's per-step records; ``history`` is what checkpoints and plots are made from."""
 
-    def __init__(self, log_dir: Path | None, peak: tuple[float, str], every: int, total: int,
+    def __init__(self, tensorboard: str | None, peak: tuple[float, str], every: int, total: int,
                  device: torch.device = torch.device("cpu"), clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         (self.peak, self.peak_label), self.every, self.total = peak, every, total
         self.device, self._clock = device, clock
         self._first: tuple[int, float] | None = None
         self.history: list[dict] = []
-        self._writer = None
-        if log_dir is not None:
+        self._writer, self._local, self._remote = None, None, None
+        if tensorboard is not None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(log_dir))
+            self._local, self._remote = event_dirs(tensorboard)
+            self._writer = SummaryWriter(str(self._local))
 
     def log(self, record: StepRecord, world_size: int) -> dict[str, float]:
         tokens_per_s = record.tokens * world_size / record.seconds
@@ -188,9 +193,30 @@ class Telemetry:
         per_step = (now - first_at) / (step - first_step) if step > first_step else seconds
         return per_step * (self.total - step)
 
+    def sync(self) -> None:
+        """Flush the event files and, for a remote storage path, copy them there (at each checkpoint and the end:
+        a run's curves survive its node)."""
+        if self._writer is None:
+            return
+        self._writer.flush()
+        if self._remote is not None:
+            fs, root = url_to_fs(self._remote)
+            for path in self._local.iterdir():
+                fs.put_file(str(path), posixpath.join(root, path.name))
+
     def close(self) -> None:
+        self.sync()
         if self._writer is not None:
             self._writer.close()
+
+
+def event_dirs(url: str) -> tuple[Path, str | None]:
+    """Where the writer writes and where its files are copied: a local storage path is written in place; a remote
+    one (s3://, gs://, ...) through a local folder of the same run name, copied at each ``sync``."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return Path(path), None
+    return Path(tempfile.gettempdir()) / "recfound-tb" / posixpath.basename(posixpath.dirname(path)), url
 
 
 def clock_text(seconds: float) -> str:
