@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from recfound.config import Config, InputURL, cli  # noqa: E402
 
 DEFAULT_ENGINE = "recfound.serving.engine:GRMEngine"
+EXPORT_ENGINE = "recfound.serving.engine:ExportEngine"
 USAGE = """
-    Publish a merged model as the registry's next version vN, then point `latest` at it.
+    Publish a merged model (or an embedding export of one, jobs/export.py) as the registry's next version vN,
+    then point `latest` at it.
 
     python jobs/publish.py model=<merged dir> data=<dataset dir> registry=<dir or url> [serve=<ray address>]
 
@@ -37,10 +39,21 @@ class PublishConfig(Config):
     Model deployment is reconfigured to the new version in place (zero downtime) once it is published."""
     app: str = "recfound"
     """Name of the Serve application to roll (the `name` in serve_config.yaml)."""
-    engine: str = DEFAULT_ENGINE
-    """Engine factory recorded in the version ('module:callable', called with the version directory)."""
+    engine: str | None = None
+    """Engine factory recorded in the version ('module:callable', called with the version directory); unset: the
+    GRM engine for a merged or adapted model, the export engine for an embedding export (jobs/export.py)."""
     batch_size: int = 64
     """Items embedded per engine call while building the index; larger is faster and needs more memory."""
+
+
+def default_engine(model: str) -> str:
+    """The engine that loads ``model``: an export (its manifest's kind) has its own."""
+    from recfound.artifacts import EXPORT_KIND, MANIFEST
+    from recfound.io import exists, read_json
+
+    manifest = f"{model.rstrip('/')}/{MANIFEST}"
+    kind = read_json(manifest).get("kind") if exists(manifest) else None
+    return EXPORT_ENGINE if kind == EXPORT_KIND else DEFAULT_ENGINE
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> str:
     from recfound.serving.registry import publish
     from recfound.tasks import ITEMS, MANIFEST
 
-    meta = {ENGINE_KEY: cfg.engine, **text_meta(read_json(f"{cfg.data}/{MANIFEST}"))}
+    meta = {ENGINE_KEY: cfg.engine or default_engine(cfg.model), **text_meta(read_json(f"{cfg.data}/{MANIFEST}"))}
     build = partial(build_item_index, items_url=f"{cfg.data}/{ITEMS}", batch_size=cfg.batch_size)
     version = publish(cfg.model, cfg.registry, build, meta)
     print(version, flush=True)

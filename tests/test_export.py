@@ -42,10 +42,13 @@ PROMPTS = ["How does this reviewer feel: the pan is great", "Sentiment of: it br
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_merged(tmp_path_factory.mktemp("export"))
+
+
+def make_merged(root: Path, backbone: BackboneConfig = BACKBONE) -> Path:
     """A merged artifact of one checkpoint whose adapter moved away from zero, so folding matters."""
-    root = tmp_path_factory.mktemp("export")
     torch.manual_seed(7)
-    grm = GRM.build(BACKBONE, TMoLEConfig(num_experts=3, r=4, alpha=8, task_dim=16, tasks=TASKS))
+    grm = GRM.build(backbone, TMoLEConfig(num_experts=3, r=4, alpha=8, task_dim=16, tasks=TASKS))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for tensor in grm.tuner.trainable_state_dict().values():

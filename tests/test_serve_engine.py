@@ -321,7 +321,7 @@ class _ProbeEngine:
     """Counts embeds; returns NaN vectors when told to (a broken engine that still answers)."""
 
     def __init__(self, broken: bool = False):
-        self.calls, self.broken = 0, broken
+        self.calls, self.broken, self.tasks = 0, broken, ALL_TASKS
 
     def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
         self.calls += 1

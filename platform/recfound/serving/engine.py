@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -150,6 +151,42 @@ class GRMEngine:
 
     def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
         return self.model.choice_scores(prompts, choices, task).float().numpy()
+
+
+class ExportEngine:
+    """An embedding export (jobs/export.py: one task folded into plain weights, fp32 or int8, PyTorch or ONNX) as an
+    Engine: the compact deployment. It serves its one task's embeddings, /v1/recommend and embedding /v1/rank;
+    every other model name answers 404 (the replica checks ``tasks``)."""
+
+    def __init__(self, version_dir: str):
+        from recfound.artifacts import check_files, read_manifest
+        from recfound.merge.export import ExportedEmbedder, ExportError, load_export
+
+        self.version = str(read_version(version_dir)["version"])
+        # The export's own files against its manifest; the registry adds version.json and index/ beside them.
+        check_files(Path(version_dir), read_manifest(Path(version_dir), ExportError).get("files"), ExportError, True)
+        exported = load_export(version_dir, verify=False)
+        if not isinstance(exported, ExportedEmbedder):
+            raise ValueError(f"{version_dir}: a generative export ({exported.task}); the Serve app serves embedding "
+                             "exports (publish the merged model for generation)")  # fmt: skip
+        self._embedder, self.tasks = exported, (exported.task,)
+        self.context_length = int(exported.budgets["generative"])
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self._embedder.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
+        return self._embedder.embed(texts, instruction, side)
+
+    def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        raise NotImplementedError("an embedding export does not generate")
+
+    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
+               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+        raise NotImplementedError("an embedding export does not generate")
+
+    def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
+        raise NotImplementedError("an embedding export does not generate")
 
 
 class _Cancelled:

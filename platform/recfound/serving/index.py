@@ -79,7 +79,7 @@ def build_item_index(version_dir: str, items_url: str, batch_size: int = 64) -> 
     engine = load_engine(version_dir)
     instructions = read_version(version_dir)["instructions"]
     (Path(version_dir) / INDEX_DIR).mkdir(exist_ok=True)
-    for task in EMBEDDING_TASKS:
+    for task in [t for t in EMBEDDING_TASKS if t in engine.tasks]:  # an export: its one task
         parts = [
             engine.embed(task, texts[i : i + batch_size], instructions[task]["item"], Side.ITEM)
             for i in range(0, len(texts), batch_size)
@@ -234,6 +234,7 @@ class ItemIndex:
         searches = {
             task: build_search(np.load(Path(version_dir) / vectors_file(task), allow_pickle=False), search)
             for task in EMBEDDING_TASKS
+            if (Path(version_dir) / vectors_file(task)).is_file()  # the tasks its engine serves
         }
         return cls(table["item_id"], table["title"], table["text"], searches)
 

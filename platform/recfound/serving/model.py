@@ -27,7 +27,8 @@ from recfound.serving.metrics import ServingMetrics
 from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
 from recfound.serving.rank import rank_question
 from recfound.serving.schemas import (
-    QUERY_PARAM, ApiError, ErrorType, RankRequest, RecommendedItem, RecommendRequest, RecommendResponse, Scorer,
+    MODEL_PREFIX, QUERY_PARAM, ApiError, ErrorType, RankRequest, RecommendedItem, RecommendRequest, RecommendResponse,
+    Scorer,
 )  # fmt: skip
 
 log = logging.getLogger("ray.serve")
@@ -107,9 +108,10 @@ class Loaded:
 def probe(live: Loaded) -> None:
     """Embed one short text and check the vector is finite; skipped while a request holds the engine (that
     request exercises it, and waiting for it could outlast Serve's health-check timeout)."""
-    task = "q2i" if "q2i" in live.instructions else next(iter(live.instructions))
-    if not live.embed_lock.acquire(blocking=False):
+    served = [t for t in live.engine.tasks if t in live.instructions]  # the embedding tasks it serves
+    if not served or not live.embed_lock.acquire(blocking=False):
         return
+    task = "q2i" if "q2i" in served else served[0]
     try:
         vectors = live.engine.embed(task, ["health check"], live.instructions[task]["query"], Side.QUERY)
     finally:
@@ -334,6 +336,7 @@ class Model:
 
     async def embed(self, task: str, texts: list[str]) -> Embedded:
         live = self._require_live()
+        _served(live, task)
         tokens = await self._check_embed_context(live, task, texts, "input")
         vectors = await self._embed_batch(Job(live, task, texts, tokens))
         self._metrics.tokens("embed", task, tokens)
@@ -341,6 +344,7 @@ class Model:
 
     async def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> Generated:
         live = self._require_live()
+        _served(live, task)
         counts = await _count_tokens(live, prompts)
         for i, n in enumerate(counts):
             if n + max_tokens > live.engine.context_length:
@@ -359,6 +363,7 @@ class Model:
         string was reached) this generator is closed and the decoding stops at its next token.
         """
         live = self._require_live()
+        _served(live, task)
         [n] = await _count_tokens(live, [prompt])
         if n + max_tokens > live.engine.context_length:
             raise _context_error("prompt", 0, n + max_tokens, live.engine.context_length,
@@ -415,6 +420,7 @@ class Model:
     async def choose(self, task: str, prompts: list[str], choices: list[str]) -> Generated:
         """``guided_choice``: each prompt's most likely choice (the first on a tie)."""
         live = self._require_live()
+        _served(live, task)
         scores, prompt_tokens = await self._choice_scores(live, task, prompts, choices, "prompt", "guided_choice")
         texts = [choices[j] for j in scores.argmax(axis=1).tolist()]
         completion = await _count_tokens(live, texts)
@@ -439,6 +445,7 @@ class Model:
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         live = self._require_live()
+        _served(live, req.task, "task")
         index = live.index
         text, named = self._query_side(live, req)
         exclude = named if req.task == "i2i" or req.exclude_history else []
@@ -451,6 +458,7 @@ class Model:
     async def rank(self, req: RankRequest) -> RecommendResponse:
         """Every candidate once, best first (ties keep the request's order)."""
         live = self._require_live()
+        _served(live, req.task, "task")
         index = live.index
         text, _ = self._query_side(live, req)
         positions = _positions(index, req.candidates, "candidates")
@@ -459,6 +467,7 @@ class Model:
             scores = index.score(req.task, vector, positions)
         else:
             question = rank_question(req.task, text, [index.titles[p] for p in positions], live.engine.tasks)
+            _served(live, question.task, "scorer")
             table, tokens = await self._choice_scores(live, question.task, question.prompts, question.choices,
                                                       QUERY_PARAM[req.task], "candidate")  # fmt: skip
             scores = question.scores(table)
@@ -467,6 +476,20 @@ class Model:
         items = [RecommendedItem(item_id=index.item_ids[positions[i]], title=index.titles[positions[i]],
                                  score=float(scores[i])) for i in order]  # fmt: skip
         return RecommendResponse(task=req.task, version=live.version, items=items)
+
+
+def _served(live: Loaded, task: str, param: str = "model") -> None:
+    """Refuse a task the live version was not trained on (or, for an export, not exported): before this, its
+    engine failed inside the call and the client got a 500. A model name is a 404, as OpenAI answers an unknown
+    model; the task or scorer of /v1/recommend and /v1/rank a 400."""
+    if task in live.engine.tasks:
+        return
+    served = ", ".join(live.engine.tasks)
+    if param == "model":
+        raise ApiError(404, f"model {MODEL_PREFIX + task!r} is not served by version {live.version}: it was not trained "
+                       f"on {task} (its tasks: {served})", "model", "model_not_found")  # fmt: skip
+    raise ApiError(400, f"{param}: version {live.version} was not trained on {task}, which it needs (its tasks: "
+                   f"{served})", param, "unsupported_value")  # fmt: skip
 
 
 async def _count_tokens(live: Loaded, texts: list[str]) -> list[int]:
