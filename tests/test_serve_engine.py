@@ -332,11 +332,11 @@ def _replica(engine: _ProbeEngine | None) -> object:
     """The Model deployment's class, constructed without Serve, holding ``engine`` as its live version."""
     import asyncio
 
-    from recfound.serving.model import Loaded, Model
+    from recfound.serving.model import LiveVersion, Model
 
     replica = Model.func_or_class("memory://unused", {})
     if engine is not None:
-        replica._live = Loaded("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
+        replica._live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
     replica.check = lambda: asyncio.run(replica.check_health())
     return replica
 
@@ -445,10 +445,10 @@ def test_embeddings_are_served_while_a_generation_runs() -> None:
     """Embeddings and generation hold separate engine locks: /v1/embeddings and /v1/recommend never queue behind a
     long completion on the same replica."""
     from recfound.serving.metrics import ServingMetrics
-    from recfound.serving.model import Job, Loaded, _embed_grouped, _generate_grouped
+    from recfound.serving.model import Job, LiveVersion, _embed_grouped, _generate_grouped
 
     engine, metrics = _GateEngine(), ServingMetrics()
-    live = Loaded("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
+    live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
     generation = threading.Thread(target=_generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
     generation.start()
     assert engine.generating.wait(30)

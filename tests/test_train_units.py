@@ -14,7 +14,7 @@ from torch import nn
 from recfound.model.formats import IGNORE_INDEX, Side
 from recfound.model.losses import LossConfig
 from recfound.serving.metrics import ServingMetrics
-from recfound.serving.model import Job, Loaded, _embed_grouped, _generate_grouped
+from recfound.serving.model import Job, LiveVersion, _embed_grouped, _generate_grouped
 from recfound.tasks import Mode
 from recfound.train.batches import collate, item_keys
 from recfound.train.engine import rebase_lr
@@ -324,7 +324,7 @@ def test_rebase_lr_puts_a_resumed_run_on_its_own_schedule() -> None:
 
 
 class FakeEngine:
-    """Records every embed / generate call and whether the matching lock of its Loaded was held during it."""
+    """Records every embed / generate call and whether the matching lock of its LiveVersion was held during it."""
 
     def __init__(self, name: str) -> None:
         self.name, self.calls, self.live = name, [], None
@@ -339,9 +339,9 @@ class FakeEngine:
         return [f"{self.name}:{task}:{p}:{max_tokens}" for p in prompts]
 
 
-def _loaded(version: str) -> Loaded:
+def _loaded(version: str) -> LiveVersion:
     engine = FakeEngine(version)
-    live = Loaded(version, engine, None, {t: {"query": f"{t} instruction"} for t in ("q2i", "u2i")}, 10)
+    live = LiveVersion(version, engine, None, {t: {"query": f"{t} instruction"} for t in ("q2i", "u2i")}, 10)
     engine.live = live
     return live
 

@@ -32,7 +32,7 @@ from recfound.data.templates import RELATIONS, SENTIMENTS
 _TOKEN = re.compile(r"[^\W_]+")
 
 
-def tokenize(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     """Lowercase alphanumeric runs: the tokeniser behind BM25, token F1 and the label parsers (ROUGE-L uses
     rouge-score's, which splits the same way on ASCII text)."""
     return _TOKEN.findall(text.lower())
@@ -171,7 +171,7 @@ def option_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
 
 
 def _normalize(text: str) -> str:
-    return " ".join(tokenize(text))
+    return " ".join(words(text))
 
 
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
@@ -214,8 +214,8 @@ def binary_f1(preds: Sequence[str], golds: Sequence[str], positive: str = "yes")
     """F1 of the positive class; a text is positive when its first word is ``positive`` ("Yes, they match")."""
     if not _check_pairs(preds, golds):
         return float("nan")
-    said = [tokenize(text)[:1] == [positive.lower()] for text in preds]
-    truth = [tokenize(text)[:1] == [positive.lower()] for text in golds]
+    said = [words(text)[:1] == [positive.lower()] for text in preds]
+    truth = [words(text)[:1] == [positive.lower()] for text in golds]
     tp = sum(p and g for p, g in zip(said, truth))
     fp = sum(p and not g for p, g in zip(said, truth))
     fn = sum(g and not p for p, g in zip(said, truth))
@@ -267,7 +267,7 @@ def token_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
         return float("nan")
     scores = []
     for pred, ref in zip(preds, refs):
-        p, r = tokenize(pred), tokenize(ref)
+        p, r = words(pred), words(ref)
         scores.append(_overlap_f1(sum((Counter(p) & Counter(r)).values()), len(p), len(r)))
     return float(np.mean(scores))
 

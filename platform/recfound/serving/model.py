@@ -84,7 +84,7 @@ class EngineLock:
 
 
 @dataclass(frozen=True)
-class Loaded:
+class LiveVersion:
     """One version, fully loaded: requests hold this snapshot, so a swap never mixes two versions."""
 
     version: str
@@ -105,7 +105,7 @@ class Loaded:
         return max(held, default=None)
 
 
-def probe(live: Loaded) -> None:
+def probe(live: LiveVersion) -> None:
     """Embed one short text and check the vector is finite; skipped while a request holds the engine (that
     request exercises it, and waiting for it could outlast Serve's health-check timeout)."""
     served = [t for t in live.engine.tasks if t in live.instructions]  # the embedding tasks it serves
@@ -120,13 +120,13 @@ def probe(live: Loaded) -> None:
         raise RuntimeError(f"version {live.version}: the engine's probe embedding is not a finite vector")
 
 
-def load_version(registry: str, version: str, search: SearchConfig, cache_dir: str | None) -> Loaded:
+def load_version(registry: str, version: str, search: SearchConfig, cache_dir: str | None) -> LiveVersion:
     """Resolve, verify every checksum, then load: a corrupted version raises before any of it is used."""
     path = resolve_verified(registry, version, cache_dir)
     meta = read_version(path)
     engine = load_engine(path)
     index = ItemIndex.load(path, search)
-    return Loaded(engine.version, engine, index, meta["instructions"], meta.get("max_history", DEFAULT_MAX_HISTORY))
+    return LiveVersion(engine.version, engine, index, meta["instructions"], meta.get("max_history", DEFAULT_MAX_HISTORY))
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class Job:
     """One request's share of a batch. ``tokens`` (its prompt tokens) and ``queued`` (when it entered the batch
     queue) are for the metrics of the engine call that serves it."""
 
-    live: Loaded
+    live: LiveVersion
     task: str
     texts: list[str]
     tokens: int
@@ -238,7 +238,7 @@ class Model:
         self._search = SearchConfig.model_validate(search)
         self._max_engine_call_s = ModelUserConfig().max_engine_call_s
         self._cache_dir = cache_dir
-        self._live: Loaded | None = None
+        self._live: LiveVersion | None = None
         self._wanted: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self._error: str | None = None
@@ -273,7 +273,7 @@ class Model:
             # Keep a reference: the event loop holds tasks only weakly.
             self._loading = asyncio.create_task(self._switch(name))
 
-    def _load(self, name: str) -> Loaded:
+    def _load(self, name: str) -> LiveVersion:
         loaded = load_version(self._registry, name, self._search, self._cache_dir)
         log.info("loaded version %s", loaded.version)
         return loaded
@@ -289,7 +289,7 @@ class Model:
             self._error = None
             log.info("serving version %s", name)
 
-    def _go_live(self, loaded: Loaded) -> None:
+    def _go_live(self, loaded: LiveVersion) -> None:
         previous, self._live = self._live, loaded
         self._metrics.serving(loaded.version, previous.version if previous else None)
 
@@ -309,7 +309,7 @@ class Model:
                                f"{self._max_engine_call_s:g}: wedged")  # fmt: skip
         await asyncio.to_thread(probe, live)
 
-    def _require_live(self) -> Loaded:
+    def _require_live(self) -> LiveVersion:
         if self._live is None:
             raise ApiError(503, "no model version loaded yet", None, "not_ready", ErrorType.UNAVAILABLE)
         return self._live
@@ -319,7 +319,7 @@ class Model:
         return {"version": live.version, "last_error": self._error, "items": len(live.index.item_ids),
                 "context_length": live.engine.context_length}  # fmt: skip
 
-    async def _check_embed_context(self, live: Loaded, task: str, texts: list[str], param: str) -> int:
+    async def _check_embed_context(self, live: LiveVersion, task: str, texts: list[str], param: str) -> int:
         counts = await _count_tokens(live, [live.instructions[task]["query"], *texts])
         for i, n in enumerate(counts[1:]):
             if counts[0] + n > live.engine.context_length:
@@ -400,7 +400,7 @@ class Model:
             cancelled.set()
         yield Finished(await decoding)
 
-    async def _choice_scores(self, live: Loaded, task: str, prompts: list[str], choices: list[str],
+    async def _choice_scores(self, live: LiveVersion, task: str, prompts: list[str], choices: list[str],
                              param: str, choice_param: str) -> tuple[np.ndarray, int]:  # fmt: skip
         """(prompts, choices) scores and the prompts' token count; every (prompt, choice) pair must fit the context
         like a completion."""
@@ -427,7 +427,7 @@ class Model:
         self._metrics.tokens("choose", task, prompt_tokens, sum(completion))
         return Generated(live.version, texts, prompt_tokens, completion)
 
-    def _query_side(self, live: Loaded, req: RecommendRequest | RankRequest) -> tuple[str, list[int]]:
+    def _query_side(self, live: LiveVersion, req: RecommendRequest | RankRequest) -> tuple[str, list[int]]:
         """The query text as training rendered it, and the catalogue positions it names (history or anchor)."""
         index = live.index
         if req.task == "u2i":
@@ -438,7 +438,7 @@ class Model:
             return index.texts[item[0]], item
         return req.query or "", []
 
-    async def _query_vector(self, live: Loaded, task: str, text: str) -> tuple[np.ndarray, int]:
+    async def _query_vector(self, live: LiveVersion, task: str, text: str) -> tuple[np.ndarray, int]:
         """The query's embedding and its token count."""
         tokens = await self._check_embed_context(live, task, [text], QUERY_PARAM[task])
         return (await self._embed_batch(Job(live, task, [text], tokens)))[0], tokens
@@ -478,7 +478,7 @@ class Model:
         return RecommendResponse(task=req.task, version=live.version, items=items)
 
 
-def _served(live: Loaded, task: str, param: str = "model") -> None:
+def _served(live: LiveVersion, task: str, param: str = "model") -> None:
     """Refuse a task the live version was not trained on (or, for an export, not exported): before this, its
     engine failed inside the call and the client got a 500. A model name is a 404, as OpenAI answers an unknown
     model; the task or scorer of /v1/recommend and /v1/rank a 400."""
@@ -492,7 +492,7 @@ def _served(live: Loaded, task: str, param: str = "model") -> None:
                    f"{served})", param, "unsupported_value")  # fmt: skip
 
 
-async def _count_tokens(live: Loaded, texts: list[str]) -> list[int]:
+async def _count_tokens(live: LiveVersion, texts: list[str]) -> list[int]:
     """Token counts, in a worker thread: tokenising a request's texts on the event loop would stall every other
     request of the replica for as long. (Tokenizers are called with one fixed setting everywhere, no truncation or
     padding, so concurrent calls never reconfigure the shared tokenizer.)"""

@@ -31,7 +31,7 @@ from recfound.train.optim import build_lr_schedule, build_optimizer
 ZERO_DIR, ZERO_TAG = "zero", "ckpt"
 
 
-class Engine(Protocol):
+class TrainEngine(Protocol):
     """What the training loop needs from the thing that owns the optimizer."""
 
     def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]: ...
@@ -200,7 +200,7 @@ def verify_partitions(root: Path) -> None:
 
 
 def build_engine(objective: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                 both_modes: bool) -> Engine:  # fmt: skip
+                 both_modes: bool) -> TrainEngine:  # fmt: skip
     """DeepSpeed when ``cfg.zero_stage`` is set, else DDP; ``both_modes``: the run trains both task modes."""
     params = [p for p in objective.parameters() if p.requires_grad]
     if cfg.zero_stage:

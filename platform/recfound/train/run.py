@@ -140,7 +140,7 @@ def item_prior(plan: Plan, cfg: TrainConfig) -> ItemPrior | None:
 
 def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
     """Tokenised training datasets: one per task, except the small tasks, one union per mode (``shared_streams``)."""
-    from recfound.data.streams import task_datasets
+    from recfound.data.task_datasets import task_datasets
     from recfound.train.batches import tokenize
 
     backbone = cfg.model.backbone.model_dump()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from recfound.tasks import Mode
 from recfound.train.batches import Rows, collate
-from recfound.train.engine import Engine
+from recfound.train.engine import TrainEngine
 from recfound.train.objective import FALSE_NEGATIVES, TaskStats
 from recfound.train.telemetry import StepCost
 
@@ -53,7 +53,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def train_step(
-    engine: Engine,
+    engine: TrainEngine,
     sources: Mapping[str, RowSource],
     counts: Mapping[Mode, Mapping[str, int]],
     *,

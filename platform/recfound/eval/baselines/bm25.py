@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from recfound.eval.baselines.common import item_documents
-from recfound.eval.metrics import tokenize
+from recfound.eval.metrics import words
 from recfound.eval.protocols import Scorer
 from recfound.tasks import EMBEDDING_TASKS
 
@@ -21,7 +21,7 @@ class BM25:
     """bm25s's Lucene BM25: score(q, d) = sum over query tokens t (with repeats) of idf(t) tf / (tf + k1 (1 - b +
     b |d| / avgdl)), idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)), which stays positive for common terms.
 
-    Tokens are ``tokenize``'s (lowercase alphanumeric runs, no stemming or stopwords), not bm25s's own tokenizer,
+    Tokens are ``metrics.words``' (lowercase alphanumeric runs, no stemming or stopwords), not bm25s's own tokenizer,
     which drops one-character tokens ("4", sizes such as "l"): BM25 and the text-overlap metrics read the same
     words. U2I queries are the user's history titles, so BM25 there is a content-based recommender.
     """
@@ -35,11 +35,11 @@ class BM25:
     def fit(self, items: pd.DataFrame, interactions: pd.DataFrame) -> None:
         # float64: bm25s's default float32 would merge near-equal scores into ties the ranking then has to share.
         self.index = bm25s.BM25(k1=self.k1, b=self.b, method="lucene", dtype="float64")
-        self.index.index([tokenize(doc) for doc in item_documents(items)], show_progress=False)
+        self.index.index([words(doc) for doc in item_documents(items)], show_progress=False)
         self.n_items = len(items)
 
     def scorer(self, task: str, rows: pd.DataFrame) -> Scorer:
-        queries = [self.index.get_tokens_ids(tokenize(q)) for q in rows["query"].astype(str)]
+        queries = [self.index.get_tokens_ids(words(q)) for q in rows["query"].astype(str)]
         return _BM25Scorer(self.index, queries, self.n_items)
 
 

@@ -7,7 +7,7 @@ import ray
 from data_fixtures import SMALL
 
 from recfound.data.builder import BuildConfig, build
-from recfound.data.streams import task_datasets
+from recfound.data.task_datasets import task_datasets
 from recfound.tasks import EMBEDDING_COLUMNS, GENERATIVE_COLUMNS
 
 pytestmark = pytest.mark.slow  # starts a local Ray: not in `make test-fast`

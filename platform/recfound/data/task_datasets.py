@@ -1,4 +1,4 @@
-"""A built dataset's task tables as Ray Data streams, one per task, for the trainer and the evaluator."""
+"""A built dataset's task tables as Ray Data datasets, one per task: what the trainer streams from."""
 
 from __future__ import annotations
 
