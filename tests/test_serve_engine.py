@@ -452,7 +452,8 @@ def test_embeddings_are_served_while_a_generation_runs() -> None:
     generation = threading.Thread(target=_generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
     generation.start()
     assert engine.generating.wait(30)
-    embedded = threading.Thread(target=_embed_grouped, args=([Job(live, "q2i", ["a query"], 2)], metrics))
+    embedded = threading.Thread(target=_embed_grouped, args=([Job(live, "q2i", ["a query"], 2, lengths=(4,))], metrics,
+                                                             4096))  # fmt: skip
     embedded.start()
     embedded.join(10)
     finished_first = not embedded.is_alive()

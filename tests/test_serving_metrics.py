@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from test_serve_engine import make_artifact, make_dataset, publish_fake
 
+from recfound.data.templates import TEMPLATE_VERSION
+from recfound.serving.index import text_meta
 from recfound.serving.metrics import ServingMetrics
 from recfound.serving.model import Finished, Model, Started
 from recfound.serving.rank import rank_question
@@ -76,7 +78,7 @@ def _sorted(points: Points, name: str) -> list[tuple[float, dict[str, str]]]:
 
 def test_an_embeddings_batch_records_tokens_its_engine_call_and_each_wait(loop: asyncio.Runner, registry: str) -> None:
     """Two requests of 2 texts and 1 text make one Serve batch and one engine call of 3 texts; each request's
-    tokens and wait are its own."""
+    tokens and wait are its own; the engine call's tokens are what it encodes: each text with its instruction."""
 
     def pair(replica: Model) -> Coroutine[Any, Any, Any]:
         return asyncio.gather(replica.embed("q2i", ["red running shoes", "coffee mug"]),
@@ -88,7 +90,8 @@ def test_an_embeddings_batch_records_tokens_its_engine_call_and_each_wait(loop: 
     assert _sorted(points, "recfound_prompt_tokens") == [(1, embed), (5, embed)]
     assert "recfound_completion_tokens" not in points
     assert _sorted(points, "recfound_engine_batch_inputs") == [(3.0, {"kind": "embed"})]
-    assert _sorted(points, "recfound_engine_batch_tokens") == [(6.0, {"kind": "embed"})]
+    instruction = len(text_meta({"template_version": TEMPLATE_VERSION})["instructions"]["q2i"]["query"].split())
+    assert _sorted(points, "recfound_engine_batch_tokens") == [(6.0 + 3 * instruction, {"kind": "embed"})]  # encoded
     waits = _sorted(points, "recfound_queue_wait_seconds")
     assert len(waits) == 2 and all(0 <= w < 30 and tags == {"kind": "embed"} for w, tags in waits)
     assert points["recfound_model_version"] == [(1.0, {"version": "v1"})]

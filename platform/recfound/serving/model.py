@@ -44,7 +44,12 @@ class ModelUserConfig(Config):
     then so that replicas added later (autoscaling, restarts) serve the same version as the others. A newer
     version is rolled out explicitly (jobs/publish.py serve=auto, or a new `serve deploy`)."""
     max_batch_size: int = Field(16, ge=1)
-    """Most requests one engine call serves."""
+    """Most requests one Serve batch gathers (their texts of one task go to the engine together)."""
+    max_batch_tokens: int = Field(16384, ge=1)
+    """Most padded tokens (texts x the longest, instruction included) one embedding engine call takes, as
+    text-embeddings-inference bounds its batches: a batch's texts are cut into calls by length, shortest first, so
+    256 long texts never go to the engine as one padded tensor, and similar lengths share a call (less padding).
+    Larger: fewer calls, more memory per call."""
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
     """How long a batch waits to fill: latency traded for throughput."""
     max_engine_call_s: float = Field(600.0, gt=0.0)
@@ -126,7 +131,8 @@ def load_version(registry: str, version: str, search: SearchConfig, cache_dir: s
     meta = read_version(path)
     engine = load_engine(path)
     index = ItemIndex.load(path, search)
-    return LiveVersion(engine.version, engine, index, meta["instructions"], meta.get("max_history", DEFAULT_MAX_HISTORY))
+    history = meta.get("max_history", DEFAULT_MAX_HISTORY)
+    return LiveVersion(engine.version, engine, index, meta["instructions"], history)
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,8 @@ class Job:
     tokens: int
     max_tokens: int = 0
     temperature: float = 0.0
+    lengths: tuple[int, ...] = ()
+    """Embedding jobs: each text's tokens with its instruction (what the engine pads to)."""
     queued: float = field(default_factory=time.monotonic)
 
 
@@ -181,23 +189,43 @@ def _started(metrics: ServingMetrics, kind: str, members: list[Job]) -> None:
     metrics.engine_call(kind, inputs, tokens, [job.queued for job in members])
 
 
-def _embed_grouped(jobs: list[Job], metrics: ServingMetrics) -> list[np.ndarray]:
-    """One engine call per (version, task) in the batch; results back in job order."""
+def _embed_grouped(jobs: list[Job], metrics: ServingMetrics, max_tokens: int) -> list[np.ndarray]:
+    """Per (version, task) in the batch, engine calls of at most ``max_tokens`` padded tokens; results back in job
+    order."""
     groups: dict[tuple[int, str], list[int]] = defaultdict(list)
     for j, job in enumerate(jobs):
         groups[(id(job.live), job.task)].append(j)
     out: list[np.ndarray] = [np.empty(0)] * len(jobs)
     for members in groups.values():
         live, task = jobs[members[0]].live, jobs[members[0]].task
+        texts = [t for j in members for t in jobs[j].texts]
+        lengths = [n for j in members for n in jobs[j].lengths]
+        vectors: list[np.ndarray] = [np.empty(0)] * len(texts)
+        queued = [jobs[j].queued for j in members]
         with live.embed_lock:
-            _started(metrics, "embed", [jobs[j] for j in members])
-            vectors = live.engine.embed(task, [t for j in members for t in jobs[j].texts],
-                                        live.instructions[task]["query"], Side.QUERY)  # fmt: skip
+            for chunk in token_chunks(lengths, max_tokens):
+                metrics.engine_call("embed", len(chunk), sum(lengths[i] for i in chunk), queued)
+                queued = []  # a request's wait ends at its batch's first call
+                part = live.engine.embed(task, [texts[i] for i in chunk], live.instructions[task]["query"], Side.QUERY)
+                for i, vector in zip(chunk, part, strict=True):
+                    vectors[i] = vector
         start = 0
         for j in members:
-            out[j] = vectors[start : start + len(jobs[j].texts)]
+            out[j] = np.stack(vectors[start : start + len(jobs[j].texts)])
             start += len(jobs[j].texts)
     return out
+
+
+def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indexes of ``lengths`` in calls whose padded size (count x longest) stays within ``budget``, shortest first
+    so that similar lengths share a call; a text over the budget alone is a call of its own."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= budget:  # sorted: lengths[i] is the call's longest
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def _generate_grouped(jobs: list[Job], metrics: ServingMetrics) -> list[list[str]]:
@@ -266,6 +294,7 @@ class Model:
             batcher.set_max_batch_size(cfg.max_batch_size)
             batcher.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._max_engine_call_s = cfg.max_engine_call_s
+        self._max_batch_tokens = cfg.max_batch_tokens
         self._wanted = name
         if self._live is None:
             self._go_live(await asyncio.to_thread(self._load, name))
@@ -319,16 +348,18 @@ class Model:
         return {"version": live.version, "last_error": self._error, "items": len(live.index.item_ids),
                 "context_length": live.engine.context_length}  # fmt: skip
 
-    async def _check_embed_context(self, live: LiveVersion, task: str, texts: list[str], param: str) -> int:
-        counts = await _count_tokens(live, [live.instructions[task]["query"], *texts])
-        for i, n in enumerate(counts[1:]):
-            if counts[0] + n > live.engine.context_length:
-                raise _context_error(param, i, counts[0] + n, live.engine.context_length, "instruction included")
-        return sum(counts[1:])
+    async def _check_embed_context(self, live: LiveVersion, task: str, texts: list[str],
+                                   param: str) -> tuple[int, list[int]]:  # fmt: skip
+        """(the instruction's tokens, each text's), once every text fits the context with the instruction."""
+        instruction, *counts = await _count_tokens(live, [live.instructions[task]["query"], *texts])
+        for i, n in enumerate(counts):
+            if instruction + n > live.engine.context_length:
+                raise _context_error(param, i, instruction + n, live.engine.context_length, "instruction included")
+        return instruction, counts
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, jobs: list[Job]) -> list[np.ndarray]:
-        return await asyncio.to_thread(_embed_grouped, jobs, self._metrics)
+        return await asyncio.to_thread(_embed_grouped, jobs, self._metrics, self._max_batch_tokens)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _generate_batch(self, jobs: list[Job]) -> list[list[str]]:
@@ -337,8 +368,10 @@ class Model:
     async def embed(self, task: str, texts: list[str]) -> Embedded:
         live = self._require_live()
         _served(live, task)
-        tokens = await self._check_embed_context(live, task, texts, "input")
-        vectors = await self._embed_batch(Job(live, task, texts, tokens))
+        instruction, counts = await self._check_embed_context(live, task, texts, "input")
+        tokens = sum(counts)
+        lengths = tuple(instruction + n for n in counts)
+        vectors = await self._embed_batch(Job(live, task, texts, tokens, lengths=lengths))
         self._metrics.tokens("embed", task, tokens)
         return Embedded(live.version, vectors, tokens)
 
@@ -440,8 +473,8 @@ class Model:
 
     async def _query_vector(self, live: LiveVersion, task: str, text: str) -> tuple[np.ndarray, int]:
         """The query's embedding and its token count."""
-        tokens = await self._check_embed_context(live, task, [text], QUERY_PARAM[task])
-        return (await self._embed_batch(Job(live, task, [text], tokens)))[0], tokens
+        instruction, [tokens] = await self._check_embed_context(live, task, [text], QUERY_PARAM[task])
+        return (await self._embed_batch(Job(live, task, [text], tokens, lengths=(instruction + tokens,))))[0], tokens
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         live = self._require_live()
@@ -486,8 +519,8 @@ def _served(live: LiveVersion, task: str, param: str = "model") -> None:
         return
     served = ", ".join(live.engine.tasks)
     if param == "model":
-        raise ApiError(404, f"model {MODEL_PREFIX + task!r} is not served by version {live.version}: it was not trained "
-                       f"on {task} (its tasks: {served})", "model", "model_not_found")  # fmt: skip
+        raise ApiError(404, f"model {MODEL_PREFIX + task!r} is not served by version {live.version}: it was not "
+                       f"trained on {task} (its tasks: {served})", "model", "model_not_found")  # fmt: skip
     raise ApiError(400, f"{param}: version {live.version} was not trained on {task}, which it needs (its tasks: "
                    f"{served})", param, "unsupported_value")  # fmt: skip
 
