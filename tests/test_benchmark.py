@@ -78,8 +78,13 @@ def test_train(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, 
 def test_data(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
     report = _run(benchmark, tmp_path / "data.json", "data", "--users", "30", "--items", "20", "--queries", "10",
                   "--rounds", "1", "--train-steps", "2", "--skip", "0", "--out-dir", str(tmp_path / "data"),
-                  "--overrides", "tasks=[u2i]", "batch.embedding=4", "batch.generative=0")  # fmt: skip
-    _assert_report(report, {"ray_data_vs_train", "build_vs_train"})
+                  "--overrides", "tasks=[u2i]", "batch.embedding=4", "batch.generative=0",
+                  "--scaling", "2000", "500", "1000", "--scaling-shards", "2")  # fmt: skip
+    _assert_report(report, {"ray_data_vs_train", "build_vs_train", "build_peak_rss_largest_vs_middle"})
+    scaling = report["figures"]["scaling"]
+    assert [b["reviews"] for b in scaling] == [500, 1000, 2000]
+    assert all(b["rows"] > 0 and b["seconds"] > 0 and b["peak_rss"] > 0 for b in scaling)
+    assert any(t["title"].startswith("Build scaling") and len(t["rows"]) == 3 for t in report["tables"])
 
 
 def test_serve(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:

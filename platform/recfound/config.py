@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from recfound.io import exists
+from recfound.io import exists, expand
 
 C = TypeVar("C", bound="Config")
 OVERRIDES = "command line"
@@ -41,6 +41,17 @@ def _must_exist(url: str) -> str:
 
 InputURL = Annotated[str, AfterValidator(_must_exist)]
 """A local path or fsspec URL that must exist when the config is validated."""
+
+
+def _must_name_files(spec: str) -> str:
+    expand(spec)  # raises NoInputFiles (a ValueError) naming the part that matches nothing
+    return spec
+
+
+InputFiles = Annotated[str, AfterValidator(_must_name_files)]
+"""One or more input files: a path or fsspec URL, a directory, a glob, or a comma list of these
+(``recfound.io.expand``), each part naming at least one file when the config is validated. The config keeps the
+spec as given; the files it names are listed where they are read (a build's manifest)."""
 
 
 def _parse_value(raw: str) -> Any:

@@ -12,13 +12,64 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import has_magic, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+DUMP_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+"""The files a directory given as input contributes: a dump's JSON-lines shards, not the README, checksum list or
+``_SUCCESS`` marker that often sit next to them."""
+
+
+class NoInputFiles(ValueError):
+    """An input (file, directory, glob or comma list) that names no file to read; the message names the part."""
 
 
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
     return fs.exists(path)
+
+
+def expand(spec: str) -> list[str]:
+    """The files an input names, each once, sorted: a file, a directory (its ``DUMP_SUFFIXES`` files, recursively), a
+    glob, or a comma-separated list of these. Sorted so that shards are read in the same order however they are
+    named; a part naming nothing is an error before any file is read, so a typo never builds from half a dump."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if not parts:
+        raise NoInputFiles(f"no file given: {spec!r}")
+    found: dict[str, str] = {}
+    for part in parts:
+        for key, url in _expand_part(part):
+            found.setdefault(key, url)
+    return [found[key] for key in sorted(found)]
+
+
+def _expand_part(part: str) -> list[tuple[str, str]]:
+    """(canonical URL, URL to read) of each file one part names. A plain file is read by the name it was given, so a
+    single-file input reads and reports exactly as before; the canonical URL lets a file named twice be read once."""
+    fs, path = url_to_fs(part)
+    if has_magic(path):
+        files = [f for match in fs.glob(path) for f in _files_under(fs, match)]
+        nothing = f"no file matches {part}"
+    elif fs.isdir(path):
+        files = _files_under(fs, path)
+        nothing = f"no {', '.join('*' + s for s in DUMP_SUFFIXES)} file in directory {part}"
+    elif fs.isfile(path):
+        return [(_canonical(fs, path), part)]
+    else:
+        raise NoInputFiles(f"no such file or directory: {part}")
+    if not files:
+        raise NoInputFiles(nothing)
+    return [(_canonical(fs, f), _canonical(fs, f)) for f in files]
+
+
+def _files_under(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """A directory's dump files at any depth, or the path itself when it is a file."""
+    return [f for f in fs.find(path) if f.endswith(DUMP_SUFFIXES)] if fs.isdir(path) else [path]
+
+
+def _canonical(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URL fsspec opens again: local paths stay plain (absolute), others get their protocol back."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def open_binary(url: str) -> BinaryIO:

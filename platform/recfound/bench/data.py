@@ -3,29 +3,48 @@ a training step consumes (the plain loop of ``bench.train``: the fastest consume
 
 The tokenising pipeline is the trainer's own: ``run._datasets`` (per-task ``read_parquet`` + ``map_batches(
 tokenize)``), iterated to the end in the batches TaskStream asks for.
+
+And how does the build scale? The in-memory builder's rows/s and peak memory on synthetic dumps of three sizes
+(``write_dump``), each built by ``jobs/build_dataset.py`` in its own process as users run it: the baseline a
+streaming builder for full dumps has to beat.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.data
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from recfound.bench.common import CONFIG_DIR, Better, Report, Table, Target, fmt, median
 from recfound.bench.train import CHUNK, run_plain, summarize
 from recfound.config import Config, load_config
 from recfound.data.builder import BuildConfig, build
-from recfound.data.synthetic import SyntheticConfig
+from recfound.data.synthetic import DumpConfig, SyntheticConfig, write_dump
 from recfound.train.config import TrainConfig
 from recfound.train.run import _datasets, plan
 
 TARGETS = [Target("Ray Data tokenise rows/s / training samples/s", "ray_data_vs_train", 1.0, Better.HIGHER)]
+BUILD_JOB = CONFIG_DIR.parent / "jobs" / "build_dataset.py"
+BUILD_LINE = re.compile(r"^(\d+) rows in ([\d.]+) s ", re.MULTILINE)
+"""The build job's summary line: task rows written and the build's own seconds (interpreter start-up excluded)."""
+SAMPLE_S = 0.02
+"""How often the build's memory is sampled; a build holds its peak for far longer than this."""
+MIB = 1 << 20
+
+
+class BuildFailed(RuntimeError):
+    """A build of the scaling table exited non-zero; the message ends with its output."""
 
 
 class DataBench(Config):
@@ -49,7 +68,20 @@ class DataBench(Config):
     skip: int = Field(2, ge=0)
     """First plain-loop steps left out (allocator warm-up)."""
     out_dir: str = "runs/bench/data"
-    """Where the synthetic dataset is built (replaced each round)."""
+    """Where the synthetic dataset is built (replaced each round), and the scaling dumps under scaling/."""
+    scaling: list[int] = [2000, 8000, 32000]
+    """Three review counts for the build-scaling table: a synthetic dump of each (jobs/build_dataset.py
+    synthetic-dump) built by the in-memory builder in its own process, timed, its process tree's peak RSS sampled.
+    The issue's full-scale sizes are 100000 1000000 4000000 (the largest needs several GB and a while)."""
+    scaling_shards: int = Field(4, ge=1)
+    """Files each scaling dump is split across (the builder reads them as one)."""
+
+    @field_validator("scaling")
+    @classmethod
+    def _three_sizes(cls, sizes: list[int]) -> list[int]:
+        if len(set(sizes)) != 3 or min(sizes) < 1:
+            raise ValueError(f"expected three different positive review counts, got {sizes}")
+        return sorted(sizes)
 
 
 @dataclass(frozen=True)
@@ -88,7 +120,59 @@ def _ray_data_pass(cfg: TrainConfig) -> Pass:
         return Pass(dict(zip(datasets, pool.map(drain, datasets.values()))))
 
 
+@dataclass(frozen=True)
+class ScaledBuild:
+    """One build of the scaling table."""
+
+    reviews: int
+    rows: int
+    """Task rows written (every task and split)."""
+    seconds: float
+    """The build itself, as the job reports it: without the interpreter's start-up and imports."""
+    peak_rss: int
+    """Bytes: the largest sum of RSS over the job's process tree, imports included."""
+
+
+def _peak_rss(process: subprocess.Popen) -> int:
+    """Largest sum of RSS over the process and its descendants, sampled until it exits: a multi-process builder
+    (Ray workers) is measured the same way as the single-process one, not by its largest process."""
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):  # the job or a child exited between listing and reading
+            peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+        time.sleep(SAMPLE_S)
+    return peak
+
+
+def _run_job(args: list[str], log: Path) -> tuple[str, int]:
+    """jobs/build_dataset.py with ``args``: its output and peak RSS. Output goes to a file, not a pipe: a pipe
+    nobody reads while the memory is sampled would fill up and stall the job."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w+") as output:
+        process = subprocess.Popen([sys.executable, str(BUILD_JOB), *args], stdout=output, stderr=subprocess.STDOUT)
+        peak = _peak_rss(process)
+        output.seek(0)
+        text = output.read()
+    if process.returncode:
+        raise BuildFailed(f"build_dataset.py {' '.join(args)} exited {process.returncode}:\n{text[-3000:]}")
+    return text, peak
+
+
+def _scaled_build(bench: DataBench, reviews: int) -> ScaledBuild:
+    """A dump of ``reviews`` rows (its writing not timed), then its build, timed and its memory sampled."""
+    root = Path(bench.out_dir).resolve() / "scaling" / str(reviews)
+    raw = write_dump(DumpConfig(reviews=reviews, shards=bench.scaling_shards, out=str(root / "raw")))
+    args = [f"reviews={raw['reviews']}", f"meta={raw['meta']}", f"out={root / 'dataset'}"]
+    text, peak = _run_job(args, root / "build.log")
+    summary = BUILD_LINE.search(text)
+    if summary is None:
+        raise BuildFailed(f"build_dataset.py {' '.join(args)} printed no '<rows> rows in <s> s' line:\n{text[-3000:]}")
+    return ScaledBuild(reviews, int(summary[1]), float(summary[2]), peak)
+
+
 def run(bench: DataBench) -> Report:
+    scaled = [_scaled_build(bench, n) for n in bench.scaling]  # before Ray starts: it would share the cores
     out = str(Path(bench.out_dir).resolve() / "dataset")
     build_cfg = BuildConfig(out=out, synthetic=SyntheticConfig(users=bench.users, items=bench.items, queries=bench.queries))
     overrides = [*bench.overrides, f"data={out}", f"storage_path={Path(bench.out_dir).resolve() / 'storage'}",
@@ -118,27 +202,36 @@ def run(bench: DataBench) -> Report:
     finally:
         if started_ray:
             ray.shutdown()
-    return _report(bench, rounds, cfg)
+    return _report(bench, rounds, cfg, scaled)
 
 
-def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig) -> Report:
+def _scaling_table(scaled: list[ScaledBuild]) -> Table:
+    rows = [[f"{b.reviews:,}", f"{b.rows:,}", fmt(b.seconds), fmt(b.reviews / b.seconds), fmt(b.rows / b.seconds),
+             fmt(b.peak_rss / MIB)] for b in scaled]  # fmt: skip
+    return Table("Build scaling (in-memory builder: jobs/build_dataset.py on a synthetic dump per size)",
+                 ["reviews", "task rows", "build s", "reviews/s", "task rows/s", "peak RSS MiB"], rows)  # fmt: skip
+
+
+def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, scaled: list[ScaledBuild]) -> Report:
     build_rate = median([r["build_rows"] / r["build_s"] for r in rounds])
     tokenise_rate = median([r["ray_data_rows_per_s"] for r in rounds])
     consume_rate = median([r["train_samples_per_s"] for r in rounds])
     ratios = {
         "ray_data_vs_train": median([r["ray_data_rows_per_s"] / r["train_samples_per_s"] for r in rounds]),
         "build_vs_train": median([r["build_rows"] / r["build_s"] / r["train_samples_per_s"] for r in rounds]),
+        "build_peak_rss_largest_vs_middle": scaled[-1].peak_rss / scaled[-2].peak_rss,
     }
     startup = median([r["ray_data_startup_s"] for r in rounds])
     figures = {"build_rows_per_s": build_rate, "ray_data_rows_per_s": tokenise_rate,
                "train_samples_per_s": consume_rate, "ray_data_startup_s": startup, "build_rows": rounds[0]["build_rows"],
-               "rounds": rounds}  # fmt: skip
+               "rounds": rounds, "scaling": [asdict(b) for b in scaled]}  # fmt: skip
     tables = [
         Table("Data rates vs training consumption", ["stage", "rows/s", "vs training"], [
             ["dataset build (synthetic, end to end)", fmt(build_rate), fmt(ratios["build_vs_train"]) + "x"],
             ["Ray Data read + tokenize + batch (start-up included)", fmt(tokenise_rate), fmt(ratios["ray_data_vs_train"]) + "x"],
             ["training consumption (plain loop samples/s)", fmt(consume_rate), "1x"],
         ]),
+        _scaling_table(scaled),
     ]  # fmt: skip
     config = bench.model_dump(mode="json") | {"train_config": cfg.model_dump(mode="json")}
     report = Report("data", config, ratios, figures, tables)
@@ -146,7 +239,12 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig) ->
         f"{rounds[0]['build_rows']} rows built per round. Ray Data streams every task's train split to the end "
         f"({sum(rounds[0]['tokenised'].values())} rows) on all of this machine's cores (in a run it shares "
         f"them with the trainer), start-up included; every pipeline had delivered a first batch after {startup:.1f} s. "
-        "A training sample is one query row (with its passages) or one generative row, as in metrics.jsonl."
+        "A training sample is one query row (with its passages) or one generative row, as in metrics.jsonl.",
+        f"Build scaling: {scaled[-1].reviews / scaled[-2].reviews:.3g}x the reviews takes "
+        f"{ratios['build_peak_rss_largest_vs_middle']:.3g}x the peak memory ({scaled[-1].reviews:,} vs "
+        f"{scaled[-2].reviews:,} reviews, {bench.scaling_shards} shards each; RSS summed over the job's process "
+        f"tree, sampled every {SAMPLE_S * 1000:.0f} ms). The in-memory builder holds every review, so its memory "
+        "grows with the dump; a streaming builder's should stay near flat.",
     ]
     report.check(TARGETS)
     return report

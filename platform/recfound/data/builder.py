@@ -15,7 +15,7 @@ from fsspec.core import url_to_fs
 from pydantic import Field, field_validator, model_validator
 
 from recfound import __version__
-from recfound.config import Config, InputURL
+from recfound.config import Config, InputFiles
 from recfound.data.context import Context
 from recfound.data.embedding_tasks import build_i2i, build_q2i, build_u2i, q2i_mode
 from recfound.data.generative_tasks import (
@@ -35,7 +35,7 @@ from recfound.data.tables import (
     INTERACTION_SCHEMA, ITEM_SCHEMA, SCHEMAS, cap, interaction_columns, item_columns, task_columns, write_parquet,
 )  # fmt: skip
 from recfound.data.templates import TEMPLATE_VERSION
-from recfound.io import exists, sha256, write_json
+from recfound.io import exists, expand, sha256, write_json
 from recfound.tasks import ALL_TASKS, INTERACTIONS, ITEMS, MANIFEST, QUARANTINE, SPLITS, mode_of, task_path
 
 log = logging.getLogger(__name__)
@@ -61,16 +61,20 @@ assert tuple(BUILDERS) == ALL_TASKS
 
 
 class BuildConfig(Config):
-    reviews: InputURL | None = None
-    """Amazon reviews, JSON lines (gzip ok; 2018 or 2023 schema, detected per file). Unset (and no gritlm): a
-    synthetic catalogue is generated under <out>/raw/ and built from."""
-    meta: InputURL | None = None
-    """Amazon item metadata for the reviewed items (2018 or 2023 schema). Without it items are titled by review
-    summaries and the item-level generative tasks are skipped."""
-    queries: InputURL | None = None
+    reviews: InputFiles | None = None
+    """Amazon reviews, JSON lines (gzip ok; 2018 or 2023 schema, detected per file). Like meta, queries and qa: a
+    file, a directory (its *.json, *.json.gz, *.jsonl, *.jsonl.gz files), a glob (s3://b/reviews/*.json.gz) or a
+    comma list of these, read in sorted order as one file; a part matching nothing is an error. Unset (and no
+    gritlm): a synthetic catalogue is generated under <out>/raw/ and built from."""
+    meta: InputFiles | None = None
+    """Amazon item metadata for the reviewed items (2018 or 2023 schema); a repeated item id keeps its first row,
+    across files too. Without it items are titled by review summaries and the item-level generative tasks are
+    skipped."""
+    queries: InputFiles | None = None
     """Shopping Queries (ESCI) judgements: parquet, CSV or JSON lines with query, product_id, esci_label
-    [, product_title, product_brand], or an OpenSearch judgement-list JSON. Used by q2i and query_rewriting."""
-    qa: InputURL | None = None
+    [, product_title, product_brand], or an OpenSearch judgement-list JSON (format detected per file; name
+    parquet or CSV files by glob, a directory contributes JSON files only). Used by q2i and query_rewriting."""
+    qa: InputFiles | None = None
     """Amazon product question answering: McAuley's QA dumps (Python dict literal lines, single- or multi-answer)
     or AmazonQA's JSON lines. Builds answer_generation from every answered question, and answerability_prediction
     where the file labels answerability (AmazonQA); product text and reviews are added where the product is in
@@ -144,8 +148,15 @@ def _clear(out: str) -> None:
             fs.rm(f"{root}/{name}", recursive=True)
 
 
-def _sources(cfg: BuildConfig, urls: dict[str, str]) -> list[dict[str, str]]:
-    files = [(role, url) for role, url in urls.items() if url]
+def _inputs(cfg: BuildConfig) -> dict[str, list[str]]:
+    """The files of each given source, expanded once so that reading and the manifest see the same list."""
+    specs = {"reviews": cfg.reviews, "meta": cfg.meta, "queries": cfg.queries, "qa": cfg.qa}
+    return {role: expand(spec) for role, spec in specs.items() if spec}
+
+
+def _sources(cfg: BuildConfig, urls: dict[str, list[str]]) -> list[dict[str, str]]:
+    """One entry per file read, in reading order: a role given as shards lists every shard with its checksum."""
+    files = [(role, url) for role, role_urls in urls.items() for url in role_urls]
     if cfg.gritlm:
         files += [("gritlm", url) for url in (gritlm_urls(cfg.gritlm) or {"": cfg.gritlm}).values()]
     return [{"role": role, "url": url, "sha256": sha256(url)} for role, url in files]
@@ -207,8 +218,10 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     _clear(out)
     bad = BadRows(cfg.on_bad_rows, cfg.max_bad_fraction, f"{out}/{QUARANTINE}")
     synthetic = cfg.reviews is None and cfg.gritlm is None
-    urls = write_catalogue(cfg.synthetic, f"{out}/raw") if synthetic else {
-        k: v for k, v in {"reviews": cfg.reviews, "meta": cfg.meta, "queries": cfg.queries, "qa": cfg.qa}.items() if v}  # fmt: skip
+    if synthetic:
+        urls = {role: [url] for role, url in write_catalogue(cfg.synthetic, f"{out}/raw").items()}
+    else:
+        urls = _inputs(cfg)
     try:
         loaded = load(urls, bad, cfg.kcore) if urls else None
         extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}

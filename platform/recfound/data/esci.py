@@ -17,7 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recfound.data.sources import UNREADABLE, BadRows, DataError, check_text, clean_text, parse_json, show
+from recfound.data.sources import (
+    UNREADABLE, BadRows, DataError, Inputs, as_files, check_text, clean_text, named, parse_json, show,
+)  # fmt: skip
 from recfound.io import open_binary
 
 REQUIRED = ("query", "product_id", "esci_label")
@@ -161,10 +163,20 @@ def _json_lines(url: str, text: str) -> Iterator[tuple[int, Row]]:
         yield number, row
 
 
-def read_queries(url: str, bad: BadRows) -> list[QueryJudgement]:
-    """Judgements in file order; a repeated (query, product) pair keeps its first label."""
-    unit, rows = _raw_rows(url)
+def read_queries(urls: Inputs, bad: BadRows) -> list[QueryJudgement]:
+    """Judgements in file order, files in the order given; a repeated (query, product) pair keeps its first label."""
+    files = as_files(urls)
     out: dict[tuple[str, str], QueryJudgement] = {}
+    for url in files:
+        _read_query_file(url, bad, out)
+    if not out:
+        raise DataError(named(files), "no usable query judgements")
+    return list(out.values())
+
+
+def _read_query_file(url: str, bad: BadRows, out: dict[tuple[str, str], QueryJudgement]) -> None:
+    """Adds one file's judgements to ``out`` (first label wins); each file detects its own format."""
+    unit, rows = _raw_rows(url)
     total = 0
     for number, row in rows:
         total += 1
@@ -177,6 +189,3 @@ def read_queries(url: str, bad: BadRows) -> list[QueryJudgement]:
             continue
         out.setdefault((judgement.query, judgement.item), judgement)
     bad.check(url, total)
-    if not out:
-        raise DataError(url, "no usable query judgements")
-    return list(out.values())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from recfound.data.catalogue import CatalogueItem, build_catalogue, variant_aliases
 from recfound.data.esci import QueryJudgement, read_queries
 from recfound.data.qa import Question, read_qa
-from recfound.data.sources import BadRows, DataError, read_meta, read_reviews
+from recfound.data.sources import BadRows, DataError, named, read_meta, read_reviews
 from recfound.data.split import Timeline, dedupe, kcore, leave_last_out
 
 
@@ -22,8 +23,9 @@ class Loaded:
     """What was dropped or merged on the way, for the manifest: nothing disappears unrecorded."""
 
 
-def load(urls: dict[str, str], bad: BadRows, min_interactions: int) -> Loaded:
-    """Read reviews (plus meta and queries when given), merge item variants, dedupe, k-core, split."""
+def load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int) -> Loaded:
+    """Read reviews (plus meta, queries and qa when given), each role one or more files, merge item variants,
+    dedupe, k-core, split."""
     reviews = read_reviews(urls["reviews"], bad)
     meta, repeats = read_meta(urls["meta"], bad) if urls.get("meta") else ({}, 0)
     judgements = read_queries(urls["queries"], bad) if urls.get("queries") else []
@@ -33,7 +35,8 @@ def load(urls: dict[str, str], bad: BadRows, min_interactions: int) -> Loaded:
     unique, repeated = dedupe([replace(r, item=aliases.get(r.item, r.item)) for r in reviews])
     kept = kcore(unique, min_interactions)
     if not kept:
-        raise DataError(urls["reviews"], f"no interactions left after {min_interactions}-core filtering (lower kcore=)")
+        raise DataError(named(urls["reviews"]),
+                        f"no interactions left after {min_interactions}-core filtering (lower kcore=)")  # fmt: skip
     timelines = leave_last_out(kept)
     summaries: dict[str, list[str]] = defaultdict(list)
     for split, event in sorted((e for t in timelines.values() for e in t), key=lambda e: e[1].timestamp):

@@ -17,7 +17,7 @@ from typing import Any
 
 from recfound.data.context import Context
 from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
-from recfound.data.sources import BadRows, DataError, Fields, read_lines, show
+from recfound.data.sources import BadRows, DataError, Fields, Inputs, as_files, read_lines, show
 from recfound.data.templates import INSTRUCTIONS, NO, YES, alpaca, pick
 
 SNIPPETS = 5
@@ -82,8 +82,13 @@ def _questions(fields: Fields) -> Iterator[Question]:
         yield Question(item, fields.text("question", required=True), (fields.text("answer", required=True),))
 
 
-def read_qa(url: str, bad: BadRows) -> list[Question]:
-    """Every question with at least one answer; a malformed line is a DataError naming file, line and field."""
+def read_qa(urls: Inputs, bad: BadRows) -> list[Question]:
+    """Every question with at least one answer, files in the order given (McAuley's dumps come one per category); a
+    malformed line is a DataError naming file, line and field."""
+    return [q for url in as_files(urls) for q in _read_qa_file(url, bad)]
+
+
+def _read_qa_file(url: str, bad: BadRows) -> list[Question]:
     out: list[Question] = []
     seen = 0
     for line, text in read_lines(url):

@@ -12,7 +12,7 @@ import math
 import re
 import reprlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
@@ -20,6 +20,8 @@ from typing import Any, Literal
 from recfound.io import iter_lines
 
 BadRowPolicy = Literal["error", "skip"]
+Inputs = str | Sequence[str]
+"""One file, or several read one after another as if they were one (each keeps its own name and line numbers)."""
 UNREADABLE = (UnicodeDecodeError, EOFError, OSError, zlib.error)
 """How reading a damaged file fails: bad UTF-8, a truncated or corrupted gzip stream (zlib.error is no OSError)."""
 _INT64 = 2**63
@@ -39,6 +41,16 @@ class DataError(ValueError):
 
     def record(self) -> dict[str, Any]:
         return {"file": self.url, "line": self.line, "field": self.field, "reason": self.reason}
+
+
+def as_files(urls: Inputs) -> list[str]:
+    """The readers take one URL (as they always did) or the files an input spec expanded to."""
+    return [urls] if isinstance(urls, str) else list(urls)
+
+
+def named(files: Sequence[str]) -> str:
+    """How an error about a whole input names it: one file as itself (as before), shards by count and range."""
+    return files[0] if len(files) == 1 else f"{files[0]} .. {files[-1]} ({len(files)} files)"
 
 
 def show(value: Any) -> str:
@@ -244,22 +256,28 @@ def _detect(fields: Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
     raise fields.error(tables[Schema.AMAZON_2018]["item"], f"unrecognised format: no item id, expected {expected}")
 
 
-def _lines_as(url: str, bad: BadRows, tables: dict[Schema, dict[str, str]]) -> Iterator[tuple[Schema, Fields]]:
-    """The first usable line fixes the file's schema; later lines must follow it."""
-    schema: Schema | None = None
-    for fields in _json_rows(url, bad):
-        try:
-            schema = schema or _detect(fields, tables)
-        except DataError as err:
-            bad.report(err)
-            continue
-        yield schema, fields
+def _lines_as(
+    files: Sequence[str], bad: BadRows, tables: dict[Schema, dict[str, str]]
+) -> Iterator[tuple[Schema, Fields]]:
+    """The files' rows in turn, as if concatenated. Each file's first usable line fixes that file's schema and its
+    later lines must follow it: a comma list may mix a 2018 file with a 2023 one, as separate builds always could."""
+    for url in files:
+        schema: Schema | None = None
+        for fields in _json_rows(url, bad):
+            try:
+                schema = schema or _detect(fields, tables)
+            except DataError as err:
+                bad.report(err)
+                continue
+            yield schema, fields
 
 
-def read_reviews(url: str, bad: BadRows) -> list[Interaction]:
-    """All well-formed reviews in file order (order breaks timestamp ties, so it must stay stable)."""
+def read_reviews(urls: Inputs, bad: BadRows) -> list[Interaction]:
+    """All well-formed reviews in file order, files in the order given (order breaks timestamp ties, so it must
+    stay stable)."""
+    files = as_files(urls)
     out = []
-    for schema, fields in _lines_as(url, bad, REVIEW_FIELDS):
+    for schema, fields in _lines_as(files, bad, REVIEW_FIELDS):
         names = REVIEW_FIELDS[schema]
         try:
             rating = fields.number(names["rating"])
@@ -276,15 +294,17 @@ def read_reviews(url: str, bad: BadRows) -> list[Interaction]:
         except DataError as err:
             bad.report(err)
     if not out:
-        raise DataError(url, "no usable review rows")
+        raise DataError(named(files), "no usable review rows")
     return out
 
 
-def read_meta(url: str, bad: BadRows) -> tuple[dict[str, Item], int]:
-    """Items by id plus the number of repeated ids dropped (2018 dumps repeat rows; the first one wins)."""
+def read_meta(urls: Inputs, bad: BadRows) -> tuple[dict[str, Item], int]:
+    """Items by id plus the number of repeated ids dropped (2018 dumps repeat rows; the first one wins, across files
+    too)."""
+    files = as_files(urls)
     items: dict[str, Item] = {}
     repeats = 0
-    for schema, fields in _lines_as(url, bad, META_FIELDS):
+    for schema, fields in _lines_as(files, bad, META_FIELDS):
         names = META_FIELDS[schema]
         try:
             item_id = fields.text(names["item"], required=True)
@@ -307,5 +327,5 @@ def read_meta(url: str, bad: BadRows) -> tuple[dict[str, Item], int]:
         else:
             items[item_id] = item
     if not items:
-        raise DataError(url, "no usable metadata rows")
+        raise DataError(named(files), "no usable metadata rows")
     return items, repeats
