@@ -8,26 +8,20 @@ auth is checked where a prefix moves every path; both use the fake engine from t
 from __future__ import annotations
 
 import copy
-import json
-import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import ray
-import yaml
 from openai import NotFoundError, OpenAI
-from ray import serve
+from serve_utils import AUTH, REPO, TOKEN, post, serve_app
 from test_serve_engine import (
-    CATALOGUE, FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, make_dataset, publish_fake, write_manifest,
+    CATALOGUE, FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, publish_fake, write_manifest,
 )  # fmt: skip
 
 from recfound.data.templates import item_text
@@ -35,9 +29,6 @@ from recfound.serving.app import roll_out
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-0123456789"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
 MAX_INPUTS = 4
 LOAD_DELAY_S = 2.0
 PREFIX = "/api"
@@ -47,44 +38,17 @@ PREFIXED_TIMEOUT_S = 1.0
 FUZZ_CASES = 25  # generated requests per operation: bounded, about 10 s per operation on the fake engine
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Registry with v1 -> local Ray -> `serve run --non-blocking` of the shipped config (test port, small limit,
-    and the app again under route_prefix /api)."""
-    root = tmp_path_factory.mktemp("serve")
-    model, data, registry = make_artifact(root / "model"), make_dataset(root / "data"), root / "registry"
-    publish_fake(model, data, str(registry))
-    config = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = port = _free_port()
+    """The shipped config with a test port and small limits, plus the app again under route_prefix /api."""
+    with serve_app(tmp_path_factory.mktemp("serve"), _configure) as served:
+        yield served
+
+
+def _configure(config: dict[str, Any]) -> None:
     config["applications"][0]["args"]["limits"].update(max_inputs=MAX_INPUTS, max_chars=MAX_CHARS,
                                                         max_body_bytes=MAX_BODY)  # fmt: skip
     config["applications"].append(_prefixed(config["applications"][0]))
-    (root / "serve.yaml").write_text(yaml.safe_dump(config))
-    saved = dict(os.environ)
-    # Ray workers inherit this environment: the registry, the API token, and tests/ for the fake engine.
-    os.environ.update(RECFOUND_REGISTRY=str(registry), RECFOUND_API_TOKEN=TOKEN,
-                      PYTHONPATH=os.pathsep.join([str(REPO / "tests"), saved.get("PYTHONPATH", "")]))  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    serve_cli = Path(sys.executable).parent / "serve"
-    subprocess.run([str(serve_cli), "run", "--non-blocking", "--address", address, str(root / "serve.yaml")],
-                   cwd=REPO, check=True, capture_output=True, timeout=240)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, timeout_s=240)
-    _wait_healthy(url + PREFIX, timeout_s=240)
-    try:
-        yield {"url": url, "address": address, "model": model, "data": data, "registry": registry}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _prefixed(shipped: dict[str, Any]) -> dict[str, Any]:
@@ -100,27 +64,9 @@ def _prefixed(shipped: dict[str, Any]) -> dict[str, Any]:
     return app
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout_s}s")
-
-
 @pytest.fixture(scope="module")
 def client(app: dict[str, Any]) -> OpenAI:
     return OpenAI(base_url=f"{app['url']}/v1", api_key=TOKEN, max_retries=0, timeout=30)
-
-
-def _post(app: dict[str, Any], path: str, body: Any, token: str | None = TOKEN) -> httpx.Response:
-    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {token}"} if token else {})
-    content = body if isinstance(body, str) else json.dumps(body)
-    return httpx.post(f"{app['url']}{path}", content=content, headers=headers, timeout=30)
 
 
 def test_openai_embeddings(client: OpenAI) -> None:
@@ -171,7 +117,7 @@ def test_streaming_matches_non_streaming(client: OpenAI, app: dict[str, Any]) ->
     text = list(client.completions.create(model="recfound-gen", prompt="one two", max_tokens=3, stream=True))
     assert "".join(c.choices[0].text for c in text) == "v1 answer_generation says"
     assert text[-1].choices[0].finish_reason == "length"
-    raw = _post(app, "/v1/completions", {"model": "recfound-gen", "prompt": "x", "stream": True})
+    raw = post(app, "/v1/completions", {"model": "recfound-gen", "prompt": "x", "stream": True})
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.endswith("data: [DONE]\n\n") and raw.headers["x-recfound-version"] == "v1"
     for stop in (["says"], ["ration sa", "zzz"], ["v1"]):  # a stop string across pieces, and at the very start
@@ -214,13 +160,13 @@ def _items(resp: httpx.Response, version: str = "v1") -> list[str]:
 
 
 def test_recommend(app: dict[str, Any]) -> None:
-    q2i = _post(app, "/v1/recommend", {"task": "q2i", "query": "espresso coffee", "k": 2})
+    q2i = post(app, "/v1/recommend", {"task": "q2i", "query": "espresso coffee", "k": 2})
     assert _items(q2i)[0] == "i4" and q2i.json()["items"][0]["title"] == "espresso coffee beans"
-    u2i = _items(_post(app, "/v1/recommend", {"task": "u2i", "history": ["i3", "i4"], "k": 6}))
+    u2i = _items(post(app, "/v1/recommend", {"task": "u2i", "history": ["i3", "i4"], "k": 6}))
     assert u2i[0] == "i5" and not {"i3", "i4"} & set(u2i)  # coffee buyer -> the mug; own items excluded
-    kept = _items(_post(app, "/v1/recommend", {"task": "u2i", "history": ["i4"], "k": 1, "exclude_history": False}))
+    kept = _items(post(app, "/v1/recommend", {"task": "u2i", "history": ["i4"], "k": 1, "exclude_history": False}))
     assert kept == ["i4"]
-    i2i = _items(_post(app, "/v1/recommend", {"task": "i2i", "item_id": "i1", "k": 3}))
+    i2i = _items(post(app, "/v1/recommend", {"task": "i2i", "item_id": "i1", "k": 3}))
     assert i2i[0] == "i2" and "i1" not in i2i
 
 
@@ -230,20 +176,20 @@ def test_rank_orders_every_candidate_by_the_chosen_scorer(app: dict[str, Any]) -
     shared words); ties keep the request's order; u2i generative letters the candidates."""
     texts = {item: item_text(title, cats, brand) for item, title, cats, brand in CATALOGUE}
     candidates = ["i1", "i4", "i5", "i6"]
-    resp = _post(app, "/v1/rank", {"task": "q2i", "query": "espresso coffee mug", "candidates": candidates})
+    resp = post(app, "/v1/rank", {"task": "q2i", "query": "espresso coffee mug", "candidates": candidates})
     assert resp.status_code == 200 and resp.headers["x-recfound-version"] == resp.json()["version"], resp.text
     got = {item["item_id"]: item["score"] for item in resp.json()["items"]}
     query = fake_vectors(["espresso coffee mug"], 64)[0]
     expected = {item: float(fake_vectors([texts[item]], 64)[0] @ query) for item in candidates}
     assert list(got) == sorted(candidates, key=lambda i: -expected[i]) and set(got) == set(candidates)
     assert all(abs(got[i] - expected[i]) < 1e-5 for i in candidates)
-    generative = _post(app, "/v1/rank", {"task": "q2i", "query": "stainless steel kettle", "scorer": "generative",
-                                         "candidates": ["i4", "i6", "i5"]})  # fmt: skip
+    generative = post(app, "/v1/rank", {"task": "q2i", "query": "stainless steel kettle", "scorer": "generative",
+                                        "candidates": ["i4", "i6", "i5"]})  # fmt: skip
     assert [(i["item_id"], i["score"]) for i in generative.json()["items"]] == [("i6", 3.0), ("i4", 0.0), ("i5", 0.0)]
-    u2i = _post(app, "/v1/rank", {"task": "u2i", "history": ["i3"], "candidates": ["i2", "i5", "i1"],
-                                  "scorer": "generative"})  # fmt: skip
+    u2i = post(app, "/v1/rank", {"task": "u2i", "history": ["i3"], "candidates": ["i2", "i5", "i1"],
+                                 "scorer": "generative"})  # fmt: skip
     assert u2i.status_code == 200 and sorted(_items(u2i)) == ["i1", "i2", "i5"], u2i.text
-    i2i = _items(_post(app, "/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i4", "i2", "i3"]}))
+    i2i = _items(post(app, "/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i4", "i2", "i3"]}))
     assert i2i[0] == "i2"
 
 
@@ -314,7 +260,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(("path", "body", "token", "status", "code", "fragment"), BAD_REQUESTS)
 def test_bad_input_gets_openai_error(app: dict[str, Any], path: str, body: Any, token: str | None, status: int,
                                      code: str | None, fragment: str) -> None:  # fmt: skip
-    resp = _post(app, path, body, token)
+    resp = post(app, path, body, token)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -413,7 +359,7 @@ def test_corrupted_version_is_refused_and_previous_keeps_serving(app: dict[str, 
         roll_out("v2", timeout_s=60)
     health = httpx.get(f"{app['url']}/healthz", headers=AUTH).json()
     assert health["version"] == "v1" and "does not match its SHA-256" in health["last_error"]
-    assert _items(_post(app, "/v1/recommend", {"task": "q2i", "query": "stainless steel kettle", "k": 1})) == ["i6"]
+    assert _items(post(app, "/v1/recommend", {"task": "q2i", "query": "stainless steel kettle", "k": 1})) == ["i6"]
 
 
 def test_hot_swap_drops_no_request(app: dict[str, Any]) -> None:
@@ -480,7 +426,7 @@ def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -
     assert (503, "overloaded") in codes and (504, "timeout") in codes, codes
     assert {status for status, _ in codes} <= {503, 504}
     time.sleep(SLOW_S)  # the abandoned generations finish in their threads
-    resp = _post(app, f"{PREFIX}/v1/completions", {"model": "recfound-gen", "prompt": "hello", "max_tokens": 4})
+    resp = post(app, f"{PREFIX}/v1/completions", {"model": "recfound-gen", "prompt": "hello", "max_tokens": 4})
     assert resp.status_code == 200, resp.text
 
 
@@ -518,7 +464,7 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
 
     hits = index.search("q2i", direct[0], 3)
-    assert _items(_post(app, "/v1/recommend", {"task": "q2i", "query": texts[0], "k": 3}), version) == [
+    assert _items(post(app, "/v1/recommend", {"task": "q2i", "query": texts[0], "k": 3}), version) == [
         index.item_ids[p] for p, _ in hits]  # fmt: skip
     candidates = ["i1", "i4", "i6"]
     titles = [index.titles[index.position[c]] for c in candidates]
@@ -526,5 +472,5 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
         text = texts[0] if task == "q2i" else user_text([index.titles[index.position[i]] for i in ("i2", "i3")], 3)
         question = rank_question(task, text, titles, engine.tasks)  # u2i: a candidate_ranking question each
         scores = question.scores(engine.choice_scores(question.task, question.prompts, question.choices))
-        ranked = _post(app, "/v1/rank", {"task": task, **query, "candidates": candidates, "scorer": "generative"})
+        ranked = post(app, "/v1/rank", {"task": task, **query, "candidates": candidates, "scorer": "generative"})
         assert _items(ranked, version) == [candidates[i] for i in np.argsort(-scores, kind="stable")]

@@ -14,7 +14,8 @@ describe the deployment; fetch those with the token, e.g. ``curl -H "Authorizati
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the ingress class at runtime.
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.datastructures import Headers
@@ -152,13 +154,14 @@ class BodyLimit:
 api.add_middleware(BodyLimit)
 
 
-async def answer(call: DeploymentResponse | DeploymentResponseGenerator, limits: Limits) -> Any:
-    """The model replica's answer (a stream's next item) within ``request_timeout_s`` (504 past it, the request
-    cancelled), or a 503 when the Model's queue is full (Serve's ``max_queued_requests``): overload answers fast
-    instead of piling up."""
+async def answer(call: DeploymentResponse | DeploymentResponseGenerator, limits: Limits,
+                 timeout_s: float | None = None) -> Any:  # fmt: skip
+    """The model replica's answer (a stream's next item) within ``timeout_s`` (default ``request_timeout_s``; 504
+    past it, the request cancelled), or a 503 when the Model's queue is full (Serve's ``max_queued_requests``):
+    overload answers fast instead of piling up."""
     pending = anext(call) if isinstance(call, DeploymentResponseGenerator) else call
     try:
-        return await asyncio.wait_for(pending, limits.request_timeout_s)
+        return await asyncio.wait_for(pending, limits.request_timeout_s if timeout_s is None else timeout_s)
     except TimeoutError:
         call.cancel()
         raise ApiError(504, f"no answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)", None,
@@ -166,6 +169,27 @@ async def answer(call: DeploymentResponse | DeploymentResponseGenerator, limits:
     except BackPressureError:
         raise ApiError(503, "the model is at capacity; retry shortly", None, "overloaded",
                        ErrorType.UNAVAILABLE) from None  # fmt: skip
+
+
+MODEL_CALL_ATTEMPTS = 3
+"""Sends of one whole Model call, each after the replica running the previous one died."""
+
+
+async def ask(send: Callable[[], DeploymentResponse], limits: Limits) -> Any:
+    """``answer`` to a whole (not streamed) Model call, sent again when the replica running it dies (killed, out
+    of memory, its node lost), all within ``request_timeout_s``. Serve itself re-routes only requests a dead replica
+    had not accepted yet; every Model call is a read, so sending it again to another replica is safe. (A stream is
+    not sent again: part of it may have reached the client.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.request_timeout_s
+    for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
+        try:
+            return await answer(send(), limits, max(deadline - loop.time(), 0.0))
+        except RayActorError as err:
+            log.warning("Model replica lost during a call (attempt %d of %d): %s", attempt, MODEL_CALL_ATTEMPTS,
+                        type(err).__name__)  # fmt: skip
+    raise ApiError(503, f"the model replica died {MODEL_CALL_ATTEMPTS} times running this request; retry shortly",
+                   None, "replica_lost", ErrorType.UNAVAILABLE)  # fmt: skip
 
 
 def _proxy_host() -> str:
@@ -197,7 +221,7 @@ class Gateway:
         """Up (200) or down (503) and the version for anyone; the details (``last_error`` names local paths, the
         index size, the context length) only with the token, or when auth is off."""
         try:
-            info = await answer(self._model.info.remote(), self._limits)
+            info = await ask(self._model.info.remote, self._limits)
         except ApiError as err:
             return _error(err)
         detail = info if _authorized(request) else {"version": info["version"]}
@@ -205,14 +229,14 @@ class Gateway:
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
-        info = await answer(self._model.info.remote(), self._limits)
+        info = await ask(self._model.info.remote, self._limits)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "recfound"} for name in model_names()]
         return _versioned({"object": "list", "data": data, "version": info["version"]}, info["version"])
 
     @api.post("/v1/embeddings")
     async def embeddings(self, req: EmbeddingRequest) -> JSONResponse:
         task = embedding_task(req.model)
-        out: Embedded = await answer(self._model.embed.remote(task, req.texts(self._limits)), self._limits)
+        out: Embedded = await ask(partial(self._model.embed.remote, task, req.texts(self._limits)), self._limits)
         if req.dimensions is not None and req.dimensions != out.vectors.shape[1]:
             raise ApiError(400, f"dimensions={req.dimensions}; this model embeds in {out.vectors.shape[1]}",
                            "dimensions", "unsupported_value")  # fmt: skip
@@ -234,10 +258,11 @@ class Gateway:
         if req.stream and choices is None:
             return await self._stream(req, task, prompts, max_tokens, stops, chat)
         if choices is not None:  # a whole choice is the answer: neither max_tokens nor stop cut it
-            out: Generated = await answer(self._model.choose.remote(task, prompts, choices), self._limits)
+            out: Generated = await ask(partial(self._model.choose.remote, task, prompts, choices), self._limits)
             texts, finish = out.texts, ["stop"] * len(out.texts)
         else:
-            out = await answer(self._model.generate.remote(task, prompts, max_tokens, req.temperature), self._limits)
+            out = await ask(partial(self._model.generate.remote, task, prompts, max_tokens, req.temperature),
+                            self._limits)  # fmt: skip
             texts, finish = [], []
             for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
                 text, stopped = apply_stop(text, stops)
@@ -310,12 +335,12 @@ class Gateway:
     @api.post("/v1/recommend")
     async def recommend(self, req: RecommendRequest) -> JSONResponse:
         req.check(self._limits)
-        out: RecommendResponse = await answer(self._model.recommend.remote(req), self._limits)
+        out: RecommendResponse = await ask(partial(self._model.recommend.remote, req), self._limits)
         return _versioned(out, out.version)
 
     @api.post("/v1/rank")
     async def rank(self, req: RankRequest) -> JSONResponse:
         """A candidate list ordered by the model: every candidate once, best first, in /v1/recommend's shape."""
         req.check(self._limits)
-        out: RecommendResponse = await answer(self._model.rank.remote(req), self._limits)
+        out: RecommendResponse = await ask(partial(self._model.rank.remote, req), self._limits)
         return _versioned(out, out.version)
