@@ -48,9 +48,10 @@ def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(_deployment_config=config))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def loop() -> Iterator[asyncio.Runner]:
-    """One event loop per module, as a replica has: a ``@serve.batch`` queue belongs to the method, not the
-    instance, and is bound to the loop of its first call."""
+    """One event loop for every in-process replica of the run, as a replica has one: a ``@serve.batch`` queue
+    belongs to the method, not the instance, and is bound to the loop of its first call (a loop per module left
+    the next module's batches waiting on a closed loop)."""
     with asyncio.Runner() as runner:
         yield runner
