@@ -63,6 +63,22 @@ def test_logq_correction_subtracts_each_candidates_log_probability():
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(scores, torch.tensor([0, 2, 4]), reduction="none"))
 
 
+def test_logq_correction_applies_only_to_the_corrected_queries_rows():
+    """A query outside ``corrected`` (a Q2I row, say) keeps its plain scores; a corrected one (U2I) gets log q
+    subtracted from every candidate: popularity is the right prior for what a user buys next, not for what a
+    query's text describes."""
+    torch.manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    passages = torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
+    log_q = torch.log(torch.tensor([[0.5, 0.1], [0.2, 0.1], [0.05, 0.05]]))
+    corrected = torch.tensor([True, False, True])
+    got = contrastive_loss(queries, passages, temperature=0.5, reduction="none", log_q=log_q, corrected=corrected).loss
+    plain = contrastive_loss(queries, passages, temperature=0.5, reduction="none").loss
+    every = contrastive_loss(queries, passages, temperature=0.5, reduction="none", log_q=log_q).loss
+    torch.testing.assert_close(got, torch.stack([every[0], plain[1], every[2]]))
+    assert not torch.allclose(every[1], plain[1])
+
+
 @pytest.mark.parametrize("correct", [False, True], ids=["plain", "logq"])
 def test_logq_correction_keeps_popularity_that_in_batch_negatives_erase(correct: bool) -> None:
     """One uninformative query, items drawn as positives with probabilities (0.55, 0.15, 0.15, 0.15): the full

@@ -223,7 +223,7 @@ def test_scheduler_reads_validation_losses(synthetic_dataset: Path, tmp_path: Pa
     """source=valid: S2Sched is fed losses re-measured on fixed validation batches, not the training batch's.
     (With the logQ-corrected contrastive loss on, so its popularity prior reaches the worker.)"""
     cfg = _cfg(synthetic_dataset, tmp_path, "name=run-v", "max_steps=4", "num_workers=1", "scheduler.source=valid",
-               "scheduler.valid_batches=1", "loss.logq_correction=true")  # fmt: skip
+               "scheduler.valid_batches=1", "loss.logq_tasks=[u2i]")  # fmt: skip
     ckpt = Path(run(cfg))
     state = json.loads((ckpt / "s2sched.json").read_text())
     train_losses = [json.loads(line)["losses"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]

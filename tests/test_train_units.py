@@ -274,8 +274,23 @@ def test_item_prior_is_each_items_share_of_the_positives_and_unseen_items_count_
 
 
 def test_joint_objective_refuses_logq_correction_without_a_prior() -> None:
-    with pytest.raises(ValueError, match="logq_correction needs the items' popularity prior"):
-        JointObjective(FakeGRM(), LossConfig(logq_correction=True))
+    with pytest.raises(ValueError, match="logq_tasks needs the items' popularity prior"):
+        JointObjective(FakeGRM(), LossConfig(logq_tasks=["u2i"]))
+
+
+def test_joint_objective_corrects_only_the_logq_tasks_rows() -> None:
+    """loss.logq_tasks=[u2i]: the u2i query's loss moves with the prior, the q2i query's stays the plain one."""
+    prior = ItemPrior.from_counts({"a": 8, "b": 1})
+    rows = _emb_rows() | {"p_key": np.tile(item_keys(["a", "b"]), (2, 1))}
+    plain = JointObjective(FakeGRM(), LossConfig(temperature=0.5))(rows, None)[1]
+    got = JointObjective(FakeGRM(), LossConfig(temperature=0.5, logq_tasks=["u2i"]), prior=prior)(rows, None)[1]
+    assert got["q2i"][0].item() == pytest.approx(plain["q2i"][0].item())
+    assert got["u2i"][0].item() != pytest.approx(plain["u2i"][0].item())
+
+
+def test_logq_tasks_must_be_embedding_tasks() -> None:
+    with pytest.raises(ValueError, match="sentiment_analysis"):
+        LossConfig(logq_tasks=["sentiment_analysis"])
 
 
 # -------------------------------------------------------------------------------------------------- rebase_lr

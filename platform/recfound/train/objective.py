@@ -45,10 +45,10 @@ class JointObjective(nn.Module):
 
     def __init__(self, grm: GRM, cfg: LossConfig, grad_cache_chunk: int = 0, prior: ItemPrior | None = None) -> None:
         super().__init__()
-        if cfg.logq_correction and prior is None:
-            raise ValueError("loss.logq_correction needs the items' popularity prior (ItemPrior.from_dataset)")
+        if cfg.logq_tasks and prior is None:
+            raise ValueError("loss.logq_tasks needs the items' popularity prior (ItemPrior.from_dataset)")
         self.grm, self.cfg, self.grad_cache_chunk = grm, cfg, grad_cache_chunk
-        self.prior = prior if cfg.logq_correction else None
+        self.prior = prior if cfg.logq_tasks else None
 
     def forward(self, emb: Rows | None, gen: Rows | None) -> tuple[torch.Tensor, TaskStats]:
         contrastive = generative = None
@@ -69,9 +69,12 @@ class JointObjective(nn.Module):
         flat = [rows[key].reshape(-1, width) for key in ("p_ids", "p_mask", "p_text")]
         passages = self._embed(*flat, ids.repeat_interleave(group)).reshape(batch, group, -1)
         keys = PairKeys(*(torch.as_tensor(rows[k], device=ids.device) for k in ("q_key", "p_key")))
-        log_q = torch.as_tensor(self.prior.lookup(rows["p_key"]), device=ids.device) if self.prior else None
+        log_q = corrected = None
+        if self.prior:
+            log_q = torch.as_tensor(self.prior.lookup(rows["p_key"]), device=ids.device)
+            corrected = torch.as_tensor(np.isin(tasks, self.cfg.logq_tasks), device=ids.device)
         per_query, masked = contrastive_loss(queries, passages, self.cfg.temperature, self.cfg.cross_device_negatives,
-                                             reduction="none", keys=keys, log_q=log_q)  # fmt: skip
+                                             reduction="none", keys=keys, log_q=log_q, corrected=corrected)  # fmt: skip
         stats = _per_task(per_query, tasks)
         stats[FALSE_NEGATIVES] = ((masked > 0).sum().detach(), torch.tensor(batch))
         return per_query.mean(), stats

@@ -132,8 +132,9 @@ def _init_ray(cfg: TrainConfig) -> None:
 
 
 def item_prior(plan: Plan, cfg: TrainConfig) -> ItemPrior | None:
-    """The embedding tasks' positive counts when the loss corrects for them (``loss.logq_correction``)."""
-    if not cfg.loss.logq_correction:
+    """The embedding tasks' positive counts (every trained one draws the in-batch negatives) when the loss corrects
+    some task for them (``loss.logq_tasks``)."""
+    if not cfg.loss.logq_tasks:
         return None
     return ItemPrior.from_dataset(plan.data, [t for t in plan.tasks if mode_of(t) is Mode.EMBEDDING])
 

@@ -37,7 +37,7 @@ class ValidationProbe:
     @torch.no_grad()
     def losses(self, grm: GRM, loss: LossConfig) -> dict[str, float]:
         # Plain InfoNCE on this rank's rows: a trend signal for the scheduler, comparable step to step.
-        plain = loss.model_copy(update={"cross_device_negatives": False, "logq_correction": False})
+        plain = loss.model_copy(update={"cross_device_negatives": False, "logq_tasks": []})
         objective = JointObjective(grm, plain)
         was_training = grm.training
         grm.eval()
