@@ -332,7 +332,8 @@ def _replica(engine: _ProbeEngine | None) -> object:
     """The Model deployment's class, constructed without Serve, holding ``engine`` as its live version."""
     import asyncio
 
-    from recfound.serving.model import LiveVersion, Model
+    from recfound.serving.live import LiveVersion
+    from recfound.serving.model import Model
 
     replica = Model.func_or_class("memory://unused", {})
     if engine is not None:
@@ -445,14 +446,15 @@ def test_embeddings_are_served_while_a_generation_runs() -> None:
     """Embeddings and generation hold separate engine locks: /v1/embeddings and /v1/recommend never queue behind a
     long completion on the same replica."""
     from recfound.serving.metrics import ServingMetrics
-    from recfound.serving.model import Job, LiveVersion, _embed_grouped, _generate_grouped
+    from recfound.serving.batching import Job, embed_grouped, generate_grouped
+    from recfound.serving.live import LiveVersion
 
     engine, metrics = _GateEngine(), ServingMetrics()
     live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
-    generation = threading.Thread(target=_generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
+    generation = threading.Thread(target=generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
     generation.start()
     assert engine.generating.wait(30)
-    embedded = threading.Thread(target=_embed_grouped, args=([Job(live, "q2i", ["a query"], 2, lengths=(4,))], metrics,
+    embedded = threading.Thread(target=embed_grouped, args=([Job(live, "q2i", ["a query"], 2, lengths=(4,))], metrics,
                                                              4096))  # fmt: skip
     embedded.start()
     embedded.join(10)

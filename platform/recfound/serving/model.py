@@ -9,10 +9,8 @@ always answered. A version that fails to verify or load is refused and the live 
 import asyncio
 import logging
 import threading
-import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,12 +18,12 @@ from pydantic import Field
 from ray import serve
 
 from recfound.config import Config
-from recfound.model.formats import Side
-from recfound.serving.engine import Engine, load_engine
-from recfound.serving.index import DEFAULT_MAX_HISTORY, ItemIndex, SearchConfig, user_text
+from recfound.serving.batching import Job, embed_grouped, generate_grouped
+from recfound.serving.index import ItemIndex, SearchConfig, user_text
+from recfound.serving.live import LiveVersion, load_version, probe
 from recfound.serving.metrics import ServingMetrics
-from recfound.serving.registry import LATEST_ALIAS, latest_version, read_version, resolve_verified
 from recfound.serving.rank import rank_question
+from recfound.serving.registry import LATEST_ALIAS, latest_version
 from recfound.serving.schemas import (
     MODEL_PREFIX, QUERY_PARAM, ApiError, ErrorType, RankRequest, RecommendedItem, RecommendRequest, RecommendResponse,
     Scorer,
@@ -55,84 +53,6 @@ class ModelUserConfig(Config):
     max_engine_call_s: float = Field(600.0, gt=0.0)
     """A replica whose engine has been inside one call longer than this fails its health check and is replaced
     (a wedged engine). Set it above the slowest legitimate batch (a full batch of the longest completions)."""
-
-
-class EngineLock:
-    """One engine call of a kind at a time, remembering since when the current one runs: the health check tells a
-    busy engine (fine) from a wedged one (replace the replica)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._since: float | None = None
-
-    def acquire(self, blocking: bool = True) -> bool:
-        if not self._lock.acquire(blocking):
-            return False
-        self._since = time.monotonic()
-        return True
-
-    def release(self) -> None:
-        self._since = None
-        self._lock.release()
-
-    def __enter__(self) -> "EngineLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-    def held_for(self) -> float | None:
-        """Seconds the running call has taken so far; None when the engine is idle."""
-        since = self._since
-        return None if since is None else time.monotonic() - since
-
-
-@dataclass(frozen=True)
-class LiveVersion:
-    """One version, fully loaded: requests hold this snapshot, so a swap never mixes two versions."""
-
-    version: str
-    engine: Engine
-    index: ItemIndex
-    instructions: dict[str, dict[str, str]]
-    max_history: int
-    embed_lock: EngineLock = field(default_factory=EngineLock)
-    """One embedding call at a time (embeddings batch several requests into one call anyway)."""
-    generate_lock: EngineLock = field(default_factory=EngineLock)
-    """One generation or choice call at a time. Separate from ``embed_lock`` so a long completion never stalls
-    retrieval: the two run in their own threads (TMoLE routing is thread-private, a ContextVar; the only state
-    they share is the folded-weight cache, whose entries are whole tensors swapped under the GIL)."""
-
-    def busiest(self) -> float | None:
-        """Seconds the longest-running engine call has taken so far; None when the engine is idle."""
-        held = [t for t in (self.embed_lock.held_for(), self.generate_lock.held_for()) if t is not None]
-        return max(held, default=None)
-
-
-def probe(live: LiveVersion) -> None:
-    """Embed one short text and check the vector is finite; skipped while a request holds the engine (that
-    request exercises it, and waiting for it could outlast Serve's health-check timeout)."""
-    served = [t for t in live.engine.tasks if t in live.instructions]  # the embedding tasks it serves
-    if not served or not live.embed_lock.acquire(blocking=False):
-        return
-    task = "q2i" if "q2i" in served else served[0]
-    try:
-        vectors = live.engine.embed(task, ["health check"], live.instructions[task]["query"], Side.QUERY)
-    finally:
-        live.embed_lock.release()
-    if vectors.shape[0] != 1 or not np.isfinite(vectors).all():
-        raise RuntimeError(f"version {live.version}: the engine's probe embedding is not a finite vector")
-
-
-def load_version(registry: str, version: str, search: SearchConfig, cache_dir: str | None) -> LiveVersion:
-    """Resolve, verify every checksum, then load: a corrupted version raises before any of it is used."""
-    path = resolve_verified(registry, version, cache_dir)
-    meta = read_version(path)
-    engine = load_engine(path)
-    index = ItemIndex.load(path, search)
-    history = meta.get("max_history", DEFAULT_MAX_HISTORY)
-    return LiveVersion(engine.version, engine, index, meta["instructions"], history)
 
 
 @dataclass(frozen=True)
@@ -166,84 +86,6 @@ class Finished:
 
 
 _END = object()
-
-
-@dataclass(frozen=True)
-class Job:
-    """One request's share of a batch. ``tokens`` (its prompt tokens) and ``queued`` (when it entered the batch
-    queue) are for the metrics of the engine call that serves it."""
-
-    live: LiveVersion
-    task: str
-    texts: list[str]
-    tokens: int
-    max_tokens: int = 0
-    temperature: float = 0.0
-    lengths: tuple[int, ...] = ()
-    """Embedding jobs: each text's tokens with its instruction (what the engine pads to)."""
-    queued: float = field(default_factory=time.monotonic)
-
-
-def _started(metrics: ServingMetrics, kind: str, members: list[Job]) -> None:
-    inputs, tokens = sum(len(job.texts) for job in members), sum(job.tokens for job in members)
-    metrics.engine_call(kind, inputs, tokens, [job.queued for job in members])
-
-
-def _embed_grouped(jobs: list[Job], metrics: ServingMetrics, max_tokens: int) -> list[np.ndarray]:
-    """Per (version, task) in the batch, engine calls of at most ``max_tokens`` padded tokens; results back in job
-    order."""
-    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-    for j, job in enumerate(jobs):
-        groups[(id(job.live), job.task)].append(j)
-    out: list[np.ndarray] = [np.empty(0)] * len(jobs)
-    for members in groups.values():
-        live, task = jobs[members[0]].live, jobs[members[0]].task
-        texts = [t for j in members for t in jobs[j].texts]
-        lengths = [n for j in members for n in jobs[j].lengths]
-        vectors: list[np.ndarray] = [np.empty(0)] * len(texts)
-        queued = [jobs[j].queued for j in members]
-        with live.embed_lock:
-            for chunk in token_chunks(lengths, max_tokens):
-                metrics.engine_call("embed", len(chunk), sum(lengths[i] for i in chunk), queued)
-                queued = []  # a request's wait ends at its batch's first call
-                part = live.engine.embed(task, [texts[i] for i in chunk], live.instructions[task]["query"], Side.QUERY)
-                for i, vector in zip(chunk, part, strict=True):
-                    vectors[i] = vector
-        start = 0
-        for j in members:
-            out[j] = np.stack(vectors[start : start + len(jobs[j].texts)])
-            start += len(jobs[j].texts)
-    return out
-
-
-def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indexes of ``lengths`` in calls whose padded size (count x longest) stays within ``budget``, shortest first
-    so that similar lengths share a call; a text over the budget alone is a call of its own."""
-    chunks: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= budget:  # sorted: lengths[i] is the call's longest
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
-def _generate_grouped(jobs: list[Job], metrics: ServingMetrics) -> list[list[str]]:
-    groups: dict[tuple[int, str, int, float], list[int]] = defaultdict(list)
-    for j, job in enumerate(jobs):
-        groups[(id(job.live), job.task, job.max_tokens, job.temperature)].append(j)
-    out: list[list[str]] = [[] for _ in jobs]
-    for members in groups.values():
-        first = jobs[members[0]]
-        with first.live.generate_lock:
-            _started(metrics, "generate", [jobs[j] for j in members])
-            texts = first.live.engine.generate(first.task, [p for j in members for p in jobs[j].texts],
-                                               first.max_tokens, first.temperature)  # fmt: skip
-        start = 0
-        for j in members:
-            out[j] = texts[start : start + len(jobs[j].texts)]
-            start += len(jobs[j].texts)
-    return out
 
 
 def _context_error(param: str, index: int, tokens: int, limit: int, what: str) -> ApiError:
@@ -359,11 +201,11 @@ class Model:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, jobs: list[Job]) -> list[np.ndarray]:
-        return await asyncio.to_thread(_embed_grouped, jobs, self._metrics, self._max_batch_tokens)
+        return await asyncio.to_thread(embed_grouped, jobs, self._metrics, self._max_batch_tokens)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _generate_batch(self, jobs: list[Job]) -> list[list[str]]:
-        return await asyncio.to_thread(_generate_grouped, jobs, self._metrics)
+        return await asyncio.to_thread(generate_grouped, jobs, self._metrics)
 
     async def embed(self, task: str, texts: list[str]) -> Embedded:
         live = self._require_live()
