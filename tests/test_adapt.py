@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from test_export import make_merged
 
 from recfound.artifacts import MANIFEST
-from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side
 from recfound.model.grm import GRM
-from recfound.model.tmole import TMoLEConfig, read_adapter_config, read_adapter_weights
+from recfound.model.tmole import read_adapter_config, read_adapter_weights
 from recfound.model.tmole.model import TASK_TABLE_KEY
 from recfound.serving.engine import ENGINE_KEY, load_engine
 from recfound.serving.index import build_item_index, text_meta
 from recfound.serving.registry import publish, resolve_verified
 from recfound.tasks import ITEMS
-from recfound.train import checkpoint
 from recfound.train.adapt import AdaptConfig, AdaptError, adapt, trainable_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +36,7 @@ PROMPTS = ["Describe the item: red running shoes", "Describe the item: ceramic c
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A merged artifact whose adapter moved away from its init (experts, routers and task rows all matter)."""
-    root = tmp_path_factory.mktemp("adapt")
-    torch.manual_seed(7)
-    grm = GRM.build(BACKBONE, TMoLEConfig(num_experts=3, r=4, alpha=8, task_dim=TASK_DIM, tasks=TASKS))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for tensor in grm.tuner.trainable_state_dict().values():
-            tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
-    (root / "ckpt").mkdir()
-    checkpoint.save(root / "ckpt", grm, {"step": 1, "seed": 7}, {"weights_history": []}, [])
-    return merge_checkpoints(MergeConfig(checkpoints=[str(root / "ckpt")], method="linear", out=str(root / "merged")))
+    return make_merged(tmp_path_factory.mktemp("adapt"), BACKBONE, TASKS)
 
 
 def _config(merged: Path, data: Path, out: Path, **overrides) -> AdaptConfig:

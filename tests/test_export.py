@@ -45,10 +45,11 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_merged(tmp_path_factory.mktemp("export"))
 
 
-def make_merged(root: Path, backbone: BackboneConfig = BACKBONE) -> Path:
-    """A merged artifact of one checkpoint whose adapter moved away from zero, so folding matters."""
+def make_merged(root: Path, backbone: BackboneConfig = BACKBONE, tasks: list[str] = TASKS) -> Path:
+    """A merged artifact of one checkpoint whose adapter moved away from its init (experts, routers and task rows
+    all matter, so folding and adapting do)."""
     torch.manual_seed(7)
-    grm = GRM.build(backbone, TMoLEConfig(num_experts=3, r=4, alpha=8, task_dim=16, tasks=TASKS))
+    grm = GRM.build(backbone, TMoLEConfig(num_experts=3, r=4, alpha=8, task_dim=16, tasks=tasks))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for tensor in grm.tuner.trainable_state_dict().values():
