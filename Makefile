@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo lint format test test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
-## test: the whole test suite (CPU only, no network)
-test: $(STAMP)
+## lint: ruff's lint and format checks (configured in pyproject.toml); `make format` applies both fixes
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## test: lint, then the whole test suite (CPU only, no network)
+test: lint
 	$(BIN)/python -m pytest -q
 
 ## test-fast: everything but the `slow` tests (no Ray cluster, no pretrained weights); under 3 minutes on 2 cores

@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     manifest = json.loads((out / "manifest.json").read_text())
     losses = ", ".join(f"{t} {v['before']:.4f} -> {v['after']:.4f}" for t, v in manifest["valid_loss"].items())
-    print(f"trained {manifest['trained_parameters']:,} of {manifest['adapter_parameters']:,} adapter parameters "
-          f"({manifest['trained_share']:.2%}); valid loss {losses}")
+    print(
+        f"trained {manifest['trained_parameters']:,} of {manifest['adapter_parameters']:,} adapter parameters "
+        f"({manifest['trained_share']:.2%}); valid loss {losses}"
+    )
     print(out)
     return 0
 

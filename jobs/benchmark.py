@@ -7,9 +7,12 @@
     python jobs/benchmark.py search                              # exact vs faiss IVF item search, 10k-1M items
     python jobs/benchmark.py quality data=<dataset dir> out=<dir> [config=<yaml>]
                                                                  # train + evaluate: win/lose per baseline
+    python jobs/benchmark.py exit model=<checkpoint or merged dir> data=<dataset dir> [layers=<k,k,...>]
+                                                                 # early-exit embeddings: speed and metric per layer
     python jobs/benchmark.py <subcommand> --help                 # every option, with its default
 
-Options are --key value or key=value (quality: train.<key>=value overrides the recipe). Each writes its report as JSON: to --out, or quality to <out>/quality.json.
+Options are --key value or key=value (quality: train.<key>=value overrides the recipe). Each writes its report
+as JSON: to --out, or quality to <out>/quality.json.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, quality, search, serve, train  # noqa: E402
+from recfound.bench import adapter, data, early_exit, quality, search, serve, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 
 SUBCOMMANDS = {
@@ -30,6 +33,7 @@ SUBCOMMANDS = {
     "serve": (serve.ServeBench, serve.run),
     "search": (search.SearchBench, search.run),
     "quality": (quality.QualityBench, quality.run),
+    "exit": (early_exit.ExitBench, early_exit.run),
 }
 
 

@@ -43,8 +43,10 @@ def synthetic_dump(argv: list[str]) -> int:
     cfg = cli(DumpConfig, argv, DUMP_USAGE)
     start = time.perf_counter()
     urls = write_dump(cfg)
-    print(f"{cfg.reviews} reviews in {cfg.shards} shards in {time.perf_counter() - start:.1f} s; build with:\n"
-          f"python jobs/build_dataset.py reviews={urls['reviews']} meta={urls['meta']} out=DIR")  # fmt: skip
+    print(
+        f"{cfg.reviews} reviews in {cfg.shards} shards in {time.perf_counter() - start:.1f} s; build with:\n"
+        f"python jobs/build_dataset.py reviews={urls['reviews']} meta={urls['meta']} out=DIR"
+    )
     return 0
 
 

@@ -85,20 +85,26 @@ def ask(url: str, data: Path) -> None:
 
     client = OpenAI(base_url=f"{url}/v1", api_key="local", max_retries=0, timeout=60)
     emb = client.embeddings.create(model="recfound-q2i", input=["wireless noise cancelling headphones"])
-    print(f"\nPOST /v1/embeddings (recfound-q2i): {len(emb.data[0].embedding)}-d vector, first values "
-          f"{[round(v, 4) for v in emb.data[0].embedding[:4]]}")  # fmt: skip
+    print(
+        f"\nPOST /v1/embeddings (recfound-q2i): {len(emb.data[0].embedding)}-d vector, first values "
+        f"{[round(v, 4) for v in emb.data[0].embedding[:4]]}"
+    )
     task = data / "tasks" / "sentiment_analysis"
     prompt = pq.read_table(task / "test.parquet").slice(0, 1).to_pylist()[0]["prompt"]
     labels = sorted(set(pq.read_table(task / "train.parquet", columns=["response"]).column("response").to_pylist()))
-    done = client.completions.create(model="recfound-sentiment_analysis", prompt=prompt,
-                                     extra_body={"guided_choice": labels})  # fmt: skip
-    print(f"POST /v1/completions (recfound-sentiment_analysis, guided_choice of its {len(labels)} labels): "
-          f"{done.choices[0].text!r}")  # fmt: skip
+    done = client.completions.create(
+        model="recfound-sentiment_analysis", prompt=prompt, extra_body={"guided_choice": labels}
+    )
+    print(
+        f"POST /v1/completions (recfound-sentiment_analysis, guided_choice of its {len(labels)} labels): "
+        f"{done.choices[0].text!r}"
+    )
     interactions = pq.read_table(data / "interactions.parquet").to_pylist()
     user = interactions[0]["user"]
     history = [row["item"] for row in sorted(interactions, key=lambda r: r["timestamp"]) if row["user"] == user][:5]
-    reply = httpx.post(f"{url}/v1/recommend", json={"task": "u2i", "history": history, "k": 3, "exclude_history": True},
-                       timeout=60)  # fmt: skip
+    reply = httpx.post(
+        f"{url}/v1/recommend", json={"task": "u2i", "history": history, "k": 3, "exclude_history": True}, timeout=60
+    )
     reply.raise_for_status()
     print(f"POST /v1/recommend (u2i, {len(history)} items of history): {json.dumps(reply.json(), indent=1)[:800]}")
 
@@ -106,8 +112,12 @@ def ask(url: str, data: Path) -> None:
 def scoreboard(results: Path) -> None:
     """The headline metric and full-catalogue NDCG@10 of each embedding task: recfound next to the baselines."""
     systems = json.loads(results.read_text())["systems"]
-    metrics = [(task, metric) for task in ("u2i", "q2i", "i2i") if task in systems["recfound"]
-               for metric in (headline(task), "full.ndcg@10")]  # fmt: skip
+    metrics = [
+        (task, metric)
+        for task in ("u2i", "q2i", "i2i")
+        if task in systems["recfound"]
+        for metric in (headline(task), "full.ndcg@10")
+    ]
     print(f"\n{'test split':<22}" + "".join(f"{name:>12}" for name in systems))
     for task, metric in metrics:
         values = [systems[name].get(task, {}).get(metric) for name in systems]
@@ -129,8 +139,14 @@ def main() -> int:
     config = serve_config(port)
     print(f"\n$ RECFOUND_REGISTRY={registry} serve run serve/serve_config.yaml   (port {port})", flush=True)
     env = os.environ | {"RECFOUND_REGISTRY": str(registry)}
-    server = subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [str(BIN / "serve"), "run", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, server)
@@ -141,8 +157,16 @@ def main() -> int:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-    step(py, "jobs/evaluate.py", f"model={merged}", f"data={data}", f"out={RUNS / 'eval'}", "baselines=popularity,bm25",
-         "protocols=pool,full", echo=False)  # fmt: skip
+    step(
+        py,
+        "jobs/evaluate.py",
+        f"model={merged}",
+        f"data={data}",
+        f"out={RUNS / 'eval'}",
+        "baselines=popularity,bm25",
+        "protocols=pool,full",
+        echo=False,
+    )
     print(f"\ndemo done: dataset {data}, run {final}, merged {merged}, registry {registry}")
     scoreboard(RUNS / "eval" / "results.json")
     return 0

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recfound.config import cli  # noqa: E402
-from recfound.eval.report import tables  # noqa: E402
 from recfound.eval.compare import compare  # noqa: E402
+from recfound.eval.report import tables  # noqa: E402
 from recfound.eval.runner import EvalConfig, EvalError, evaluate  # noqa: E402
 from recfound.eval.systems import ModelError  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Publish a merged model to the registry (with its item index) and optionally roll a running Serve app to it.
 
-    python jobs/publish.py model=<merged dir> data=<dataset dir> registry=<dir or url> [serve=<ray address>]
+python jobs/publish.py model=<merged dir> data=<dataset dir> registry=<dir or url> [serve=<ray address>]
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> str:
     from recfound.serving.engine import ENGINE_KEY
     from recfound.serving.index import build_item_index, text_meta
     from recfound.serving.registry import publish
-    from recfound.tasks import ITEMS, MANIFEST
+    from recfound.tasks import DATASET_MANIFEST, ITEMS
 
-    meta = {ENGINE_KEY: cfg.engine or default_engine(cfg.model), **text_meta(read_json(f"{cfg.data}/{MANIFEST}"))}
+    dataset = read_json(f"{cfg.data}/{DATASET_MANIFEST}")
+    meta = {ENGINE_KEY: cfg.engine or default_engine(cfg.model), **text_meta(dataset)}
     build = partial(build_item_index, items_url=f"{cfg.data}/{ITEMS}", batch_size=cfg.batch_size)
     version = publish(cfg.model, cfg.registry, build, meta)
     print(version, flush=True)

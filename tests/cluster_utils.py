@@ -18,6 +18,7 @@ sitecustomize logs where each process found `recfound` (pid, node name, file) to
 read it to prove the package came from the runtime_env on every node. Token authentication is on, with a random
 token handed over in ``RAY_AUTH_TOKEN`` (nothing is written to ~/.ray).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -280,8 +281,13 @@ class LocalCluster:
 
     def assert_project_hidden(self) -> None:
         """The cluster's python cannot import recfound by itself (the editable install is hidden from it)."""
-        probe = subprocess.run([str(BIN / "python"), "-c", "import recfound"], env=self.env("probe", RF_IMPORT_LOG=""),
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        probe = subprocess.run(
+            [str(BIN / "python"), "-c", "import recfound"],
+            env=self.env("probe", RF_IMPORT_LOG=""),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert probe.returncode != 0 and "No module named 'recfound'" in probe.stderr, (
             f"the cluster's python still imports recfound from the checkout:\n{probe.stdout}{probe.stderr}"
         )
@@ -299,26 +305,54 @@ class LocalCluster:
         temp_dir = Path(tempfile.mkdtemp(prefix=f"rf{name[:4]}-", dir="/tmp"))  # short: unix socket paths <= 107
         log = self.root / f"node-{name}.log"
         cmd = [
-            RAY, "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}", f"--temp-dir={temp_dir}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            "--min-worker-port=0", "--max-worker-port=0", f"--object-store-memory={200 * 1024**2}", *args,
-        ]  # fmt: skip
+            RAY,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={HOST}",
+            f"--temp-dir={temp_dir}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--object-store-memory={200 * 1024**2}",
+            *args,
+        ]
         with open(log, "ab") as out:  # the keeper (own session: a Ctrl-C to pytest is not a node crash) runs cmd
-            proc = subprocess.Popen([str(BIN / "python"), "-S", "-c", KEEPER, str(os.getpid()), str(temp_dir), *cmd],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [str(BIN / "python"), "-S", "-c", KEEPER, str(os.getpid()), str(temp_dir), *cmd],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         node = Node(name, proc, temp_dir, log)
         self.nodes[name] = node
         self.note(f"node {name} starting: keeper pid {proc.pid}, temp dir {temp_dir}")
         return node
 
-    def start_head(self, num_cpus: int, resources: dict | None = None, autoscaling_config: Path | None = None,
-                   env: dict[str, str] | None = None, timeout: float = 90) -> Node:  # fmt: skip
+    def start_head(
+        self,
+        num_cpus: int,
+        resources: dict | None = None,
+        autoscaling_config: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 90,
+    ) -> Node:
         self.gcs_port, self.dashboard_port = self.gcs_port or free_port(), free_port()
-        args = ["--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-                f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}"]  # fmt: skip
+        args = [
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            f"--dashboard-host={HOST}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+        ]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         if autoscaling_config:
@@ -362,9 +396,14 @@ class LocalCluster:
         config = {
             "cluster_name": f"fake-{self.gcs_port}",
             "max_workers": sum(t["max_workers"] for t in worker_types.values()),
-            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                         "disable_launch_config_check": True, "launch_multiple": True,
-                         "gcs_address": gcs_address},  # fmt: skip
+            "provider": {
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+                "launch_multiple": True,
+                "gcs_address": gcs_address,
+            },
             "available_node_types": {
                 **worker_types,
                 "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
@@ -374,9 +413,20 @@ class LocalCluster:
             "upscaling_speed": 1.0,
             "idle_timeout_minutes": idle_timeout_s / 60,
             "docker": {},
-            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
-                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")},  # fmt: skip
+            **{
+                key: []
+                for key in (
+                    "initialization_commands",
+                    "setup_commands",
+                    "head_setup_commands",
+                    "worker_setup_commands",
+                    "head_start_ray_commands",
+                    "worker_start_ray_commands",
+                    "cluster_synced_files",
+                    "rsync_exclude",
+                    "rsync_filter",
+                )
+            },
             "file_mounts": {},
             "file_mounts_sync_continuously": False,
         }
@@ -453,8 +503,17 @@ class LocalCluster:
 
     # -- jobs ---------------------------------------------------------------------------------------------------
     def submit(self, submission_id: str, working_dir: Path, entrypoint: list[str], timeout: float = 60) -> None:
-        cmd = [RAY, "job", "submit", f"--address={self.dashboard_url}", f"--submission-id={submission_id}",
-               f"--working-dir={working_dir}", "--no-wait", "--", *entrypoint]  # fmt: skip
+        cmd = [
+            RAY,
+            "job",
+            "submit",
+            f"--address={self.dashboard_url}",
+            f"--submission-id={submission_id}",
+            f"--working-dir={working_dir}",
+            "--no-wait",
+            "--",
+            *entrypoint,
+        ]
         done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"ray job submit failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")

@@ -40,8 +40,14 @@ def write_lines(path: Path, rows: list, compress: bool = False) -> str:
 
 
 def review(user: str, item: str, time: int, rating: float = 5.0, summary: str = "fine thing") -> dict:
-    return {"reviewerID": user, "asin": item, "overall": rating, "unixReviewTime": time, "summary": summary,
-            "reviewText": f"{summary}, really"}  # fmt: skip
+    return {
+        "reviewerID": user,
+        "asin": item,
+        "overall": rating,
+        "unixReviewTime": time,
+        "summary": summary,
+        "reviewText": f"{summary}, really",
+    }
 
 
 def _titles(text: str) -> set[str]:
@@ -52,9 +58,12 @@ def _titles(text: str) -> set[str]:
 def assert_no_leakage(out: Path) -> None:
     """A user's valid/test target is never a positive, a history entry or an option in that user's train rows."""
     title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
-    for task, item_key, text_key in (("u2i", "pos_item", "query"), ("sequential_recommendation", "item", "prompt"),
-                                     ("explanation_generation", "item", "prompt"),
-                                     ("candidate_ranking", "item", "prompt")):  # fmt: skip
+    for task, item_key, text_key in (
+        ("u2i", "pos_item", "query"),
+        ("sequential_recommendation", "item", "prompt"),
+        ("explanation_generation", "item", "prompt"),
+        ("candidate_ranking", "item", "prompt"),
+    ):
         seen_items: dict[str, set[str]] = {}
         seen_titles: dict[str, set[str]] = {}
         for row in read_task(out, task, "train"):  # every candidate, "no" rows' included

@@ -51,14 +51,22 @@ def serve_app(root: Path, configure: Callable[[dict[str, Any]], None]) -> Iterat
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     saved = dict(os.environ)
     # Ray workers inherit this environment: the registry, the API token, and tests/ for the fake engine.
-    os.environ.update(RECFOUND_REGISTRY=str(registry), RECFOUND_API_TOKEN=TOKEN,
-                      PYTHONPATH=os.pathsep.join([str(REPO / "tests"), saved.get("PYTHONPATH", "")]))  # fmt: skip
+    os.environ.update(
+        RECFOUND_REGISTRY=str(registry),
+        RECFOUND_API_TOKEN=TOKEN,
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), saved.get("PYTHONPATH", "")]),
+    )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         address = ray.get_runtime_context().gcs_address
         serve_cli = Path(sys.executable).parent / "serve"
-        subprocess.run([str(serve_cli), "run", "--non-blocking", "--address", address, str(root / "serve.yaml")],
-                       cwd=REPO, check=True, capture_output=True, timeout=STARTUP_TIMEOUT_S)  # fmt: skip
+        subprocess.run(
+            [str(serve_cli), "run", "--non-blocking", "--address", address, str(root / "serve.yaml")],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=STARTUP_TIMEOUT_S,
+        )
         url = f"http://127.0.0.1:{port}"
         for application in config["applications"]:
             wait_healthy(url + application["route_prefix"].rstrip("/"), STARTUP_TIMEOUT_S)

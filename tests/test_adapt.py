@@ -77,13 +77,17 @@ def test_only_the_adapted_rows_change(merged: Path, adapted: Path) -> None:
     assert not torch.equal(new[tasks.index("i2i")], old[TASKS.index("i2i")])
     # item_profile started at the mean of the generative rows (sentiment_analysis alone here) and moved from it.
     assert not torch.equal(new[tasks.index("item_profile")], old[TASKS.index("sentiment_analysis")])
-    assert read_adapter_config(str(adapted / "adapter")).backbone == read_adapter_config(str(merged / "adapter")).backbone
+    assert (
+        read_adapter_config(str(adapted / "adapter")).backbone == read_adapter_config(str(merged / "adapter")).backbone
+    )
 
 
 def test_the_optimizer_gets_only_task_rows_and_prompts(merged: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
     """Everything else, backbone included, is frozen in the model that trains."""
     cfg = _config(merged, synthetic_dataset, tmp_path / "o", tasks="item_profile", method="prompt", prompt_tokens=2)
-    model = trainable_model(read_adapter_config(str(merged / "adapter")), read_adapter_weights(str(merged / "adapter")), cfg)
+    model = trainable_model(
+        read_adapter_config(str(merged / "adapter")), read_adapter_weights(str(merged / "adapter")), cfg
+    )
     trained = {name for name, p in model.grm.named_parameters() if p.requires_grad}
     assert trained == {"tuner.tmole_task_table.default.weight", "tuner.tmole_soft_prompt.default.item_profile"}
     assert {id(p) for p in model.params} == {id(p) for p in model.grm.parameters() if p.requires_grad}
@@ -96,7 +100,10 @@ def test_trained_share_is_reported_and_small(merged: Path, adapted: Path, prompt
         manifest = _manifest(path)
         assert manifest["trained_parameters"] == trained and manifest["adapter_parameters"] == total
         assert manifest["trained_share"] == pytest.approx(trained / total) and manifest["trained_share"] <= 0.02
-    assert _manifest(adapted)["method"] == "task_embedding" and _manifest(adapted)["adapted_tasks"] == ["item_profile", "i2i"]
+    assert _manifest(adapted)["method"] == "task_embedding" and _manifest(adapted)["adapted_tasks"] == [
+        "item_profile",
+        "i2i",
+    ]
     assert _manifest(prompted)["method"] == "prompt" and _manifest(prompted)["kind"] == "adapted"
 
 
@@ -123,9 +130,12 @@ def _serve(model: Path, data: Path, registry: Path):
     return load_engine(resolve_verified(str(registry)))
 
 
-def test_published_artifacts_serve_the_adapted_tasks(merged, adapted, prompted, synthetic_dataset, tmp_path, one_thread) -> None:
-    source, plain, prompt = (_serve(m, synthetic_dataset, tmp_path / name)
-                             for m, name in ((merged, "r0"), (adapted, "r1"), (prompted, "r2")))  # fmt: skip
+def test_published_artifacts_serve_the_adapted_tasks(
+    merged, adapted, prompted, synthetic_dataset, tmp_path, one_thread
+) -> None:
+    source, plain, prompt = (
+        _serve(m, synthetic_dataset, tmp_path / name) for m, name in ((merged, "r0"), (adapted, "r1"), (prompted, "r2"))
+    )
     texts = ["red running shoes", "ceramic coffee mug"]
     direct = GRM.from_pretrained(str(adapted / "adapter")).eval()
     with torch.no_grad():
@@ -136,13 +146,18 @@ def test_published_artifacts_serve_the_adapted_tasks(merged, adapted, prompted, 
     tuned = GRM.from_pretrained(str(prompted / "adapter")).eval()
     assert tuned.tuner.soft_prompt(tuned.task_ids(["item_profile"])) is not None
     assert prompt.generate("item_profile", PROMPTS, max_tokens=6, temperature=0.0) == tuned.generate(
-        PROMPTS, "item_profile", max_new_tokens=6)
+        PROMPTS, "item_profile", max_new_tokens=6
+    )
     scores = prompt.choice_scores("item_profile", PROMPTS[:1], ["shoes", "mug"])
     assert torch.allclose(torch.from_numpy(scores), tuned.choice_scores(PROMPTS[:1], ["shoes", "mug"], "item_profile"))
     for served in (plain, prompt):
-        assert (served.embed("u2i", texts, "Find the item", Side.QUERY) ==
-                source.embed("u2i", texts, "Find the item", Side.QUERY)).all()  # fmt: skip
-        assert served.generate("sentiment_analysis", PROMPTS, 6, 0.0) == source.generate("sentiment_analysis", PROMPTS, 6, 0.0)
+        assert (
+            served.embed("u2i", texts, "Find the item", Side.QUERY)
+            == source.embed("u2i", texts, "Find the item", Side.QUERY)
+        ).all()
+        assert served.generate("sentiment_analysis", PROMPTS, 6, 0.0) == source.generate(
+            "sentiment_analysis", PROMPTS, 6, 0.0
+        )
 
 
 def test_a_prompted_task_refuses_to_fold(prompted: Path) -> None:
@@ -181,8 +196,12 @@ def test_cli_help_errors_and_run(merged: Path, synthetic_dataset: Path, tmp_path
     assert bad.returncode != 0 and "method" in bad.stderr and not (tmp_path / "o").exists()
     bad = subprocess.run([*job, *base, "tasks=answer_generation"], check=False, capture_output=True, text=True)
     assert bad.returncode == 1 and "error: data=" in bad.stderr and "no train split" in bad.stderr
-    done = subprocess.run([*job, *base, "tasks=item_profile", "steps=2", "rows=20", "valid_rows=8"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [*job, *base, "tasks=item_profile", "steps=2", "rows=20", "valid_rows=8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == str(tmp_path / "o") and "adapter parameters" in lines[-2]
     assert _manifest(tmp_path / "o")["train_rows"] == {"item_profile": 20}

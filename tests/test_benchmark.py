@@ -52,34 +52,97 @@ def _assert_report(report: dict[str, Any], ratios: set[str]) -> None:
 
 
 def test_help_lists_every_option(benchmark: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
-    for command, flag in (("adapter", "--backbone"), ("train", "--steps"), ("data", "--users"), ("serve", "--concurrency")):
+    for command, flag in (
+        ("adapter", "--backbone"),
+        ("train", "--steps"),
+        ("data", "--users"),
+        ("serve", "--concurrency"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             benchmark.main([command, "--help"])
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
 
 
 def test_adapter(benchmark: ModuleType, tmp_path: Path) -> None:
-    report = _run(benchmark, tmp_path / "adapter.json", "adapter", "--batch", "2", "--seq-len", "16", "--rounds", "2",
-                  "--warmup", "1")  # fmt: skip
-    _assert_report(report, {"tmole_vs_lora_train", "tmole_vs_frozen_train", "lora_vs_frozen_train",
-                            "tmole_vs_lora_peak_memory", "folded_vs_expert_sum_infer", "folded_vs_lora_infer",
-                            "expert_sum_vs_lora_infer"})  # fmt: skip
+    report = _run(
+        benchmark,
+        tmp_path / "adapter.json",
+        "adapter",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--rounds",
+        "2",
+        "--warmup",
+        "1",
+    )
+    _assert_report(
+        report,
+        {
+            "tmole_vs_lora_train",
+            "tmole_vs_frozen_train",
+            "lora_vs_frozen_train",
+            "tmole_vs_lora_peak_memory",
+            "folded_vs_expert_sum_infer",
+            "folded_vs_lora_infer",
+            "expert_sum_vs_lora_infer",
+        },
+    )
     assert report["figures"]["trainable_params"]["frozen"] == 0
 
 
 def test_train(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
-    report = _run(benchmark, tmp_path / "train.json", "train", "--steps", "3", "--skip", "1", "--storage",
-                  str(tmp_path / "runs"), "--overrides", f"data={synthetic_dataset}", "tasks=[sentiment_analysis]",
-                  "batch.embedding=0", "batch.generative=2")  # fmt: skip
+    report = _run(
+        benchmark,
+        tmp_path / "train.json",
+        "train",
+        "--steps",
+        "3",
+        "--skip",
+        "1",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--overrides",
+        f"data={synthetic_dataset}",
+        "tasks=[sentiment_analysis]",
+        "batch.embedding=0",
+        "batch.generative=2",
+    )
     _assert_report(report, {"trainer_vs_plain_step", "trainer_vs_plain_wall", "trainer_vs_plain_time_per_token"})
     assert {"s2sched_share", "data_wait_share", "flop_share"} <= set(report["figures"])
 
 
 def test_data(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
-    report = _run(benchmark, tmp_path / "data.json", "data", "--users", "30", "--items", "20", "--queries", "10",
-                  "--rounds", "1", "--train-steps", "2", "--skip", "0", "--out-dir", str(tmp_path / "data"),
-                  "--overrides", "tasks=[u2i]", "batch.embedding=4", "batch.generative=0",
-                  "--scaling", "2000", "500", "1000", "--scaling-shards", "2")  # fmt: skip
+    report = _run(
+        benchmark,
+        tmp_path / "data.json",
+        "data",
+        "--users",
+        "30",
+        "--items",
+        "20",
+        "--queries",
+        "10",
+        "--rounds",
+        "1",
+        "--train-steps",
+        "2",
+        "--skip",
+        "0",
+        "--out-dir",
+        str(tmp_path / "data"),
+        "--overrides",
+        "tasks=[u2i]",
+        "batch.embedding=4",
+        "batch.generative=0",
+        "--scaling",
+        "2000",
+        "500",
+        "1000",
+        "--scaling-shards",
+        "2",
+    )
     _assert_report(report, {"ray_data_vs_train", "build_vs_train", "build_peak_rss_largest_vs_middle"})
     scaling = report["figures"]["scaling"]
     assert [b["reviews"] for b in scaling] == [500, 1000, 2000]
@@ -88,10 +151,30 @@ def test_data(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
 
 
 def test_serve(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
-    report = _run(benchmark, tmp_path / "serve.json", "serve", "--concurrency", "1", "2", "--requests", "4",
-                  "--completion-requests", "2", "--max-tokens", "2", "--rounds", "1", "--breakdown-rounds", "2",
-                  "--users", "30", "--items", "20",
-                  "--out-dir", str(tmp_path / "serve"))  # fmt: skip
+    report = _run(
+        benchmark,
+        tmp_path / "serve.json",
+        "serve",
+        "--concurrency",
+        "1",
+        "2",
+        "--requests",
+        "4",
+        "--completion-requests",
+        "2",
+        "--max-tokens",
+        "2",
+        "--rounds",
+        "1",
+        "--breakdown-rounds",
+        "2",
+        "--users",
+        "30",
+        "--items",
+        "20",
+        "--out-dir",
+        str(tmp_path / "serve"),
+    )
     levels = {f"{e}_serve_vs_direct_c{c}" for e in ("embeddings", "completions") for c in (1, 2)}
     _assert_report(report | {"targets": [t for t in report["targets"] if t["key"].endswith("c1")]}, levels)
     assert "embeddings_added_p50_ms_c1" in report["figures"]
@@ -101,17 +184,23 @@ def test_quality_verdicts_compare_each_model_with_each_baseline() -> None:
     from recfound.bench.quality import verdicts
 
     systems = {
-        "recfound": {"u2i": {"pool.mrr@20": 0.5, "full.ndcg@10": 0.1}, "q2i": {"pool.mrr@20": 0.2},
-                     "sentiment_analysis": {"macro_f1": 0.4}, "user_profile": {"rouge_l": 0.2}},
+        "recfound": {
+            "u2i": {"pool.mrr@20": 0.5, "full.ndcg@10": 0.1},
+            "q2i": {"pool.mrr@20": 0.2},
+            "sentiment_analysis": {"macro_f1": 0.4},
+            "user_profile": {"rouge_l": 0.2},
+        },
         "merged": {"u2i": {"pool.mrr@20": 0.3}},
         "popularity": {"u2i": {"pool.mrr@20": 0.4, "full.ndcg@10": 0.2}},
         "bm25": {"q2i": {"pool.mrr@20": 0.3}, "u2i": {"pool.mrr@20": 0.5}},
         "item_cf": {"q2i": {"pool.mrr@20": 0.0}},  # item-CF is no Q2I baseline: never compared there
         "majority": {"sentiment_analysis": {"macro_f1": 0.1}},
         "backbone": {"sentiment_analysis": {"macro_f1": 0.5}, "user_profile": {"rouge_l": 0.1}},
-    }  # fmt: skip
-    rows = {(r["task"], r["metric"], r["baseline"]): (r["recfound_wins"], r["merged_wins"])
-            for r in verdicts(systems, ["recfound", "merged"])}  # fmt: skip
+    }
+    rows = {
+        (r["task"], r["metric"], r["baseline"]): (r["recfound_wins"], r["merged_wins"])
+        for r in verdicts(systems, ["recfound", "merged"])
+    }
     assert rows == {
         ("u2i", "pool.mrr@20", "popularity"): (True, False),
         ("u2i", "pool.mrr@20", "bm25"): (False, False),  # a tie is no win
@@ -132,24 +221,46 @@ def test_quality_verdicts_rank_candidate_lists_against_the_retrieval_baselines_t
         "item_cf": {"candidate_ranking": {"list.ndcg@10": 0.7}},
         "majority": {"candidate_ranking": {"binary_f1": 0.667}},
         "backbone": {"candidate_ranking": {"binary_f1": 0.3, "list.ndcg@10": 0.3}},
-    }  # fmt: skip
+    }
     rows = {(r["metric"], r["baseline"]): r["recfound_wins"] for r in verdicts(systems, ["recfound"])}
     assert rows == {
-        ("binary_f1", "majority"): False, ("binary_f1", "backbone"): True, ("list.ndcg@10", "backbone"): True,
-        ("list.ndcg@10", "popularity"): True, ("list.ndcg@10", "item_cf"): False,
-    }  # fmt: skip
+        ("binary_f1", "majority"): False,
+        ("binary_f1", "backbone"): True,
+        ("list.ndcg@10", "backbone"): True,
+        ("list.ndcg@10", "popularity"): True,
+        ("list.ndcg@10", "item_cf"): False,
+    }
 
 
 def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
     """The whole quality pipeline at toy size: train, merge, evaluate, verdicts (key=value arguments, as issued)."""
     out = tmp_path / "quality"
-    assert benchmark.main(["quality", f"data={synthetic_dataset}", f"out={out}", f"config={JOB.parents[1] / 'configs' / 'tiny.yaml'}",
-                           "train.max_steps=2", "train.checkpoint_every=1", "train.num_workers=1",
-                           "train.tasks=[u2i,q2i,sentiment_analysis]", "max_rows_per_task=2", "max_new_tokens=2"]) == 0  # fmt: skip
+    assert (
+        benchmark.main(
+            [
+                "quality",
+                f"data={synthetic_dataset}",
+                f"out={out}",
+                f"config={JOB.parents[1] / 'configs' / 'tiny.yaml'}",
+                "train.max_steps=2",
+                "train.checkpoint_every=1",
+                "train.num_workers=1",
+                "train.tasks=[u2i,q2i,sentiment_analysis]",
+                "max_rows_per_task=2",
+                "max_new_tokens=2",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "quality.json").read_text())
     verdicts = report["figures"]["verdicts"]
     compared = {(v["task"], v["baseline"]) for v in verdicts}
-    assert {("u2i", "popularity"), ("u2i", "minilm"), ("q2i", "bm25"), ("sentiment_analysis", "majority"),
-            ("sentiment_analysis", "backbone")} <= compared  # fmt: skip
+    assert {
+        ("u2i", "popularity"),
+        ("u2i", "minilm"),
+        ("q2i", "bm25"),
+        ("sentiment_analysis", "majority"),
+        ("sentiment_analysis", "backbone"),
+    } <= compared
     assert all(isinstance(v["recfound_wins"], bool) and "merged" in v for v in verdicts)
     assert report["figures"]["comparisons"] == len(verdicts) and (out / "merged" / "adapter").is_dir()

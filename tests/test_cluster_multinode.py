@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from cluster_utils import REPO, copy_project, local_cluster, wait_for
+
 from recfound.train.checkpoint import verify
 
 pytestmark = pytest.mark.slow
@@ -89,8 +89,9 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):
 def test_training_job_runs_across_two_nodes(two_nodes, synthetic_dataset: Path, tmp_path: Path) -> None:
     cluster, storage = two_nodes, tmp_path / "runs"
     assert {n["node_id"] for n in cluster.alive_nodes()} == {n.node_id for n in cluster.nodes.values()}
-    entrypoint = _entrypoint(synthetic_dataset, storage, "multinode", "max_steps=2", "checkpoint_every=2",
-                             "max_failures=0")  # fmt: skip
+    entrypoint = _entrypoint(
+        synthetic_dataset, storage, "multinode", "max_steps=2", "checkpoint_every=2", "max_failures=0"
+    )
     cluster.submit("multinode-1", copy_project(tmp_path / "job"), entrypoint)
     logs = _finished(cluster, "multinode-1", timeout=240)
 
@@ -111,9 +112,13 @@ def test_training_job_runs_across_two_nodes(two_nodes, synthetic_dataset: Path, 
 def test_lost_node_resumes_from_latest_checkpoint(two_nodes, synthetic_dataset: Path, tmp_path: Path) -> None:
     """SIGKILL every process of node `second` mid-run; a replacement node joins; the run ends from its checkpoint."""
     cluster, storage, max_steps = two_nodes, tmp_path / "runs", 8
-    cluster.submit("lost-node-1", copy_project(tmp_path / "job"),
-                   _entrypoint(synthetic_dataset, storage, "lost-node", f"max_steps={max_steps}", "checkpoint_every=2",
-                               "max_failures=2"))  # fmt: skip
+    cluster.submit(
+        "lost-node-1",
+        copy_project(tmp_path / "job"),
+        _entrypoint(
+            synthetic_dataset, storage, "lost-node", f"max_steps={max_steps}", "checkpoint_every=2", "max_failures=2"
+        ),
+    )
 
     def registered_checkpoint() -> int | None:
         """Step of the newest checkpoint Ray Train has registered (the one a restart resumes from), if any.
@@ -155,18 +160,30 @@ def test_autoscaler_adds_nodes_for_a_training_run_and_removes_them(synthetic_dat
     """Ray's fake multi-node autoscaler (real raylets on this machine) grows from 0 to 2 worker nodes for a run.
 
     The demand is the training job's own: its Train controller asks for 2 workers x {"CPU": 2, "trainer_node": 1}
-    (`resources_per_worker`), a resource only the autoscaled node type carries, so only its nodes can host a worker. The run must end normally: Ray
-    Train keeps a stopped run's resource request alive for 180 s (AUTOSCALING_REQUESTS_EXPIRE_TIME_S), while a
-    finished run withdraws it and the idle nodes go after the 5 s idle timeout.
+    (`resources_per_worker`), a resource only the autoscaled node type carries, so only its nodes can host a worker.
+    The run must end normally: Ray Train keeps a stopped run's resource request alive for 180 s
+    (AUTOSCALING_REQUESTS_EXPIRE_TIME_S), while a finished run withdraws it and the idle nodes go after the 5 s idle
+    timeout.
     """
-    trainer_type = {"resources": {"CPU": 2, "trainer_node": 1, "object_store_memory": 150 * 1024**2},
-                    "node_config": {}, "min_workers": 0, "max_workers": 2}  # fmt: skip
+    trainer_type = {
+        "resources": {"CPU": 2, "trainer_node": 1, "object_store_memory": 150 * 1024**2},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 2,
+    }
     with local_cluster(tmp_path / "cluster") as cluster:
         cluster.start_fake_autoscaling_head(1, {"ray.worker.trainer": trainer_type}, idle_timeout_s=5)
         assert len(cluster.alive_nodes()) == 1  # min_workers 0: nothing until there is demand
 
-        entrypoint = _entrypoint(synthetic_dataset, tmp_path / "runs", "autoscale", "max_steps=2", "checkpoint_every=2",
-                                 "max_failures=0", "resources_per_worker={trainer_node: 1}")  # fmt: skip
+        entrypoint = _entrypoint(
+            synthetic_dataset,
+            tmp_path / "runs",
+            "autoscale",
+            "max_steps=2",
+            "checkpoint_every=2",
+            "max_failures=0",
+            "resources_per_worker={trainer_node: 1}",
+        )
         cluster.submit("autoscale-1", copy_project(tmp_path / "job"), entrypoint)
 
         def trainer_nodes() -> list[dict] | None:

@@ -20,8 +20,14 @@ from recfound.data.synthetic import write_catalogue
 from recfound.data.templates import TEMPLATE_VERSION, history_text, ranking_input, with_candidate
 from recfound.io import sha256
 from recfound.tasks import (
-    ALL_TASKS, EMBEDDING_COLUMNS, EMBEDDING_TASKS, GENERATIVE_COLUMNS, INTERACTION_COLUMNS, ITEM_COLUMNS, SPLITS,
-)  # fmt: skip
+    ALL_TASKS,
+    EMBEDDING_COLUMNS,
+    EMBEDDING_TASKS,
+    GENERATIVE_COLUMNS,
+    INTERACTION_COLUMNS,
+    ITEM_COLUMNS,
+    SPLITS,
+)
 
 QA = {"answerability_prediction", "answer_generation"}
 
@@ -48,8 +54,12 @@ def test_default_build_has_every_supported_task_with_contract_columns(default_bu
                 assert all(len(n) == 1 for n in table.column("neg_items").to_pylist())  # num_negatives=1
     assert tuple(pq.read_schema(out / "items.parquet").names) == ITEM_COLUMNS
     assert tuple(pq.read_schema(out / "interactions.parquet").names) == INTERACTION_COLUMNS
-    ids = [i for t in manifest["tasks"] for s in SPLITS for i in pq.read_table(
-        out / "tasks" / t / f"{s}.parquet", columns=["id"]).column("id").to_pylist()]  # fmt: skip
+    ids = [
+        i
+        for t in manifest["tasks"]
+        for s in SPLITS
+        for i in pq.read_table(out / "tasks" / t / f"{s}.parquet", columns=["id"]).column("id").to_pylist()
+    ]
     assert len(ids) == len(set(ids))
 
 
@@ -68,7 +78,9 @@ def test_items_without_metadata_still_have_text(default_build):
     out, manifest = default_build
     items = pq.read_table(out / "items.parquet").to_pylist()
     assert all(i["title"] and i["text"].startswith("Title: ") for i in items)
-    bare = [i for i in items if not i["brand"]]  # synthetic items all have a brand, unless their metadata row is missing
+    bare = [
+        i for i in items if not i["brand"]
+    ]  # synthetic items all have a brand, unless their metadata row is missing
     assert len(bare) == manifest["filtered"]["items_without_meta"]
     assert all(i["title"] != i["item_id"] for i in bare)  # titled by a training review's summary
 
@@ -81,13 +93,19 @@ def test_explanations_are_the_reviewers_reasons_for_liked_items(default_build):
     """The response is the review's title (or first sentence) of a 4-5 star review, never a bare star rating; the
     prompt shows the user's earlier items only and names the reviewed product."""
     out, _ = default_build
-    reviews = {(r["reviewerID"], r["asin"]): r for r in map(json.loads, gzip.open(out / "raw" / "reviews_Synthetic_5.json.gz", "rt"))}
+    reviews = {
+        (r["reviewerID"], r["asin"]): r
+        for r in map(json.loads, gzip.open(out / "raw" / "reviews_Synthetic_5.json.gz", "rt"))
+    }
     title = {i["item_id"]: i["title"] for i in pq.read_table(out / "items.parquet").to_pylist()}
     rows = [r for split in SPLITS for r in read_task(out, "explanation_generation", split)]
     assert rows
     for row in rows:
         review = reviews[(row["user"], row["item"])]
-        assert review["overall"] >= 4 and row["response"] in (review["summary"], review["reviewText"].split(". ")[0] + ".")
+        assert review["overall"] >= 4 and row["response"] in (
+            review["summary"],
+            review["reviewText"].split(". ")[0] + ".",
+        )
         assert 3 <= len(row["response"].split()) <= 40 and not re.fullmatch(r"(?i)\w+ stars?", row["response"])
         assert f"Product: {title[row['item']]}" in row["prompt"]
     assert_no_leakage(out)
@@ -133,7 +151,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert a["tasks"] == b["tasks"]
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert (tmp_path / "a/raw/reviews_Synthetic_5.json.gz").read_bytes() == (
-        tmp_path / "b/raw/reviews_Synthetic_5.json.gz").read_bytes()  # fmt: skip
+        tmp_path / "b/raw/reviews_Synthetic_5.json.gz"
+    ).read_bytes()
     other = _files(tmp_path / "c")
     assert other.keys() == _files(tmp_path / "a").keys() and other != _files(tmp_path / "a")
 
@@ -210,11 +229,23 @@ def test_skip_policy_quarantines_bad_rows(tmp_path):
 
 
 def test_gritlm_only_build(tmp_path):
-    url = write_lines(tmp_path / "recfound.jsonl", [
-        {"query": ["Represent the user", f"history {i}"], "pos": [["Represent the item", f"item {i}"]],
-         "neg": [["Represent the item", "other"]], "task": "Emb_user", "id": i} for i in range(20)
-    ] + [{"text": [f"Is this answerable? {i}", "yes"], "task": "Answerability_Prediction", "id": 100 + i}
-         for i in range(20)])  # fmt: skip
+    url = write_lines(
+        tmp_path / "recfound.jsonl",
+        [
+            {
+                "query": ["Represent the user", f"history {i}"],
+                "pos": [["Represent the item", f"item {i}"]],
+                "neg": [["Represent the item", "other"]],
+                "task": "Emb_user",
+                "id": i,
+            }
+            for i in range(20)
+        ]
+        + [
+            {"text": [f"Is this answerable? {i}", "yes"], "task": "Answerability_Prediction", "id": 100 + i}
+            for i in range(20)
+        ],
+    )
     manifest = build(BuildConfig(out=str(tmp_path / "out"), gritlm=url))
     assert set(manifest["tasks"]) == {"u2i", "answerability_prediction"}
     assert sum(manifest["tasks"]["u2i"].values()) == 20 and manifest["interactions"] == 0

@@ -42,7 +42,9 @@ def test_help_documents_every_key():
     assert "reviews=" in result.stdout and "manifest.json" in result.stdout
 
 
-@pytest.mark.skipif(not MAGAZINE_REVIEWS.exists(), reason=f"real Amazon 2018 slice not found at {MAGAZINE_REVIEWS.parent}")
+@pytest.mark.skipif(
+    not MAGAZINE_REVIEWS.exists(), reason=f"real Amazon 2018 slice not found at {MAGAZINE_REVIEWS.parent}"
+)
 @pytest.mark.skipif(not ESCI_JUDGEMENTS.exists(), reason=f"real ESCI slice not found at {ESCI_JUDGEMENTS}")
 def test_real_magazine_slice_with_esci(tmp_path):
     out = tmp_path / "magazine"
@@ -52,9 +54,20 @@ def test_real_magazine_slice_with_esci(tmp_path):
     for task, counts in manifest["tasks"].items():
         assert re.search(rf"^{task} +{counts['train']} +{counts['valid']} +{counts['test']}$", result.stdout, re.M)
     assert _rows_per_second(result.stdout) > 0
-    built = {"u2i", "q2i", "i2i", "sequential_recommendation", "sentiment_analysis", "user_profile",
-             "product_relation_prediction", "product_matching", "item_profile", "attribute_value_extraction",
-             "explanation_generation", "candidate_ranking"}  # fmt: skip
+    built = {
+        "u2i",
+        "q2i",
+        "i2i",
+        "sequential_recommendation",
+        "sentiment_analysis",
+        "user_profile",
+        "product_relation_prediction",
+        "product_matching",
+        "item_profile",
+        "attribute_value_extraction",
+        "explanation_generation",
+        "candidate_ranking",
+    }
     assert set(manifest["tasks"]) == built
     assert all(manifest["tasks"][t][s] > 0 for t in built for s in SPLITS)
     # The judged ASINs are not in this catalogue and the judgements carry no product text.

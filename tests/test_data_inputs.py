@@ -44,16 +44,22 @@ def sharded_build(tmp_path_factory, dump) -> tuple[Path, dict]:
 
 def test_shards_build_exactly_like_their_concatenation(tmp_path, dump, sharded_build):
     out, manifest = sharded_build
-    single = {role: write_lines(tmp_path / f"{role}.json.gz", [line for url in expand(spec) for line in _lines(url)],
-                                compress=True) for role, spec in dump.items()}  # fmt: skip
+    single = {
+        role: write_lines(
+            tmp_path / f"{role}.json.gz", [line for url in expand(spec) for line in _lines(url)], compress=True
+        )
+        for role, spec in dump.items()
+    }
     reference = build(BuildConfig(out=str(tmp_path / "single"), **single))
     assert _parquet(out) == _parquet(tmp_path / "single") and _parquet(out)
     assert {k: manifest[k] for k in ("tasks", "filtered", "users", "items")} == {
-        k: reference[k] for k in ("tasks", "filtered", "users", "items")}  # fmt: skip
+        k: reference[k] for k in ("tasks", "filtered", "users", "items")
+    }
     shards = [url for role in ("reviews", "meta") for url in expand(dump[role])]
     assert len(shards) == 2 * DUMP.shards
-    assert manifest["sources"] == [{"role": role, "url": url, "sha256": sha256(url)}
-                                   for role in ("reviews", "meta") for url in expand(dump[role])]  # fmt: skip
+    assert manifest["sources"] == [
+        {"role": role, "url": url, "sha256": sha256(url)} for role in ("reviews", "meta") for url in expand(dump[role])
+    ]
     assert manifest["config"]["reviews"] == dump["reviews"]  # the spec as given; the files are in sources
 
 
@@ -82,8 +88,11 @@ def test_a_memory_glob_builds_like_the_local_dump(dump, sharded_build):
                 fs.pipe(f"/recfound-inputs/{role}/{Path(url).name}", Path(url).read_bytes())
         urls = expand("memory://recfound-inputs/reviews/part-*.json.gz")
         assert [u.rsplit("/", 1)[1] for u in urls] == ["part-00000.json.gz", "part-00001.json.gz", "part-00002.json.gz"]
-        cfg = BuildConfig(out="memory://recfound-inputs/out", reviews="memory://recfound-inputs/reviews/*.json.gz",
-                          meta="memory://recfound-inputs/meta")  # fmt: skip
+        cfg = BuildConfig(
+            out="memory://recfound-inputs/out",
+            reviews="memory://recfound-inputs/reviews/*.json.gz",
+            meta="memory://recfound-inputs/meta",
+        )
         manifest = build(cfg)
         assert [s["url"] for s in manifest["sources"]][:3] == urls
         out, _ = sharded_build
@@ -125,7 +134,9 @@ def test_a_bad_line_in_a_middle_shard_is_named_by_its_file_and_line(tmp_path, du
     bad_shard = str(broken / Path(shards[1]).name)
     with pytest.raises(DataError, match=re.escape(f"{bad_shard} line 7: malformed JSON")):
         build(BuildConfig(out=str(tmp_path / "strict"), reviews=str(broken), meta=dump["meta"]))
-    manifest = build(BuildConfig(out=str(tmp_path / "skip"), reviews=str(broken), meta=dump["meta"], on_bad_rows="skip"))
+    manifest = build(
+        BuildConfig(out=str(tmp_path / "skip"), reviews=str(broken), meta=dump["meta"], on_bad_rows="skip")
+    )
     assert manifest["quarantined"]["by_file"] == {bad_shard: 1}
     quarantined = [json.loads(r) for r in (tmp_path / "skip" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["file"], q["line"]) for q in quarantined] == [(bad_shard, 7)]
@@ -138,13 +149,20 @@ def test_a_bad_line_in_a_middle_shard_is_named_by_its_file_and_line(tmp_path, du
 
 def test_readers_take_several_files_and_keep_each_files_line_numbers(tmp_path):
     first = write_lines(tmp_path / "a.json", [{"reviewerID": "u", "asin": "i", "overall": 5.0, "unixReviewTime": 1}])
-    second = write_lines(tmp_path / "b.json", [{"user_id": "u", "parent_asin": "j", "rating": 4, "timestamp": 2000},
-                                               {"user_id": "u", "parent_asin": "k", "rating": "x", "timestamp": 3}])  # fmt: skip
+    second = write_lines(
+        tmp_path / "b.json",
+        [
+            {"user_id": "u", "parent_asin": "j", "rating": 4, "timestamp": 2000},
+            {"user_id": "u", "parent_asin": "k", "rating": "x", "timestamp": 3},
+        ],
+    )
     with pytest.raises(DataError, match=re.escape(f"{second} line 2: field 'rating'")):
         read_reviews([first, second], BadRows())
     assert [r.item for r in read_reviews([first, second], BadRows("skip"))] == ["i", "j"]  # schema per file
     with pytest.raises(DataError, match=re.escape(f"{first} .. {second} (2 files): no usable review rows")):
-        read_reviews([write_lines(tmp_path / "a.json", ["{"]), write_lines(tmp_path / "b.json", ["["])], BadRows("skip"))
+        read_reviews(
+            [write_lines(tmp_path / "a.json", ["{"]), write_lines(tmp_path / "b.json", ["["])], BadRows("skip")
+        )
 
 
 def test_the_dump_writer_is_deterministic_and_has_the_real_dumps_quirks(tmp_path, dump, sharded_build):
@@ -163,8 +181,14 @@ def test_the_dump_writer_is_deterministic_and_has_the_real_dumps_quirks(tmp_path
     assert filtered["merged_item_variants"] > 0 and filtered["duplicate_meta_rows"] > 0
     assert filtered["items_without_meta"] > 0 and filtered["duplicate_interactions"] > 0
     assert filtered["kcore_removed_interactions"] < DUMP.reviews // 10 and manifest["users"] > 100
-    assert set(manifest["tasks"]) >= {"u2i", "i2i", "sequential_recommendation", "product_relation_prediction",
-                                      "item_profile", "candidate_ranking"}  # fmt: skip
+    assert set(manifest["tasks"]) >= {
+        "u2i",
+        "i2i",
+        "sequential_recommendation",
+        "product_relation_prediction",
+        "item_profile",
+        "candidate_ranking",
+    }
     with pytest.raises(ValidationError, match="shards=60 would leave a file empty"):
         DumpConfig(reviews=2000, items=100, shards=60)
 
@@ -189,8 +213,9 @@ def test_the_dump_writer_streams(tmp_path):
 
 
 def test_synthetic_dump_cli_writes_a_dump_that_builds_from_its_folders(tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True,  # noqa: E731
-                                       timeout=120)  # fmt: skip
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=120)
+
     help_text = run("synthetic-dump", "--help").stdout
     assert all(re.search(rf"^  {key} \(", help_text, re.MULTILINE) for key in DumpConfig.model_fields)
     assert "synthetic-dump" in run("--help").stdout
@@ -202,5 +227,7 @@ def test_synthetic_dump_cli_writes_a_dump_that_builds_from_its_folders(tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"]) == 4
     result = run(f"reviews={raw}/reviews/part-*.jsonl", f"out={tmp_path / 'nothing'}")
-    assert result.returncode != 0 and f"reviews: Value error, no file matches {raw}/reviews/part-*.jsonl" in result.stderr
+    assert (
+        result.returncode != 0 and f"reviews: Value error, no file matches {raw}/reviews/part-*.jsonl" in result.stderr
+    )
     assert not (tmp_path / "nothing").exists()

@@ -18,28 +18,60 @@ from recfound.data.sources import BadRows, DataError, Interaction, read_meta, re
 
 def test_2018_and_2023_reviews_normalise_to_the_same_records(tmp_path):
     old = write_lines(tmp_path / "r2018.json.gz", [review("u1", "i1", 1000, 4.0, "nice")], compress=True)
-    new = write_lines(tmp_path / "r2023.jsonl", [
-        {"user_id": "u1", "parent_asin": "i1", "asin": "x", "rating": 4, "timestamp": 1_000_000, "title": "nice",
-         "text": "nice, really"}])  # fmt: skip
+    new = write_lines(
+        tmp_path / "r2023.jsonl",
+        [
+            {
+                "user_id": "u1",
+                "parent_asin": "i1",
+                "asin": "x",
+                "rating": 4,
+                "timestamp": 1_000_000,
+                "title": "nice",
+                "text": "nice, really",
+            }
+        ],
+    )
     expected = [Interaction("u1", "i1", 1000, 4.0, "nice", "nice, really")]
     assert read_reviews(old, BadRows()) == expected
     assert read_reviews(new, BadRows()) == expected
 
 
 def test_meta_dedupes_cleans_html_and_reads_2023(tmp_path):
-    url = write_lines(tmp_path / "meta.json", [
-        {"asin": "i1", "title": '<span class="a-size-medium"', "description": ["Fine &amp; good.", ""],
-         "category": ["Root", "A &amp; B"], "brand": "Acme", "also_buy": ["i2"], "rank": []},
-        {"asin": "i1", "title": "repeat"},
-        {"asin": "i2", "title": "Second"},
-    ])  # fmt: skip
+    url = write_lines(
+        tmp_path / "meta.json",
+        [
+            {
+                "asin": "i1",
+                "title": '<span class="a-size-medium"',
+                "description": ["Fine &amp; good.", ""],
+                "category": ["Root", "A &amp; B"],
+                "brand": "Acme",
+                "also_buy": ["i2"],
+                "rank": [],
+            },
+            {"asin": "i1", "title": "repeat"},
+            {"asin": "i2", "title": "Second"},
+        ],
+    )
     items, repeats = read_meta(url, BadRows())
     assert repeats == 1 and list(items) == ["i1", "i2"]
     assert items["i1"].title == "" and items["i1"].description == "Fine & good."
     assert items["i1"].categories == ("Root", "A & B") and items["i1"].also_buy == ("i2",)
-    new = write_lines(tmp_path / "meta2023.json", [
-        {"parent_asin": "p1", "title": "T", "store": "Shop", "categories": [], "main_category": "Books",
-         "features": ["f"], "description": []}])  # fmt: skip
+    new = write_lines(
+        tmp_path / "meta2023.json",
+        [
+            {
+                "parent_asin": "p1",
+                "title": "T",
+                "store": "Shop",
+                "categories": [],
+                "main_category": "Books",
+                "features": ["f"],
+                "description": [],
+            }
+        ],
+    )
     item = read_meta(new, BadRows())[0]["p1"]
     assert (item.brand, item.categories, item.features) == ("Shop", ("Books",), ("f",))
 
@@ -83,18 +115,24 @@ def test_empty_or_unreadable_files_are_errors(tmp_path):
 
 
 def test_esci_formats_agree(tmp_path):
-    rows = [{"query": "Red Shoes", "product_id": "p1", "esci_label": "E", "product_title": "Red Shoe"},
-            {"query": "red shoes", "product_id": "p2", "esci_label": "irrelevant", "product_title": ""}]  # fmt: skip
+    rows = [
+        {"query": "Red Shoes", "product_id": "p1", "esci_label": "E", "product_title": "Red Shoe"},
+        {"query": "red shoes", "product_id": "p2", "esci_label": "irrelevant", "product_title": ""},
+    ]
     csv_path = tmp_path / "q.csv"
-    csv_path.write_text("query,product_id,esci_label,product_title\n" +
-                        "".join(f"{r['query']},{r['product_id']},{r['esci_label']},{r['product_title']}\n" for r in rows))
+    csv_path.write_text(
+        "query,product_id,esci_label,product_title\n"
+        + "".join(f"{r['query']},{r['product_id']},{r['esci_label']},{r['product_title']}\n" for r in rows)
+    )
     parquet_path = tmp_path / "q.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet_path)
     jsonl = write_lines(tmp_path / "q.jsonl", rows)
     results = [read_queries(str(p), BadRows()) for p in (csv_path, parquet_path, jsonl)]
     assert results[0] == results[1] == results[2]
     assert [(j.query, j.label, j.title) for j in results[0]] == [
-        ("red shoes", Esci.EXACT, "Red Shoe"), ("red shoes", Esci.IRRELEVANT, "")]  # fmt: skip
+        ("red shoes", Esci.EXACT, "Red Shoe"),
+        ("red shoes", Esci.IRRELEVANT, ""),
+    ]
 
 
 def test_bad_esci_rows(tmp_path):
@@ -117,12 +155,20 @@ def test_real_esci_judgement_list():
 
 
 def test_gritlm_rows_map_to_our_tasks(tmp_path):
-    url = write_lines(tmp_path / "train.jsonl", [
-        {"query": ["Represent the user", "a; b"], "pos": [["Represent the item", "c"], ["Represent the item", "d"]],
-         "neg": [["Represent the item", "e"]], "task": "Emb_user", "id": 1},
-        {"text": ["### Instruction:\nPick", "B"], "task": "Sequential_Recommendation", "id": 2},
-        {"query": "q", "pos": ["p"], "task": "q2i", "id": 3},
-    ])  # fmt: skip
+    url = write_lines(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "query": ["Represent the user", "a; b"],
+                "pos": [["Represent the item", "c"], ["Represent the item", "d"]],
+                "neg": [["Represent the item", "e"]],
+                "task": "Emb_user",
+                "id": 1,
+            },
+            {"text": ["### Instruction:\nPick", "B"], "task": "Sequential_Recommendation", "id": 2},
+            {"query": "q", "pos": ["p"], "task": "q2i", "id": 3},
+        ],
+    )
     rows = read_gritlm(str(tmp_path / "{split}.jsonl"), BadRows(), seed=0, holdout=0.1)
     assert sorted(rows) == ["q2i", "sequential_recommendation", "u2i"]
     u2i = [r for _, r in rows["u2i"]]
@@ -134,8 +180,9 @@ def test_gritlm_rows_map_to_our_tasks(tmp_path):
 
 
 def test_gritlm_unknown_task_is_an_error(tmp_path):
-    url = write_lines(tmp_path / "g.jsonl", [{"text": ["p", "r"], "task": "Emb_user"},
-                                             {"text": ["p", "r"], "task": "Movie_Trivia"}])  # fmt: skip
+    url = write_lines(
+        tmp_path / "g.jsonl", [{"text": ["p", "r"], "task": "Emb_user"}, {"text": ["p", "r"], "task": "Movie_Trivia"}]
+    )
     with pytest.raises(DataError, match=r"line 1: field 'query'"):
         read_gritlm(url, BadRows(), seed=0, holdout=0.1)
     bad = BadRows("skip")

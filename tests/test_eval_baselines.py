@@ -26,25 +26,40 @@ ITEMS = pd.DataFrame(
 )
 # (user, item, timestamp, split); u5's test target i1 follows its train item i2
 EVENTS = [
-    ("u1", "i1", 1, "train"), ("u1", "i2", 2, "train"), ("u1", "i5", 3, "train"),
-    ("u2", "i1", 1, "train"), ("u2", "i2", 2, "train"),
-    ("u3", "i1", 1, "train"), ("u3", "i3", 2, "train"),
-    ("u4", "i4", 1, "train"), ("u4", "i6", 2, "train"),
-    ("u5", "i2", 1, "train"), ("u5", "i1", 2, "test"),
-]  # fmt: skip
-INTERACTIONS = pd.DataFrame(
-    [(u, i, t, 5.0, s) for u, i, t, s in EVENTS], columns=INTERACTION_COLUMNS
-)
+    ("u1", "i1", 1, "train"),
+    ("u1", "i2", 2, "train"),
+    ("u1", "i5", 3, "train"),
+    ("u2", "i1", 1, "train"),
+    ("u2", "i2", 2, "train"),
+    ("u3", "i1", 1, "train"),
+    ("u3", "i3", 2, "train"),
+    ("u4", "i4", 1, "train"),
+    ("u4", "i6", 2, "train"),
+    ("u5", "i2", 1, "train"),
+    ("u5", "i1", 2, "test"),
+]
+INTERACTIONS = pd.DataFrame([(u, i, t, 5.0, s) for u, i, t, s in EVENTS], columns=INTERACTION_COLUMNS)
 
 
 def rows(task: str, queries: list[str], targets: list[str], users: list[str | None] | None = None) -> pd.DataFrame:
     n = len(queries)
     frame = pd.DataFrame(
-        {"id": [f"{task}-{k}" for k in range(n)], "task": task, "query_instruction": "", "query": queries,
-         "query_item": "", "pos_instruction": "", "pos": "", "pos_item": targets, "neg": [[] for _ in range(n)],
-         "neg_items": [[] for _ in range(n)], "user": users or [None] * n,
-         "category": ITEMS.set_index("item_id").loc[targets, "category"].tolist(), "source": "test"}
-    )  # fmt: skip
+        {
+            "id": [f"{task}-{k}" for k in range(n)],
+            "task": task,
+            "query_instruction": "",
+            "query": queries,
+            "query_item": "",
+            "pos_instruction": "",
+            "pos": "",
+            "pos_item": targets,
+            "neg": [[] for _ in range(n)],
+            "neg_items": [[] for _ in range(n)],
+            "user": users or [None] * n,
+            "category": ITEMS.set_index("item_id").loc[targets, "category"].tolist(),
+            "source": "test",
+        }
+    )
     return frame[list(EMBEDDING_COLUMNS)]
 
 
@@ -72,8 +87,9 @@ def test_bm25_ranks_the_exact_title_first() -> None:
 
 
 def test_bm25_matches_the_formula() -> None:
-    items = pd.DataFrame({"item_id": ["a", "b"], "title": ["red shoes", "blue shoes blue"], "text": "",
-                          "category": "c", "brand": ""})  # fmt: skip
+    items = pd.DataFrame(
+        {"item_id": ["a", "b"], "title": ["red shoes", "blue shoes blue"], "text": "", "category": "c", "brand": ""}
+    )
     baseline = BM25()
     baseline.fit(items, INTERACTIONS.iloc[:0])
     scores = baseline.scorer("q2i", pd.DataFrame({"query": ["blue"]})).score(np.array([0]))

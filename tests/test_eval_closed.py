@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from data_fixtures import read_task, small_build
+
 from recfound.data.templates import alpaca
 from recfound.eval.closed import CONTENT_FREE, closed_answers, content_free
 from recfound.eval.runner import answer
@@ -16,8 +17,13 @@ from recfound.eval.systems import GRMSystem
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
 
-CLASSIFICATION = ("sentiment_analysis", "product_relation_prediction", "product_matching", "sequential_recommendation",
-                  "candidate_ranking")
+CLASSIFICATION = (
+    "sentiment_analysis",
+    "product_relation_prediction",
+    "product_matching",
+    "sequential_recommendation",
+    "candidate_ranking",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +54,14 @@ def test_closed_answers_are_the_likeliest_label_and_free_text_still_decodes(buil
     prompts = rows["prompt"].tolist()
     picked = answer(system, "sequential_recommendation", prompts, 8, closed=True)
     letters = [closed_answers("sequential_recommendation", p) for p in prompts]
-    scores = [system.model.choice_scores([p], list(options), "sequential_recommendation")[0] for p, options in
-              zip(prompts, letters, strict=True)]  # fmt: skip
+    scores = [
+        system.model.choice_scores([p], list(options), "sequential_recommendation")[0]
+        for p, options in zip(prompts, letters, strict=True)
+    ]
     assert picked == [options[int(s.argmax())] for options, s in zip(letters, scores, strict=True)]
     assert answer(system, "sequential_recommendation", prompts, 3, closed=False) == system.generate(
-        "sequential_recommendation", prompts, 3)  # fmt: skip
+        "sequential_recommendation", prompts, 3
+    )
 
 
 @pytest.mark.parametrize("task", CLASSIFICATION)

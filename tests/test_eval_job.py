@@ -62,8 +62,9 @@ def tiny_grm(**adapter) -> GRM:
 def save_checkpoint(root: Path, grm: GRM, trained: list[str]) -> Path:
     """A training checkpoint (the engine's optimizer state left out), manifest last."""
     root.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(root, grm, {"step": 3, "seed": 0, "streams": {t: {} for t in trained}}, {"weights_history": []},
-                    HISTORY)  # fmt: skip
+    checkpoint.save(
+        root, grm, {"step": 3, "seed": 0, "streams": {t: {} for t in trained}}, {"weights_history": []}, HISTORY
+    )
     return root
 
 
@@ -81,8 +82,12 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(synthetic_dataset: Path, adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    assert run_job(f"model={adapter}", f"data={synthetic_dataset}", f"out={out}",
-                   f"baselines={','.join(BASELINES)}", *FAST) == 0  # fmt: skip
+    assert (
+        run_job(
+            f"model={adapter}", f"data={synthetic_dataset}", f"out={out}", f"baselines={','.join(BASELINES)}", *FAST
+        )
+        == 0
+    )
     return out
 
 
@@ -171,7 +176,8 @@ def test_compare_merges_results_dirs_and_training_runs(evaluated: Path, tmp_path
     run = tmp_path / "size_proportional"
     (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
     (run / "checkpoint_2026-01-01_00-00-00.000000" / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in HISTORY))
+        "".join(json.dumps(r) + "\n" for r in HISTORY)
+    )
     out = tmp_path / "cmp"
     assert run_job("--compare", first, second, run, f"out={out}", "convergence_window=1") == 0
     merged = results(out)
@@ -191,8 +197,18 @@ def test_a_checkpoint_reports_its_convergence_and_must_have_trained_the_tasks(
     assert run_job(f"model={ckpt}", f"data={synthetic_dataset}", f"out={tmp_path / 'a'}") == 1
     assert "never trained q2i, i2i" in capsys.readouterr().err
     out = tmp_path / "b"  # the run directory resolves to its latest checkpoint
-    assert run_job(f"model={tmp_path / 'run'}", f"data={synthetic_dataset}", f"out={out}", "tasks=u2i",
-                   "baselines=none", "protocols=pool", "convergence_window=1") == 0  # fmt: skip
+    assert (
+        run_job(
+            f"model={tmp_path / 'run'}",
+            f"data={synthetic_dataset}",
+            f"out={out}",
+            "tasks=u2i",
+            "baselines=none",
+            "protocols=pool",
+            "convergence_window=1",
+        )
+        == 0
+    )
     res = results(out)
     assert set(res["systems"]) == {"recfound"} and set(res["systems"]["recfound"]["u2i"]) == {"pool.mrr@20"}
     assert res["model_kind"] == "checkpoint"
@@ -258,8 +274,20 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture) -> None:
         run_job("--help")
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for key in ("model", "data", "out", "split", "tasks", "baselines", "protocols", "max_rows_per_task",
-                "max_new_tokens", "seed", "compare", "convergence_target"):  # fmt: skip
+    for key in (
+        "model",
+        "data",
+        "out",
+        "split",
+        "tasks",
+        "baselines",
+        "protocols",
+        "max_rows_per_task",
+        "max_new_tokens",
+        "seed",
+        "compare",
+        "convergence_target",
+    ):
         assert f"  {key} (" in text, key
 
 

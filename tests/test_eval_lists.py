@@ -18,16 +18,23 @@ from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
 
 TASK = "candidate_ranking"
-ITEMS = pd.DataFrame({
-    "item_id": [f"i{i}" for i in range(40)], "title": [f"magazine number {i}" for i in range(40)],
-    "text": [f"Title: magazine number {i}" for i in range(40)], "category": ["a"] * 30 + ["b"] * 10,
-    "brand": [""] * 40,
-})  # fmt: skip
+ITEMS = pd.DataFrame(
+    {
+        "item_id": [f"i{i}" for i in range(40)],
+        "title": [f"magazine number {i}" for i in range(40)],
+        "text": [f"Title: magazine number {i}" for i in range(40)],
+        "category": ["a"] * 30 + ["b"] * 10,
+        "brand": [""] * 40,
+    }
+)
 BOUGHT = {"u1": ["i0", "i1", "i2", "i3"], "u2": ["i0", "i4", "i1", "i5"], "u3": ["i4", "i0", "i6", "i30"]}
 INTERACTIONS = pd.DataFrame(
-    [{"user": u, "item": item, "timestamp": t, "rating": 5.0, "split": ("train", "train", "valid", "test")[t]}
-     for u, items in BOUGHT.items() for t, item in enumerate(items)]
-)  # fmt: skip
+    [
+        {"user": u, "item": item, "timestamp": t, "rating": 5.0, "split": ("train", "train", "valid", "test")[t]}
+        for u, items in BOUGHT.items()
+        for t, item in enumerate(items)
+    ]
+)
 
 
 def _row(row_id: int, user: str, item: str, answer: str) -> dict:
@@ -36,8 +43,16 @@ def _row(row_id: int, user: str, item: str, answer: str) -> dict:
     return {"id": row_id, "task": TASK, "prompt": prompt, "response": answer, "user": user, "item": item}
 
 
-ROWS = pd.DataFrame([_row(0, "u1", "i3", "yes"), _row(1, "u1", "i20", "no"), _row(2, "u2", "i5", "yes"),
-                     _row(3, "u2", "i21", "no"), _row(4, "u3", "i30", "yes"), _row(5, "u3", "i7", "no")])  # fmt: skip
+ROWS = pd.DataFrame(
+    [
+        _row(0, "u1", "i3", "yes"),
+        _row(1, "u1", "i20", "no"),
+        _row(2, "u2", "i5", "yes"),
+        _row(3, "u2", "i21", "no"),
+        _row(4, "u3", "i30", "yes"),
+        _row(5, "u3", "i7", "no"),
+    ]
+)
 
 
 def _lists(n_lists: int = 10, seed: int = 42, rows: pd.DataFrame = ROWS) -> CandidateLists:

@@ -107,8 +107,15 @@ def test_auc_from_ranks_counts_won_pairs_and_half_ties() -> None:
     # row 0: positive 0.5 beats 0.1, ties two 0.5s, loses to 0.9: (1 + 0.5 + 0.5) / 4 pairs
     # row 1: positives 0.8, 0.3 vs negatives 0.9, 0.8, 0.1: 0.8 wins 0 + 0.5 + 1, 0.3 wins 0 + 0 + 1 -> 2.5 / 6
     # row 2: positive first of 3: 1; row 3: no negative (nan); row 4: no positive (nan)
-    scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1], [0.8, 0.9, 0.3, 0.8, 0.1], [0.9, 0.2, 0.1, 0.0, 0.0],
-                       [0.1, 0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.5]])  # fmt: skip
+    scores = np.array(
+        [
+            [0.5, 0.9, 0.5, 0.5, 0.1],
+            [0.8, 0.9, 0.3, 0.8, 0.1],
+            [0.9, 0.2, 0.1, 0.0, 0.0],
+            [0.1, 0.0, 0.0, 0.0, 0.0],
+            [0.1, 0.2, 0.3, 0.4, 0.5],
+        ]
+    )
     relevant = np.array([[1, 0, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5], bool)
     valid = np.array([[1] * 5, [1] * 5, [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1] * 5], bool)
     auc = auc_from_ranks(ranks_from_scores(scores, relevant, valid), (valid & ~relevant).sum(axis=1))
@@ -178,9 +185,16 @@ def test_a_positive_tied_with_negatives_takes_trec_evals_middle_tie_break() -> N
 
 @pytest.mark.parametrize(
     ("text", "letter"),
-    [("B", "B"), ("(c) the red one", "C"), ("Answer: d", "D"), ("b) shoes", "B"), ("The answer is B.", "B"),
-     ("a red dress", None), ("", None)],
-)  # fmt: skip
+    [
+        ("B", "B"),
+        ("(c) the red one", "C"),
+        ("Answer: d", "D"),
+        ("b) shoes", "B"),
+        ("The answer is B.", "B"),
+        ("a red dress", None),
+        ("", None),
+    ],
+)
 def test_parse_option(text: str, letter: str | None) -> None:
     assert parse_option(text) == letter
 
@@ -210,8 +224,10 @@ def test_binary_f1() -> None:
 
 def test_attributes_parse_text_lists_and_json() -> None:
     assert parse_attributes("Color: Red; Material: cotton, polyester") == {
-        ("color", "red"), ("material", "cotton"), ("material", "polyester")
-    }  # fmt: skip
+        ("color", "red"),
+        ("material", "cotton"),
+        ("material", "polyester"),
+    }
     assert parse_attributes('{"Color": ["Red", "Blue"]}') == {("color", "red"), ("color", "blue")}
     assert parse_attributes("red, blue") == {("", "red"), ("", "blue")}
     # pred {color red, size xl} vs gold {color red, size m, brand acme}: tp 1 fp 1 fn 2 -> 2/(2+1+2)
@@ -240,8 +256,11 @@ def test_bleu4_is_sacrebleus_corpus_bleu_on_a_0_1_scale() -> None:
     assert bleu4(["kettle the boils fast water"], ref) < bleu4(["the kettle boils water slowly"], ref)
     half = bleu4(["the kettle boils water slowly and loudly"], ["the kettle boils water fast and quietly"])
     assert 0 < half < 1 and half == pytest.approx(
-        sacrebleu.corpus_bleu(["the kettle boils water slowly and loudly"],
-                              [["the kettle boils water fast and quietly"]]).score / 100)  # fmt: skip
+        sacrebleu.corpus_bleu(
+            ["the kettle boils water slowly and loudly"], [["the kettle boils water fast and quietly"]]
+        ).score
+        / 100
+    )
     assert math.isnan(bleu4([], []))
 
 
@@ -277,8 +296,9 @@ def test_merged_i2i_query_pools_all_its_positives() -> None:
     items = np.eye(N_ITEMS, dtype=np.float32)
     both = [["i0", "i2"]]
     assert pool_eval(DenseScorer(items[[0]] + items[[2]], items), ITEM_IDS, both, ["even"], ITEM_CATS, "i2i") == {
-        "ndcg@20": 1.0, "queries": 1
-    }  # fmt: skip
+        "ndcg@20": 1.0,
+        "queries": 1,
+    }
     # both positives at -1 below 5 negatives: ranks 6, 7; DCG = 1/log2(7) + 1/log2(8), IDCG = 1 + 1/log2(3)
     reversed_ = pool_eval(DenseScorer(-items[[0]] - items[[2]], items), ITEM_IDS, both, ["even"], ITEM_CATS, "i2i")
     expected = (1 / math.log2(7) + 1 / 3) / (1 + 1 / math.log2(3))
@@ -343,9 +363,14 @@ def test_exclusions_change_the_ranking_but_never_hide_the_target() -> None:
 
 def test_training_exclusions_and_merged_queries() -> None:
     interactions = pd.DataFrame(
-        {"user": ["u1", "u1", "u1", "u2"], "item": ["a", "b", "c", "a"], "timestamp": [1, 2, 3, 1],
-         "rating": [5.0] * 4, "split": ["train", "train", "test", "train"]}
-    )  # fmt: skip
+        {
+            "user": ["u1", "u1", "u1", "u2"],
+            "item": ["a", "b", "c", "a"],
+            "timestamp": [1, 2, 3, 1],
+            "rating": [5.0] * 4,
+            "split": ["train", "train", "test", "train"],
+        }
+    )
     rows = pd.DataFrame({"user": ["u1", "u3"], "pos_item": ["c", "a"]})
     assert training_exclusions(rows, interactions) == [{"a", "b"}, set()]
     rows = pd.DataFrame({"query": ["x", "y", "x"], "pos_item": ["a", "b", "c"], "category": ["k", "k", "k"]})

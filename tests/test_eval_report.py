@@ -11,12 +11,17 @@ from recfound.eval.convergence import balance, find_history, summarize, task_con
 from recfound.eval.report import average_ranks, headline, sections, tables, write_report
 
 SYSTEMS = {
-    "recfound": {"u2i": {"pool.mrr@20": 0.5, "full.mrr": 0.2}, "i2i": {"pool.ndcg@20": 0.9},
-                 "sentiment_analysis": {"macro_f1": 0.4}},
+    "recfound": {
+        "u2i": {"pool.mrr@20": 0.5, "full.mrr": 0.2},
+        "i2i": {"pool.ndcg@20": 0.9},
+        "sentiment_analysis": {"macro_f1": 0.4},
+    },
     "bm25": {"u2i": {"pool.mrr@20": 0.3, "full.mrr": 0.2}, "i2i": {"pool.ndcg@20": 0.95}},
-    "item_cf": {"u2i": {"pool.mrr@20": 0.5, "full.mrr": None},
-                "candidate_ranking": {"list.ndcg@10": 0.6, "list.auc": 0.7}},
-}  # fmt: skip
+    "item_cf": {
+        "u2i": {"pool.mrr@20": 0.5, "full.mrr": None},
+        "candidate_ranking": {"list.ndcg@10": 0.6, "list.auc": 0.7},
+    },
+}
 
 # Per-step losses: a falls 10 -> 6, b reaches 3 only at step 5, c never moves; d is trained only from step 2.
 LOSSES = {
@@ -25,10 +30,13 @@ LOSSES = {
     "c": [2, 2, 2, 2, 2],
 }
 HISTORY = [
-    {"step": s + 1, "losses": {t: v[s] for t, v in LOSSES.items()} | ({"d": 5.0} if s >= 1 else {}),
-     "weights": {"a": 0.5, "b": 0.3, "c": 0.2}}
+    {
+        "step": s + 1,
+        "losses": {t: v[s] for t, v in LOSSES.items()} | ({"d": 5.0} if s >= 1 else {}),
+        "weights": {"a": 0.5, "b": 0.3, "c": 0.2},
+    }
     for s in range(5)
-]  # fmt: skip
+]
 
 
 def test_average_rank_ties_share_and_a_missing_value_ranks_last() -> None:
@@ -57,9 +65,19 @@ def test_tables_list_each_protocol_with_only_the_systems_that_can_do_it() -> Non
 
 
 def test_write_report_writes_markdown_and_one_png_per_protocol(tmp_path: Path) -> None:
-    results = {"systems": SYSTEMS, "model": "m", "model_kind": "checkpoint", "data": "d", "split": "test", "seed": 42,
-               "queries": {"u2i": 3}, "seconds": {"recfound": 1.0}, "cpu_seconds": {"recfound": 0.5},
-               "skipped": {"minilm": "not installed"}, "convergence": summarize(HISTORY, 0.8, 1)}  # fmt: skip
+    results = {
+        "systems": SYSTEMS,
+        "model": "m",
+        "model_kind": "checkpoint",
+        "data": "d",
+        "split": "test",
+        "seed": 42,
+        "queries": {"u2i": 3},
+        "seconds": {"recfound": 1.0},
+        "cpu_seconds": {"recfound": 0.5},
+        "skipped": {"minilm": "not installed"},
+        "convergence": summarize(HISTORY, 0.8, 1),
+    }
     files = write_report(results, tmp_path, {"recfound": HISTORY})
     names = {f.name for f in files}
     assert {"report.md", "pool.png", "full.png", "generative.png", "lists.png", "losses.png", "weights.png"} <= names

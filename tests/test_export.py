@@ -124,12 +124,16 @@ def test_int8_embedding_export_is_smaller_and_close_to_fp32(merged, grm, tmp_pat
 
 
 def test_keep_float_picks_the_float_linears(merged, tmp_path, one_thread) -> None:
-    every = load_export(export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "all"), quantize="int8",
-                                            keep_float="")))  # fmt: skip
+    every = load_export(
+        export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "all"), quantize="int8", keep_float=""))
+    )
     assert isinstance(every.model.get_submodule("layers.1.mlp.down_proj"), DynamicLinear)
     with pytest.raises(ExportError, match="keep_float: down_prj names no linear of the model"):
-        export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "typo"), quantize="int8",
-                            keep_float="down_prj"))  # fmt: skip
+        export(
+            ExportConfig(
+                model=str(merged), task="q2i", out=str(tmp_path / "typo"), quantize="int8", keep_float="down_prj"
+            )
+        )
 
 
 def test_int8_linears_round_trip_exactly(merged, tmp_path, one_thread) -> None:
@@ -143,12 +147,20 @@ def test_int8_linears_round_trip_exactly(merged, tmp_path, one_thread) -> None:
     expected = _quantize_linears(plain.model, names)  # the exported fp32 decoder, quantized here
     got = loaded.model
     assert type(got.get_submodule("layers.1.mlp.down_proj")) is nn.Linear  # keep_float's default
-    torch.testing.assert_close(got.get_submodule("layers.1.mlp.down_proj").weight,
-                               plain.model.get_submodule("layers.1.mlp.down_proj").weight, rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        got.get_submodule("layers.1.mlp.down_proj").weight,
+        plain.model.get_submodule("layers.1.mlp.down_proj").weight,
+        rtol=0,
+        atol=0,
+    )
     for name in names:
         assert isinstance(got.get_submodule(name), DynamicLinear)
-        torch.testing.assert_close(got.get_submodule(name).weight().int_repr(),
-                                   expected.get_submodule(name).weight().int_repr(), rtol=0, atol=0)  # fmt: skip
+        torch.testing.assert_close(
+            got.get_submodule(name).weight().int_repr(),
+            expected.get_submodule(name).weight().int_repr(),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_generative_export_decodes_like_the_grm(merged, grm, tmp_path, one_thread) -> None:
@@ -159,8 +171,9 @@ def test_generative_export_decodes_like_the_grm(merged, grm, tmp_path, one_threa
     assert any(expected) and exported.generate(PROMPTS, max_new_tokens=8) == expected
     plain = AutoModelForCausalLM.from_pretrained(str(out))  # self-contained: plain transformers loads it
     assert not any("tmole" in name for name, _ in plain.named_modules())
-    int8 = load_export(export(ExportConfig(model=str(merged), task="sentiment_analysis", out=str(tmp_path / "g8"),
-                                           quantize="int8")))  # fmt: skip
+    int8 = load_export(
+        export(ExportConfig(model=str(merged), task="sentiment_analysis", out=str(tmp_path / "g8"), quantize="int8"))
+    )
     texts = int8.generate(PROMPTS, max_new_tokens=4)
     assert len(texts) == len(PROMPTS) and all(isinstance(text, str) for text in texts)
     assert isinstance(int8.model.lm_head, DynamicLinear) and isinstance(int8.model.get_submodule(QPROJ), DynamicLinear)
@@ -170,7 +183,11 @@ def test_manifest_records_the_export_and_its_checksums_verify(merged, tmp_path, 
     out = export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "e"), quantize="int8"))
     manifest = verify_export(out)
     assert {k: manifest[k] for k in ("task", "mode", "quantization", "format")} == {
-        "task": "q2i", "mode": "embedding", "quantization": "int8", "format": "safetensors"}  # fmt: skip
+        "task": "q2i",
+        "mode": "embedding",
+        "quantization": "int8",
+        "format": "safetensors",
+    }
     assert manifest["source"]["model"] == str(merged.resolve())
     assert manifest["embedding"]["dim"] == 64 and manifest["budgets"]["item"] == BACKBONE.max_passage_len
     assert {INT8_FILE, "config.json", "tokenizer.json"} <= set(manifest["files"])
@@ -231,11 +248,16 @@ def test_cli_help_export_and_error(merged, tmp_path) -> None:
     for key in ("model", "task", "out", "quantize", "format"):
         assert f"  {key} (" in shown
     assert "none|int8" in shown and "safetensors|onnx" in shown
-    done = subprocess.run([*job, f"model={merged}", "task=q2i", f"out={tmp_path / 'e'}", "quantize=int8"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [*job, f"model={merged}", "task=q2i", f"out={tmp_path / 'e'}", "quantize=int8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "e")
-    failed = subprocess.run([*job, f"model={merged}", "task=i2i", f"out={tmp_path / 'f'}"],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    failed = subprocess.run(
+        [*job, f"model={merged}", "task=i2i", f"out={tmp_path / 'f'}"], capture_output=True, text=True, check=False
+    )
     assert failed.returncode == 1 and "error: task=i2i: the model was not trained on it" in failed.stderr
 
 
@@ -246,8 +268,15 @@ def test_int8_file_stores_a_tied_weight_once(tmp_path) -> None:
 
     from recfound.merge.export import _int8_tensors, _load_int8
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     tensors = _int8_tensors(model, ["lm_head", "down_proj"])
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors

@@ -30,10 +30,15 @@ def _rows(grm: GRM, rank: int, n: int = 5) -> dict:
     q = encode_embedding(tok, ["find the next item"] * n, queries, WIDTH)
     p = encode_embedding(tok, [""] * 2 * n, [t for pair in passages for t in pair], WIDTH)
     shape = (n, 2, -1)
-    rows = {"task": np.array(["u2i", "q2i"] * (n // 2) + ["u2i"] * (n % 2)),
-            "q_ids": q["input_ids"], "q_mask": q["attention_mask"], "q_text": q["text_mask"],
-            "p_ids": p["input_ids"].reshape(shape), "p_mask": p["attention_mask"].reshape(shape),
-            "p_text": p["text_mask"].reshape(shape)} | pair_keys(queries, passages)  # fmt: skip
+    rows = {
+        "task": np.array(["u2i", "q2i"] * (n // 2) + ["u2i"] * (n % 2)),
+        "q_ids": q["input_ids"],
+        "q_mask": q["attention_mask"],
+        "q_text": q["text_mask"],
+        "p_ids": p["input_ids"].reshape(shape),
+        "p_mask": p["attention_mask"].reshape(shape),
+        "p_text": p["text_mask"].reshape(shape),
+    } | pair_keys(queries, passages)
     return collate([rows], Mode.EMBEDDING)
 
 
@@ -62,8 +67,9 @@ def test_chunked_embedding_matches_the_whole_batch(chunk: int, one_thread) -> No
 def test_each_chunk_is_recomputed_in_the_backward(monkeypatch, one_thread) -> None:
     calls = []
     embed_rows = JointObjective._embed_rows
-    monkeypatch.setattr(JointObjective, "_embed_rows",
-                        lambda self, ids, *rest: calls.append(len(ids)) or embed_rows(self, ids, *rest))  # fmt: skip
+    monkeypatch.setattr(
+        JointObjective, "_embed_rows", lambda self, ids, *rest: calls.append(len(ids)) or embed_rows(self, ids, *rest)
+    )
     _loss_and_grads(2, rank=0)
     # 5 queries and 10 passages in chunks of 2: 3 + 5 chunk forwards, then the same 8 again in the backward.
     forward = [2, 2, 1, 2, 2, 2, 2, 2]
@@ -94,8 +100,7 @@ def test_chunked_embedding_matches_with_cross_device_negatives(tmp_path) -> None
         whole = load_file(tmp_path / f"rank{rank}-chunk0.safetensors")
         _assert_same(load_file(tmp_path / f"rank{rank}-chunk2.safetensors"), whole)
     # The other rank's passages are in each rank's loss: the gather did happen.
-    assert not torch.equal(load_file(tmp_path / "rank0-chunk0.safetensors")["loss"],
-                           _loss_and_grads(0, rank=0)["loss"])  # fmt: skip
+    assert not torch.equal(load_file(tmp_path / "rank0-chunk0.safetensors")["loss"], _loss_and_grads(0, rank=0)["loss"])
 
 
 def test_length_groups_embed_each_row_as_alone(one_thread) -> None:
@@ -108,6 +113,17 @@ def test_length_groups_embed_each_row_as_alone(one_thread) -> None:
     objective = JointObjective(grm, LossConfig())
     with torch.no_grad():
         grouped = objective._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)
-        alone = torch.cat([grm.embed({"input_ids": rows["q_ids"][i : i + 1], "attention_mask": rows["q_mask"][i : i + 1],
-                                      "text_mask": rows["q_text"][i : i + 1]}, ids[i : i + 1]) for i in range(20)])  # fmt: skip
+        alone = torch.cat(
+            [
+                grm.embed(
+                    {
+                        "input_ids": rows["q_ids"][i : i + 1],
+                        "attention_mask": rows["q_mask"][i : i + 1],
+                        "text_mask": rows["q_text"][i : i + 1],
+                    },
+                    ids[i : i + 1],
+                )
+                for i in range(20)
+            ]
+        )
     torch.testing.assert_close(grouped, alone, rtol=1e-5, atol=1e-5)

@@ -26,10 +26,15 @@ from recfound.data.synthetic import write_catalogue
 
 FUZZ = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 GRITLM_ROWS = [
-    {"query": ["Represent the user", "a; b"], "pos": [["Represent the item", "c"]], "neg": ["e"], "task": "Emb_user",
-     "id": 1},
+    {
+        "query": ["Represent the user", "a; b"],
+        "pos": [["Represent the item", "c"]],
+        "neg": ["e"],
+        "task": "Emb_user",
+        "id": 1,
+    },
     {"text": ["### Instruction:\nPick", "B"], "task": "Sequential_Recommendation", "id": 2},
-]  # fmt: skip
+]
 
 
 def _expect_bad_line(url: str, reader, *fragments: str) -> None:
@@ -179,8 +184,9 @@ def test_bad_fraction_limit_stops_the_build_and_keeps_the_quarantine(tmp_path, r
 SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
 TEXT = st.text(st.characters() | SURROGATES, max_size=6)
 SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | TEXT
-JUNK = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(TEXT, kids, max_size=3),
-                    max_leaves=6)  # fmt: skip
+JUNK = st.recursive(
+    SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(TEXT, kids, max_size=3), max_leaves=6
+)
 DEEP = "\x00deep"  # replaced by nesting deeper than json.dumps could write
 
 
@@ -222,8 +228,9 @@ def test_fuzzed_lines_build_or_raise_data_error(raw, data, policy):
         for role, url in raw.items():
             lines = _lines(url)
             template = json.loads(data.draw(st.sampled_from(lines[:3]), label=f"{role} template"))
-            for at, line in data.draw(st.lists(st.tuples(st.integers(0, len(lines)), fuzzed_lines(template)),
-                                               max_size=3), label=role):  # fmt: skip
+            for at, line in data.draw(
+                st.lists(st.tuples(st.integers(0, len(lines)), fuzzed_lines(template)), max_size=3), label=role
+            ):
                 lines.insert(at, line)
             urls[role] = write_lines(Path(tmp) / Path(url).name, lines, compress=url.endswith(".gz"))
         _build_or_data_error(**urls, on_bad_rows=policy, max_bad_fraction=1.0)

@@ -32,16 +32,36 @@ STEPS = 5
 # fp32 (bit-identical over runs, with 1 or 2 threads, deterministic algorithms on or off); re-pin as the module
 # doc says.
 PINNED: list[dict[str, float]] = [
-    {'q2i': 1.4862905740737915, 'sentiment_analysis': 6.533853318956163,
-     'sequential_recommendation': 7.506936073303223, 'u2i': 7.741579532623291},
-    {'q2i': 0.994291365146637, 'sentiment_analysis': 6.471424102783203,
-     'sequential_recommendation': 7.401218891143799, 'u2i': 6.247036933898926},
-    {'q2i': 0.35014304518699646, 'sentiment_analysis': 6.334908803304036,
-     'sequential_recommendation': 7.176381587982178, 'u2i': 3.6687469482421875},
-    {'q2i': 0.11433480679988861, 'sentiment_analysis': 6.197263081868489,
-     'sequential_recommendation': 6.913081645965576, 'u2i': 1.7860721349716187},
-    {'q2i': 0.05396090820431709, 'sentiment_analysis': 6.057251824273004,
-     'sequential_recommendation': 6.69622802734375, 'u2i': 0.3456890285015106},
+    {
+        "q2i": 1.4862905740737915,
+        "sentiment_analysis": 6.533853318956163,
+        "sequential_recommendation": 7.506936073303223,
+        "u2i": 7.741579532623291,
+    },
+    {
+        "q2i": 0.994291365146637,
+        "sentiment_analysis": 6.471424102783203,
+        "sequential_recommendation": 7.401218891143799,
+        "u2i": 6.247036933898926,
+    },
+    {
+        "q2i": 0.35014304518699646,
+        "sentiment_analysis": 6.334908803304036,
+        "sequential_recommendation": 7.176381587982178,
+        "u2i": 3.6687469482421875,
+    },
+    {
+        "q2i": 0.11433480679988861,
+        "sentiment_analysis": 6.197263081868489,
+        "sequential_recommendation": 6.913081645965576,
+        "u2i": 1.7860721349716187,
+    },
+    {
+        "q2i": 0.05396090820431709,
+        "sentiment_analysis": 6.057251824273004,
+        "sequential_recommendation": 6.69622802734375,
+        "u2i": 0.3456890285015106,
+    },
 ]
 
 
@@ -60,8 +80,11 @@ def _embedding_rows(task: str, queries: list[str], items: list[tuple[str, str]])
 
 
 def _generative_rows(task: str, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-    return {"task": np.array([task] * len(pairs)), "prompt": np.array([p for p, _ in pairs]),
-            "response": np.array([r for _, r in pairs])}  # fmt: skip
+    return {
+        "task": np.array([task] * len(pairs)),
+        "prompt": np.array([p for p, _ in pairs]),
+        "response": np.array([r for _, r in pairs]),
+    }
 
 
 class _Fixed:
@@ -79,15 +102,31 @@ def _sources(cfg: TrainConfig) -> dict[str, _Fixed]:
     """Two embedding and two generative tasks, two rows each: routing by task and mode is on the path."""
     backbone = cfg.model.backbone.model_dump()
     rows = [
-        _embedding_rows("u2i", ["1. red mug\n2. blue mug", "1. trail shoes\n2. socks"],
-                        [("green mug", "garden hose"), ("running cap", "coffee beans")]),
-        _embedding_rows("q2i", ["mug for tea", "waterproof hiking boots"],
-                        [("ceramic tea mug 350 ml", "usb cable"), ("leather hiking boots", "desk lamp")]),
-        _generative_rows("sentiment_analysis", [("Review: great mug, keeps tea hot. Sentiment?", "positive"),
-                                                ("Review: broke after a day. Sentiment?", "negative")]),
-        _generative_rows("sequential_recommendation", [("History: red mug, blue mug. Options: A: green mug B: hose",
-                                                        "A"), ("History: boots, socks. Options: A: lamp B: cap", "B")]),
-    ]  # fmt: skip
+        _embedding_rows(
+            "u2i",
+            ["1. red mug\n2. blue mug", "1. trail shoes\n2. socks"],
+            [("green mug", "garden hose"), ("running cap", "coffee beans")],
+        ),
+        _embedding_rows(
+            "q2i",
+            ["mug for tea", "waterproof hiking boots"],
+            [("ceramic tea mug 350 ml", "usb cable"), ("leather hiking boots", "desk lamp")],
+        ),
+        _generative_rows(
+            "sentiment_analysis",
+            [
+                ("Review: great mug, keeps tea hot. Sentiment?", "positive"),
+                ("Review: broke after a day. Sentiment?", "negative"),
+            ],
+        ),
+        _generative_rows(
+            "sequential_recommendation",
+            [
+                ("History: red mug, blue mug. Options: A: green mug B: hose", "A"),
+                ("History: boots, socks. Options: A: lamp B: cap", "B"),
+            ],
+        ),
+    ]
     return {str(r["task"][0]): _Fixed(r, backbone) for r in rows}
 
 
@@ -110,12 +149,23 @@ def first_steps(steps: int = STEPS) -> list[dict[str, float]]:
     objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk)
     engine = TorchEngine(objective, [p for p in objective.parameters() if p.requires_grad], cfg)
     sources = _sources(cfg)
-    counts = {Mode.EMBEDDING: {"u2i": 2, "q2i": 2},
-              Mode.GENERATIVE: {"sentiment_analysis": 2, "sequential_recommendation": 2}}
+    counts = {
+        Mode.EMBEDDING: {"u2i": 2, "q2i": 2},
+        Mode.GENERATIVE: {"sentiment_analysis": 2, "sequential_recommendation": 2},
+    }
     out = []
     for step in range(1, steps + 1):
-        done = train_step(engine, sources, counts, grad_accum=1, cost=StepCost.of(grm.tuner.model), seed=cfg.seed,
-                          rank=0, step=step, device=torch.device("cpu"))  # fmt: skip
+        done = train_step(
+            engine,
+            sources,
+            counts,
+            grad_accum=1,
+            cost=StepCost.of(grm.tuner.model),
+            seed=cfg.seed,
+            rank=0,
+            step=step,
+            device=torch.device("cpu"),
+        )
         assert done.applied and done.non_finite is None
         out.append(dict(sorted(done.losses.items())))
     return out

@@ -44,7 +44,9 @@ def _ids() -> dict:
 
 def test_linear_of_one_checkpoint_reproduces_it(tmp_path: Path) -> None:
     source = _checkpoint(tmp_path / "c1", 0.1)
-    out = merge_checkpoints(MergeConfig(checkpoints=[str(tmp_path / "c1")], method=MergeMethod.LINEAR, out=str(tmp_path / "m")))
+    out = merge_checkpoints(
+        MergeConfig(checkpoints=[str(tmp_path / "c1")], method=MergeMethod.LINEAR, out=str(tmp_path / "m"))
+    )
     merged = GRM.from_pretrained(str(out / "adapter"))
     for key, value in source.tuner.trainable_state_dict().items():
         torch.testing.assert_close(merged.tuner.trainable_state_dict()[key], value, rtol=0, atol=0)
@@ -56,7 +58,9 @@ def test_linear_of_one_checkpoint_reproduces_it(tmp_path: Path) -> None:
 def test_ties_with_full_density_of_one_checkpoint_is_that_checkpoint(tmp_path: Path) -> None:
     """θ0 rebuilt from the recorded seed must be the trainer's θ0, else θ0 + τ would not give θ back."""
     source = _checkpoint(tmp_path / "c1", 0.2)
-    out = merge_checkpoints(MergeConfig(checkpoints=[str(tmp_path / "c1")], method="ties", density=1.0, out=str(tmp_path / "m")))
+    out = merge_checkpoints(
+        MergeConfig(checkpoints=[str(tmp_path / "c1")], method="ties", density=1.0, out=str(tmp_path / "m"))
+    )
     merged = GRM.from_pretrained(str(out / "adapter"))
     for key, value in source.tuner.trainable_state_dict().items():
         torch.testing.assert_close(merged.tuner.trainable_state_dict()[key], value, rtol=1e-6, atol=1e-6)
@@ -65,7 +69,9 @@ def test_ties_with_full_density_of_one_checkpoint_is_that_checkpoint(tmp_path: P
 def test_ties_of_two_runs_lands_between_and_exports_plain_task_models(tmp_path: Path) -> None:
     a = _checkpoint(tmp_path / "a", 0.1)
     _checkpoint(tmp_path / "b", 0.3)
-    cfg = MergeConfig(checkpoints=f"{tmp_path / 'a'},{tmp_path / 'b'}", out=str(tmp_path / "m"), export_tasks="u2i,sentiment_analysis")
+    cfg = MergeConfig(
+        checkpoints=f"{tmp_path / 'a'},{tmp_path / 'b'}", out=str(tmp_path / "m"), export_tasks="u2i,sentiment_analysis"
+    )
     out = merge_checkpoints(cfg)
     merged = GRM.from_pretrained(str(out / "adapter"))
     assert merged.tuner.trainable_state_dict().keys() == a.tuner.trainable_state_dict().keys()
@@ -100,7 +106,9 @@ def test_cli_help_and_merge(tmp_path: Path) -> None:
         assert f"  {key} (" in shown
     done = subprocess.run(
         [*job, f"checkpoints={tmp_path / 'a'},{tmp_path / 'b'}", "method=slerp", f"out={tmp_path / 'm'}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "manifest.json").read_text())["parameters"]["t"] == 0.6

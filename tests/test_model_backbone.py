@@ -16,6 +16,7 @@ from recfound.tasks import Mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def test_tiny_backbone_is_fast_deterministic_and_offline():
     start = time.perf_counter()
     model, tok = load_backbone(BackboneConfig())
@@ -49,8 +50,9 @@ def test_backbone_config_validation():
         load_config(BackboneConfig, overrides=["dtype=float64"])
     cfg = load_config(BackboneConfig, overrides=["name=hf", "path=/models/mistral", "max_query_len=128"])
     assert (cfg.path, cfg.max_query_len) == ("/models/mistral", 128)
-    assert resolve_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() and
-                                     torch.cuda.is_bf16_supported() else torch.float32)  # fmt: skip
+    assert resolve_dtype("auto") == (
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    )
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):

@@ -57,8 +57,9 @@ def test_a_conversion_that_never_completed_is_replaced_and_a_failed_one_leaves_n
     assert again == folder and (folder / "ok").read_text() == "2" and (folder / COMPLETE).is_file()
 
 
-def test_a_cache_that_cannot_be_written_falls_back(source: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_a_cache_that_cannot_be_written_falls_back(
+    source: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = source.parent / "read-only"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv(CACHE_ENV, str(blocker))
@@ -78,7 +79,9 @@ def test_the_cached_smollm2_is_the_gguf_one(tmp_path: Path, monkeypatch: pytest.
     texts = ["Red running shoes, size 42", "Ünïcödé\n\n<|im_end|> spaces"]
     ids = torch.as_tensor(tokenizer(texts[0])["input_ids"])[None]
     with torch.no_grad():
-        assert torch.equal(cached(ids).logits, direct(ids).logits) and torch.equal(reused(ids).logits, direct(ids).logits)
+        assert torch.equal(cached(ids).logits, direct(ids).logits) and torch.equal(
+            reused(ids).logits, direct(ids).logits
+        )
     gguf_tokenizer = with_pad(AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF))
     for other in (reused_tokenizer, gguf_tokenizer):
         assert tokenizer(texts)["input_ids"] == other(texts)["input_ids"]

@@ -48,8 +48,12 @@ def test_embeddings_do_not_depend_on_padding_side_or_other_rows(grm):
     tasks = grm.task_ids(["q2i", "u2i", "i2i"])
     right = grm.embed(encode_embedding(grm.tokenizer, INSTRUCTIONS, TEXTS, 128), tasks)
     left = grm.embed(encode_embedding(grm.tokenizer, INSTRUCTIONS, TEXTS, 128, padding_side="left"), tasks)
-    alone = torch.cat([grm.embed(encode_embedding(grm.tokenizer, [i], [t], 128), tasks[n : n + 1])
-                       for n, (i, t) in enumerate(zip(INSTRUCTIONS, TEXTS))])  # fmt: skip
+    alone = torch.cat(
+        [
+            grm.embed(encode_embedding(grm.tokenizer, [i], [t], 128), tasks[n : n + 1])
+            for n, (i, t) in enumerate(zip(INSTRUCTIONS, TEXTS))
+        ]
+    )
     assert right.shape == (3, 64)
     torch.testing.assert_close(right.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)

@@ -15,8 +15,12 @@ from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, total_
 
 def test_info_nce_matches_hand_computation():
     queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    passages = torch.tensor([[[1.0, 0.0], [0.6, 0.8]],  # query 0: positive, hard negative
-                             [[0.6, 0.8], [-1.0, 0.0]]])  # fmt: skip
+    passages = torch.tensor(
+        [
+            [[1.0, 0.0], [0.6, 0.8]],  # query 0: positive, hard negative
+            [[0.6, 0.8], [-1.0, 0.0]],
+        ]
+    )
     # All four passages are candidates for each query; cosines / 0.5:
     # query 0: [2, 1.2, 1.2, -2], positive at 0; query 1: [0, 1.6, 1.6, 0], positive at 2.
     loss_0 = -2 + math.log(math.exp(2) + 2 * math.exp(1.2) + math.exp(-2))
@@ -46,8 +50,9 @@ def test_false_negatives_leave_the_denominator():
     masked = torch.zeros(3, 6, dtype=torch.bool)
     masked[0, [2, 5]] = True  # row 1's positive (same query) and item 100 again as row 2's negative
     masked[1, 0] = True  # row 0's positive (same query); item 100 is not row 1's positive
-    expected = torch.nn.functional.cross_entropy(scores.masked_fill(masked, float("-inf")), torch.tensor([0, 2, 4]),
-                                                 reduction="none")  # fmt: skip
+    expected = torch.nn.functional.cross_entropy(
+        scores.masked_fill(masked, float("-inf")), torch.tensor([0, 2, 4]), reduction="none"
+    )
     torch.testing.assert_close(got.loss, expected)
     assert got.false_negatives.tolist() == [2, 1, 0]
     assert (got.loss[:2] < contrastive_loss(queries, passages, temperature=0.5, reduction="none").loss[:2]).all()
@@ -60,7 +65,9 @@ def test_logq_correction_subtracts_each_candidates_log_probability():
     log_q = torch.log(torch.tensor([[0.5, 0.1], [0.2, 0.1], [0.05, 0.05]]))
     got = contrastive_loss(queries, passages, temperature=0.5, reduction="none", log_q=log_q).loss
     scores = queries @ passages.reshape(6, 4).T / 0.5 - log_q.reshape(1, 6)
-    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(scores, torch.tensor([0, 2, 4]), reduction="none"))
+    torch.testing.assert_close(
+        got, torch.nn.functional.cross_entropy(scores, torch.tensor([0, 2, 4]), reduction="none")
+    )
 
 
 def test_logq_correction_applies_only_to_the_corrected_queries_rows():

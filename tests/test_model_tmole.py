@@ -64,7 +64,9 @@ def test_layers_to_transform_adapts_only_those_layers_and_backward_stops_there()
     assert adapted and all(".layers.1." in n for n in adapted) and len(adapted) == 4
     reached: list[bool] = []
     layer0 = tuner.model.model.layers[0]
-    layer0.register_forward_hook(lambda module, args, out: reached.append(out[0].requires_grad if isinstance(out, tuple) else out.requires_grad))
+    layer0.register_forward_hook(
+        lambda module, args, out: reached.append(out[0].requires_grad if isinstance(out, tuple) else out.requires_grad)
+    )
     loss = tuner(input_ids=TOKENS, labels=TOKENS, task_ids=ids("query_rewriting", "user_profile")).loss
     loss.backward()
     assert reached == [False]

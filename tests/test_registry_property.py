@@ -131,8 +131,9 @@ class PublishingToMemory(Publishing):
     memory = True
 
 
-_FAST = settings(max_examples=12, stateful_step_count=6, deadline=None, database=None,
-                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+_FAST = settings(
+    max_examples=12, stateful_step_count=6, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestPublishingLocally = Publishing.TestCase
 TestPublishingLocally.settings = _FAST
 TestPublishingToMemory = PublishingToMemory.TestCase

@@ -21,8 +21,15 @@ import pytest
 from openai import NotFoundError, OpenAI
 from serve_utils import AUTH, REPO, TOKEN, post, serve_app
 from test_serve_engine import (
-    CATALOGUE, FAKE_ENGINE, SLOW_PROMPT, SLOW_S, fake_vectors, make_artifact, publish_fake, write_manifest,
-)  # fmt: skip
+    CATALOGUE,
+    FAKE_ENGINE,
+    SLOW_PROMPT,
+    SLOW_S,
+    fake_vectors,
+    make_artifact,
+    publish_fake,
+    write_manifest,
+)
 
 from recfound.data.templates import item_text
 from recfound.serving.app import roll_out
@@ -46,8 +53,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _configure(config: dict[str, Any]) -> None:
-    config["applications"][0]["args"]["limits"].update(max_inputs=MAX_INPUTS, max_chars=MAX_CHARS,
-                                                        max_body_bytes=MAX_BODY)  # fmt: skip
+    config["applications"][0]["args"]["limits"].update(
+        max_inputs=MAX_INPUTS, max_chars=MAX_CHARS, max_body_bytes=MAX_BODY
+    )
     config["applications"].append(_prefixed(config["applications"][0]))
 
 
@@ -59,8 +67,11 @@ def _prefixed(shipped: dict[str, Any]) -> dict[str, Any]:
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0}
         if deployment["name"] == "Model":
-            deployment |= {"max_ongoing_requests": 1, "max_queued_requests": 1, "autoscaling_config": {
-                "min_replicas": 1, "max_replicas": 1}}  # fmt: skip
+            deployment |= {
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+            }
     return app
 
 
@@ -88,22 +99,33 @@ def test_openai_completions_and_chat(client: OpenAI) -> None:
     stopped = client.completions.create(model="recfound-query_rewriting", prompt="red", max_tokens=9, stop=" says")
     assert stopped.choices[0].text == "v1 query_rewriting" and stopped.choices[0].finish_reason == "stop"
     chat = client.chat.completions.create(
-        model="recfound-item_profile", max_tokens=20,
+        model="recfound-item_profile",
+        max_tokens=20,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe the mug."}],
-    )  # fmt: skip
+    )
     assert chat.choices[0].message.content == "v1 item_profile says Be brief. Describe the mug."
     assert chat.choices[0].message.role == "assistant" and chat.system_fingerprint == "v1"
 
 
 def test_guided_choice_answers_one_of_the_choices(client: OpenAI) -> None:
     choices = ["positive", "negative", "red running shoes"]
-    out = client.completions.create(model="recfound-sentiment_analysis", prompt=["I love these red shoes", "meh"],
-                                    max_tokens=1, extra_body={"guided_choice": choices})  # fmt: skip
+    out = client.completions.create(
+        model="recfound-sentiment_analysis",
+        prompt=["I love these red shoes", "meh"],
+        max_tokens=1,
+        extra_body={"guided_choice": choices},
+    )
     # FakeEngine picks the choice sharing most words; a whole choice comes back, max_tokens=1 notwithstanding
     assert [c.text for c in out.choices] == ["red running shoes", "positive"]
     assert {c.finish_reason for c in out.choices} == {"stop"} and out.usage.completion_tokens == 4
-    chunks = list(client.chat.completions.create(model="recfound-gen", stream=True, extra_body={"guided_choice": choices},
-                                                 messages=[{"role": "user", "content": "negative review"}]))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="recfound-gen",
+            stream=True,
+            extra_body={"guided_choice": choices},
+            messages=[{"role": "user", "content": "negative review"}],
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "negative"
 
 
@@ -133,8 +155,9 @@ def test_tokens_stream_as_they_are_decoded(client: OpenAI) -> None:
     finished text would deliver them together at the end)."""
     arrivals: list[tuple[float, str]] = []
     start = time.monotonic()
-    for chunk in client.completions.create(model="recfound-gen", prompt=f"{SLOW_PROMPT} a b c d e f", max_tokens=10,
-                                           stream=True):  # fmt: skip
+    for chunk in client.completions.create(
+        model="recfound-gen", prompt=f"{SLOW_PROMPT} a b c d e f", max_tokens=10, stream=True
+    ):
         if chunk.choices[0].text:
             arrivals.append((time.monotonic() - start, chunk.choices[0].text))
     assert "".join(t for _, t in arrivals) == f"v1 answer_generation says {SLOW_PROMPT} a b c d e f"
@@ -183,11 +206,15 @@ def test_rank_orders_every_candidate_by_the_chosen_scorer(app: dict[str, Any]) -
     expected = {item: float(fake_vectors([texts[item]], 64)[0] @ query) for item in candidates}
     assert list(got) == sorted(candidates, key=lambda i: -expected[i]) and set(got) == set(candidates)
     assert all(abs(got[i] - expected[i]) < 1e-5 for i in candidates)
-    generative = post(app, "/v1/rank", {"task": "q2i", "query": "stainless steel kettle", "scorer": "generative",
-                                        "candidates": ["i4", "i6", "i5"]})  # fmt: skip
+    generative = post(
+        app,
+        "/v1/rank",
+        {"task": "q2i", "query": "stainless steel kettle", "scorer": "generative", "candidates": ["i4", "i6", "i5"]},
+    )
     assert [(i["item_id"], i["score"]) for i in generative.json()["items"]] == [("i6", 3.0), ("i4", 0.0), ("i5", 0.0)]
-    u2i = post(app, "/v1/rank", {"task": "u2i", "history": ["i3"], "candidates": ["i2", "i5", "i1"],
-                                 "scorer": "generative"})  # fmt: skip
+    u2i = post(
+        app, "/v1/rank", {"task": "u2i", "history": ["i3"], "candidates": ["i2", "i5", "i1"], "scorer": "generative"}
+    )
     assert u2i.status_code == 200 and sorted(_items(u2i)) == ["i1", "i2", "i5"], u2i.text
     i2i = _items(post(app, "/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i4", "i2", "i3"]}))
     assert i2i[0] == "i2"
@@ -203,19 +230,58 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"model": "recfound-q2i", "input": []}, TOKEN, 400, "empty_input", "input is empty"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": ["a"] * 5}, TOKEN, 400, "too_many_inputs", "at most 4"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": LONG}, TOKEN, 400, "context_length_exceeded", "64 tokens"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": " ".join(["w"] * 60), "max_tokens": 10}, TOKEN, 400,
-     "context_length_exceeded", "60 in the prompt + 10 max_tokens"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "max_tokens": 5000}, TOKEN, 400, "invalid_value",
-     "at most 512"),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": " ".join(["w"] * 60), "max_tokens": 10},
+        TOKEN,
+        400,
+        "context_length_exceeded",
+        "60 in the prompt + 10 max_tokens",
+    ),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": "x", "max_tokens": 5000},
+        TOKEN,
+        400,
+        "invalid_value",
+        "at most 512",
+    ),
     ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "n": 2}, TOKEN, 400, "unsupported_value", "n=1"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "guided_choice": []}, TOKEN, 400, "invalid_value",
-     "guided_choice has 0 choices"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "guided_choice": ["a", "a"]}, TOKEN, 400,
-     "invalid_value", "distinct"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": " ".join(["w"] * 60), "guided_choice": ["a b c d e"]},
-     TOKEN, 400, "context_length_exceeded", "60 in the prompt + 5 in the longest guided_choice"),
-    ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "user", "content": "a"},
-     {"role": "assistant", "content": "b"}]}, TOKEN, 400, "invalid_value", "end with a user message"),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": "x", "guided_choice": []},
+        TOKEN,
+        400,
+        "invalid_value",
+        "guided_choice has 0 choices",
+    ),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": "x", "guided_choice": ["a", "a"]},
+        TOKEN,
+        400,
+        "invalid_value",
+        "distinct",
+    ),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": " ".join(["w"] * 60), "guided_choice": ["a b c d e"]},
+        TOKEN,
+        400,
+        "context_length_exceeded",
+        "60 in the prompt + 5 in the longest guided_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "recfound-gen",
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        },
+        TOKEN,
+        400,
+        "invalid_value",
+        "end with a user message",
+    ),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": 123}, TOKEN, 400, "invalid_type", "input"),
     ("/v1/embeddings", {"input": "x"}, TOKEN, 400, "missing_field", "model: Field required"),
     ("/v1/embeddings", '{"model": "recfound-q2i", "input": ', TOKEN, 400, "invalid_json", "malformed JSON"),
@@ -230,36 +296,94 @@ BAD_REQUESTS = [
     ("/v1/rank", {"task": "q2i", "query": "x", "candidates": []}, TOKEN, 400, "empty_input", "candidates is empty"),
     ("/v1/rank", {"task": "q2i", "query": "x", "candidates": ["i1", "i1"]}, TOKEN, 400, "invalid_value", "distinct"),
     ("/v1/rank", {"task": "q2i", "query": "x", "candidates": ["i1", "zz9"]}, TOKEN, 400, "unknown_item", "'zz9'"),
-    ("/v1/rank", {"task": "q2i", "query": "x", "candidates": ["i1"], "scorer": "bm25"}, TOKEN, 400, "invalid_type",
-     "scorer"),
-    ("/v1/rank", {"task": "i2i", "item_id": "i1", "candidates": ["i2"], "scorer": "generative"}, TOKEN, 400,
-     "unsupported_value", "use scorer=embedding for i2i"),
+    (
+        "/v1/rank",
+        {"task": "q2i", "query": "x", "candidates": ["i1"], "scorer": "bm25"},
+        TOKEN,
+        400,
+        "invalid_type",
+        "scorer",
+    ),
+    (
+        "/v1/rank",
+        {"task": "i2i", "item_id": "i1", "candidates": ["i2"], "scorer": "generative"},
+        TOKEN,
+        400,
+        "unsupported_value",
+        "use scorer=embedding for i2i",
+    ),
     ("/v1/rank", {"task": "u2i", "candidates": ["i1"]}, TOKEN, 400, "empty_input", "needs a non-empty 'history'"),
-    ("/v1/rank", {"task": "q2i", "query": " ".join(["w"] * 60), "candidates": ["i4"], "scorer": "generative"},
-     TOKEN, 400, "context_length_exceeded", "in the longest candidate"),
+    (
+        "/v1/rank",
+        {"task": "q2i", "query": " ".join(["w"] * 60), "candidates": ["i4"], "scorer": "generative"},
+        TOKEN,
+        400,
+        "context_length_exceeded",
+        "in the longest candidate",
+    ),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, None, 401, "invalid_api_key", "bearer token"),
     ("/v1/embeddings", {"model": "recfound-q2i", "input": "x"}, "wrong", 401, "invalid_api_key", "bearer token"),
     ("/v1/nothing", {}, TOKEN, 404, None, "Not Found"),
     # Bounded work: every cap refuses before the model runs.
-    ("/v1/embeddings", {"model": "recfound-q2i", "input": ["ok", "x" * (MAX_CHARS + 1)]}, TOKEN, 400,
-     "string_too_long", f"input[1] has {MAX_CHARS + 1} characters; at most {MAX_CHARS}"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": "x" * (MAX_CHARS + 1)}, TOKEN, 400, "string_too_long",
-     "prompt[0]"),
-    ("/v1/completions", {"model": "recfound-gen", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, TOKEN, 400,
-     "too_many_inputs", "5 stop strings; at most 4"),
-    ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "system", "content": "s"}] * 40 +
-     [{"role": "user", "content": "u"}]}, TOKEN, 400, "too_many_inputs", "41 messages; at most 32"),
-    ("/v1/chat/completions", {"model": "recfound-gen", "messages": [{"role": "user", "content": "y" * 5000}]}, TOKEN,
-     400, "string_too_long", "messages[0]"),
+    (
+        "/v1/embeddings",
+        {"model": "recfound-q2i", "input": ["ok", "x" * (MAX_CHARS + 1)]},
+        TOKEN,
+        400,
+        "string_too_long",
+        f"input[1] has {MAX_CHARS + 1} characters; at most {MAX_CHARS}",
+    ),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": "x" * (MAX_CHARS + 1)},
+        TOKEN,
+        400,
+        "string_too_long",
+        "prompt[0]",
+    ),
+    (
+        "/v1/completions",
+        {"model": "recfound-gen", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+        TOKEN,
+        400,
+        "too_many_inputs",
+        "5 stop strings; at most 4",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "recfound-gen",
+            "messages": [{"role": "system", "content": "s"}] * 40 + [{"role": "user", "content": "u"}],
+        },
+        TOKEN,
+        400,
+        "too_many_inputs",
+        "41 messages; at most 32",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "recfound-gen", "messages": [{"role": "user", "content": "y" * 5000}]},
+        TOKEN,
+        400,
+        "string_too_long",
+        "messages[0]",
+    ),
     ("/v1/recommend", {"task": "q2i", "query": "q" * (MAX_CHARS + 1)}, TOKEN, 400, "string_too_long", "query[0]"),
-    ("/v1/embeddings", {"model": "recfound-q2i", "input": ["x"] * 40_000}, TOKEN, 413, "request_too_large",
-     f"over {MAX_BODY} bytes"),
+    (
+        "/v1/embeddings",
+        {"model": "recfound-q2i", "input": ["x"] * 40_000},
+        TOKEN,
+        413,
+        "request_too_large",
+        f"over {MAX_BODY} bytes",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "token", "status", "code", "fragment"), BAD_REQUESTS)
-def test_bad_input_gets_openai_error(app: dict[str, Any], path: str, body: Any, token: str | None, status: int,
-                                     code: str | None, fragment: str) -> None:  # fmt: skip
+def test_bad_input_gets_openai_error(
+    app: dict[str, Any], path: str, body: Any, token: str | None, status: int, code: str | None, fragment: str
+) -> None:
     resp = post(app, path, body, token)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
@@ -269,14 +393,16 @@ def test_bad_input_gets_openai_error(app: dict[str, Any], path: str, body: Any, 
 
 def test_a_chunked_body_over_the_cap_is_cut_off(app: dict[str, Any]) -> None:
     """No Content-Length to refuse by: the upload is read only up to the cap, then answered 413."""
+
     def body() -> Iterator[bytes]:
         yield b'{"model": "recfound-q2i", "input": ['
         for _ in range(2 * MAX_BODY // 1000):
             yield b'"' + b"x" * 998 + b'",'
         yield b'"x"]}'
 
-    resp = httpx.post(f"{app['url']}/v1/embeddings", content=body(), headers={**AUTH, "content-type":
-                      "application/json"}, timeout=30)  # fmt: skip
+    resp = httpx.post(
+        f"{app['url']}/v1/embeddings", content=body(), headers={**AUTH, "content-type": "application/json"}, timeout=30
+    )
     assert resp.status_code == 413, resp.text
     assert resp.json()["error"]["code"] == "request_too_large"
 
@@ -287,9 +413,19 @@ def test_replica_survives_bad_input(app: dict[str, Any]) -> None:
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == "Method Not Allowed"
 
 
-PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
-             ("POST", "/v1/chat/completions"), ("POST", "/v1/recommend"), ("POST", "/v1/rank"), ("GET", "/v1/nothing"), ("GET", "/nothing"),
-             ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]  # fmt: skip
+PROTECTED = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/recommend"),
+    ("POST", "/v1/rank"),
+    ("GET", "/v1/nothing"),
+    ("GET", "/nothing"),
+    ("GET", "/docs"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+]
 
 
 def test_schema_fuzzing_finds_no_server_error(app: dict[str, Any]) -> None:
@@ -300,8 +436,13 @@ def test_schema_fuzzing_finds_no_server_error(app: dict[str, Any]) -> None:
 
     schema = schemathesis.openapi.from_url(f"{app['url']}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/embeddings", "/v1/completions", "/v1/chat/completions",
-                                              "/v1/recommend", "/v1/rank"}  # fmt: skip
+    assert {op.path for op in operations} >= {
+        "/v1/embeddings",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/recommend",
+        "/v1/rank",
+    }
     statuses: dict[str, set[int]] = {}
     for operation in operations:
         _fuzz(operation, app["url"], statuses.setdefault(operation.label, set()))
@@ -330,8 +471,11 @@ def test_every_route_but_healthz_needs_the_token(app: dict[str, Any], prefix: st
     """Auth is by route template relative to the root_path, so a Serve route_prefix cannot open the API."""
     base = app["url"] + prefix
     tokens = {"no token": {}, "wrong token": {"authorization": "Bearer wrong"}}
-    answers = {(path, token): httpx.request(method, base + path, headers=headers, timeout=30)
-               for method, path in PROTECTED for token, headers in tokens.items()}  # fmt: skip
+    answers = {
+        (path, token): httpx.request(method, base + path, headers=headers, timeout=30)
+        for method, path in PROTECTED
+        for token, headers in tokens.items()
+    }
     open_ = {key: resp.status_code for key, resp in answers.items() if resp.status_code != 401}
     assert not open_, f"answered without a valid token: {open_}"
     assert {resp.json()["error"]["code"] for resp in answers.values()} == {"invalid_api_key"}
@@ -387,10 +531,19 @@ def test_hot_swap_drops_no_request(app: dict[str, Any]) -> None:
     client_thread = threading.Thread(target=loop)
     client_thread.start()
     job = subprocess.Popen(  # inherits the fixture's environment: tests/ on PYTHONPATH for the fake engine
-        [sys.executable, str(REPO / "jobs" / "publish.py"), f"model={slow_model}", f"data={app['data']}",
-         f"registry={app['registry']}", f"serve={app['address']}", f"engine={FAKE_ENGINE}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "jobs" / "publish.py"),
+            f"model={slow_model}",
+            f"data={app['data']}",
+            f"registry={app['registry']}",
+            f"serve={app['address']}",
+            f"engine={FAKE_ENGINE}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert job.stdout is not None
         published["version"] = new = job.stdout.readline().strip()  # published; the roll-out starts now
@@ -415,8 +568,14 @@ def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -
     OpenAI's error schema; the replica then answers normally."""
     body = {"model": "recfound-gen", "prompt": f"{SLOW_PROMPT} tell me", "max_tokens": 4}
     answers: list[httpx.Response] = []
-    threads = [threading.Thread(target=lambda: answers.append(httpx.post(
-        f"{app['url']}{PREFIX}/v1/completions", json=body, headers=AUTH, timeout=30))) for _ in range(5)]  # fmt: skip
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{app['url']}{PREFIX}/v1/completions", json=body, headers=AUTH, timeout=30)
+            )
+        )
+        for _ in range(5)
+    ]
     for thread in threads:
         thread.start()
         time.sleep(0.05)
@@ -435,8 +594,8 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
     answers equals the same engine called in process (embeddings, greedy and streamed completions, recommend,
     generative rank)."""
     from recfound.model.backbone import BackboneConfig
-    from recfound.model.grm import GRM
     from recfound.model.formats import Side
+    from recfound.model.grm import GRM
     from recfound.serving.engine import load_engine
     from recfound.serving.index import ItemIndex, SearchConfig, user_text
     from recfound.serving.rank import rank_question
@@ -465,7 +624,8 @@ def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str
 
     hits = index.search("q2i", direct[0], 3)
     assert _items(post(app, "/v1/recommend", {"task": "q2i", "query": texts[0], "k": 3}), version) == [
-        index.item_ids[p] for p, _ in hits]  # fmt: skip
+        index.item_ids[p] for p, _ in hits
+    ]
     candidates = ["i1", "i4", "i6"]
     titles = [index.titles[index.position[c]] for c in candidates]
     for task, query in [("q2i", {"query": texts[0]}), ("u2i", {"history": ["i2", "i3"]})]:

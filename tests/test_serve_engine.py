@@ -91,8 +91,9 @@ class FakeEngine:
             time.sleep(SLOW_S)
         return [self._echo(task, p, max_tokens) for p in prompts]
 
-    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
-               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self, task: str, prompt: str, max_tokens: int, temperature: float, cancelled: threading.Event
+    ) -> Iterator[str]:
         """``generate``'s text word by word; a slow prompt spreads its words over SLOW_S."""
         pieces = re.findall(r"\s*\S+", self._echo(task, prompt, max_tokens))
         for piece in pieces:
@@ -108,8 +109,9 @@ class FakeEngine:
     def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:
         """How many words each choice shares with the prompt."""
         words = [set(re.findall(r"[a-z0-9]+", p.lower())) for p in prompts]
-        return np.array([[len(w & set(re.findall(r"[a-z0-9]+", c.lower()))) for c in choices] for w in words],
-                        dtype=np.float32)  # fmt: skip
+        return np.array(
+            [[len(w & set(re.findall(r"[a-z0-9]+", c.lower()))) for c in choices] for w in words], dtype=np.float32
+        )
 
 
 def fake_vectors(texts: list[str], dim: int) -> np.ndarray:
@@ -126,8 +128,13 @@ def write_manifest(model_dir: Path) -> None:
     (model_dir / MANIFEST).write_text(json.dumps({"files": files, "method": "ties"}))
 
 
-def make_artifact(model_dir: Path, dim: int = 64, context_length: int = 64, load_delay_s: float = 0.0,
-                  tasks: tuple[str, ...] = ALL_TASKS) -> Path:  # fmt: skip
+def make_artifact(
+    model_dir: Path,
+    dim: int = 64,
+    context_length: int = 64,
+    load_delay_s: float = 0.0,
+    tasks: tuple[str, ...] = ALL_TASKS,
+) -> Path:
     """A merged-model artifact the fake engine loads: its config (``tasks``: what it was trained on) plus some
     'weights', with a manifest."""
     (model_dir / "weights").mkdir(parents=True)
@@ -389,8 +396,9 @@ class _EndlessStream(_ProbeEngine):
 
     context_length = 1000
 
-    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
-               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self, task: str, prompt: str, max_tokens: int, temperature: float, cancelled: threading.Event
+    ) -> Iterator[str]:
         while not cancelled.wait(0.01):
             yield " token"
         self.stopped.set()
@@ -420,8 +428,11 @@ def test_closing_a_stream_stops_its_decoding() -> None:
     assert live.generate_lock.held_for() is None
 
 
-@given(st.text(alphabet="ab c", max_size=40), st.lists(st.integers(1, 6), max_size=12),
-       st.lists(st.text(alphabet="ab c", min_size=1, max_size=4), max_size=4))  # fmt: skip
+@given(
+    st.text(alphabet="ab c", max_size=40),
+    st.lists(st.integers(1, 6), max_size=12),
+    st.lists(st.text(alphabet="ab c", min_size=1, max_size=4), max_size=4),
+)
 def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[int], stops: list[str]) -> None:
     """However the completion is split into pieces, the stream sends exactly the non-streamed answer (found by this
     test: stops "a" and " aa" on " aa" arriving as " ", "a", "a" once sent " " where the whole text sends "")."""
@@ -445,17 +456,18 @@ def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[in
 def test_embeddings_are_served_while_a_generation_runs() -> None:
     """Embeddings and generation hold separate engine locks: /v1/embeddings and /v1/recommend never queue behind a
     long completion on the same replica."""
-    from recfound.serving.metrics import ServingMetrics
     from recfound.serving.batching import Job, embed_grouped, generate_grouped
     from recfound.serving.live import LiveVersion
+    from recfound.serving.metrics import ServingMetrics
 
     engine, metrics = _GateEngine(), ServingMetrics()
     live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
     generation = threading.Thread(target=generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
     generation.start()
     assert engine.generating.wait(30)
-    embedded = threading.Thread(target=embed_grouped, args=([Job(live, "q2i", ["a query"], 2, lengths=(4,))], metrics,
-                                                             4096))  # fmt: skip
+    embedded = threading.Thread(
+        target=embed_grouped, args=([Job(live, "q2i", ["a query"], 2, lengths=(4,))], metrics, 4096)
+    )
     embedded.start()
     embedded.join(10)
     finished_first = not embedded.is_alive()

@@ -51,8 +51,9 @@ def test_an_export_is_published_with_its_own_engine(published: tuple[str, Path])
     assert np.array_equal(engine.embed("q2i", texts, "Find it", Side.QUERY), load_export(out).embed(texts, "Find it"))
 
 
-def test_the_replica_serves_the_exported_task_and_refuses_the_rest(published: tuple[str, Path],
-                                                                   loop: asyncio.Runner) -> None:  # fmt: skip
+def test_the_replica_serves_the_exported_task_and_refuses_the_rest(
+    published: tuple[str, Path], loop: asyncio.Runner
+) -> None:
     registry, out = published
     replica = Model.func_or_class(registry, {})
 
@@ -61,8 +62,11 @@ def test_the_replica_serves_the_exported_task_and_refuses_the_rest(published: tu
         embedded = await replica.embed("q2i", ["espresso coffee beans"])
         hits = await replica.recommend(RecommendRequest(task="q2i", query="coffee", k=2))
         refused = []
-        for call in (replica.embed("u2i", ["x"]), replica.generate("item_profile", ["x"], 4, 0.0),
-                     replica.recommend(RecommendRequest(task="i2i", item_id="i1", k=2))):  # fmt: skip
+        for call in (
+            replica.embed("u2i", ["x"]),
+            replica.generate("item_profile", ["x"], 4, 0.0),
+            replica.recommend(RecommendRequest(task="i2i", item_id="i1", k=2)),
+        ):
             with pytest.raises(ApiError) as err:
                 await call
             refused.append((err.value.status, err.value.code, err.value.param))
@@ -72,5 +76,8 @@ def test_the_replica_serves_the_exported_task_and_refuses_the_rest(published: tu
     instruction = replica._live.instructions["q2i"]["query"]
     assert np.array_equal(embedded.vectors, load_export(out).embed(["espresso coffee beans"], instruction))
     assert len(hits.items) == 2 and hits.version == "v1"
-    assert refused == [(404, "model_not_found", "model"), (404, "model_not_found", "model"),
-                       (400, "unsupported_value", "task")]  # fmt: skip
+    assert refused == [
+        (404, "model_not_found", "model"),
+        (404, "model_not_found", "model"),
+        (400, "unsupported_value", "task"),
+    ]

@@ -20,8 +20,13 @@ from recfound.tasks import ALL_TASKS
 
 CANDIDATES = ["i4", "i5", "i6"]
 pytestmark = pytest.mark.usefixtures("replica_context")
-TITLES = {"i1": "red running shoes", "i2": "blue running shoes", "i4": "espresso coffee beans",
-          "i5": "ceramic coffee mug", "i6": "stainless steel kettle"}  # fmt: skip
+TITLES = {
+    "i1": "red running shoes",
+    "i2": "blue running shoes",
+    "i4": "espresso coffee beans",
+    "i5": "ceramic coffee mug",
+    "i6": "stainless steel kettle",
+}
 
 
 def _replica(loop: asyncio.Runner, tmp_path: Path, tasks: tuple[str, ...]) -> tuple[Model, list[tuple]]:
@@ -45,18 +50,21 @@ def _replica(loop: asyncio.Runner, tmp_path: Path, tasks: tuple[str, ...]) -> tu
 
 
 def _rank(loop: asyncio.Runner, replica: Model, candidates: list[str]) -> Any:
-    return loop.run(replica.rank(RankRequest(task="u2i", history=["i1", "i2"], candidates=candidates,
-                                             scorer=Scorer.GENERATIVE)))  # fmt: skip
+    return loop.run(
+        replica.rank(RankRequest(task="u2i", history=["i1", "i2"], candidates=candidates, scorer=Scorer.GENERATIVE))
+    )
 
 
-def test_a_model_trained_on_candidate_ranking_asks_one_question_per_candidate(loop: asyncio.Runner,
-                                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_a_model_trained_on_candidate_ranking_asks_one_question_per_candidate(
+    loop: asyncio.Runner, tmp_path: Path
+) -> None:
     replica, calls = _replica(loop, tmp_path, ALL_TASKS)
     ranked = _rank(loop, replica, CANDIDATES)
     history = user_text([TITLES["i1"], TITLES["i2"]], 3)
     instruction = INSTRUCTIONS["candidate_ranking"][0]
-    assert calls == [("candidate_ranking", [alpaca(instruction, candidate_text(history, TITLES[c])) for c in CANDIDATES],
-                      [YES, NO])]  # fmt: skip
+    assert calls == [
+        ("candidate_ranking", [alpaca(instruction, candidate_text(history, TITLES[c])) for c in CANDIDATES], [YES, NO])
+    ]
     assert [(i.item_id, i.score) for i in ranked.items] == [("i6", 2.0), ("i5", 1.0), ("i4", 0.0)]
     assert len(rank_question("u2i", history, ["a title"] * 21, ALL_TASKS).prompts) == 21  # no letter limit
 

@@ -35,11 +35,17 @@ def testembed_grouped_makes_one_call_per_version_and_task_and_answers_in_request
     """Requests of v1/q2i (twice), v1/u2i and v2/q2i: three engine calls (under the embed lock, with the task's
     query instruction), and each request gets exactly its own rows back, in request order."""
     v1, v2 = _loaded("v1"), _loaded("v2")
-    jobs = [Job(v1, "q2i", ["apple", "bat"], 2, lengths=(5, 3)), Job(v2, "q2i", ["cat"], 1, lengths=(3,)),
-            Job(v1, "u2i", ["dog"], 1, lengths=(3,)), Job(v1, "q2i", ["eel"], 1, lengths=(3,))]  # fmt: skip
+    jobs = [
+        Job(v1, "q2i", ["apple", "bat"], 2, lengths=(5, 3)),
+        Job(v2, "q2i", ["cat"], 1, lengths=(3,)),
+        Job(v1, "u2i", ["dog"], 1, lengths=(3,)),
+        Job(v1, "q2i", ["eel"], 1, lengths=(3,)),
+    ]
     out = embed_grouped(jobs, ServingMetrics(), max_tokens=1000)
-    assert v1.engine.calls == [("embed", "q2i", ["bat", "eel", "apple"], "q2i instruction", Side.QUERY, True),
-                               ("embed", "u2i", ["dog"], "u2i instruction", Side.QUERY, True)]  # fmt: skip
+    assert v1.engine.calls == [
+        ("embed", "q2i", ["bat", "eel", "apple"], "q2i instruction", Side.QUERY, True),
+        ("embed", "u2i", ["dog"], "u2i instruction", Side.QUERY, True),
+    ]
     assert v2.engine.calls == [("embed", "q2i", ["cat"], "q2i instruction", Side.QUERY, True)]
     for job, vectors in zip(jobs, out):
         assert vectors.tolist() == [[float(ord(t[0])), float(len(t))] for t in job.texts]
@@ -51,7 +57,10 @@ def testembed_grouped_cuts_a_batch_into_calls_within_the_token_budget() -> None:
     longest within the budget ([3] alone would also fit with 5: 2 x 5 = 10), the 30-token text alone; every
     request still gets its own vectors in order."""
     v1 = _loaded("v1")
-    jobs = [Job(v1, "q2i", ["nine", "thirty"], 39, lengths=(9, 30)), Job(v1, "q2i", ["five", "three"], 8, lengths=(5, 3))]
+    jobs = [
+        Job(v1, "q2i", ["nine", "thirty"], 39, lengths=(9, 30)),
+        Job(v1, "q2i", ["five", "three"], 8, lengths=(5, 3)),
+    ]
     out = embed_grouped(jobs, ServingMetrics(), max_tokens=12)
     assert [call[2] for call in v1.engine.calls] == [["three", "five"], ["nine"], ["thirty"]]
     for job, vectors in zip(jobs, out):
@@ -63,12 +72,19 @@ def testgenerate_grouped_splits_by_version_task_and_sampling_and_answers_in_requ
     """One generate call per (version, task, max_tokens, temperature), under the generation lock; each request
     gets its own completions in its prompts' order."""
     v1, v2 = _loaded("v1"), _loaded("v2")
-    jobs = [Job(v1, "q2i", ["p1", "p2"], 2, 8, 0.0), Job(v1, "q2i", ["p3"], 1, 16, 0.0), Job(v2, "q2i", ["p4"], 1, 8, 0.0),
-            Job(v1, "q2i", ["p5"], 1, 8, 0.0), Job(v1, "q2i", ["p6"], 1, 8, 0.7)]  # fmt: skip
+    jobs = [
+        Job(v1, "q2i", ["p1", "p2"], 2, 8, 0.0),
+        Job(v1, "q2i", ["p3"], 1, 16, 0.0),
+        Job(v2, "q2i", ["p4"], 1, 8, 0.0),
+        Job(v1, "q2i", ["p5"], 1, 8, 0.0),
+        Job(v1, "q2i", ["p6"], 1, 8, 0.7),
+    ]
     out = generate_grouped(jobs, ServingMetrics())
-    assert v1.engine.calls == [("generate", "q2i", ["p1", "p2", "p5"], 8, 0.0, True),
-                               ("generate", "q2i", ["p3"], 16, 0.0, True),
-                               ("generate", "q2i", ["p6"], 8, 0.7, True)]  # fmt: skip
+    assert v1.engine.calls == [
+        ("generate", "q2i", ["p1", "p2", "p5"], 8, 0.0, True),
+        ("generate", "q2i", ["p3"], 16, 0.0, True),
+        ("generate", "q2i", ["p6"], 8, 0.7, True),
+    ]
     assert v2.engine.calls == [("generate", "q2i", ["p4"], 8, 0.0, True)]
     assert out == [[f"{j.live.version}:{j.task}:{p}:{j.max_tokens}" for p in j.texts] for j in jobs]
     assert v1.busiest() is None

@@ -29,8 +29,15 @@ class _Recorded:
     """Stands in for Ray Serve's Counter, Histogram and Gauge: keeps every point, and refuses what Ray refuses (a tag
     key missing or unknown, a value not an int or float, a counter increment that is not positive)."""
 
-    def __init__(self, points: Points, counter: bool, name: str, description: str = "",
-                 boundaries: list[float] | None = None, tag_keys: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        points: Points,
+        counter: bool,
+        name: str,
+        description: str = "",
+        boundaries: list[float] | None = None,
+        tag_keys: tuple[str, ...] = (),
+    ) -> None:
         self.points, self.counter, self.name, self.tag_keys = points, counter, name, tag_keys
 
     def _record(self, value: float, tags: dict[str, str]) -> None:
@@ -44,8 +51,11 @@ class _Recorded:
 
 def _recording() -> tuple[ServingMetrics, Points]:
     points: Points = {}
-    metrics = ServingMetrics(counter=partial(_Recorded, points, True), histogram=partial(_Recorded, points, False),
-                             gauge=partial(_Recorded, points, False))  # fmt: skip
+    metrics = ServingMetrics(
+        counter=partial(_Recorded, points, True),
+        histogram=partial(_Recorded, points, False),
+        gauge=partial(_Recorded, points, False),
+    )
     return metrics, points
 
 
@@ -58,8 +68,9 @@ def registry(tmp_path: Path) -> str:
     return registry
 
 
-def _run(loop: asyncio.Runner, registry: str, calls: Callable[[Any], Awaitable[Any]],
-         **user_config: Any) -> tuple[Any, Points]:  # fmt: skip
+def _run(
+    loop: asyncio.Runner, registry: str, calls: Callable[[Any], Awaitable[Any]], **user_config: Any
+) -> tuple[Any, Points]:
     """A recording replica serving v1 (``user_config`` on top), then ``calls(replica)``."""
     replica = Model.func_or_class(registry, {})
     replica._metrics, points = _recording()
@@ -81,8 +92,9 @@ def test_an_embeddings_batch_records_tokens_its_engine_call_and_each_wait(loop: 
     tokens and wait are its own; the engine call's tokens are what it encodes: each text with its instruction."""
 
     def pair(replica: Model) -> Coroutine[Any, Any, Any]:
-        return asyncio.gather(replica.embed("q2i", ["red running shoes", "coffee mug"]),
-                              replica.embed("q2i", ["espresso"]))  # fmt: skip
+        return asyncio.gather(
+            replica.embed("q2i", ["red running shoes", "coffee mug"]), replica.embed("q2i", ["espresso"])
+        )
 
     out, points = _run(loop, registry, pair, max_batch_size=2, batch_wait_timeout_s=30.0)
     assert [o.vectors.shape for o in out] == [(2, 64), (1, 64)]
@@ -144,16 +156,22 @@ def test_choices_recommendations_and_rankings_count_their_tokens(loop: asyncio.R
         await replica.choose("sentiment_analysis", ["I love these red shoes"], ["positive", "red running shoes"])
         await replica.recommend(RecommendRequest(task="q2i", query="red shoes", k=2))
         await replica.rank(RankRequest(task="q2i", query="coffee", candidates=["i4", "i5"]))
-        return await replica.rank(RankRequest(task="q2i", query="coffee", candidates=["i4", "i5"],
-                                              scorer=Scorer.GENERATIVE))  # fmt: skip
+        return await replica.rank(
+            RankRequest(task="q2i", query="coffee", candidates=["i4", "i5"], scorer=Scorer.GENERATIVE)
+        )
 
     ranked, points = _run(loop, registry, calls)
     assert {item.item_id for item in ranked.items} == {"i4", "i5"}
-    choose, recommend, rank = ({"call": c, "task": t} for c, t in
-                               [("choose", "sentiment_analysis"), ("recommend", "q2i"), ("rank", "q2i")])  # fmt: skip
+    choose, recommend, rank = (
+        {"call": c, "task": t} for c, t in [("choose", "sentiment_analysis"), ("recommend", "q2i"), ("rank", "q2i")]
+    )
     [ranker_prompt] = rank_question("q2i", "coffee", ["espresso coffee beans", "ceramic coffee mug"], ALL_TASKS).prompts
-    assert _sorted(points, "recfound_prompt_tokens") == [(5, choose), (1, rank), (len(ranker_prompt.split()), rank),
-                                                       (2, recommend)]  # fmt: skip
+    assert _sorted(points, "recfound_prompt_tokens") == [
+        (5, choose),
+        (1, rank),
+        (len(ranker_prompt.split()), rank),
+        (2, recommend),
+    ]
     assert points["recfound_completion_tokens"] == [(3, choose)]
 
 
@@ -165,8 +183,11 @@ def test_a_hot_swap_moves_the_version_series(loop: asyncio.Runner, registry: str
 
     out, points = _run(loop, registry, swap)
     assert out.version == "v2"
-    assert points["recfound_model_version"] == [(1.0, {"version": "v1"}), (0.0, {"version": "v1"}),
-                                                (1.0, {"version": "v2"})]  # fmt: skip
+    assert points["recfound_model_version"] == [
+        (1.0, {"version": "v1"}),
+        (0.0, {"version": "v1"}),
+        (1.0, {"version": "v2"}),
+    ]
 
 
 def test_ray_metric_classes_accept_every_point_the_replica_records() -> None:

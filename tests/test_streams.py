@@ -120,8 +120,10 @@ def test_small_tasks_share_one_stream_per_mode() -> None:
     """A lone small task of its mode streams on its own: a one-member union is no saving (and Ray Data's planner
     rejects a union of one)."""
     rows = {"u2i": 5000, "q2i": 300, "i2i": 4096, "sentiment_analysis": 12, "item_profile": 40, "user_profile": 9000}
-    assert shared_streams(rows, 4096) == {"small-embedding-tasks": ["q2i", "i2i"],
-                                          "small-generative-tasks": ["sentiment_analysis", "item_profile"]}  # fmt: skip
+    assert shared_streams(rows, 4096) == {
+        "small-embedding-tasks": ["q2i", "i2i"],
+        "small-generative-tasks": ["sentiment_analysis", "item_profile"],
+    }
     assert shared_streams(rows, 300) == {"small-generative-tasks": ["sentiment_analysis", "item_profile"]}
     assert shared_streams(rows, 20) == {}
     assert shared_streams(rows, 0) == {}

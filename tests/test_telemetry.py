@@ -13,8 +13,8 @@ import torch
 from fsspec.core import url_to_fs
 from test_loss_pin import TINY, joint_batch
 
-from recfound.bench.common import counted_flops
 from recfound.artifacts import TENSORBOARD_DIR
+from recfound.bench.common import counted_flops
 from recfound.config import load_config
 from recfound.model.grm import GRM
 from recfound.train.config import TrainConfig

@@ -18,17 +18,33 @@ pytestmark = pytest.mark.slow
 
 # Ray's chatter the console hides by other switches than the skip list: Ray Train's own logger, the driver's
 # `ray` logger, Ray's deprecation warnings.
-HIDDEN = [*RAY_NOISE, r"Setting up process group", r"Requesting resources", r"Started training worker group",
-          r"Token authentication is enabled", r"Started a local Ray instance", r"RayDeprecationWarning"]  # fmt: skip
+HIDDEN = [
+    *RAY_NOISE,
+    r"Setting up process group",
+    r"Requesting resources",
+    r"Started training worker group",
+    r"Token authentication is enabled",
+    r"Started a local Ray instance",
+    r"RayDeprecationWarning",
+]
 
 
 def test_the_training_job_shows_its_progress_and_not_rays_chatter(synthetic_dataset: Path, tmp_path: Path) -> None:
     # The suite turns Ray's log filter off (conftest: RAY_DEDUP_LOGS=0); a user's shell has it on.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS", "RAY_ADDRESS")}
-    args = [f"data={synthetic_dataset}", f"storage_path={tmp_path}", "name=quiet", "max_steps=2", "log_every=1",
-            "checkpoint_every=2", "tasks=[u2i,sentiment_analysis]", "scheduler.warmup=2"]  # fmt: skip
-    done = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    args = [
+        f"data={synthetic_dataset}",
+        f"storage_path={tmp_path}",
+        "name=quiet",
+        "max_steps=2",
+        "log_every=1",
+        "checkpoint_every=2",
+        "tasks=[u2i,sentiment_analysis]",
+        "scheduler.warmup=2",
+    ]
+    done = subprocess.run(
+        [sys.executable, "jobs/train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     shown = done.stdout + done.stderr
     assert done.returncode == 0, shown[-6000:]
     assert Path(done.stdout.strip().splitlines()[-1], "trainer_state.json").is_file()

@@ -54,8 +54,17 @@ def test_unwritable_storage_and_missing_dataset(synthetic_dataset: Path, tmp_pat
 
 
 def test_scaling_config_places_workers_with_their_resources() -> None:
-    cfg = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), ["num_workers=4", "min_workers=2", "cpus_per_worker=2",
-                      "placement_strategy=SPREAD", "resources_per_worker={trainer_node: 1}"])  # fmt: skip
+    cfg = load_config(
+        TrainConfig,
+        str(CONFIGS / "tiny.yaml"),
+        [
+            "num_workers=4",
+            "min_workers=2",
+            "cpus_per_worker=2",
+            "placement_strategy=SPREAD",
+            "resources_per_worker={trainer_node: 1}",
+        ],
+    )
     scaling = scaling_config(cfg)
     assert scaling.num_workers == (2, 4) and scaling.placement_strategy == "SPREAD"
     assert scaling.resources_per_worker == {"CPU": 2.0, "trainer_node": 1.0}

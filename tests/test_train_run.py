@@ -31,8 +31,14 @@ def local_ray() -> None:
 
 def _cfg(data: Path, storage: Path, *overrides: str) -> TrainConfig:
     # Four tasks (both modes, both kinds of embedding input) keep Ray Data's per-task pipelines few on 2 cores.
-    base = [f"data={data}", f"storage_path={storage}", "checkpoint_every=4", "log_every=2", "scheduler.warmup=2",
-            "tasks=[u2i,i2i,sentiment_analysis,sequential_recommendation]"]
+    base = [
+        f"data={data}",
+        f"storage_path={storage}",
+        "checkpoint_every=4",
+        "log_every=2",
+        "scheduler.warmup=2",
+        "tasks=[u2i,i2i,sentiment_analysis,sequential_recommendation]",
+    ]
     return load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), base + list(overrides))
 
 
@@ -69,8 +75,12 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
     assert state["step"] == 6
     uninterrupted = _history(ckpt)
     assert [row["step"] for row in uninterrupted] == list(range(1, 7))
-    assert {t for row in uninterrupted for t in row["losses"]} == {"u2i", "i2i", "sentiment_analysis",
-                                                                   "sequential_recommendation"}  # fmt: skip
+    assert {t for row in uninterrupted for t in row["losses"]} == {
+        "u2i",
+        "i2i",
+        "sentiment_analysis",
+        "sequential_recommendation",
+    }
     assert uninterrupted[-1]["losses"]["u2i"] < uninterrupted[0]["losses"]["u2i"]
     assert all(row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 50 for row in uninterrupted)
     assert (ckpt / "losses.png").stat().st_size > 0 and (ckpt / "weights.png").stat().st_size > 0
@@ -138,8 +148,9 @@ def test_zero_stages_follow_the_ddp_loss_curve_and_resume(synthetic_dataset: Pat
             # Float reduction order differs; Adam's g / sqrt(v) magnifies it where a gradient is near 0 (2.3e-5 seen
             # on 1 of 1536 entries with shuffled batches, 4e-6 before). 4 Adam steps at lr 1e-3 move a weight up to
             # 4e-3, so 5e-5 still tells a wrong update from float noise.
-            torch.testing.assert_close(adapter[name], tensor, rtol=1e-4, atol=5e-5,
-                                       msg=lambda m, n=name: f"{ckpt.parent.name} {n}: {m}")
+            torch.testing.assert_close(
+                adapter[name], tensor, rtol=1e-4, atol=5e-5, msg=lambda m, n=name: f"{ckpt.parent.name} {n}: {m}"
+            )
         for rank in (0, 1):
             verify_rank(ckpt, rank)
     shard = next(p for p in (zero2 / "zero").rglob("*optim_states.pt") if "rank_1" in p.name)
@@ -222,8 +233,16 @@ def test_non_finite_loss_stops_with_step_and_task(synthetic_dataset: Path, tmp_p
 def test_scheduler_reads_validation_losses(synthetic_dataset: Path, tmp_path: Path) -> None:
     """source=valid: S2Sched is fed losses re-measured on fixed validation batches, not the training batch's.
     (With the logQ-corrected contrastive loss on, so its popularity prior reaches the worker.)"""
-    cfg = _cfg(synthetic_dataset, tmp_path, "name=run-v", "max_steps=4", "num_workers=1", "scheduler.source=valid",
-               "scheduler.valid_batches=1", "loss.logq_tasks=[u2i]")  # fmt: skip
+    cfg = _cfg(
+        synthetic_dataset,
+        tmp_path,
+        "name=run-v",
+        "max_steps=4",
+        "num_workers=1",
+        "scheduler.source=valid",
+        "scheduler.valid_batches=1",
+        "loss.logq_tasks=[u2i]",
+    )
     ckpt = Path(run(cfg))
     state = json.loads((ckpt / "s2sched.json").read_text())
     train_losses = [json.loads(line)["losses"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]

@@ -83,9 +83,17 @@ def _emb_part(task: str, q_lens: list[int], p_lens: list[list[int]], width: int 
     q_ids, q_mask = block(np.array(q_lens))
     p_ids, p_mask = block(np.array(p_lens))
     n = len(q_lens)
-    return {"task": np.array([task] * n), "q_ids": q_ids, "q_mask": q_mask, "q_text": q_mask.copy(),
-            "p_ids": p_ids, "p_mask": p_mask, "p_text": p_mask.copy(),
-            "q_key": np.arange(n, dtype=np.int64), "p_key": np.arange(2 * n, dtype=np.int64).reshape(n, 2)}  # fmt: skip
+    return {
+        "task": np.array([task] * n),
+        "q_ids": q_ids,
+        "q_mask": q_mask,
+        "q_text": q_mask.copy(),
+        "p_ids": p_ids,
+        "p_mask": p_mask,
+        "p_text": p_mask.copy(),
+        "q_key": np.arange(n, dtype=np.int64),
+        "p_key": np.arange(2 * n, dtype=np.int64).reshape(n, 2),
+    }
 
 
 def test_collate_embedding_joins_tasks_and_trims_query_and_passage_sides_separately() -> None:
@@ -119,7 +127,12 @@ def test_collate_generative_keeps_ignore_index_labels_and_trims_to_the_longest_r
 
 def test_collate_of_a_step_without_rows_is_none() -> None:
     """The loop passes None to the objective for a mode with no rows this step."""
-    empty = {"task": np.array([], dtype=str), "ids": np.zeros((0, 4)), "mask": np.zeros((0, 4)), "labels": np.zeros((0, 4))}
+    empty = {
+        "task": np.array([], dtype=str),
+        "ids": np.zeros((0, 4)),
+        "mask": np.zeros((0, 4)),
+        "labels": np.zeros((0, 4)),
+    }
     assert collate([], Mode.GENERATIVE) is None
     assert collate([empty], Mode.GENERATIVE) is None
 
@@ -144,7 +157,9 @@ class FakeGRM(nn.Module):
     def embed(self, batch: dict[str, np.ndarray], task_ids: torch.Tensor) -> torch.Tensor:
         return self.scale * torch.tensor([VECTORS[int(i)] for i in np.asarray(batch["input_ids"])[:, 0]])
 
-    def lm_token_losses(self, batch: dict[str, np.ndarray], task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_token_losses(
+        self, batch: dict[str, np.ndarray], task_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.as_tensor(batch["labels"])
         keep = labels != IGNORE_INDEX
         return self.scale * labels[keep].float() / 10, keep.nonzero()[:, 0]
@@ -155,15 +170,27 @@ def _emb_rows() -> dict[str, np.ndarray]:
     q_ids = np.array([[1, 9], [2, 9]])
     p_ids = np.array([[[1, 9], [3, 9]], [[3, 9], [4, 9]]])
     ones_q, ones_p = np.ones_like(q_ids), np.ones_like(p_ids)
-    return {"task": np.array(["u2i", "q2i"]), "q_ids": q_ids, "q_mask": ones_q, "q_text": ones_q,
-            "p_ids": p_ids, "p_mask": ones_p, "p_text": ones_p,
-            "q_key": np.array([10, 11]), "p_key": np.array([[20, 21], [22, 23]])}  # fmt: skip
+    return {
+        "task": np.array(["u2i", "q2i"]),
+        "q_ids": q_ids,
+        "q_mask": ones_q,
+        "q_text": ones_q,
+        "p_ids": p_ids,
+        "p_mask": ones_p,
+        "p_text": ones_p,
+        "q_key": np.array([10, 11]),
+        "p_key": np.array([[20, 21], [22, 23]]),
+    }
 
 
 def _gen_rows() -> dict[str, np.ndarray]:
     labels = np.array([[IGNORE_INDEX, 10, 20, 30], [IGNORE_INDEX, IGNORE_INDEX, 50, IGNORE_INDEX]])
-    return {"task": np.array(["sentiment_analysis", "title_generation"]), "ids": np.ones((2, 4), dtype=np.int64),
-            "mask": np.ones((2, 4), dtype=np.int64), "labels": labels}  # fmt: skip
+    return {
+        "task": np.array(["sentiment_analysis", "title_generation"]),
+        "ids": np.ones((2, 4), dtype=np.int64),
+        "mask": np.ones((2, 4), dtype=np.int64),
+        "labels": labels,
+    }
 
 
 def test_joint_objective_is_weighted_infonce_plus_token_mean_ce() -> None:
@@ -178,10 +205,12 @@ def test_joint_objective_is_weighted_infonce_plus_token_mean_ce() -> None:
     tokens = [1.0, 2.0, 3.0, 5.0]  # labels / 10 of the 4 response tokens (3 of row 0, 1 of row 1)
     assert loss.item() == pytest.approx(0.5 * (q0 + q1) / 2 + 2.0 * sum(tokens) / 4, rel=1e-6)
     assert {t: (s.item(), int(n)) for t, (s, n) in stats.items()} == {
-        "u2i": (pytest.approx(q0, rel=1e-6), 1), "q2i": (pytest.approx(q1, rel=1e-6), 1),
-        "sentiment_analysis": (pytest.approx(6.0), 3), "title_generation": (pytest.approx(5.0), 1),
+        "u2i": (pytest.approx(q0, rel=1e-6), 1),
+        "q2i": (pytest.approx(q1, rel=1e-6), 1),
+        "sentiment_analysis": (pytest.approx(6.0), 3),
+        "title_generation": (pytest.approx(5.0), 1),
         FALSE_NEGATIVES: (0, 2),
-    }  # fmt: skip
+    }
     loss.backward()  # the combined loss reaches the model's parameters
     assert objective.grm.scale.grad is not None and objective.grm.scale.grad != 0
 
@@ -242,9 +271,12 @@ class _Engine:
 
 def _train_step(engine: _Engine, sources: dict[str, _Source], grad_accum: int) -> StepResult:
     counts = {Mode.EMBEDDING: {}, Mode.GENERATIVE: {t: 2 for t in sources}}
-    cost = StepCost(layer_params=64, layers=1, backward_layers=1, input_params=16, width=4, head_params=64, adapter_params=8)
-    return train_step(engine, sources, counts, grad_accum=grad_accum, cost=cost, seed=0, rank=0, step=1,
-                      device=torch.device("cpu"))  # fmt: skip
+    cost = StepCost(
+        layer_params=64, layers=1, backward_layers=1, input_params=16, width=4, head_params=64, adapter_params=8
+    )
+    return train_step(
+        engine, sources, counts, grad_accum=grad_accum, cost=cost, seed=0, rank=0, step=1, device=torch.device("cpu")
+    )
 
 
 def test_train_step_accumulates_micro_batches_then_updates_once() -> None:

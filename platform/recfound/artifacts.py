@@ -31,7 +31,8 @@ CHECKPOINT_MANIFEST = "checkpoint.json"
 TENSORBOARD_DIR = "tensorboard"
 """Rank 0's TensorBoard event files, in the run's folder of its storage path (``<storage_path>/<name>/tensorboard``)."""
 MANIFEST = "manifest.json"
-"""The SHA-256 list (and provenance) of a merged model, an export or a built dataset, written last."""
+"""The SHA-256 list (and provenance) of a merged model, an adapted model or an export, written last. (A built
+dataset's manifest is ``tasks.DATASET_MANIFEST``.)"""
 EXPORT_KIND = "recfound-export"
 """``kind`` in an export's manifest (jobs/export.py): one task, folded, no adapter."""
 ADAPTED_KIND = "adapted"
@@ -116,8 +117,10 @@ def read_merged(root: Path, error: type[Exception]) -> dict[str, Any]:
     manifest = read_manifest(root, error)
     if manifest.get("kind") == EXPORT_KIND:
         origin = manifest.get("source", {}).get("model")
-        raise error(f"model={root}: is an export ({manifest.get('task')}), not a merged artifact; "
-                    f"use the merged directory it came from: {origin}")  # fmt: skip
+        raise error(
+            f"model={root}: is an export ({manifest.get('task')}), not a merged artifact; "
+            f"use the merged directory it came from: {origin}"
+        )
     if not (root / ADAPTER_DIR).is_dir():
         raise error(f"model={root}: not a merged artifact (no {ADAPTER_DIR}/); merge with jobs/merge.py first")
     check_files(root, manifest.get("files"), error, unlisted_ok=True)
@@ -130,8 +133,10 @@ def check_out(out: Path, source: Path, kind: str, error: type[Exception]) -> Non
     if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
         raise error(f"out={out}: must lie outside model={source} (and not contain it)")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _kind(out) != kind)):
-        raise error(f"out={out}: exists and is not an earlier output of this job (manifest kind {kind!r}); "
-                    "refusing to overwrite it")
+        raise error(
+            f"out={out}: exists and is not an earlier output of this job (manifest kind {kind!r}); "
+            "refusing to overwrite it"
+        )
 
 
 def _kind(path: Path) -> Any:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 import textwrap
 import types
-from enum import Enum
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 

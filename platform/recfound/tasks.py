@@ -46,7 +46,8 @@ def mode_of(task: str) -> Mode:
 
 
 # Built dataset layout, relative to the dataset directory.
-MANIFEST = "manifest.json"
+DATASET_MANIFEST = "manifest.json"
+"""Row counts per task and split, sources with their SHA-256, skipped tasks and why (written last by the builder)."""
 ITEMS = "items.parquet"
 INTERACTIONS = "interactions.parquet"
 QUARANTINE = "quarantine.jsonl"
@@ -60,9 +61,20 @@ def task_path(task: str, split: str) -> str:
 # pair, plus hard negatives; item ids let evaluation and serving map texts back to the catalogue. ``query_item``
 # is the i2i anchor's id (empty for u2i/q2i), so evaluation can leave the anchor out of its own ranking.
 EMBEDDING_COLUMNS: tuple[str, ...] = (
-    "id", "task", "query_instruction", "query", "query_item", "pos_instruction", "pos", "pos_item",
-    "neg", "neg_items", "user", "category", "source",
-)  # fmt: skip
+    "id",
+    "task",
+    "query_instruction",
+    "query",
+    "query_item",
+    "pos_instruction",
+    "pos",
+    "pos_item",
+    "neg",
+    "neg_items",
+    "user",
+    "category",
+    "source",
+)
 GENERATIVE_COLUMNS: tuple[str, ...] = ("id", "task", "prompt", "response", "user", "item", "source")
 ITEM_COLUMNS: tuple[str, ...] = ("item_id", "title", "text", "category", "brand")
 INTERACTION_COLUMNS: tuple[str, ...] = ("user", "item", "timestamp", "rating", "split")

@@ -23,9 +23,21 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from recfound.bench.common import (
-    CONFIG_DIR, Better, Report, Table, Target, Timing, counted_flops, device_sync, fmt, interleaved, median,
-    paired_ratio, top_ops, torch_threads,
-)  # fmt: skip
+    CONFIG_DIR,
+    Better,
+    Report,
+    Table,
+    Target,
+    Timing,
+    counted_flops,
+    device_sync,
+    fmt,
+    interleaved,
+    median,
+    paired_ratio,
+    top_ops,
+    torch_threads,
+)
 from recfound.config import Config, load_config
 from recfound.model.backbone import load_backbone
 from recfound.model.tmole import TMoLEModel
@@ -86,9 +98,15 @@ def _subjects(cfg: TrainConfig, batch: int, device: torch.device) -> dict[Varian
     frozen.requires_grad_(False)
     frozen.enable_input_require_grads()  # backward through every layer, with no weight to update
     lora_model, _ = load_backbone(backbone)
-    lora = get_peft_model(lora_model, LoraConfig(
-        r=adapter.num_experts * adapter.r, lora_alpha=adapter.alpha * adapter.num_experts,
-        lora_dropout=adapter.dropout, target_modules=adapter.target_modules))  # fmt: skip
+    lora = get_peft_model(
+        lora_model,
+        LoraConfig(
+            r=adapter.num_experts * adapter.r,
+            lora_alpha=adapter.alpha * adapter.num_experts,
+            lora_dropout=adapter.dropout,
+            target_modules=adapter.target_modules,
+        ),
+    )
     tmole_model, _ = load_backbone(backbone)
     tmole = TMoLEModel(tmole_model, adapter.build(backbone))
     mixed = torch.tensor([tmole.task_id(t) for t in itertools.islice(itertools.cycle(GENERATIVE_TASKS), batch)])
@@ -96,9 +114,13 @@ def _subjects(cfg: TrainConfig, batch: int, device: torch.device) -> dict[Varian
     out = {
         Variant.FROZEN: Subject(frozen, frozen.base_model, nullcontext),
         Variant.LORA: Subject(lora, lora.get_base_model().base_model, nullcontext),
-        Variant.TMOLE: Subject(tmole, tmole.model.base_model, lambda: tmole.route(task_ids[Variant.TMOLE], Mode.GENERATIVE)),
-        Variant.FOLDED: Subject(tmole, tmole.model.base_model, lambda: tmole.route(task_ids[Variant.FOLDED], Mode.GENERATIVE)),
-    }  # fmt: skip
+        Variant.TMOLE: Subject(
+            tmole, tmole.model.base_model, lambda: tmole.route(task_ids[Variant.TMOLE], Mode.GENERATIVE)
+        ),
+        Variant.FOLDED: Subject(
+            tmole, tmole.model.base_model, lambda: tmole.route(task_ids[Variant.FOLDED], Mode.GENERATIVE)
+        ),
+    }
     for subject in out.values():
         subject.owner.to(device)
     return out
@@ -128,7 +150,9 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
@@ -192,46 +216,79 @@ def run(bench: AdapterBench) -> Report:
     trainable = {v.value: _trainable(subjects[v].owner) for v in train}
     share = {k: flops[k] / median(t[k]) / peak_flop_s for k in flops}
     figures = {
-        "batch": batch, "seq_len": seq_len, "device": device.type,
+        "batch": batch,
+        "seq_len": seq_len,
+        "device": device.type,
         "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events",
         "trainable_params": trainable,
         "train_ms": {k: median(v) * 1e3 for k, v in t.items()},
         "infer_ms": {k: median(v) * 1e3 for k, v in i.items()},
         "train_peak_mb": {k: v / 2**20 for k, v in peak.items()},
-        f"train_{peak_label}": share, "peak_flop_s": peak_flop_s, "train_flops": flops,
-        "train_seconds": asdict(train_times), "infer_seconds": asdict(infer_times), "profile": profiles,
-    }  # fmt: skip
-    report = Report("adapter", bench.model_dump(mode="json") | {"train_config": cfg.model.model_dump(mode="json")},
-                    ratios, figures)  # fmt: skip
+        f"train_{peak_label}": share,
+        "peak_flop_s": peak_flop_s,
+        "train_flops": flops,
+        "train_seconds": asdict(train_times),
+        "infer_seconds": asdict(infer_times),
+        "profile": profiles,
+    }
+    report = Report(
+        "adapter", bench.model_dump(mode="json") | {"train_config": cfg.model.model_dump(mode="json")}, ratios, figures
+    )
     report.tables = _tables(figures, train_times, infer_times)
     report.notes = [
-        f"batch {batch} x {seq_len} tokens on {device.type}, {bench.threads} torch thread(s); decoder forward+backward under a fixed probe loss "
-        f"(LM head and loss left out: identical for all variants). Ratios are medians of per-round ratios over "
-        f"{bench.rounds} interleaved rounds. Peak memory: {figures['memory_method']}, above the weights. "
+        f"batch {batch} x {seq_len} tokens on {device.type}, {bench.threads} torch thread(s); decoder "
+        "forward+backward under a fixed probe loss (LM head and loss left out: identical for all variants). "
+        f"Ratios are medians of per-round ratios over {bench.rounds} interleaved rounds. "
+        f"Peak memory: {figures['memory_method']}, above the weights. "
         f"{peak_label}: FLOPs counted by torch.utils.flop_counter (attention included) per median step, over the "
-        f"{'measured fp32 GEMM peak' if peak_label == 'flop_share' else 'datasheet peak'} ({peak_flop_s / 1e9:,.0f} GFLOP/s)."
+        f"{'measured fp32 GEMM peak' if peak_label == 'flop_share' else 'datasheet peak'} "
+        f"({peak_flop_s / 1e9:,.0f} GFLOP/s)."
     ]
     report.check(TARGETS)
     return report
 
 
 def _tables(figures: dict, train: Timing, infer: Timing) -> list[Table]:
-    vs = lambda timing, a, b: f"{fmt(paired_ratio(timing.wall[a], timing.wall[b]))}x / {fmt(paired_ratio(timing.cpu[a], timing.cpu[b]))}x"  # noqa: E731
+    def vs(timing: Timing, a: str, b: str) -> str:
+        return (
+            f"{fmt(paired_ratio(timing.wall[a], timing.wall[b]))}x / {fmt(paired_ratio(timing.cpu[a], timing.cpu[b]))}x"
+        )
+
     label = "mfu" if "train_mfu" in figures else "flop_share"
-    train_rows = [[v, fmt(figures["trainable_params"][v]), fmt(figures["train_ms"][v]), vs(train, v, "lora"),
-                   vs(train, v, "frozen"), fmt(figures["train_peak_mb"][v]),
-                   fmt(figures["train_peak_mb"][v] / figures["train_peak_mb"]["lora"]) + "x",
-                   f"{figures[f'train_{label}'][v]:.1%}"] for v in train.wall]  # fmt: skip
-    infer_rows = [[v, fmt(figures["infer_ms"][v]), vs(infer, v, "lora"), vs(infer, v, "tmole"), vs(infer, v, "frozen")]
-                  for v in infer.wall]  # fmt: skip
+    train_rows = [
+        [
+            v,
+            fmt(figures["trainable_params"][v]),
+            fmt(figures["train_ms"][v]),
+            vs(train, v, "lora"),
+            vs(train, v, "frozen"),
+            fmt(figures["train_peak_mb"][v]),
+            fmt(figures["train_peak_mb"][v] / figures["train_peak_mb"]["lora"]) + "x",
+            f"{figures[f'train_{label}'][v]:.1%}",
+        ]
+        for v in train.wall
+    ]
+    infer_rows = [
+        [v, fmt(figures["infer_ms"][v]), vs(infer, v, "lora"), vs(infer, v, "tmole"), vs(infer, v, "frozen")]
+        for v in infer.wall
+    ]
     tables = [
-        Table("Training step (decoder forward + backward); ratios wall / CPU time",
-              ["variant", "trainable params", "median wall ms", "vs LoRA", "vs frozen", "peak MB", "peak vs LoRA", label],
-              train_rows),
-        Table("Inference forward (eval, no grad); ratios wall / CPU time",
-              ["variant", "median wall ms", "vs LoRA", "vs expert sum", "vs frozen"], infer_rows),
-    ]  # fmt: skip
+        Table(
+            "Training step (decoder forward + backward); ratios wall / CPU time",
+            ["variant", "trainable params", "median wall ms", "vs LoRA", "vs frozen", "peak MB", "peak vs LoRA", label],
+            train_rows,
+        ),
+        Table(
+            "Inference forward (eval, no grad); ratios wall / CPU time",
+            ["variant", "median wall ms", "vs LoRA", "vs expert sum", "vs frozen"],
+            infer_rows,
+        ),
+    ]
     for variant, ops in figures["profile"].items():
         rows = [[o["op"], fmt(o["self_ms"]), f"{o['share']:.1%}", str(o["calls"])] for o in ops]
-        tables.append(Table(f"Top operators, three {variant} train steps (self CPU time)", ["op", "self ms", "share", "calls"], rows))
+        tables.append(
+            Table(
+                f"Top operators, three {variant} train steps (self CPU time)", ["op", "self ms", "share", "calls"], rows
+            )
+        )
     return tables

@@ -118,8 +118,10 @@ def top_ops(step: Callable[[], None], n: int = 8) -> list[dict[str, float | str 
         step()
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
-    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-             "calls": e.count} for e in ops]  # fmt: skip
+    return [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total, "calls": e.count}
+        for e in ops
+    ]
 
 
 def counted_flops(step: Callable[[], object]) -> int:
@@ -128,9 +130,10 @@ def counted_flops(step: Callable[[], object]) -> int:
     aten = torch.ops.aten
     cpu_attention = {
         aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
-    }  # fmt: skip
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad, q, k, v, *_, **__: (
+            sdpa_backward_flop_count(grad, q, k, v)
+        ),
+    }
     with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         step()
     return counter.get_total_flops()
@@ -157,7 +160,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
     """A table cell: 3 significant digits, thousands separated; ``-`` when not measured."""
     if value is None or value != value:
         return "-"
-    if abs(value) >= 10 ** digits:
+    if abs(value) >= 10**digits:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
 
@@ -190,10 +193,19 @@ class Target:
     better: Better
 
     def check(self, value: float | None) -> dict[str, Any]:
-        met = None if value is None or value != value else (
-            value <= self.bound if self.better is Better.LOWER else value >= self.bound)  # fmt: skip
-        return {"target": self.name, "key": self.key, "value": value, "bound": self.bound,
-                "better": self.better.value, "met": met}  # fmt: skip
+        met = (
+            None
+            if value is None or value != value
+            else (value <= self.bound if self.better is Better.LOWER else value >= self.bound)
+        )
+        return {
+            "target": self.name,
+            "key": self.key,
+            "value": value,
+            "bound": self.bound,
+            "better": self.better.value,
+            "met": met,
+        }
 
 
 @dataclass
@@ -213,14 +225,18 @@ class Report:
         values = self.ratios | {k: v for k, v in self.figures.items() if isinstance(v, float | int)}
         self.targets = [t.check(values.get(t.key)) for t in targets]
         verdict = {True: "met", False: "MISSED", None: "not measured"}
-        rows = [[t["target"], fmt(t["value"]), f"{'≤' if t['better'] == 'lower' else '≥'} {t['bound']}",
-                 verdict[t["met"]]] for t in self.targets]  # fmt: skip
+        rows = [
+            [t["target"], fmt(t["value"]), f"{'≤' if t['better'] == 'lower' else '≥'} {t['bound']}", verdict[t["met"]]]
+            for t in self.targets
+        ]
         if rows:
             self.tables.append(Table("Targets", ["target", "measured", "bound", "verdict"], rows))
 
     def render(self) -> str:
-        head = (f"{self.benchmark} benchmark | {self.machine['cpu']} | {self.machine['usable_cores']} cores | "
-                f"load {self.machine['load_average']} | torch {self.machine['torch']} | {self.machine['date']}")  # fmt: skip
+        head = (
+            f"{self.benchmark} benchmark | {self.machine['cpu']} | {self.machine['usable_cores']} cores | "
+            f"load {self.machine['load_average']} | torch {self.machine['torch']} | {self.machine['date']}"
+        )
         return "\n\n".join([head, *(t.render() for t in self.tables), *self.notes])
 
     def write(self, path: str | Path) -> Path:
@@ -237,7 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     for name, spec in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = spec.get_default(call_default_factory=True)
-        shown = "required" if spec.is_required() else f"default: {default.value if isinstance(default, Enum) else default}"
+        shown = (
+            "required" if spec.is_required() else f"default: {default.value if isinstance(default, Enum) else default}"
+        )
         doc = f"{spec.description or ''} ({shown})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": doc}
         args = typing.get_args(spec.annotation)

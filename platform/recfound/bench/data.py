@@ -113,8 +113,10 @@ def _ray_data_pass(cfg: TrainConfig) -> Pass:
     start = time.perf_counter()
 
     def drain(ds: ray.data.Dataset) -> list[tuple[float, int]]:
-        return [(time.perf_counter() - start, len(batch["task"]))
-                for batch in ds.iter_batches(batch_size=CHUNK, batch_format="numpy", prefetch_batches=2)]  # fmt: skip
+        return [
+            (time.perf_counter() - start, len(batch["task"]))
+            for batch in ds.iter_batches(batch_size=CHUNK, batch_format="numpy", prefetch_batches=2)
+        ]
 
     with ThreadPoolExecutor(len(datasets)) as pool:
         return Pass(dict(zip(datasets, pool.map(drain, datasets.values()))))
@@ -174,9 +176,16 @@ def _scaled_build(bench: DataBench, reviews: int) -> ScaledBuild:
 def run(bench: DataBench) -> Report:
     scaled = [_scaled_build(bench, n) for n in bench.scaling]  # before Ray starts: it would share the cores
     out = str(Path(bench.out_dir).resolve() / "dataset")
-    build_cfg = BuildConfig(out=out, synthetic=SyntheticConfig(users=bench.users, items=bench.items, queries=bench.queries))
-    overrides = [*bench.overrides, f"data={out}", f"storage_path={Path(bench.out_dir).resolve() / 'storage'}",
-                 f"max_steps={bench.train_steps}", "num_workers=1"]  # fmt: skip
+    build_cfg = BuildConfig(
+        out=out, synthetic=SyntheticConfig(users=bench.users, items=bench.items, queries=bench.queries)
+    )
+    overrides = [
+        *bench.overrides,
+        f"data={out}",
+        f"storage_path={Path(bench.out_dir).resolve() / 'storage'}",
+        f"max_steps={bench.train_steps}",
+        "num_workers=1",
+    ]
     started_ray = not ray.is_initialized()
     if started_ray:  # as the trainer's driver does: enough logical CPUs for a worker and the tokenising tasks
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -193,12 +202,17 @@ def run(bench: DataBench) -> Report:
             tokenised = _ray_data_pass(cfg)
             rows, _ = run_plain(cfg, plan(cfg), bench.train_steps)
             consumed = summarize(rows, bench.skip)
-            rounds.append({
-                "build_rows": sum(manifest["rows"].values()), "build_s": build_s,
-                "tokenised": {t: sum(n for _, n in b) for t, b in tokenised.batches.items()},
-                "ray_data_rows_per_s": tokenised.rows / tokenised.seconds, "ray_data_startup_s": tokenised.first_batch_s,
-                "train_samples_per_s": consumed["samples_per_s"], "train_step_s": consumed["step_s"],
-            })  # fmt: skip
+            rounds.append(
+                {
+                    "build_rows": sum(manifest["rows"].values()),
+                    "build_s": build_s,
+                    "tokenised": {t: sum(n for _, n in b) for t, b in tokenised.batches.items()},
+                    "ray_data_rows_per_s": tokenised.rows / tokenised.seconds,
+                    "ray_data_startup_s": tokenised.first_batch_s,
+                    "train_samples_per_s": consumed["samples_per_s"],
+                    "train_step_s": consumed["step_s"],
+                }
+            )
     finally:
         if started_ray:
             ray.shutdown()
@@ -206,10 +220,22 @@ def run(bench: DataBench) -> Report:
 
 
 def _scaling_table(scaled: list[ScaledBuild]) -> Table:
-    rows = [[f"{b.reviews:,}", f"{b.rows:,}", fmt(b.seconds), fmt(b.reviews / b.seconds), fmt(b.rows / b.seconds),
-             fmt(b.peak_rss / MIB)] for b in scaled]  # fmt: skip
-    return Table("Build scaling (in-memory builder: jobs/build_dataset.py on a synthetic dump per size)",
-                 ["reviews", "task rows", "build s", "reviews/s", "task rows/s", "peak RSS MiB"], rows)  # fmt: skip
+    rows = [
+        [
+            f"{b.reviews:,}",
+            f"{b.rows:,}",
+            fmt(b.seconds),
+            fmt(b.reviews / b.seconds),
+            fmt(b.rows / b.seconds),
+            fmt(b.peak_rss / MIB),
+        ]
+        for b in scaled
+    ]
+    return Table(
+        "Build scaling (in-memory builder: jobs/build_dataset.py on a synthetic dump per size)",
+        ["reviews", "task rows", "build s", "reviews/s", "task rows/s", "peak RSS MiB"],
+        rows,
+    )
 
 
 def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, scaled: list[ScaledBuild]) -> Report:
@@ -222,17 +248,31 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, sc
         "build_peak_rss_largest_vs_middle": scaled[-1].peak_rss / scaled[-2].peak_rss,
     }
     startup = median([r["ray_data_startup_s"] for r in rounds])
-    figures = {"build_rows_per_s": build_rate, "ray_data_rows_per_s": tokenise_rate,
-               "train_samples_per_s": consume_rate, "ray_data_startup_s": startup, "build_rows": rounds[0]["build_rows"],
-               "rounds": rounds, "scaling": [asdict(b) for b in scaled]}  # fmt: skip
+    figures = {
+        "build_rows_per_s": build_rate,
+        "ray_data_rows_per_s": tokenise_rate,
+        "train_samples_per_s": consume_rate,
+        "ray_data_startup_s": startup,
+        "build_rows": rounds[0]["build_rows"],
+        "rounds": rounds,
+        "scaling": [asdict(b) for b in scaled],
+    }
     tables = [
-        Table("Data rates vs training consumption", ["stage", "rows/s", "vs training"], [
-            ["dataset build (synthetic, end to end)", fmt(build_rate), fmt(ratios["build_vs_train"]) + "x"],
-            ["Ray Data read + tokenize + batch (start-up included)", fmt(tokenise_rate), fmt(ratios["ray_data_vs_train"]) + "x"],
-            ["training consumption (plain loop samples/s)", fmt(consume_rate), "1x"],
-        ]),
+        Table(
+            "Data rates vs training consumption",
+            ["stage", "rows/s", "vs training"],
+            [
+                ["dataset build (synthetic, end to end)", fmt(build_rate), fmt(ratios["build_vs_train"]) + "x"],
+                [
+                    "Ray Data read + tokenize + batch (start-up included)",
+                    fmt(tokenise_rate),
+                    fmt(ratios["ray_data_vs_train"]) + "x",
+                ],
+                ["training consumption (plain loop samples/s)", fmt(consume_rate), "1x"],
+            ],
+        ),
         _scaling_table(scaled),
-    ]  # fmt: skip
+    ]
     config = bench.model_dump(mode="json") | {"train_config": cfg.model_dump(mode="json")}
     report = Report("data", config, ratios, figures, tables)
     report.notes = [

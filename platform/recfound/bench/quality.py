@@ -36,8 +36,14 @@ EMBEDDING_TARGETS: list[tuple[str, str, list[str]]] = [
     ("q2i", "pool.mrr@20", ["bm25", "minilm"]),
     ("q2i", "full.ndcg@10", ["bm25", "minilm"]),
 ]
-CLASSIFICATION = {"sentiment_analysis", "product_relation_prediction", "product_matching",
-                  "sequential_recommendation", "answerability_prediction", "candidate_ranking"}  # fmt: skip
+CLASSIFICATION = {
+    "sentiment_analysis",
+    "product_relation_prediction",
+    "product_matching",
+    "sequential_recommendation",
+    "answerability_prediction",
+    "candidate_ranking",
+}
 """Generative tasks with a fixed answer set: they must also beat always answering the training split's mode."""
 MAJORITY, MERGED = "majority", "merged"
 
@@ -137,35 +143,59 @@ def run(bench: QualityBench) -> Report:
     began = time.perf_counter()
     final = _train(bench, out)
     trained = time.perf_counter()
-    common = {"data": bench.data, "split": bench.split, "max_rows_per_task": bench.max_rows_per_task,
-              "max_new_tokens": bench.max_new_tokens, "tasks": trained_tasks(final, bench.data, bench.split)}  # fmt: skip
+    common = {
+        "data": bench.data,
+        "split": bench.split,
+        "max_rows_per_task": bench.max_rows_per_task,
+        "max_new_tokens": bench.max_new_tokens,
+        "tasks": trained_tasks(final, bench.data, bench.split),
+    }
     results = evaluate(EvalConfig(model=final, out=str(out / "eval"), baselines="all", **common))
     systems = dict(results["systems"])
     models = ["recfound"]
     merged = _merge(final, out) if bench.merge else None
     if merged is not None:
-        systems[MERGED] = evaluate(EvalConfig(model=merged, out=str(out / "eval-merged"), baselines="none",
-                                              **common))["systems"]["recfound"]  # fmt: skip
+        systems[MERGED] = evaluate(EvalConfig(model=merged, out=str(out / "eval-merged"), baselines="none", **common))[
+            "systems"
+        ]["recfound"]
         models.append(MERGED)
-    systems[MAJORITY] = majority_scores(bench.data, bench.split, list(systems["recfound"]), bench.max_rows_per_task,
-                                        EvalConfig.model_fields["seed"].default)  # fmt: skip
+    systems[MAJORITY] = majority_scores(
+        bench.data,
+        bench.split,
+        list(systems["recfound"]),
+        bench.max_rows_per_task,
+        EvalConfig.model_fields["seed"].default,
+    )
     rows = verdicts(systems, models)
     finished = time.perf_counter()
 
     wins = {m: sum(bool(r[f"{m}_wins"]) for r in rows) for m in models}
     headers = ["task", "metric", "baseline", "baseline value"] + [h for m in models for h in (m, "verdict")]
-    table = [[r["task"], r["metric"], r["baseline"], fmt(r["baseline_value"])]
-             + [c for m in models for c in (fmt(r[m]), {True: "win", False: "LOSE", None: "-"}[r[f"{m}_wins"]])]
-             for r in rows]  # fmt: skip
+    table = [
+        [r["task"], r["metric"], r["baseline"], fmt(r["baseline_value"])]
+        + [c for m in models for c in (fmt(r[m]), {True: "win", False: "LOSE", None: "-"}[r[f"{m}_wins"]])]
+        for r in rows
+    ]
     report = Report(
         "quality",
         bench.model_dump(mode="json") | {"checkpoint": final, "merged": merged},
         ratios={f"{m}_win_share": wins[m] / max(1, len(rows)) for m in models},
-        figures={"verdicts": rows, "wins": wins, "comparisons": len(rows), "train_seconds": trained - began,
-                 "eval_seconds": finished - trained, "total_seconds": finished - began,
-                 "systems": systems},  # fmt: skip
-        tables=[Table(f"Verdicts on {bench.split} ({Path(bench.data).name}): model vs baseline, higher is better",
-                      headers, table)],  # fmt: skip
+        figures={
+            "verdicts": rows,
+            "wins": wins,
+            "comparisons": len(rows),
+            "train_seconds": trained - began,
+            "eval_seconds": finished - trained,
+            "total_seconds": finished - began,
+            "systems": systems,
+        },
+        tables=[
+            Table(
+                f"Verdicts on {bench.split} ({Path(bench.data).name}): model vs baseline, higher is better",
+                headers,
+                table,
+            )
+        ],
     )
     report.notes.append(
         " | ".join(f"{m}: {wins[m]} of {len(rows)} won" for m in models)

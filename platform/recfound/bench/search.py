@@ -87,30 +87,51 @@ def measure(bench: SearchBench, n: int) -> dict[str, Any]:
         recall[nprobe] = _recall(cases[f"ivf{nprobe}"](), truth)
     timing = interleaved(cases, bench.rounds)
     ms = {name: median(times) * 1e3 / bench.queries for name, times in timing.wall.items()}
-    return {"items": n, "nlist": ivf.nlist, "ivf_build_s": build_s, "ms_per_query": ms,
-            "recall": {str(p): r for p, r in recall.items()}}  # fmt: skip
+    return {
+        "items": n,
+        "nlist": ivf.nlist,
+        "ivf_build_s": build_s,
+        "ms_per_query": ms,
+        "recall": {str(p): r for p, r in recall.items()},
+    }
 
 
 def run(bench: SearchBench) -> Report:
     sizes = [measure(bench, n) for n in bench.sizes]
-    headers = ["items", "nlist", "exact ms/q", *(f"ivf nprobe={p} ms/q" for p in bench.nprobe),
-               *(f"recall@{bench.k} nprobe={p}" for p in bench.nprobe),
-               *(f"exact/ivf{p}" for p in bench.nprobe), "ivf build s"]  # fmt: skip
+    headers = [
+        "items",
+        "nlist",
+        "exact ms/q",
+        *(f"ivf nprobe={p} ms/q" for p in bench.nprobe),
+        *(f"recall@{bench.k} nprobe={p}" for p in bench.nprobe),
+        *(f"exact/ivf{p}" for p in bench.nprobe),
+        "ivf build s",
+    ]
     rows, ratios = [], {}
     for s in sizes:
         ms = s["ms_per_query"]
         speedups = [ms["exact"] / ms[f"ivf{p}"] for p in bench.nprobe]
         ratios |= {f"exact_vs_ivf{p}_{s['items']}": r for p, r in zip(bench.nprobe, speedups, strict=True)}
-        rows.append([f"{s['items']:,}", str(s["nlist"]), fmt(ms["exact"]), *(fmt(ms[f"ivf{p}"]) for p in bench.nprobe),
-                     *(f"{s['recall'][str(p)]:.3f}" for p in bench.nprobe), *(fmt(r) + "x" for r in speedups),
-                     fmt(s["ivf_build_s"])])  # fmt: skip
+        rows.append(
+            [
+                f"{s['items']:,}",
+                str(s["nlist"]),
+                fmt(ms["exact"]),
+                *(fmt(ms[f"ivf{p}"]) for p in bench.nprobe),
+                *(f"{s['recall'][str(p)]:.3f}" for p in bench.nprobe),
+                *(fmt(r) + "x" for r in speedups),
+                fmt(s["ivf_build_s"]),
+            ]
+        )
     title = f"Item search, {bench.dim} dims, one query at a time, {bench.exclude} excluded per query"
     report = Report("search", bench.model_dump(mode="json"), ratios, {"sizes": sizes}, [Table(title, headers, rows)])
-    report.notes = [(
-        f"Median over {bench.rounds} rounds of {bench.queries} queries each (wall clock). Recall@{bench.k}: the "
-        f"share of exact search's top {bench.k} that ivf returns. Mixture: {bench.clusters} centres, spread "
-        f"{bench.spread}. ivf build = faiss k-means training + adding every item, once per task when a replica "
-        f"loads a version; SearchConfig.kind=auto switches to ivf from ivf_min_items = "
-        f"{SearchConfig().ivf_min_items:,} items."
-    )]
+    report.notes = [
+        (
+            f"Median over {bench.rounds} rounds of {bench.queries} queries each (wall clock). Recall@{bench.k}: the "
+            f"share of exact search's top {bench.k} that ivf returns. Mixture: {bench.clusters} centres, spread "
+            f"{bench.spread}. ivf build = faiss k-means training + adding every item, once per task when a replica "
+            f"loads a version; SearchConfig.kind=auto switches to ivf from ivf_min_items = "
+            f"{SearchConfig().ivf_min_items:,} items."
+        )
+    ]
     return report

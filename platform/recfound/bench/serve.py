@@ -34,29 +34,42 @@ from ray import serve
 
 from recfound.artifacts import ADAPTER_DIR, hash_tree
 from recfound.bench.common import (
-    CONFIG_DIR, Better, Report, Table, Target, fmt, interleaved, median, percentile, torch_threads,
-)  # fmt: skip
+    CONFIG_DIR,
+    Better,
+    Report,
+    Table,
+    Target,
+    fmt,
+    interleaved,
+    median,
+    percentile,
+    torch_threads,
+)
 from recfound.config import Config, load_config
 from recfound.data.builder import BuildConfig, build
 from recfound.data.synthetic import SyntheticConfig
 from recfound.io import read_json
 from recfound.model.formats import Side
 from recfound.model.grm import GRM
-from recfound.serving.model import MODEL_DEPLOYMENT
 from recfound.serving.engine import ENGINE_KEY, Engine, load_engine
 from recfound.serving.index import build_item_index, text_meta
+from recfound.serving.model import MODEL_DEPLOYMENT
 from recfound.serving.registry import publish, read_version, resolve
-from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS, ITEMS, MANIFEST, task_path
+from recfound.tasks import DATASET_MANIFEST, EMBEDDING_TASKS, GENERATIVE_TASKS, ITEMS, task_path
 from recfound.train.config import TrainConfig
 
 REPO = CONFIG_DIR.parent
 SERVE_CONFIG = REPO / "serve" / "serve_config.yaml"
 GRM_ENGINE = "recfound.serving.engine:GRMEngine"
 TARGETS = [
-    Target("Serve embeddings throughput / direct batched, concurrency 64", "embeddings_serve_vs_direct_c64", 0.9,
-           Better.HIGHER),
+    Target(
+        "Serve embeddings throughput / direct batched, concurrency 64",
+        "embeddings_serve_vs_direct_c64",
+        0.9,
+        Better.HIGHER,
+    ),
     Target("Serve embeddings added p50 latency (ms), concurrency 1", "embeddings_added_p50_ms_c1", 3.0, Better.LOWER),
-]  # fmt: skip
+]
 
 
 class Endpoint(str, Enum):
@@ -110,7 +123,9 @@ def _artifact(cfg: TrainConfig, out: Path) -> Path:
 
 def _texts(data: Path, task: str, column: str, fits: Callable[[list[str]], list[bool]], n: int) -> list[str]:
     """``n`` texts of a task's train split (cycled) that fit the model's context."""
-    texts = [str(t) for t in pq.read_table(data / task_path(task, "train"), columns=[column]).column(column).to_pylist()]
+    texts = [
+        str(t) for t in pq.read_table(data / task_path(task, "train"), columns=[column]).column(column).to_pylist()
+    ]
     kept = [t for t, ok in zip(texts, fits(texts)) if ok and t.strip()]
     if not kept:
         raise ValueError(f"no {task} {column} fits the model's context")
@@ -145,8 +160,13 @@ def _start(config: dict[str, Any], path: Path) -> str:
     """``serve run --non-blocking`` of ``config`` on this driver's Ray; returns the base URL once healthy."""
     path.write_text(yaml.safe_dump(config))
     address = ray.get_runtime_context().gcs_address
-    subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "--non-blocking", "--address", address, str(path)],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "run", "--non-blocking", "--address", address, str(path)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -184,7 +204,9 @@ async def _http(url: str, bodies: Sequence[dict[str, Any]], concurrency: int) ->
         return latencies, time.perf_counter() - start
 
 
-def _direct(call: Callable[[list[str]], object], requests: Sequence[list[str]], batch: int) -> tuple[list[float], float]:
+def _direct(
+    call: Callable[[list[str]], object], requests: Sequence[list[str]], batch: int
+) -> tuple[list[float], float]:
     """Per-call latency and total wall time of ``requests`` served ``batch`` requests per engine call, as Serve's
     batcher joins them at best; one untimed call first."""
     calls = [[x for request in requests[i : i + batch] for x in request] for i in range(0, len(requests), batch)]
@@ -198,19 +220,35 @@ def _direct(call: Callable[[list[str]], object], requests: Sequence[list[str]], 
     return latencies, time.perf_counter() - start
 
 
-def _measure(bench: ServeBench, url: str, engine: Engine, instruction: str, texts: list[str], prompts: list[str],
-             max_batch: int, threads: int) -> list[dict[str, Any]]:  # fmt: skip
+def _measure(
+    bench: ServeBench,
+    url: str,
+    engine: Engine,
+    instruction: str,
+    texts: list[str],
+    prompts: list[str],
+    max_batch: int,
+    threads: int,
+) -> list[dict[str, Any]]:
     """One row per (round, endpoint, level, side): latencies and wall time, Serve and direct alternating first."""
     k = bench.embed_inputs_per_request
     calls = {
-        Endpoint.EMBEDDINGS: ([texts[i : i + k] for i in range(0, len(texts), k)],
-                              lambda g: {"model": f"recfound-{bench.embed_task}", "input": g if k > 1 else g[0]},
-                              lambda batch: engine.embed(bench.embed_task, batch, instruction, Side.QUERY)),
-        Endpoint.COMPLETIONS: ([[p] for p in prompts],
-                               lambda g: {"model": f"recfound-{bench.generate_task}", "prompt": g[0],
-                                          "max_tokens": bench.max_tokens, "temperature": 0},
-                               lambda batch: engine.generate(bench.generate_task, batch, bench.max_tokens, 0.0)),
-    }  # fmt: skip
+        Endpoint.EMBEDDINGS: (
+            [texts[i : i + k] for i in range(0, len(texts), k)],
+            lambda g: {"model": f"recfound-{bench.embed_task}", "input": g if k > 1 else g[0]},
+            lambda batch: engine.embed(bench.embed_task, batch, instruction, Side.QUERY),
+        ),
+        Endpoint.COMPLETIONS: (
+            [[p] for p in prompts],
+            lambda g: {
+                "model": f"recfound-{bench.generate_task}",
+                "prompt": g[0],
+                "max_tokens": bench.max_tokens,
+                "temperature": 0,
+            },
+            lambda batch: engine.generate(bench.generate_task, batch, bench.max_tokens, 0.0),
+        ),
+    }
     rows = []
     for r in range(bench.rounds):
         for level in bench.concurrency:
@@ -222,13 +260,23 @@ def _measure(bench: ServeBench, url: str, engine: Engine, instruction: str, text
                     else:
                         with torch_threads(threads):
                             latencies, wall = _direct(call, requests, min(level, max_batch))
-                    rows.append({"round": r, "endpoint": endpoint.value, "concurrency": level, "side": side,
-                                 "inputs": sum(map(len, requests)), "wall_s": wall, "latencies_s": latencies})  # fmt: skip
+                    rows.append(
+                        {
+                            "round": r,
+                            "endpoint": endpoint.value,
+                            "concurrency": level,
+                            "side": side,
+                            "inputs": sum(map(len, requests)),
+                            "wall_s": wall,
+                            "latencies_s": latencies,
+                        }
+                    )
     return rows
 
 
-def _breakdown(url: str, app: str, engine: Engine, bench: ServeBench, text: str, instruction: str,
-               threads: int) -> dict[str, float]:  # fmt: skip
+def _breakdown(
+    url: str, app: str, engine: Engine, bench: ServeBench, text: str, instruction: str, threads: int
+) -> dict[str, float]:
     """p50 ms of one lone embedding request entering at each layer, interleaved: where the added latency goes."""
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app)
     body = {"model": f"recfound-{bench.embed_task}", "input": text}
@@ -240,11 +288,12 @@ def _breakdown(url: str, app: str, engine: Engine, bench: ServeBench, text: str,
     with httpx.Client(timeout=60) as client:
         layers = {
             "engine call, in process": engine_call,
-            "Model handle call (actor hop, token count, batcher, engine)":
-                lambda: handle.embed.remote(bench.embed_task, [text]).result(),
+            "Model handle call (actor hop, token count, batcher, engine)": lambda: handle.embed.remote(
+                bench.embed_task, [text]
+            ).result(),
             "HTTP /healthz (proxy, gateway, Model.info hop; no engine)": lambda: client.get(f"{url}/healthz"),
             "HTTP /v1/embeddings (all of the above)": lambda: client.post(f"{url}/v1/embeddings", json=body),
-        }  # fmt: skip
+        }
         timing = interleaved(layers, rounds=bench.breakdown_rounds, warmup=3)
     return {layer: median(times) * 1e3 for layer, times in timing.wall.items()}
 
@@ -258,17 +307,27 @@ def run(bench: ServeBench) -> Report:
     data = root / "data"
     build(BuildConfig(out=str(data), synthetic=SyntheticConfig(users=bench.users, items=bench.items)))
     registry = str(root / "registry")
-    meta = {ENGINE_KEY: GRM_ENGINE, **text_meta(read_json(str(data / MANIFEST)))}
+    meta = {ENGINE_KEY: GRM_ENGINE, **text_meta(read_json(str(data / DATASET_MANIFEST)))}
     publish(str(_artifact(cfg, root / "model")), registry, partial(build_item_index, items_url=str(data / ITEMS)), meta)
     version_dir = resolve(registry)
     engine = load_engine(version_dir)
     instruction = read_version(version_dir)["instructions"][bench.embed_task]["query"]
     budget = engine.context_length
     n_instruction = engine.count_tokens([instruction])[0]
-    texts = _texts(data, bench.embed_task, "query", lambda ts: [n_instruction + n <= budget for n in engine.count_tokens(ts)],
-                   bench.requests * bench.embed_inputs_per_request)  # fmt: skip
-    prompts = _texts(data, bench.generate_task, "prompt",
-                     lambda ps: [n + bench.max_tokens <= budget for n in engine.count_tokens(ps)], bench.completion_requests)  # fmt: skip
+    texts = _texts(
+        data,
+        bench.embed_task,
+        "query",
+        lambda ts: [n_instruction + n <= budget for n in engine.count_tokens(ts)],
+        bench.requests * bench.embed_inputs_per_request,
+    )
+    prompts = _texts(
+        data,
+        bench.generate_task,
+        "prompt",
+        lambda ps: [n + bench.max_tokens <= budget for n in engine.count_tokens(ps)],
+        bench.completion_requests,
+    )
 
     config = _serve_config(registry, _free_port(), bench.batch_wait_s)
     model = _model_deployment(config)
@@ -288,41 +347,80 @@ def run(bench: ServeBench) -> Report:
     return _report(bench, rows, breakdown, config, max_batch, threads)
 
 
-def _report(bench: ServeBench, rows: list[dict[str, Any]], breakdown: dict[str, float], config: dict[str, Any],
-            max_batch: int, threads: int) -> Report:  # fmt: skip
+def _report(
+    bench: ServeBench,
+    rows: list[dict[str, Any]],
+    breakdown: dict[str, float],
+    config: dict[str, Any],
+    max_batch: int,
+    threads: int,
+) -> Report:
     ratios: dict[str, float] = {}
-    figures: dict[str, Any] = {"max_batch_size": max_batch, "direct_torch_threads": threads,
-                               "batch_wait_timeout_s": _model_deployment(config)["user_config"]["batch_wait_timeout_s"],
-                               "latency_breakdown_p50_ms": breakdown, "runs": rows}  # fmt: skip
+    figures: dict[str, Any] = {
+        "max_batch_size": max_batch,
+        "direct_torch_threads": threads,
+        "batch_wait_timeout_s": _model_deployment(config)["user_config"]["batch_wait_timeout_s"],
+        "latency_breakdown_p50_ms": breakdown,
+        "runs": rows,
+    }
     table_rows = []
     for endpoint in Endpoint:
         for level in bench.concurrency:
-            pick = lambda side: [r for r in rows if r["endpoint"] == endpoint.value and r["concurrency"] == level  # noqa: E731
-                                 and r["side"] == side]  # fmt: skip
-            serve_runs, direct_runs = pick("serve"), pick("direct")
-            rate = lambda runs: median([r["inputs"] / r["wall_s"] for r in runs])  # noqa: E731
-            latency = lambda runs, q: percentile([x for r in runs for x in r["latencies_s"]], q) * 1e3  # noqa: E731
+            serve_runs, direct_runs = (_runs(rows, endpoint, level, side) for side in ("serve", "direct"))
             key = f"{endpoint.value}_serve_vs_direct_c{level}"
-            ratios[key] = median([(s["inputs"] / s["wall_s"]) / (d["inputs"] / d["wall_s"])
-                                  for s, d in zip(serve_runs, direct_runs, strict=True)])  # fmt: skip
-            added = latency(serve_runs, 50) - latency(direct_runs, 50)
+            ratios[key] = median(
+                [
+                    (s["inputs"] / s["wall_s"]) / (d["inputs"] / d["wall_s"])
+                    for s, d in zip(serve_runs, direct_runs, strict=True)
+                ]
+            )
+            added = _latency(serve_runs, 50) - _latency(direct_runs, 50)
             figures[f"{endpoint.value}_added_p50_ms_c{level}"] = added
             figures[f"{endpoint.value}_c{level}"] = {
-                "serve_per_s": rate(serve_runs), "direct_per_s": rate(direct_runs),
-                "serve_p50_ms": latency(serve_runs, 50), "serve_p99_ms": latency(serve_runs, 99),
-                "direct_p50_ms": latency(direct_runs, 50), "direct_p99_ms": latency(direct_runs, 99),
-            }  # fmt: skip
+                "serve_per_s": _rate(serve_runs),
+                "direct_per_s": _rate(direct_runs),
+                "serve_p50_ms": _latency(serve_runs, 50),
+                "serve_p99_ms": _latency(serve_runs, 99),
+                "direct_p50_ms": _latency(direct_runs, 50),
+                "direct_p99_ms": _latency(direct_runs, 99),
+            }
             f = figures[f"{endpoint.value}_c{level}"]
             per_request = bench.embed_inputs_per_request if endpoint is Endpoint.EMBEDDINGS else 1
-            table_rows.append([endpoint.value, str(level), str(min(level, max_batch) * per_request), fmt(f["serve_per_s"]),
-                               fmt(f["direct_per_s"]), fmt(ratios[key]) + "x", fmt(f["serve_p50_ms"]),
-                               fmt(f["serve_p99_ms"]), fmt(f["direct_p50_ms"]), fmt(f["direct_p99_ms"]), fmt(added)])  # fmt: skip
-    headers = ["endpoint", "concurrency", "direct batch", "serve inputs/s", "direct inputs/s", "serve/direct",
-               "serve p50 ms", "serve p99 ms", "direct p50 ms", "direct p99 ms", "added p50 ms"]  # fmt: skip
+            table_rows.append(
+                [
+                    endpoint.value,
+                    str(level),
+                    str(min(level, max_batch) * per_request),
+                    fmt(f["serve_per_s"]),
+                    fmt(f["direct_per_s"]),
+                    fmt(ratios[key]) + "x",
+                    fmt(f["serve_p50_ms"]),
+                    fmt(f["serve_p99_ms"]),
+                    fmt(f["direct_p50_ms"]),
+                    fmt(f["direct_p99_ms"]),
+                    fmt(added),
+                ]
+            )
+    headers = [
+        "endpoint",
+        "concurrency",
+        "direct batch",
+        "serve inputs/s",
+        "direct inputs/s",
+        "serve/direct",
+        "serve p50 ms",
+        "serve p99 ms",
+        "direct p50 ms",
+        "direct p99 ms",
+        "added p50 ms",
+    ]
     tables = [
         Table("Ray Serve (HTTP, loopback) vs direct GRMEngine calls", headers, table_rows),
-        Table(f"Where a lone embedding request's time goes (p50 of {bench.breakdown_rounds} interleaved rounds)",
-              ["entry point", "p50 ms"], [[layer, fmt(ms)] for layer, ms in breakdown.items()]),
+        Table(
+            f"Where a lone embedding request's time goes (p50 of {bench.breakdown_rounds} interleaved rounds)",
+            ["entry point", "p50 ms"],
+            [[layer, fmt(ms)] for layer, ms in breakdown.items()],
+        ),
     ]
     report = Report("serve", bench.model_dump(mode="json") | {"serve_config": config}, ratios, figures, tables)
     report.notes = [
@@ -334,3 +432,15 @@ def _report(bench: ServeBench, rows: list[dict[str, Any]], breakdown: dict[str, 
     ]
     report.check(TARGETS)
     return report
+
+
+def _runs(rows: list[dict], endpoint: Endpoint, level: int, side: str) -> list[dict]:
+    return [r for r in rows if (r["endpoint"], r["concurrency"], r["side"]) == (endpoint.value, level, side)]
+
+
+def _rate(runs: list[dict]) -> float:
+    return median([r["inputs"] / r["wall_s"] for r in runs])
+
+
+def _latency(runs: list[dict], q: float) -> float:
+    return percentile([x for r in runs for x in r["latencies_s"]], q) * 1e3

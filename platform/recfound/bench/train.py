@@ -2,10 +2,11 @@
 
 The plain loop calls the trainer's own step (``train.step.train_step``) with Ray taken out: one process, the same
 seeds, GRM, JointObjective and engine (without the DDP wrapper), the same rows in the same order (pre-tokenised in
-memory by the trainer's ``tokenize``, so its data costs nothing), and S2Sched as an object instead of an actor. It runs before
-and after the TorchTrainer run (A-B-A), and the trainer is compared with the mean of the two, which cancels load
-that drifts linearly over the pair. Trainer figures come from the run's metrics.jsonl (the step body) and from its
-TensorBoard event times (the whole iteration, ``ray.train.report`` included), after the first ``skip`` steps.
+memory by the trainer's ``tokenize``, so its data costs nothing), and S2Sched as an object instead of an actor. It
+runs before and after the TorchTrainer run (A-B-A), and the trainer is compared with the mean of the two, which
+cancels load that drifts linearly over the pair. Trainer figures come from the run's metrics.jsonl (the step body)
+and from its TensorBoard event times (the whole iteration, ``ray.train.report`` included), after the first ``skip``
+steps.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ from pydantic import Field
 
 from recfound.artifacts import TENSORBOARD_DIR, read_metrics
 from recfound.bench.common import (
-    CONFIG_DIR, Better, Report, Table, Target, fmt, median, percentile, top_ops, torch_threads,
-)  # fmt: skip
+    CONFIG_DIR,
+    Better,
+    Report,
+    Table,
+    Target,
+    fmt,
+    median,
+    percentile,
+    top_ops,
+    torch_threads,
+)
 from recfound.config import Config, load_config
 from recfound.model.grm import GRM
 from recfound.tasks import Mode, mode_of, task_path
@@ -93,8 +103,9 @@ def preload(data: str, task: str, rows: int, backbone: dict[str, Any]) -> Preloa
     chunks = []
     for start in range(0, table.num_rows, CHUNK):
         part = table.slice(start, CHUNK)
-        chunks.append(tokenize({c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names},
-                               backbone, task))  # fmt: skip
+        chunks.append(
+            tokenize({c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}, backbone, task)
+        )
     return Preloaded(chunks)
 
 
@@ -115,10 +126,18 @@ class PlainLoop:
         sizes = {Mode.EMBEDDING: cfg.batch.embedding, Mode.GENERATIVE: cfg.batch.generative}
         self.samplers = {mode: Sampler([t for t in tasks if mode_of(t) is mode], size) for mode, size in sizes.items()}
         backbone = cfg.model.backbone.model_dump()
-        self.streams = {t: TaskStream(preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone),
-                                      seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window) for t in tasks}  # fmt: skip
+        self.streams = {
+            t: TaskStream(
+                preload(data, t, steps * cfg.optim.grad_accum * sizes[mode_of(t)], backbone),
+                seed=cfg.seed,
+                shuffle_window=cfg.batch.shuffle_window,
+            )
+            for t in tasks
+        }
         self.cost = StepCost.of(self.grm.tuner.model)
-        self.telemetry = Telemetry(None, peak_flops(self.device), every=10**9, total=steps, device=self.device)  # no lines
+        self.telemetry = Telemetry(
+            None, peak_flops(self.device), every=10**9, total=steps, device=self.device
+        )  # no lines
         self.step_count = 0
 
     def step(self) -> dict[str, Any]:
@@ -128,13 +147,31 @@ class PlainLoop:
         step = self.step_count
         began = time.perf_counter()
         counts = {mode: s.counts(self.weights) for mode, s in self.samplers.items()}
-        done = train_step(self.engine, self.streams, counts, grad_accum=self.cfg.optim.grad_accum, cost=self.cost,
-                          seed=self.cfg.seed, rank=0, step=step, device=self.device)  # fmt: skip
+        done = train_step(
+            self.engine,
+            self.streams,
+            counts,
+            grad_accum=self.cfg.optim.grad_accum,
+            cost=self.cost,
+            seed=self.cfg.seed,
+            rank=0,
+            step=step,
+            device=self.device,
+        )
         if step % self.cfg.scheduler.update_interval == 0:
             self.weights = self.scheduler.update(step, done.losses)
         seconds = time.perf_counter() - began
-        record = StepRecord(step, self.engine.lr(), seconds, done.tokens, done.samples, done.flops, done.losses,
-                            dict(self.weights), {"data_wait": done.data_wait / seconds})  # fmt: skip
+        record = StepRecord(
+            step,
+            self.engine.lr(),
+            seconds,
+            done.tokens,
+            done.samples,
+            done.flops,
+            done.losses,
+            dict(self.weights),
+            {"data_wait": done.data_wait / seconds},
+        )
         self.telemetry.log(record, 1)
         return self.telemetry.history[-1]
 
@@ -204,8 +241,13 @@ def summarize(rows: list[dict[str, Any]], skip: int, walls: Mapping[int, float] 
 
 
 def _config(bench: TrainBench, name: str) -> TrainConfig:
-    fixed = [f"max_steps={bench.steps}", f"num_workers={bench.workers}", f"checkpoint_every={bench.steps}",
-             f"storage_path={bench.storage}", f"name={name}"]  # fmt: skip
+    fixed = [
+        f"max_steps={bench.steps}",
+        f"num_workers={bench.workers}",
+        f"checkpoint_every={bench.steps}",
+        f"storage_path={bench.storage}",
+        f"name={name}",
+    ]
     return load_config(TrainConfig, bench.config, [*bench.overrides, *fixed])
 
 
@@ -227,10 +269,21 @@ def run(bench: TrainBench) -> Report:
             checkpoint = Path(train_run(cfg))
             history = read_metrics(checkpoint)
             after, ops = run_plain(cfg, p, bench.steps, profile=bench.profile and i == bench.pairs - 1)
-            triples.append({"name": p.name, "data": p.data, "tasks": p.tasks,
-                            "trainer": summarize(history, bench.skip, wall_intervals(Path(p.storage_path, p.name, TENSORBOARD_DIR))),
-                            "plain_before": summarize(before, bench.skip), "plain_after": summarize(after, bench.skip),
-                            "trainer_rows": history, "plain_before_rows": before, "plain_after_rows": after})  # fmt: skip
+            triples.append(
+                {
+                    "name": p.name,
+                    "data": p.data,
+                    "tasks": p.tasks,
+                    "trainer": summarize(
+                        history, bench.skip, wall_intervals(Path(p.storage_path, p.name, TENSORBOARD_DIR))
+                    ),
+                    "plain_before": summarize(before, bench.skip),
+                    "plain_after": summarize(after, bench.skip),
+                    "trainer_rows": history,
+                    "plain_before_rows": before,
+                    "plain_after_rows": after,
+                }
+            )
     finally:
         if started_ray:
             ray.shutdown()
@@ -239,8 +292,11 @@ def run(bench: TrainBench) -> Report:
 
 def _report(bench: TrainBench, triples: list[dict[str, Any]], ops: list[dict[str, Any]], cfg: TrainConfig) -> Report:
     for t in triples:  # the reference: the mean of the plain loops run just before and just after the trainer
-        t["plain"] = {k: (t["plain_before"][k] + t["plain_after"][k]) / 2
-                      for k, v in t["plain_before"].items() if isinstance(v, float)}  # fmt: skip
+        t["plain"] = {
+            k: (t["plain_before"][k] + t["plain_after"][k]) / 2
+            for k, v in t["plain_before"].items()
+            if isinstance(v, float)
+        }
     per_triple = lambda f: median([f(t["trainer"], t["plain"]) for t in triples])  # noqa: E731
     trainer = lambda key: median([t["trainer"][key] for t in triples])  # noqa: E731
     label = triples[0]["trainer"]["peak_label"]
@@ -252,36 +308,82 @@ def _report(bench: TrainBench, triples: list[dict[str, Any]], ops: list[dict[str
         "plain_after_vs_before": median([t["plain_after"]["step_s"] / t["plain_before"]["step_s"] for t in triples]),
     }
     figures: dict[str, Any] = {
-        "s2sched_share": trainer("s2sched_share"), "data_wait_share": trainer("data_wait_share"),
-        "flop_share": trainer(label), "peak_label": label, "tasks": triples[0]["tasks"], "data": triples[0]["data"],
-        "runs": triples, "profile": ops,
-    }  # fmt: skip
+        "s2sched_share": trainer("s2sched_share"),
+        "data_wait_share": trainer("data_wait_share"),
+        "flop_share": trainer(label),
+        "peak_label": label,
+        "tasks": triples[0]["tasks"],
+        "data": triples[0]["data"],
+        "runs": triples,
+        "profile": ops,
+    }
+
     def row(name: str, side: str) -> list[str]:
         get = lambda key: median([t[side][key] for t in triples])  # noqa: E731
         # Nothing runs between plain-loop steps: their iteration is the step (mean, like the trainer's).
         wall = get("wall_s") if side == "trainer" else get("s_per_step")
-        return [name, fmt(get("step_s") * 1e3), fmt(get("step_s_p25") * 1e3), fmt(wall * 1e3), fmt(get("tokens_per_s")),
-                fmt(get("samples_per_s")), f"{get(label):.1%}", f"{get('data_wait_share'):.2%}",
-                f"{get('s2sched_share'):.2%}" if side == "trainer" else "-"]  # fmt: skip
+        return [
+            name,
+            fmt(get("step_s") * 1e3),
+            fmt(get("step_s_p25") * 1e3),
+            fmt(wall * 1e3),
+            fmt(get("tokens_per_s")),
+            fmt(get("samples_per_s")),
+            f"{get(label):.1%}",
+            f"{get('data_wait_share'):.2%}",
+            f"{get('s2sched_share'):.2%}" if side == "trainer" else "-",
+        ]
 
     rows = [
-        row("TorchTrainer", "trainer"), row("plain loop (before)", "plain_before"), row("plain loop (after)", "plain_after"),
-        ["TorchTrainer / mean plain", *(fmt(ratios[k]) + "x" for k in ("trainer_vs_plain_step", "trainer_vs_plain_step_p25",
-         "trainer_vs_plain_wall")), fmt(1 / ratios["trainer_vs_plain_time_per_token"]) + "x", "", "", "", ""],
-    ]  # fmt: skip
-    tables = [Table(f"Training step, {bench.workers} worker(s), steps {bench.skip + 1}..{bench.steps}",
-                    ["loop", "step ms (metrics)", "p25 step ms", "iteration ms (wall)", "tokens/s", "samples/s", label,
-                     "data wait", "S2Sched"], rows)]  # fmt: skip
+        row("TorchTrainer", "trainer"),
+        row("plain loop (before)", "plain_before"),
+        row("plain loop (after)", "plain_after"),
+        [
+            "TorchTrainer / mean plain",
+            *(
+                fmt(ratios[k]) + "x"
+                for k in ("trainer_vs_plain_step", "trainer_vs_plain_step_p25", "trainer_vs_plain_wall")
+            ),
+            fmt(1 / ratios["trainer_vs_plain_time_per_token"]) + "x",
+            "",
+            "",
+            "",
+            "",
+        ],
+    ]
+    tables = [
+        Table(
+            f"Training step, {bench.workers} worker(s), steps {bench.skip + 1}..{bench.steps}",
+            [
+                "loop",
+                "step ms (metrics)",
+                "p25 step ms",
+                "iteration ms (wall)",
+                "tokens/s",
+                "samples/s",
+                label,
+                "data wait",
+                "S2Sched",
+            ],
+            rows,
+        )
+    ]
     if ops:
-        tables.append(Table("Top operators, three plain-loop steps (self CPU time)", ["op", "self ms", "share", "calls"],
-                            [[o["op"], fmt(o["self_ms"]), f"{o['share']:.1%}", str(o["calls"])] for o in ops]))  # fmt: skip
+        tables.append(
+            Table(
+                "Top operators, three plain-loop steps (self CPU time)",
+                ["op", "self ms", "share", "calls"],
+                [[o["op"], fmt(o["self_ms"]), f"{o['share']:.1%}", str(o["calls"])] for o in ops],
+            )
+        )
     config = bench.model_dump(mode="json") | {"train_config": cfg.model_dump(mode="json", exclude={"name"})}
     report = Report("train", config, ratios, figures, tables)
     report.notes = [
         "step ms: median of the step body as metrics.jsonl times it (data, forward, backward, optimizer, S2Sched "
         "update); p25: its lower quartile, the figure other tenants inflate least (they only ever add time). "
         "iteration ms: mean time between consecutive steps' TensorBoard events, i.e. the step plus "
-        "ray.train.report and everything else between steps. Shares are of total step-body time after the skipped steps; "
+        "ray.train.report and everything else between steps. Shares are of total step-body time after the skipped "
+        "steps; "
         f"{label} uses the nanoGPT 6N FLOPs/token estimate (N = all parameters, frozen ones included)."
     ]
     report.check(TARGETS)

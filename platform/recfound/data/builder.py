@@ -19,24 +19,38 @@ from recfound.config import Config, InputFiles
 from recfound.data.context import Context
 from recfound.data.embedding_tasks import build_i2i, build_q2i, build_u2i, q2i_mode
 from recfound.data.generative_tasks import (
-    build_candidate_ranking, build_explanation_generation, build_query_rewriting, build_sentiment_analysis,
-    build_sequential_recommendation, build_user_profile,
-)  # fmt: skip
+    build_candidate_ranking,
+    build_explanation_generation,
+    build_query_rewriting,
+    build_sentiment_analysis,
+    build_sequential_recommendation,
+    build_user_profile,
+)
 from recfound.data.gritlm import SPLIT_PLACEHOLDER, gritlm_urls, read_gritlm
 from recfound.data.item_tasks import (
-    build_attribute_value_extraction, build_item_profile, build_product_matching, build_product_relation_prediction,
-)  # fmt: skip
+    build_attribute_value_extraction,
+    build_item_profile,
+    build_product_matching,
+    build_product_relation_prediction,
+)
+from recfound.data.loading import load
 from recfound.data.qa import build_answer_generation, build_answerability_prediction, qa_counts
 from recfound.data.rows import EmbeddingRow, Row, Sample, TaskUnavailable
-from recfound.data.loading import load
 from recfound.data.sources import BadRowPolicy, BadRows, DataError
 from recfound.data.synthetic import SyntheticConfig, write_catalogue
 from recfound.data.tables import (
-    INTERACTION_SCHEMA, ITEM_SCHEMA, SCHEMAS, cap, interaction_columns, item_columns, task_columns, write_parquet,
-)  # fmt: skip
+    INTERACTION_SCHEMA,
+    ITEM_SCHEMA,
+    SCHEMAS,
+    cap,
+    interaction_columns,
+    item_columns,
+    task_columns,
+    write_parquet,
+)
 from recfound.data.templates import TEMPLATE_VERSION
 from recfound.io import exists, expand, sha256, write_json
-from recfound.tasks import ALL_TASKS, INTERACTIONS, ITEMS, MANIFEST, QUARANTINE, SPLITS, mode_of, task_path
+from recfound.tasks import ALL_TASKS, DATASET_MANIFEST, INTERACTIONS, ITEMS, QUARANTINE, SPLITS, mode_of, task_path
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +157,7 @@ def _requested(tasks: list[str] | None) -> list[str] | None:
 def _clear(out: str) -> None:
     """Remove what a previous build left (manifest first), so stale task files never pass for new ones."""
     fs, root = url_to_fs(out)
-    for name in (MANIFEST, "tasks", ITEMS, INTERACTIONS, QUARANTINE):
+    for name in (DATASET_MANIFEST, "tasks", ITEMS, INTERACTIONS, QUARANTINE):
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
 
@@ -229,10 +243,18 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         _write_quarantine(bad)
     ctx = None
     if loaded is not None:
-        ctx = Context(seed=cfg.seed, catalogue=loaded.catalogue, timelines=loaded.timelines,
-                      judgements=loaded.judgements, questions=loaded.questions, source="synthetic" if synthetic else "amazon_reviews",
-                      num_negatives=cfg.num_negatives, max_history=cfg.max_history, sr_options=cfg.sr_options,
-                      holdout=cfg.holdout)  # fmt: skip
+        ctx = Context(
+            seed=cfg.seed,
+            catalogue=loaded.catalogue,
+            timelines=loaded.timelines,
+            judgements=loaded.judgements,
+            questions=loaded.questions,
+            source="synthetic" if synthetic else "amazon_reviews",
+            num_negatives=cfg.num_negatives,
+            max_history=cfg.max_history,
+            sr_options=cfg.sr_options,
+            holdout=cfg.holdout,
+        )
     built, skipped = _build_tasks(requested, ctx, extra, cfg)
     if not built:
         raise DataError(out, "no task could be built from the given sources: " + json.dumps(skipped))
@@ -268,5 +290,5 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         manifest["q2i"] = {"pseudo_queries": pseudo, "reason": why}
     if ctx is not None and ctx.questions:
         manifest["qa"] = qa_counts(ctx)
-    write_json(f"{out}/{MANIFEST}", manifest)  # last: its presence marks a finished build
+    write_json(f"{out}/{DATASET_MANIFEST}", manifest)  # last: its presence marks a finished build
     return manifest

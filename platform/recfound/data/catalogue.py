@@ -109,8 +109,9 @@ def build_catalogue(
         )
     for j in judgements:
         if j.item not in out and j.title:
-            out[j.item] = CatalogueItem(j.item, j.title, item_text(j.title, (), j.brand), "", brand=j.brand,
-                                        has_meta=True)  # fmt: skip
+            out[j.item] = CatalogueItem(
+                j.item, j.title, item_text(j.title, (), j.brand), "", brand=j.brand, has_meta=True
+            )
     return dict(sorted(out.items()))
 
 

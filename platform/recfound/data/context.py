@@ -40,8 +40,10 @@ class Context:
         interaction."""
         if self._reviews is None:
             self._reviews = {}
-            events = sorted((e for t in self.timelines.values() for s, e in t if s == "train" and e.text),
-                            key=lambda e: (e.timestamp, e.user))  # fmt: skip
+            events = sorted(
+                (e for t in self.timelines.values() for s, e in t if s == "train" and e.text),
+                key=lambda e: (e.timestamp, e.user),
+            )
             for event in events:
                 self._reviews.setdefault(event.item, []).append(event.text)
         return self._reviews.get(item, [])

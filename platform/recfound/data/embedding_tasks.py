@@ -23,8 +23,18 @@ PSEUDO_QUERY_MIN_RATING = 4  # a satisfied reviewer's summary names what they we
 GENERIC_SUMMARY_ITEMS = 3
 
 
-def _row(ctx: Context, task: str, rng: random.Random, query: str, positive: str, exclude: frozenset[str],
-         user: str, source: str, hard: Sequence[str] = (), query_item: str = "") -> EmbeddingRow:  # fmt: skip
+def _row(
+    ctx: Context,
+    task: str,
+    rng: random.Random,
+    query: str,
+    positive: str,
+    exclude: frozenset[str],
+    user: str,
+    source: str,
+    hard: Sequence[str] = (),
+    query_item: str = "",
+) -> EmbeddingRow:
     negs = list(hard[: ctx.num_negatives])
     negs += ctx.negatives(rng, positive, exclude | set(negs), ctx.num_negatives - len(negs))
     item = ctx.catalogue[positive]
@@ -84,8 +94,10 @@ def q2i_mode(ctx: Context) -> tuple[bool, str]:
     queries = len({j.query for j in ctx.judgements})
     if pairs:
         return False, f"ESCI: {len(pairs)} of {queries} queries have an exact match with text in the catalogue"
-    return True, (f"none of the {queries} ESCI queries has an exact-match product with text in the catalogue; "
-                  "review summaries serve as pseudo-queries")  # fmt: skip
+    return True, (
+        f"none of the {queries} ESCI queries has an exact-match product with text in the catalogue; "
+        "review summaries serve as pseudo-queries"
+    )
 
 
 def _normal(summary: str) -> str:

@@ -18,8 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recfound.data.sources import (
-    UNREADABLE, BadRows, DataError, Inputs, as_files, check_text, clean_text, named, parse_json, show,
-)  # fmt: skip
+    UNREADABLE,
+    BadRows,
+    DataError,
+    Inputs,
+    as_files,
+    check_text,
+    clean_text,
+    named,
+    parse_json,
+    show,
+)
 from recfound.io import open_binary
 
 REQUIRED = ("query", "product_id", "esci_label")
@@ -90,8 +99,12 @@ def _opensearch_rows(url: str, doc: dict[str, Any]) -> Iterator[tuple[int, Row]]
                 except (TypeError, ValueError, OverflowError):
                     pass
             if grade is None:
-                yield number, DataError(url, f"expected a rating of 100, 10, 1 or 0, got {show(rating)}", number,
-                                        "rating", "row")  # fmt: skip
+                yield (
+                    number,
+                    DataError(
+                        url, f"expected a rating of 100, 10, 1 or 0, got {show(rating)}", number, "rating", "row"
+                    ),
+                )
                 continue
             yield number, {"query": entry.get("query"), "product_id": rating.get("docId"), "esci_label": grade.value}
 

@@ -15,8 +15,18 @@ from recfound.data.embedding_tasks import history
 from recfound.data.esci import Esci
 from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
 from recfound.data.templates import (
-    INSTRUCTIONS, LETTERS, NO, SENTIMENTS, YES, alpaca, candidate_text, history_text, lettered, pick, profile_text,
-)  # fmt: skip
+    INSTRUCTIONS,
+    LETTERS,
+    NO,
+    SENTIMENTS,
+    YES,
+    alpaca,
+    candidate_text,
+    history_text,
+    lettered,
+    pick,
+    profile_text,
+)
 from recfound.tasks import SPLITS
 
 REVIEW_WORDS = 300  # long reviews are cut: the sentiment shows early and prompts must fit the context
@@ -153,7 +163,9 @@ def build_explanation_generation(ctx: Context) -> list[Sample]:
             reason = explanation(event.summary, event.text) if event.rating >= 4 else None
             if reason is None:
                 continue
-            text = f"Purchase history:\n{history(ctx, user, t) or '(none)'}\n\nProduct: {ctx.catalogue[event.item].title}"
+            text = (
+                f"Purchase history:\n{history(ctx, user, t) or '(none)'}\n\nProduct: {ctx.catalogue[event.item].title}"
+            )
             prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text)
             out.append((split, GenerativeRow(prompt, reason, user, event.item, ctx.source)))
     return out

@@ -78,8 +78,11 @@ def _row(obj: Any, url: str, line: int) -> tuple[str, list[Row]]:
         rows: list[Row] = []
         for p in positives:
             p_instruction, pos = _pair(p, url, line, "pos")
-            rows.append(EmbeddingRow(q_instruction, query, p_instruction, pos, text_id(pos), neg,
-                                     tuple(map(text_id, neg)), source=source))  # fmt: skip
+            rows.append(
+                EmbeddingRow(
+                    q_instruction, query, p_instruction, pos, text_id(pos), neg, tuple(map(text_id, neg)), source=source
+                )
+            )
         return task, rows
     text = obj.get("text")
     if not (isinstance(text, list) and len(text) == 2 and all(isinstance(t, str) for t in text)):

@@ -58,8 +58,10 @@ def build_attribute_value_extraction(ctx: Context) -> list[Sample]:
         found = [(name, value) for name, value in candidates if value and _occurs(value, text)]
         if not found:
             continue
-        prompt = alpaca(pick(ctx.rng(task, item.item_id), INSTRUCTIONS[task]),
-                        f"Text: {text}\nAttributes: {', '.join(name for name, _ in found)}")  # fmt: skip
+        prompt = alpaca(
+            pick(ctx.rng(task, item.item_id), INSTRUCTIONS[task]),
+            f"Text: {text}\nAttributes: {', '.join(name for name, _ in found)}",
+        )
         response = "; ".join(f"{name}: {value}" for name, value in found)
         out.append((ctx.split(f"item:{item.item_id}"), GenerativeRow(prompt, response, "", item.item_id, ctx.source)))
     if not out:

@@ -35,8 +35,9 @@ def load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int)
     unique, repeated = dedupe([replace(r, item=aliases.get(r.item, r.item)) for r in reviews])
     kept = kcore(unique, min_interactions)
     if not kept:
-        raise DataError(named(urls["reviews"]),
-                        f"no interactions left after {min_interactions}-core filtering (lower kcore=)")  # fmt: skip
+        raise DataError(
+            named(urls["reviews"]), f"no interactions left after {min_interactions}-core filtering (lower kcore=)"
+        )
     timelines = leave_last_out(kept)
     summaries: dict[str, list[str]] = defaultdict(list)
     for split, event in sorted((e for t in timelines.values() for e in t), key=lambda e: e[1].timestamp):

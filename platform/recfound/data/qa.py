@@ -76,8 +76,13 @@ def _questions(fields: Fields) -> Iterator[Question]:
         label = fields.row.get("is_answerable")
         if label is not None and label not in (0, 1):  # True/False are 1/0
             raise fields.error("is_answerable", f"expected a boolean, got {show(label)}")
-        yield Question(item, fields.text("questionText", required=True), _answers(fields, "answers"),
-                       None if label is None else bool(label), fields.strings("review_snippets"))  # fmt: skip
+        yield Question(
+            item,
+            fields.text("questionText", required=True),
+            _answers(fields, "answers"),
+            None if label is None else bool(label),
+            fields.strings("review_snippets"),
+        )
     else:  # McAuley single answer
         yield Question(item, fields.text("question", required=True), (fields.text("answer", required=True),))
 
@@ -141,8 +146,10 @@ def build_answerability_prediction(ctx: Context) -> list[Sample]:
     _require(ctx)
     labelled = [q for q in ctx.questions if q.answerable is not None]
     if not labelled:
-        raise TaskUnavailable("the QA file carries no answerability label (McAuley's releases have none; AmazonQA's "
-                              "is_answerable is needed)")  # fmt: skip
+        raise TaskUnavailable(
+            "the QA file carries no answerability label (McAuley's releases have none; AmazonQA's "
+            "is_answerable is needed)"
+        )
     out: list[Sample] = []
     for n, q in enumerate(labelled):
         rng = ctx.rng(task, q.item, q.question, n)
@@ -156,6 +163,10 @@ def qa_counts(ctx: Context) -> dict[str, int]:
     """For the manifest: how many questions, products, and products that join the catalogue."""
     products = Counter(q.item for q in ctx.questions)
     joined = [p for p in products if p in ctx.catalogue]
-    return {"questions": len(ctx.questions), "products": len(products), "products_in_catalogue": len(joined),
-            "questions_with_product_text": sum(products[p] for p in joined),
-            "answerability_labels": sum(q.answerable is not None for q in ctx.questions)}  # fmt: skip
+    return {
+        "questions": len(ctx.questions),
+        "products": len(products),
+        "products_in_catalogue": len(joined),
+        "questions_with_product_text": sum(products[p] for p in joined),
+        "answerability_labels": sum(q.answerable is not None for q in ctx.questions),
+    }

@@ -100,8 +100,11 @@ class BadRows:
         bad = self.counts().get(url, 0)
         if total and bad / total > self.max_fraction:
             where = f"; they are listed in {self.quarantine}" if self.quarantine else ""
-            raise DataError(url, f"{bad} of {total} rows are malformed ({bad / total:.1%}), more than "
-                                 f"max_bad_fraction={self.max_fraction:g}{where}")  # fmt: skip
+            raise DataError(
+                url,
+                f"{bad} of {total} rows are malformed ({bad / total:.1%}), more than "
+                f"max_bad_fraction={self.max_fraction:g}{where}",
+            )
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -145,17 +148,39 @@ class Schema(Enum):
 
 # 2023 first: its rows also carry "asin", so only "parent_asin" tells the releases apart.
 REVIEW_FIELDS = {
-    Schema.AMAZON_2023: {"user": "user_id", "item": "parent_asin", "rating": "rating", "time": "timestamp",
-                         "summary": "title", "text": "text"},
-    Schema.AMAZON_2018: {"user": "reviewerID", "item": "asin", "rating": "overall", "time": "unixReviewTime",
-                         "summary": "summary", "text": "reviewText"},
-}  # fmt: skip
+    Schema.AMAZON_2023: {
+        "user": "user_id",
+        "item": "parent_asin",
+        "rating": "rating",
+        "time": "timestamp",
+        "summary": "title",
+        "text": "text",
+    },
+    Schema.AMAZON_2018: {
+        "user": "reviewerID",
+        "item": "asin",
+        "rating": "overall",
+        "time": "unixReviewTime",
+        "summary": "summary",
+        "text": "reviewText",
+    },
+}
 META_FIELDS = {
-    Schema.AMAZON_2023: {"item": "parent_asin", "categories": "categories", "brand": "store", "features": "features",
-                         "main": "main_category"},
-    Schema.AMAZON_2018: {"item": "asin", "categories": "category", "brand": "brand", "features": "feature",
-                         "main": "main_cat"},
-}  # fmt: skip
+    Schema.AMAZON_2023: {
+        "item": "parent_asin",
+        "categories": "categories",
+        "brand": "store",
+        "features": "features",
+        "main": "main_category",
+    },
+    Schema.AMAZON_2018: {
+        "item": "asin",
+        "categories": "category",
+        "brand": "brand",
+        "features": "feature",
+        "main": "main_cat",
+    },
+}
 
 _TAG = re.compile(r"<[^>]*(>|$)")
 _SPACE = re.compile(r"\s+")
@@ -283,14 +308,16 @@ def read_reviews(urls: Inputs, bad: BadRows) -> list[Interaction]:
             rating = fields.number(names["rating"])
             if not 0 <= rating <= 5:
                 raise fields.error(names["rating"], f"rating {rating} outside 0..5")
-            out.append(Interaction(
-                user=fields.text(names["user"], required=True),
-                item=fields.text(names["item"], required=True),
-                timestamp=fields.timestamp(names["time"], 1000 if schema is Schema.AMAZON_2023 else 1),
-                rating=rating,
-                summary=fields.text(names["summary"]),
-                text=fields.text(names["text"]),
-            ))  # fmt: skip
+            out.append(
+                Interaction(
+                    user=fields.text(names["user"], required=True),
+                    item=fields.text(names["item"], required=True),
+                    timestamp=fields.timestamp(names["time"], 1000 if schema is Schema.AMAZON_2023 else 1),
+                    rating=rating,
+                    summary=fields.text(names["summary"]),
+                    text=fields.text(names["text"]),
+                )
+            )
         except DataError as err:
             bad.report(err)
     if not out:

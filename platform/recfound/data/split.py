@@ -57,6 +57,6 @@ def leave_last_out(interactions: list[Interaction]) -> dict[str, Timeline]:
     timelines = {}
     for user in sorted(by_user):
         rows = by_user[user]
-        splits: list[Split] = ["train"] * max(len(rows) - 2, 0) + ["valid", "test"][-len(rows):]
+        splits: list[Split] = ["train"] * max(len(rows) - 2, 0) + ["valid", "test"][-len(rows) :]
         timelines[user] = list(zip(splits, rows, strict=True))
     return timelines

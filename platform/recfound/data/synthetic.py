@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from recfound.config import Config
 
+
 class _Category(NamedTuple):
     brands: list[str]
     nouns: dict[str, list[str]]  # product noun -> its sizes/variants
@@ -40,36 +41,77 @@ class _Category(NamedTuple):
 _SHOP = {
     "Kitchen": _Category(
         ["Copperline", "Hearthwell", "Saucier"],
-        {"skillet": ["10-inch", "12-inch"], "kettle": ["1.7 L", "1 L"], "blender": ["1000 W", "48 oz"],
-         "chef knife": ["8-inch", "6-inch"], "stock pot": ["8 qt", "12 qt"]},
-        ["cast iron", "stainless steel", "non-stick", "ceramic", "professional"], "for everyday cooking"),
+        {
+            "skillet": ["10-inch", "12-inch"],
+            "kettle": ["1.7 L", "1 L"],
+            "blender": ["1000 W", "48 oz"],
+            "chef knife": ["8-inch", "6-inch"],
+            "stock pot": ["8 qt", "12 qt"],
+        },
+        ["cast iron", "stainless steel", "non-stick", "ceramic", "professional"],
+        "for everyday cooking",
+    ),
     "Outdoors": _Category(
         ["Northpeak", "Trailborn", "Ridgeway"],
-        {"tent": ["2-person", "4-person"], "backpack": ["40 L", "65 L"], "headlamp": ["300 lumens", "rechargeable"],
-         "sleeping bag": ["20 F", "3-season"], "water filter": ["straw", "gravity 4 L"]},
-        ["lightweight", "waterproof", "ultralight", "insulated", "rugged"], "for camping and hiking"),
+        {
+            "tent": ["2-person", "4-person"],
+            "backpack": ["40 L", "65 L"],
+            "headlamp": ["300 lumens", "rechargeable"],
+            "sleeping bag": ["20 F", "3-season"],
+            "water filter": ["straw", "gravity 4 L"],
+        },
+        ["lightweight", "waterproof", "ultralight", "insulated", "rugged"],
+        "for camping and hiking",
+    ),
     "Electronics": _Category(
         ["Voltaic", "Lumina", "Sonorix"],
-        {"headphones": ["over-ear", "black"], "speaker": ["20 W", "waterproof"], "charger": ["65 W", "USB-C"],
-         "keyboard": ["mechanical", "full size"], "webcam": ["1080p", "4K"]},
-        ["wireless", "bluetooth", "portable", "compact", "low-latency"], "for work and travel"),
+        {
+            "headphones": ["over-ear", "black"],
+            "speaker": ["20 W", "waterproof"],
+            "charger": ["65 W", "USB-C"],
+            "keyboard": ["mechanical", "full size"],
+            "webcam": ["1080p", "4K"],
+        },
+        ["wireless", "bluetooth", "portable", "compact", "low-latency"],
+        "for work and travel",
+    ),
     "Beauty": _Category(
         ["Velvetine", "Bloomcraft", "Puregleam"],
-        {"face serum": ["30 ml", "2-pack"], "shampoo": ["500 ml", "travel size"], "lip balm": ["4-pack", "tinted"],
-         "moisturizer": ["50 ml", "SPF 30"], "hair oil": ["100 ml", "travel size"]},
-        ["hydrating", "organic", "fragrance-free", "vitamin C", "argan"], "for a daily routine"),
+        {
+            "face serum": ["30 ml", "2-pack"],
+            "shampoo": ["500 ml", "travel size"],
+            "lip balm": ["4-pack", "tinted"],
+            "moisturizer": ["50 ml", "SPF 30"],
+            "hair oil": ["100 ml", "travel size"],
+        },
+        ["hydrating", "organic", "fragrance-free", "vitamin C", "argan"],
+        "for a daily routine",
+    ),
     "Toys": _Category(
         ["Playforge", "Tinkertot", "Brightblocks"],
-        {"puzzle": ["500 pieces", "1000 pieces"], "building set": ["250 pieces", "ages 6+"],
-         "plush bear": ["12-inch", "brown"], "race car": ["1:24 scale", "ages 3+"],
-         "board game": ["2-6 players", "family edition"]},
-        ["wooden", "magnetic", "educational", "classic", "colorful"], "for kids and families"),
+        {
+            "puzzle": ["500 pieces", "1000 pieces"],
+            "building set": ["250 pieces", "ages 6+"],
+            "plush bear": ["12-inch", "brown"],
+            "race car": ["1:24 scale", "ages 3+"],
+            "board game": ["2-6 players", "family edition"],
+        },
+        ["wooden", "magnetic", "educational", "classic", "colorful"],
+        "for kids and families",
+    ),
     "Garden": _Category(
         ["Greenhaven", "Rootwise", "Petalworks"],
-        {"hose": ["50 ft", "100 ft"], "pruning shears": ["8-inch", "bypass"], "planter": ["large", "set of 3"],
-         "watering can": ["2 gallon", "1 gallon"], "seed kit": ["12 varieties", "herbs"]},
-        ["expandable", "heavy-duty", "self-watering", "ergonomic", "heirloom"], "for the yard and garden"),
-}  # fmt: skip
+        {
+            "hose": ["50 ft", "100 ft"],
+            "pruning shears": ["8-inch", "bypass"],
+            "planter": ["large", "set of 3"],
+            "watering can": ["2 gallon", "1 gallon"],
+            "seed kit": ["12 varieties", "herbs"],
+        },
+        ["expandable", "heavy-duty", "self-watering", "ergonomic", "heirloom"],
+        "for the yard and garden",
+    ),
+}
 _SUMMARIES = {
     5: ["Love this {noun}", "Best {noun} I have owned", "Excellent {adj} {noun}", "Exactly what I needed"],
     4: ["Very good {noun}", "Solid {noun} for the price", "Works well, would buy again"],
@@ -78,10 +120,12 @@ _SUMMARIES = {
     1: ["Broke after a week", "Do not buy this {noun}", "Terrible {noun}"],
 }
 _OPENINGS = {
-    5: "I use this {noun} all the time and it is fantastic.", 4: "This {noun} does its job well.",
-    3: "The {noun} is fine but unremarkable.", 2: "I had problems with this {noun} early on.",
+    5: "I use this {noun} all the time and it is fantastic.",
+    4: "This {noun} does its job well.",
+    3: "The {noun} is fine but unremarkable.",
+    2: "I had problems with this {noun} early on.",
     1: "This {noun} failed almost immediately.",
-}  # fmt: skip
+}
 _START, _END = 1388534400, 1498867200  # 2014-01-01 .. 2017-07-01: first reviews; later ones follow
 _ID_CHARS = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # ASIN-like: no I or O
 
@@ -128,8 +172,15 @@ def _items(cfg: SyntheticConfig, rng: random.Random) -> list[_Item]:
         shop = _SHOP[category]
         noun = rng.choice(sorted(shop.nouns))
         item_id = "B0" + "".join(rng.choices(_ID_CHARS, k=8))
-        item = _Item(item_id, category, rng.choice(shop.brands), noun, rng.choice(shop.adjectives),
-                     rng.choice(shop.nouns[noun]), rng.gauss(0, 0.6))  # fmt: skip
+        item = _Item(
+            item_id,
+            category,
+            rng.choice(shop.brands),
+            noun,
+            rng.choice(shop.adjectives),
+            rng.choice(shop.nouns[noun]),
+            rng.gauss(0, 0.6),
+        )
         while item.title in titles:
             item.series += 1
         if item_id not in ids:
@@ -152,7 +203,8 @@ def _reviews(cfg: SyntheticConfig, items: list[_Item], rng: random.Random) -> li
         for _ in range(rng.randint(cfg.min_reviews, max(cfg.min_reviews, cfg.max_reviews))):
             category = rng.choices(names, weights=taste)[0]
             pool = [i for i in by_category[category] if i.item_id not in owned] or [
-                i for i in items if i.item_id not in owned]  # fmt: skip
+                i for i in items if i.item_id not in owned
+            ]
             item = rng.choices(pool, weights=[popularity[i.item_id] for i in pool])[0]
             owned.add(item.item_id)
             affinity = taste[names.index(item.category)] / max(taste)
@@ -160,9 +212,18 @@ def _reviews(cfg: SyntheticConfig, items: list[_Item], rng: random.Random) -> li
             words = {"noun": item.noun, "adj": item.adj, "brand": item.brand}
             summary = rng.choice(_SUMMARIES[rating]).format(**words)
             text = f"{_OPENINGS[rating].format(**words)} I bought it {_SHOP[item.category].use}."
-            out.append({"overall": float(rating), "verified": True, "reviewerID": user, "asin": item.item_id,
-                        "reviewText": text, "summary": summary, "unixReviewTime": stamp,
-                        "reviewTime": time.strftime("%m %d, %Y", time.gmtime(stamp))})  # fmt: skip
+            out.append(
+                {
+                    "overall": float(rating),
+                    "verified": True,
+                    "reviewerID": user,
+                    "asin": item.item_id,
+                    "reviewText": text,
+                    "summary": summary,
+                    "unixReviewTime": stamp,
+                    "reviewTime": time.strftime("%m %d, %Y", time.gmtime(stamp)),
+                }
+            )
             stamp += rng.randint(1, 60) * 86400
     return sorted(out, key=lambda r: (r["asin"], r["unixReviewTime"], r["reviewerID"]))
 
@@ -181,14 +242,21 @@ def _meta(items: list[_Item], reviews: list[dict], rng: random.Random) -> list[d
         also_buy = sorted((b for b, n in counts.items() if n >= 2), key=lambda b: (-counts[b], b))[:4]
         peers = [i.item_id for i in items if i.category == item.category and i.item_id != item.item_id]
         use = _SHOP[item.category].use
-        out.append({
-            "asin": item.item_id, "title": item.title, "brand": item.brand, "main_cat": item.category,
-            "category": [item.category, item.noun.title()],
-            "description": [f"This {item.adj} {item.noun} from {item.brand} is made {use}.", ""],
-            "feature": [f"{item.adj.capitalize()} design", item.extra],
-            "also_buy": also_buy + ["B0OUTSIDE01"],  # real dumps point outside the 5-core catalogue too
-            "also_view": rng.sample(peers, min(3, len(peers))), "price": "", "similar_item": "",
-        })  # fmt: skip
+        out.append(
+            {
+                "asin": item.item_id,
+                "title": item.title,
+                "brand": item.brand,
+                "main_cat": item.category,
+                "category": [item.category, item.noun.title()],
+                "description": [f"This {item.adj} {item.noun} from {item.brand} is made {use}.", ""],
+                "feature": [f"{item.adj.capitalize()} design", item.extra],
+                "also_buy": also_buy + ["B0OUTSIDE01"],  # real dumps point outside the 5-core catalogue too
+                "also_view": rng.sample(peers, min(3, len(peers))),
+                "price": "",
+                "similar_item": "",
+            }
+        )
     missing = set(rng.sample([i.item_id for i in items], max(1, len(items) // 50)))
     kept = [m for m in out if m["asin"] not in missing]
     return kept + kept[:1]  # real 2018 dumps repeat some rows
@@ -207,8 +275,16 @@ def _queries(cfg: SyntheticConfig, items: list[_Item], rng: random.Random) -> li
         others = [i for i in items if i.category != item.category]
         judged = [(i, "E") for i in exact[:3]] + [(i, "S") for i in rng.sample(subs, min(2, len(subs)))]
         judged += [(i, "C") for i in rng.sample(comps, min(1, len(comps)))] + [(i, "I") for i in rng.sample(others, 2)]
-        out += [{"query": query, "product_id": i.item_id, "esci_label": label, "product_title": i.title,
-                 "product_brand": i.brand} for i, label in judged]  # fmt: skip
+        out += [
+            {
+                "query": query,
+                "product_id": i.item_id,
+                "esci_label": label,
+                "product_title": i.title,
+                "product_brand": i.brand,
+            }
+            for i, label in judged
+        ]
     return out
 
 
@@ -222,8 +298,10 @@ def write_catalogue(cfg: SyntheticConfig, raw_dir: str) -> dict[str, str]:
     rng = random.Random(cfg.seed)
     items = _items(cfg, rng)
     reviews = _reviews(cfg, items, rng)
-    files = {"reviews": ("reviews_Synthetic_5.json.gz", _gzip_jsonl(reviews)),
-             "meta": ("meta_Synthetic.json.gz", _gzip_jsonl(_meta(items, reviews, rng)))}  # fmt: skip
+    files = {
+        "reviews": ("reviews_Synthetic_5.json.gz", _gzip_jsonl(reviews)),
+        "meta": ("meta_Synthetic.json.gz", _gzip_jsonl(_meta(items, reviews, rng))),
+    }
     if cfg.queries:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, ["query", "product_id", "esci_label", "product_title", "product_brand"])
@@ -276,8 +354,10 @@ class DumpConfig(Config):
     def _no_empty_shard(self) -> DumpConfig:
         most = min(self.reviews, self.catalogue // 2)
         if self.shards > most:
-            raise ValueError(f"shards={self.shards} would leave a file empty: at most {most} for "
-                             f"{self.reviews} reviews and {self.catalogue} items (two items per metadata file)")  # fmt: skip
+            raise ValueError(
+                f"shards={self.shards} would leave a file empty: at most {most} for "
+                f"{self.reviews} reviews and {self.catalogue} items (two items per metadata file)"
+            )
         return self
 
 
@@ -301,8 +381,16 @@ def _dump_item(seed: int, index: int) -> _Item:
     category = _CATEGORIES[index % len(_CATEGORIES)]
     shop = _SHOP[category]
     noun = rng.choice(sorted(shop.nouns))
-    return _Item(_dump_id(seed, index), category, rng.choice(shop.brands), noun, rng.choice(shop.adjectives),
-                 rng.choice(shop.nouns[noun]), rng.gauss(0, 0.6), series=index + 1)  # fmt: skip
+    return _Item(
+        _dump_id(seed, index),
+        category,
+        rng.choice(shop.brands),
+        noun,
+        rng.choice(shop.adjectives),
+        rng.choice(shop.nouns[noun]),
+        rng.gauss(0, 0.6),
+        series=index + 1,
+    )
 
 
 def _pick(rng: random.Random, category: int, items: int) -> int:
@@ -316,11 +404,18 @@ def _dump_review(rng: random.Random, user: str, item: _Item, rating: int, stamp:
     """One review in the 2018 layout, fields the readers skip (style, vote, reviewerName) included as real rows have
     them; texts are a sentence or two, shorter than most real reviews."""
     words = {"noun": item.noun, "adj": item.adj, "brand": item.brand}
-    row = {"overall": float(rating), "verified": rng.random() < 0.9,
-           "reviewTime": time.strftime("%m %d, %Y", time.gmtime(stamp)), "reviewerID": user, "asin": item.item_id,
-           "style": {"Size:": f" {item.extra}"}, "reviewerName": f"Customer {user[-6:].title()}",
-           "reviewText": f"{_OPENINGS[rating].format(**words)} I bought it {_SHOP[item.category].use}.",
-           "summary": rng.choice(_SUMMARIES[rating]).format(**words), "unixReviewTime": stamp}  # fmt: skip
+    row = {
+        "overall": float(rating),
+        "verified": rng.random() < 0.9,
+        "reviewTime": time.strftime("%m %d, %Y", time.gmtime(stamp)),
+        "reviewerID": user,
+        "asin": item.item_id,
+        "style": {"Size:": f" {item.extra}"},
+        "reviewerName": f"Customer {user[-6:].title()}",
+        "reviewText": f"{_OPENINGS[rating].format(**words)} I bought it {_SHOP[item.category].use}.",
+        "summary": rng.choice(_SUMMARIES[rating]).format(**words),
+        "unixReviewTime": stamp,
+    }
     if rng.random() < _VOTED:
         row["vote"] = f"{rng.randint(2, 3000):,}"  # a string with a thousands separator, as in the real dumps
     if rng.random() < _NO_TEXT:
@@ -363,14 +458,21 @@ def _dump_meta(seed: int, index: int, items: int) -> list[dict]:
     use = _SHOP[item.category].use
     row = {
         "category": [] if index % _NO_CATEGORY == 7 else [item.category, item.noun.title()],
-        "description": [f"The {item.brand} {item.adj} {item.noun} (series {item.series}) is made {use}.", "",
-                        "<b>Care:</b> wipe clean &amp; store dry."],
+        "description": [
+            f"The {item.brand} {item.adj} {item.noun} (series {item.series}) is made {use}.",
+            "",
+            "<b>Care:</b> wipe clean &amp; store dry.",
+        ],
         "title": '<span class="a-size-medium">' if index % _HTML_TITLE == 11 else item.title,
         "also_buy": [_dump_id(seed, i) for i in (index + step, index + 2 * step) if i < items] + [_OUTSIDE],
-        "brand": item.brand, "feature": [f"{item.adj.capitalize()} design", item.extra],
-        "rank": f"{index + 1:,} in {item.category} (", "also_view": [_dump_id(seed, index - step)] if index >= step else [],
-        "main_cat": item.category, "price": "", "asin": item.item_id,
-    }  # fmt: skip
+        "brand": item.brand,
+        "feature": [f"{item.adj.capitalize()} design", item.extra],
+        "rank": f"{index + 1:,} in {item.category} (",
+        "also_view": [_dump_id(seed, index - step)] if index >= step else [],
+        "main_cat": item.category,
+        "price": "",
+        "asin": item.item_id,
+    }
     if index % _NO_BRAND == 3:
         del row["brand"]
     return [row, row] if index % _REPEATED_META == 5 else [row]
@@ -404,7 +506,11 @@ def write_dump(cfg: DumpConfig) -> dict[str, str]:
     out = cfg.out.rstrip("/")
     reviews = _dump_reviews(cfg.seed, cfg.catalogue)
     _write_shards(f"{out}/reviews", (itertools.islice(reviews, hi - lo) for lo, hi in _bounds(cfg.reviews, cfg.shards)))
-    _write_shards(f"{out}/meta", (
-        itertools.chain.from_iterable(_dump_meta(cfg.seed, i, cfg.catalogue) for i in range(lo, hi))
-        for lo, hi in _bounds(cfg.catalogue, cfg.shards)))  # fmt: skip
+    _write_shards(
+        f"{out}/meta",
+        (
+            itertools.chain.from_iterable(_dump_meta(cfg.seed, i, cfg.catalogue) for i in range(lo, hi))
+            for lo, hi in _bounds(cfg.catalogue, cfg.shards)
+        ),
+    )
     return {"reviews": f"{out}/reviews", "meta": f"{out}/meta"}

@@ -22,9 +22,14 @@ SCHEMAS = {
 }
 ITEM_SCHEMA = pa.schema([(c, pa.string()) for c in ITEM_COLUMNS])
 INTERACTION_SCHEMA = pa.schema(
-    [("user", pa.string()), ("item", pa.string()), ("timestamp", pa.int64()), ("rating", pa.float64()),
-     ("split", pa.string())]
-)  # fmt: skip
+    [
+        ("user", pa.string()),
+        ("item", pa.string()),
+        ("timestamp", pa.int64()),
+        ("rating", pa.float64()),
+        ("split", pa.string()),
+    ]
+)
 assert tuple(INTERACTION_SCHEMA.names) == INTERACTION_COLUMNS
 assert all(tuple(schema.names[:2]) == ("id", "task") for schema in SCHEMAS.values())
 

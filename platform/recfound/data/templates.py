@@ -154,8 +154,10 @@ def ranking_input(prompt: str) -> re.Match[str]:
     product:" label, so a history title holding the label still parses); ValueError when ``prompt`` is not one."""
     match = _RANKING_INPUT.search(prompt)
     if match is None:
-        raise ValueError("not a candidate_ranking prompt: no 'Purchase history:' ... 'Candidate product: <title>' "
-                         "input before '### Response:'")  # fmt: skip
+        raise ValueError(
+            "not a candidate_ranking prompt: no 'Purchase history:' ... 'Candidate product: <title>' "
+            "input before '### Response:'"
+        )
     return match
 
 

@@ -37,8 +37,9 @@ class CandidateLists:
     """Catalogue titles by position: the product a candidate's prompt names."""
 
 
-def build_lists(task: str, rows: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame, n_lists: int,
-                seed: int, where: str) -> CandidateLists:  # fmt: skip
+def build_lists(
+    task: str, rows: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame, n_lists: int, seed: int, where: str
+) -> CandidateLists:
     """A seeded sample of ``n_lists`` "yes" rows of ``rows`` (the split's), each with the protocol's negatives
     drawn by ``sample_pools`` (seeded, the bought item's category first) from the catalogue minus every item the
     user bought in any split: an earlier or later purchase is no negative. ``where`` names the rows' file in
@@ -54,15 +55,25 @@ def build_lists(task: str, rows: pd.DataFrame, items: pd.DataFrame, interactions
             raise ValueError(f"{where} row id {row_id}: {err}") from None
     category = dict(zip(items["item_id"], items["category"], strict=True))
     owned = interactions.groupby("user")["item"].agg(set).to_dict()
-    frame = pd.DataFrame({
-        "id": positives["id"].to_numpy(), "user": positives["user"].to_numpy(),
-        "pos_item": positives["item"].to_numpy(), "prompt": positives["prompt"].to_numpy(), "query": histories,
-        "category": [category.get(item) for item in positives["item"]],
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "id": positives["id"].to_numpy(),
+            "user": positives["user"].to_numpy(),
+            "pos_item": positives["item"].to_numpy(),
+            "prompt": positives["prompt"].to_numpy(),
+            "query": histories,
+            "category": [category.get(item) for item in positives["item"]],
+        }
+    )
     grid, relevant = sample_pools(
-        frame["pos_item"].tolist(), frame["category"].tolist(), items["item_id"].tolist(), items["category"].tolist(),
-        LIST_PROTOCOLS[task].n_negatives, seed, exclude=[owned.get(user, set()) for user in frame["user"]],
-    )  # fmt: skip
+        frame["pos_item"].tolist(),
+        frame["category"].tolist(),
+        items["item_id"].tolist(),
+        items["category"].tolist(),
+        LIST_PROTOCOLS[task].n_negatives,
+        seed,
+        exclude=[owned.get(user, set()) for user in frame["user"]],
+    )
     return CandidateLists(task, frame, grid, relevant, items["title"].fillna("").to_numpy(dtype=object))
 
 
@@ -98,8 +109,9 @@ def list_metrics(scores: np.ndarray, lists: CandidateLists) -> dict[str, float]:
     }
 
 
-def add_list_metrics(metrics: dict[str, dict[str, float]], system: Baseline,
-                     lists: Sequence[CandidateLists]) -> dict[str, dict[str, float]]:  # fmt: skip
+def add_list_metrics(
+    metrics: dict[str, dict[str, float]], system: Baseline, lists: Sequence[CandidateLists]
+) -> dict[str, dict[str, float]]:
     """``metrics`` ({task: {metric: value}}) with the system's list metrics added under each lists' task."""
     out = dict(metrics)
     for ranked in lists:

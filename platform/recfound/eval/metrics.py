@@ -178,9 +178,7 @@ def parse_label(text: str, labels: Sequence[str]) -> str | None:
     """The label whose words occur earliest in ``text`` (longest wins a tie: "very positive" over "positive")."""
     norm = f" {_normalize(text)} "
     found = [
-        (pos, -len(lab), lab)
-        for lab in labels
-        if _normalize(lab) and (pos := norm.find(f" {_normalize(lab)} ")) >= 0
+        (pos, -len(lab), lab) for lab in labels if _normalize(lab) and (pos := norm.find(f" {_normalize(lab)} ")) >= 0
     ]
     return min(found)[2] if found else None
 

@@ -62,8 +62,11 @@ def sections(systems: Systems) -> list[Section]:
         Section("Embedding, paper protocol (1 positive + sampled same-category negatives)", pool, "pool.png"),
         Section("Embedding, full catalogue (user's train items and the i2i anchor excluded)", full, "full.png"),
         Section("Generative (greedy decoding)", generative, "generative.png"),
-        Section("Candidate lists (the item bought + 19 sampled items the user never bought; GRMs rank by P(yes))",
-                lists, "lists.png"),
+        Section(
+            "Candidate lists (the item bought + 19 sampled items the user never bought; GRMs rank by P(yes))",
+            lists,
+            "lists.png",
+        ),
     ]
     found = [Section(s.title, _present(systems, s.columns), s.image) for s in found]
     return [s for s in found if s.columns]
@@ -117,8 +120,12 @@ def section_table(systems: Systems, section: Section) -> str:
     frame = _frame(systems, section.columns)
     ranks = average_ranks(systems, section.columns)
     rows = [
-        [name, *(_fmt(v) for v in frame.loc[name]), _fmt(frame.loc[name].mean(skipna=False)),
-         _fmt(ranks.loc[name, "rank"])]
+        [
+            name,
+            *(_fmt(v) for v in frame.loc[name]),
+            _fmt(frame.loc[name].mean(skipna=False)),
+            _fmt(ranks.loc[name, "rank"]),
+        ]
         for name in systems
     ]
     return markdown_table(["system", *map(_label, section.columns), "mean", "avg rank"], rows)
@@ -152,19 +159,30 @@ def convergence_table(summary: dict[str, Any]) -> str:
 
 
 def _balance_line(b: dict[str, Any]) -> str:
-    return (f"{b['converged']}/{b['total']} tasks reached the target; steps {_int(b['first'])} to "
-            f"{_int(b['last'])} (spread {_int(b['spread'])}); final/initial loss {_fmt(b['mean_ratio'])} "
-            f"± {_fmt(b['ratio_std'])} across tasks")  # fmt: skip
+    return (
+        f"{b['converged']}/{b['total']} tasks reached the target; steps {_int(b['first'])} to "
+        f"{_int(b['last'])} (spread {_int(b['spread'])}); final/initial loss {_fmt(b['mean_ratio'])} "
+        f"± {_fmt(b['ratio_std'])} across tasks"
+    )
 
 
 def compare_convergence_tables(runs: dict[str, dict[str, Any]]) -> str:
     """Several runs: task balance per run, then each task's step to target per run."""
     balance = markdown_table(
         ["run", "converged", "first", "last", "spread", "mean final/initial", "std final/initial"],
-        [[label, f"{b['converged']}/{b['total']}", _int(b["first"]), _int(b["last"]), _int(b["spread"]),
-          _fmt(b["mean_ratio"]), _fmt(b["ratio_std"])]
-         for label, b in ((label, s["balance"]) for label, s in runs.items())],
-    )  # fmt: skip
+        [
+            [
+                label,
+                f"{b['converged']}/{b['total']}",
+                _int(b["first"]),
+                _int(b["last"]),
+                _int(b["spread"]),
+                _fmt(b["mean_ratio"]),
+                _fmt(b["ratio_std"]),
+            ]
+            for label, b in ((label, s["balance"]) for label, s in runs.items())
+        ],
+    )
     tasks = [t for t in ALL_TASKS if any(t in s["tasks"] for s in runs.values())]
     steps = markdown_table(
         ["task", *runs],
@@ -207,8 +225,11 @@ def write_report(
         runs = ", ".join(f"`{label}` ({run.get('model')})" for label, run in results["runs"].items())
         lines += [f"Runs: {runs}", ""]
     else:
-        lines += [f"Model `{results['model']}` ({results['model_kind']}) on `{results['data']}`, split "
-                  f"{results['split']}, seed {results['seed']}.", ""]  # fmt: skip
+        lines += [
+            f"Model `{results['model']}` ({results['model_kind']}) on `{results['data']}`, split "
+            f"{results['split']}, seed {results['seed']}.",
+            "",
+        ]
         lines += [f"Evaluated rows per task: {', '.join(f'{t} {n}' for t, n in results['queries'].items())}.", ""]
         if results.get("lists"):
             lists = ", ".join(f"{t} {n}" for t, n in results["lists"].items())

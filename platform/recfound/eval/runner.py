@@ -33,12 +33,27 @@ from recfound.eval.closed import closed_answers
 from recfound.eval.convergence import summarize
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.protocols import (
-    LIST_PROTOCOLS, full_catalogue_eval, merge_duplicate_queries, pool_eval, task_candidates, training_exclusions,
-)  # fmt: skip
+    LIST_PROTOCOLS,
+    full_catalogue_eval,
+    merge_duplicate_queries,
+    pool_eval,
+    task_candidates,
+    training_exclusions,
+)
 from recfound.eval.report import write_report
 from recfound.eval.systems import GRMSystem, ModelSource, load_model, resolve_model
 from recfound.io import exists, read_json
-from recfound.tasks import ALL_TASKS, EMBEDDING_TASKS, INTERACTIONS, ITEMS, MANIFEST, SPLITS, Mode, mode_of, task_path
+from recfound.tasks import (
+    ALL_TASKS,
+    DATASET_MANIFEST,
+    EMBEDDING_TASKS,
+    INTERACTIONS,
+    ITEMS,
+    SPLITS,
+    Mode,
+    mode_of,
+    task_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +164,14 @@ class Dataset:
 
     @classmethod
     def load(cls, root: str) -> Dataset:
-        if not exists(f"{root}/{MANIFEST}"):
-            raise EvalError(f"data={root}: no {MANIFEST}; build the dataset with jobs/build_dataset.py")
+        if not exists(f"{root}/{DATASET_MANIFEST}"):
+            raise EvalError(f"data={root}: no {DATASET_MANIFEST}; build the dataset with jobs/build_dataset.py")
         return cls(
-            root, read_json(f"{root}/{MANIFEST}"), pd.read_parquet(f"{root}/{ITEMS}"),
+            root,
+            read_json(f"{root}/{DATASET_MANIFEST}"),
+            pd.read_parquet(f"{root}/{ITEMS}"),
             pd.read_parquet(f"{root}/{INTERACTIONS}"),
-        )  # fmt: skip
+        )
 
     def count(self, task: str, split: str) -> int:
         return int(self.manifest["tasks"].get(task, {}).get(split, 0))
@@ -188,17 +205,23 @@ def select_tasks(cfg: EvalConfig, data: Dataset, source: ModelSource) -> list[st
         if not any(counts.values()):
             raise EvalError(f"split={cfg.split} of {data.root} has no rows in any task ({counts})")
         if not tasks:
-            raise EvalError(f"nothing to evaluate: protocols={','.join(cfg.protocols)}, "
-                            f"max_rows_per_task={cfg.max_rows_per_task}, {cfg.split} rows {counts}")  # fmt: skip
+            raise EvalError(
+                f"nothing to evaluate: protocols={','.join(cfg.protocols)}, "
+                f"max_rows_per_task={cfg.max_rows_per_task}, {cfg.split} rows {counts}"
+            )
     missing = [t for t in tasks if t not in source.config.tasks]
     if missing:
-        raise EvalError(f"model={cfg.model}: its adapter has no task {', '.join(missing)} of the dataset "
-                        f"(adapter tasks: {', '.join(source.config.tasks)})")  # fmt: skip
+        raise EvalError(
+            f"model={cfg.model}: its adapter has no task {', '.join(missing)} of the dataset "
+            f"(adapter tasks: {', '.join(source.config.tasks)})"
+        )
     untrained = [t for t in tasks if source.trained_tasks is not None and t not in source.trained_tasks]
     if untrained:
         trained = ", ".join(source.trained_tasks or ())
-        raise EvalError(f"model={cfg.model}: the checkpoint's run never trained {', '.join(untrained)} "
-                        f"(trained: {trained}); set tasks= to the tasks to evaluate")  # fmt: skip
+        raise EvalError(
+            f"model={cfg.model}: the checkpoint's run never trained {', '.join(untrained)} "
+            f"(trained: {trained}); set tasks= to the tasks to evaluate"
+        )
     return tasks
 
 
@@ -252,8 +275,16 @@ def evaluate_embedding(
         scorer = system.scorer(task, prepared.rows)
         metrics: dict[str, float] = {}
         if "pool" in protocols:
-            pool = pool_eval(scorer, item_ids, prepared.positives, prepared.rows["category"].tolist(), categories,
-                             task, seed=seed, candidates=prepared.candidates)  # fmt: skip
+            pool = pool_eval(
+                scorer,
+                item_ids,
+                prepared.positives,
+                prepared.rows["category"].tolist(),
+                categories,
+                task,
+                seed=seed,
+                candidates=prepared.candidates,
+            )
             metrics |= {f"pool.{k}": v for k, v in pool.items() if k != "queries"}
         if "full" in protocols:
             full = full_catalogue_eval(scorer, item_ids, prepared.positives, prepared.exclude)
@@ -268,8 +299,9 @@ def generative_sample(data: Dataset, task: str, split: str, n: int, seed: int) -
     return rows.sample(n=n, random_state=seed).sort_index() if n < len(rows) else rows
 
 
-def answer(system: GRMSystem, task: str, prompts: list[str], max_new_tokens: int, closed: bool,
-           calibrate: bool = False) -> list[str]:  # fmt: skip
+def answer(
+    system: GRMSystem, task: str, prompts: list[str], max_new_tokens: int, closed: bool, calibrate: bool = False
+) -> list[str]:
     """Free decoding, or, for a classification task with ``closed``, the likeliest of the prompt's valid answers
     (``calibrate``: relative to the model's prior for each, ``GRMSystem.choose``)."""
     choices = [closed_answers(task, p) for p in prompts] if closed else []
@@ -279,7 +311,10 @@ def answer(system: GRMSystem, task: str, prompts: list[str], max_new_tokens: int
 
 
 def evaluate_generative(
-    system: GRMSystem, samples: dict[str, pd.DataFrame], max_new_tokens: int, closed: bool = True,
+    system: GRMSystem,
+    samples: dict[str, pd.DataFrame],
+    max_new_tokens: int,
+    closed: bool = True,
     calibrate: bool = False,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
     """({task: {metric: value}}, every prediction with its reference) for the system's generations."""
@@ -288,8 +323,10 @@ def evaluate_generative(
         preds = answer(system, task, rows["prompt"].tolist(), max_new_tokens, closed, calibrate)
         refs = rows["response"].tolist()
         metrics[task] = {metric_name(metric): metric(preds, refs) for metric in GENERATIVE_METRICS[task]}
-        predictions += [{"task": task, "id": i, "reference": r, "prediction": p}
-                        for i, r, p in zip(rows["id"], rows["response"], preds)]  # fmt: skip
+        predictions += [
+            {"task": task, "id": i, "reference": r, "prediction": p}
+            for i, r, p in zip(rows["id"], rows["response"], preds)
+        ]
     return metrics, predictions
 
 
@@ -300,6 +337,7 @@ def systems(cfg: EvalConfig, source: ModelSource) -> Iterator[tuple[str, SystemF
     """(name, factory) in report order; factories build lazily so only one GRM is ever in memory."""
     yield MODEL, lambda: GRMSystem(MODEL, load_model(source), cfg.batch_size)
     if BACKBONE in cfg.baselines:
+
         def backbone() -> Baseline:
             torch.manual_seed(cfg.seed)  # the fresh adapter's A matrices; B = 0 keeps them out of the outputs
             return GRMSystem(BACKBONE, load_model(source, fresh=True), cfg.batch_size)
@@ -328,10 +366,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     (out / PREDICTIONS).mkdir(parents=True, exist_ok=True)
     embedding = {t: prepare_embedding(data, t, cfg.split) for t in tasks if t in EMBEDDING_TASKS}
-    samples = {t: generative_sample(data, t, cfg.split, cfg.max_rows_per_task, cfg.seed)
-               for t in tasks if t not in EMBEDDING_TASKS and _generates(cfg)}  # fmt: skip
-    lists = [build_lists(t, data.rows(t, cfg.split), data.items, data.interactions, cfg.max_rows_per_task, cfg.seed,
-                         f"{data.root}/{task_path(t, cfg.split)}") for t in tasks if _ranks_lists(cfg, t)]  # fmt: skip
+    samples = {
+        t: generative_sample(data, t, cfg.split, cfg.max_rows_per_task, cfg.seed)
+        for t in tasks
+        if t not in EMBEDDING_TASKS and _generates(cfg)
+    }
+    lists = [
+        build_lists(
+            t,
+            data.rows(t, cfg.split),
+            data.items,
+            data.interactions,
+            cfg.max_rows_per_task,
+            cfg.seed,
+            f"{data.root}/{task_path(t, cfg.split)}",
+        )
+        for t in tasks
+        if _ranks_lists(cfg, t)
+    ]
     results: dict[str, Any] = {"systems": {}, "skipped": {}, "seconds": {}, "cpu_seconds": {}}
     for name, factory in systems(cfg, source):
         start, cpu = time.perf_counter(), time.process_time()  # CPU time stays honest on a shared machine
@@ -344,8 +396,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         system.fit(data.items, data.interactions)
         scores = evaluate_embedding(system, embedding, data, cfg.protocols, cfg.seed)
         if isinstance(system, GRMSystem) and samples:
-            generated, predictions = evaluate_generative(system, samples, cfg.max_new_tokens, cfg.closed_answers,
-                                                          cfg.calibrate_answers)  # fmt: skip
+            generated, predictions = evaluate_generative(
+                system, samples, cfg.max_new_tokens, cfg.closed_answers, cfg.calibrate_answers
+            )
             scores |= generated
             (out / PREDICTIONS / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         scores = add_list_metrics(scores, system, lists)
@@ -356,8 +409,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         log.info("%s evaluated in %.1f s (%.1f s CPU)", name, results["seconds"][name], results["cpu_seconds"][name])
     results["queries"] = {t: len(e.rows) for t, e in embedding.items()} | {t: len(s) for t, s in samples.items()}
     results["lists"] = {ranked.task: len(ranked.rows) for ranked in lists}
-    results |= {"model": str(source.path), "model_kind": source.kind.value, "data": cfg.data, "split": cfg.split,
-                "seed": cfg.seed, "config": cfg.model_dump(mode="json")}  # fmt: skip
+    results |= {
+        "model": str(source.path),
+        "model_kind": source.kind.value,
+        "data": cfg.data,
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"),
+    }
     histories = {}
     if source.history is not None and source.history.is_file():
         history = read_metrics(source.history)
@@ -368,4 +427,3 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     (out / RESULTS).write_text(json.dumps(results, indent=2))
     write_report(results, out, histories)
     return results
-

@@ -162,7 +162,10 @@ class GRMSystem:
         for start in range(0, len(texts), self.batch_size):
             batch = order[start : start + self.batch_size]
             enc = encode_embedding(
-                self.model.tokenizer, [instructions[i] for i in batch], [texts[i] for i in batch], self.budget[side],
+                self.model.tokenizer,
+                [instructions[i] for i in batch],
+                [texts[i] for i in batch],
+                self.budget[side],
                 keep_end=side.keeps_end(task),
             )
             parts.append(self.model.embed(enc, self.model.task_ids([task] * len(batch))).float().cpu().numpy())
@@ -176,8 +179,9 @@ class GRMSystem:
         """(prompts, choices) mean log-likelihood per token of each choice as the response (as guided_choice)."""
         return self.model.choice_scores(list(prompts), list(choices), task, self.batch_size).float().numpy()
 
-    def choose(self, task: str, prompts: Sequence[str], choices: Sequence[Sequence[str]],
-               calibrate: bool = False) -> list[str]:  # fmt: skip
+    def choose(
+        self, task: str, prompts: Sequence[str], choices: Sequence[Sequence[str]], calibrate: bool = False
+    ) -> list[str]:
         """Per prompt, the likeliest of its own ``choices``; prompts sharing a choice set are scored together. With
         ``calibrate``, each answer's score on the prompt's content-free twin (``closed.content_free``) is
         subtracted first: the answer the input makes likelier than the model's prior for it wins."""

@@ -110,7 +110,9 @@ def merge_checkpoints(cfg: MergeConfig) -> Path:
         "files": files,
         "sources": [str(r.resolve()) for r in roots],
         "method": cfg.method.value,
-        "parameters": {k: v for k, v in cfg.model_dump(mode="json").items() if k in ("density", "scale", "t", "weights")},
+        "parameters": {
+            k: v for k, v in cfg.model_dump(mode="json").items() if k in ("density", "scale", "t", "weights")
+        },
         "tasks": configs[0].tasks,
         "created": datetime.now(timezone.utc).isoformat(),
     }

@@ -140,8 +140,9 @@ class Embedder(nn.Module):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         keys = attention_mask.bool()[:, None, None, :]
         mask = keys.expand(-1, 1, input_ids.shape[1], -1)
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
-                              is_causal=False).last_hidden_state  # fmt: skip
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, is_causal=False
+        ).last_hidden_state
         weights = text_mask.to(torch.float32).unsqueeze(-1)
         pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return F.normalize(pooled, dim=-1)
@@ -217,8 +218,9 @@ def _load_int8(model: nn.Module, path: Path) -> nn.Module:
     replaced = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
     stray = sorted(k for k in missing if k not in replaced and state[k].data_ptr() not in loaded)  # tied: loaded
     if stray or unexpected:
-        raise ExportError(f"{path}: does not fit {type(model).__name__}: missing {stray[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
+        raise ExportError(
+            f"{path}: does not fit {type(model).__name__}: missing {stray[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     for name, layer in quantized.items():
         model.set_submodule(name, layer)
     return model
@@ -257,8 +259,11 @@ def export(cfg: ExportConfig) -> Path:
 
 def _budgets(backbone: BackboneConfig) -> dict[str, int]:
     """Token budgets per side, so a loaded export truncates exactly as training and GRMEngine do."""
-    return {Side.QUERY.value: backbone.max_query_len, Side.ITEM.value: backbone.max_passage_len,
-            "generative": backbone.max_generative_len}  # fmt: skip
+    return {
+        Side.QUERY.value: backbone.max_query_len,
+        Side.ITEM.value: backbone.max_passage_len,
+        "generative": backbone.max_generative_len,
+    }
 
 
 def _read_merged(root: Path, task: str) -> TMoLEConfig:
@@ -310,8 +315,9 @@ def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
 
 def _write_onnx(decoder: nn.Module, grm: GRM, path: Path, cfg: ExportConfig) -> None:
     """torch's TorchScript exporter (the dynamo one needs onnxscript too); int8 by onnxruntime's quantizer."""
-    sample = encode_embedding(grm.tokenizer, ["an instruction"] * 2, ["a text", "a somewhat longer text"],
-                              grm.backbone.max_query_len)  # fmt: skip
+    sample = encode_embedding(
+        grm.tokenizer, ["an instruction"] * 2, ["a text", "a somewhat longer text"], grm.backbone.max_query_len
+    )
     target = path if cfg.quantize is Quantize.NONE else path.with_suffix(".fp32.onnx")
     axes = {name: {0: "batch", 1: "tokens"} for name in INPUTS} | {OUTPUT: {0: "batch"}}
     with warnings.catch_warnings():
@@ -319,9 +325,16 @@ def _write_onnx(decoder: nn.Module, grm: GRM, path: Path, cfg: ExportConfig) -> 
         # every input with more than one token, and an embedding input always has its prefix's tokens.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(Embedder(decoder).eval(), tuple(torch.as_tensor(sample[k]) for k in INPUTS), str(target),
-                          dynamo=False, input_names=list(INPUTS), output_names=[OUTPUT], dynamic_axes=axes,
-                          opset_version=OPSET)  # fmt: skip
+        torch.onnx.export(
+            Embedder(decoder).eval(),
+            tuple(torch.as_tensor(sample[k]) for k in INPUTS),
+            str(target),
+            dynamo=False,
+            input_names=list(INPUTS),
+            output_names=[OUTPUT],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+        )
     if cfg.quantize is Quantize.INT8:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -359,8 +372,13 @@ class ExportedEmbedder:
 
     def embed(self, texts: Sequence[str], instruction: str, side: Side = Side.QUERY) -> np.ndarray:
         """(n, D) vectors of ``texts`` under ``instruction``, truncated as training truncated ``side``."""
-        batch = encode_embedding(self.tokenizer, [instruction] * len(texts), list(texts), self.budgets[side.value],
-                                 keep_end=side.keeps_end(self.task))  # fmt: skip
+        batch = encode_embedding(
+            self.tokenizer,
+            [instruction] * len(texts),
+            list(texts),
+            self.budgets[side.value],
+            keep_end=side.keeps_end(self.task),
+        )
         return self.run(batch)
 
 
@@ -377,8 +395,12 @@ class ExportedGenerator:
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
         batch = encode_prompt(self.tokenizer, list(prompts), max_len=self.max_len)
         ids, attention = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
-        options = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
-                   "eos_token_id": self.tokenizer.eos_token_id} | generate_kwargs  # fmt: skip
+        options = {
+            "do_sample": False,
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        } | generate_kwargs
         out = self.model.generate(input_ids=ids, attention_mask=attention, **options)
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 

@@ -33,7 +33,6 @@ from recfound.model.tokenizer import (
     with_pad,
 )
 
-
 DType = Literal["auto", "float32", "bfloat16"]
 
 
@@ -69,6 +68,26 @@ class BackboneConfig(Config):
         return self
 
 
+TINY_LAYERS = 2
+SMOLLM2_LAYERS = 30
+"""SmolLM2-135M's decoder depth (its GGUF metadata; known here so a config is checked without parsing 10 s of it)."""
+
+
+def backbone_depth(cfg: BackboneConfig) -> int | None:
+    """Decoder layers of the backbone, known without loading weights; None when an hf config cannot be read here
+    (then the loaded model checks): lets a bad exit layer fail before Ray or a model load starts."""
+    if cfg.name == "tiny":
+        return TINY_LAYERS
+    if cfg.name == "smollm2-135m":
+        return SMOLLM2_LAYERS
+    assert cfg.path is not None  # the validator guarantees it
+    try:
+        config = AutoConfig.from_pretrained(cfg.path, local_files_only=Path(cfg.path).is_dir())
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "num_hidden_layers", None)
+
+
 def resolve_dtype(dtype: DType) -> torch.dtype:
     """bf16 only where the hardware has it: CPU bf16 matmuls are slow and lose precision for no memory need."""
     if dtype == "auto":
@@ -96,7 +115,7 @@ def _tiny(seed: int, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=TINY_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -156,7 +175,5 @@ def _unmark_gguf(model: PreTrainedModel) -> PreTrainedModel:
 def _pretrained(path: str, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     local = Path(path).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn, local_files_only=local
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=local)
     return model, tokenizer

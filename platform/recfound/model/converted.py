@@ -54,8 +54,13 @@ def converted(source: Path, part: str, write: Callable[[Path], None]) -> Path | 
             if not (target / COMPLETE).is_file():  # losing the race to a whole conversion is success
                 raise
     except OSError as err:
-        log.warning("cannot cache the converted %s of %s in %s (%s); loading from the GGUF file each time",
-                    part, source.name, target.parent, err)  # fmt: skip
+        log.warning(
+            "cannot cache the converted %s of %s in %s (%s); loading from the GGUF file each time",
+            part,
+            source.name,
+            target.parent,
+            err,
+        )
         return None
     finally:
         shutil.rmtree(stage, ignore_errors=True)

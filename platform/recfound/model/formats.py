@@ -76,8 +76,10 @@ def encode_embedding(
         ids, offsets = ids[:max_len], offsets[:max_len]
         mask = [int(start >= len(prefix) and end > start) for start, end in offsets]
         if text.strip() and not any(mask):  # pooling nothing would embed every such text as the zero vector
-            raise ValueError(f"the instruction {prefix!r} fills the whole {max_len}-token budget and leaves none of "
-                             "the text: raise max_query_len / max_passage_len or shorten the instruction")  # fmt: skip
+            raise ValueError(
+                f"the instruction {prefix!r} fills the whole {max_len}-token budget and leaves none of "
+                "the text: raise max_query_len / max_passage_len or shorten the instruction"
+            )
         out.append((ids, mask))
     ids, attention, text_mask = _pad(out, tok.pad_token_id, 0, padding_side)
     return {"input_ids": ids, "attention_mask": attention, "text_mask": text_mask}

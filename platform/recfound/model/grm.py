@@ -89,8 +89,9 @@ class GRM(nn.Module):
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
         return out.last_hidden_state[:, width:]
 
-    def _inputs(self, ids: torch.Tensor, attention: torch.Tensor,
-                task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    def _inputs(
+        self, ids: torch.Tensor, attention: torch.Tensor, task_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token embeddings with the rows' soft prompts in front (when a task has one), the attention mask to match,
         and the prefix width. Positions follow the mask, so the tokens sit after the prompt as in training."""
         embeds = self.tuner.model.get_input_embeddings()(ids)
@@ -112,7 +113,9 @@ class GRM(nn.Module):
         losses, _ = self.lm_token_losses(batch, task_ids)
         return losses.sum() / max(1, losses.numel())
 
-    def lm_token_losses(self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lm_token_losses(
+        self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy of every response token, the batch row it belongs to): training sums them per task.
 
         Logits are computed only where a label exists: prompts dominate the length and the vocabulary is large.
@@ -145,8 +148,9 @@ class GRM(nn.Module):
         return self.tokenizer.batch_decode(out if width else out[:, ids.shape[1] :], skip_special_tokens=True)
 
     @torch.no_grad()
-    def choice_scores(self, prompts: Sequence[str], choices: Sequence[str], task: str,
-                      batch_size: int = 32) -> torch.Tensor:  # fmt: skip
+    def choice_scores(
+        self, prompts: Sequence[str], choices: Sequence[str], task: str, batch_size: int = 32
+    ) -> torch.Tensor:
         """(prompts, choices) mean log-likelihood per token of each choice as the whole response (eos included).
 
         Per-token means, as lm-eval-harness normalises: a sum would favour the shortest choice. Every (prompt,
@@ -158,8 +162,9 @@ class GRM(nn.Module):
         return torch.cat(scores).view(len(prompts), len(choices))
 
     def _pair_scores(self, pairs: Sequence[tuple[str, str]], task: str) -> torch.Tensor:
-        batch = encode_generative(self.tokenizer, [p for p, _ in pairs], [c for _, c in pairs],
-                                  self.backbone.max_generative_len)  # fmt: skip
+        batch = encode_generative(
+            self.tokenizer, [p for p, _ in pairs], [c for _, c in pairs], self.backbone.max_generative_len
+        )
         losses, rows = self.lm_token_losses(batch, self.task_ids([task] * len(pairs)))
         total = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, losses)
         count = torch.zeros(len(pairs), device=losses.device).index_add_(0, rows, torch.ones_like(losses))

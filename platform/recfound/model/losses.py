@@ -7,7 +7,6 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from pydantic import field_validator
 
 from recfound.config import Config
@@ -123,8 +122,11 @@ def contrastive_loss(
 
 def total_loss(cfg: LossConfig, contrastive: torch.Tensor | None, generative: torch.Tensor | None) -> torch.Tensor:
     """w_c * contrastive + w_g * generative; a step without one mode passes None for it."""
-    terms = [w * loss for w, loss in ((cfg.contrastive_weight, contrastive), (cfg.generative_weight, generative))
-             if loss is not None]  # fmt: skip
+    terms = [
+        w * loss
+        for w, loss in ((cfg.contrastive_weight, contrastive), (cfg.generative_weight, generative))
+        if loss is not None
+    ]
     if not terms:
         raise ValueError("total_loss needs at least one of contrastive / generative")
     return torch.stack(terms).sum()

@@ -97,9 +97,11 @@ def _deploy(client: Any, apps: dict[str, Any], target_capacity: float | None) ->
     """Apply these app configs, as ``serve deploy`` does (the apps without a config are left out)."""
     from ray.serve.schema import ServeDeploySchema
 
-    client.deploy_apps(ServeDeploySchema.model_validate(
-        {"applications": [a for a in apps.values() if a is not None], "target_capacity": target_capacity}
-    ))  # fmt: skip
+    client.deploy_apps(
+        ServeDeploySchema.model_validate(
+            {"applications": [a for a in apps.values() if a is not None], "target_capacity": target_capacity}
+        )
+    )
 
 
 def _wait_for_version(app_name: str, version: str, timeout_s: float) -> None:

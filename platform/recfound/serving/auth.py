@@ -33,8 +33,10 @@ def _checked(token: str, where: str) -> str:
     if not token:
         raise AuthConfigError(f"{where}: the token is empty")
     if len(token) < MIN_TOKEN_LENGTH:
-        raise AuthConfigError(f"{where}: a token of {len(token)} characters is guessable; use at least "
-                              f"{MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 32`)")  # fmt: skip
+        raise AuthConfigError(
+            f"{where}: a token of {len(token)} characters is guessable; use at least "
+            f"{MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 32`)"
+        )
     return token
 
 

@@ -81,8 +81,9 @@ def generate_grouped(jobs: list[Job], metrics: ServingMetrics) -> list[list[str]
         first = jobs[members[0]]
         with first.live.generate_lock:
             _started(metrics, "generate", [jobs[j] for j in members])
-            texts = first.live.engine.generate(first.task, [p for j in members for p in jobs[j].texts],
-                                               first.max_tokens, first.temperature)  # fmt: skip
+            texts = first.live.engine.generate(
+                first.task, [p for j in members for p in jobs[j].texts], first.max_tokens, first.temperature
+            )
         start = 0
         for j in members:
             out[j] = texts[start : start + len(jobs[j].texts)]

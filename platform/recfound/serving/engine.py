@@ -48,8 +48,9 @@ class Engine(Protocol):
         """One completion per prompt (the response only), routed as ``task``; temperature 0 is greedy."""
         ...
 
-    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
-               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self, task: str, prompt: str, max_tokens: int, temperature: float, cancelled: threading.Event
+    ) -> Iterator[str]:
         """The completion of one prompt in pieces as they are decoded (they concatenate to what ``generate`` would
         return); decoding stops soon after ``cancelled`` is set (a client that went away)."""
         ...
@@ -111,8 +112,9 @@ class GRMEngine:
 
     def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
         """Truncated to the side's training budget, as in training (``encode_embedding`` keeps the instruction)."""
-        batch = self._encode(self.model.tokenizer, [instruction] * len(texts), texts, self._budget[side],
-                             keep_end=side.keeps_end(task))
+        batch = self._encode(
+            self.model.tokenizer, [instruction] * len(texts), texts, self._budget[side], keep_end=side.keeps_end(task)
+        )
         with torch.inference_mode():
             vectors = self.model.embed(batch, self.model.task_ids([task] * len(texts)))
         return vectors.float().cpu().numpy()
@@ -121,8 +123,9 @@ class GRMEngine:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         return self.model.generate(prompts, task, max_new_tokens=max_tokens, **sampling)
 
-    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
-               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self, task: str, prompt: str, max_tokens: int, temperature: float, cancelled: threading.Event
+    ) -> Iterator[str]:
         """``generate`` on a worker thread with transformers' text streamer (whole words, as decoded) and a stopping
         criterion watching ``cancelled``; an error there ends the stream and is raised here."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
@@ -133,8 +136,14 @@ class GRMEngine:
         def decode() -> None:
             try:
                 sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
-                self.model.generate([prompt], task, max_new_tokens=max_tokens, streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]), **sampling)  # fmt: skip
+                self.model.generate(
+                    [prompt],
+                    task,
+                    max_new_tokens=max_tokens,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                    **sampling,
+                )
             except BaseException as err:  # handed to the consumer, which would otherwise wait for ever
                 failure.append(err)
                 streamer.end()
@@ -167,8 +176,10 @@ class ExportEngine:
         check_files(Path(version_dir), read_manifest(Path(version_dir), ExportError).get("files"), ExportError, True)
         exported = load_export(version_dir, verify=False)
         if not isinstance(exported, ExportedEmbedder):
-            raise ValueError(f"{version_dir}: a generative export ({exported.task}); the Serve app serves embedding "
-                             "exports (publish the merged model for generation)")  # fmt: skip
+            raise ValueError(
+                f"{version_dir}: a generative export ({exported.task}); the Serve app serves embedding "
+                "exports (publish the merged model for generation)"
+            )
         self._embedder, self.tasks = exported, (exported.task,)
         self.context_length = int(exported.budgets["generative"])
 
@@ -181,8 +192,9 @@ class ExportEngine:
     def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
         raise NotImplementedError("an embedding export does not generate")
 
-    def stream(self, task: str, prompt: str, max_tokens: int, temperature: float,
-               cancelled: threading.Event) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self, task: str, prompt: str, max_tokens: int, temperature: float, cancelled: threading.Event
+    ) -> Iterator[str]:
         raise NotImplementedError("an embedding export does not generate")
 
     def choice_scores(self, task: str, prompts: list[str], choices: list[str]) -> np.ndarray:

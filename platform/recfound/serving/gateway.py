@@ -82,8 +82,11 @@ async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if p != "body")
     if first["type"] == "json_invalid":
-        return _error(ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
-                               None, "invalid_json"))  # fmt: skip
+        return _error(
+            ApiError(
+                400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}", None, "invalid_json"
+            )
+        )
     code = "missing_field" if first["type"] == "missing" else "invalid_type"
     return _error(ApiError(400, f"{where or 'body'}: {first['msg']}", where or None, code))
 
@@ -117,8 +120,9 @@ async def _auth(request: Request, call_next: Any) -> Any:
     """The token on every route but the public ones, FastAPI's docs and schema routes included (a middleware sees
     those; a dependency would not)."""
     if not _public(request) and not _authorized(request):
-        return _error(ApiError(401, "missing or invalid bearer token", None, "invalid_api_key",
-                               ErrorType.AUTHENTICATION))  # fmt: skip
+        return _error(
+            ApiError(401, "missing or invalid bearer token", None, "invalid_api_key", ErrorType.AUTHENTICATION)
+        )
     return await call_next(request)
 
 
@@ -154,8 +158,9 @@ class BodyLimit:
 api.add_middleware(BodyLimit)
 
 
-async def answer(call: DeploymentResponse | DeploymentResponseGenerator, limits: Limits,
-                 timeout_s: float | None = None) -> Any:  # fmt: skip
+async def answer(
+    call: DeploymentResponse | DeploymentResponseGenerator, limits: Limits, timeout_s: float | None = None
+) -> Any:
     """The model replica's answer (a stream's next item) within ``timeout_s`` (default ``request_timeout_s``; 504
     past it, the request cancelled), or a 503 when the Model's queue is full (Serve's ``max_queued_requests``):
     overload answers fast instead of piling up."""
@@ -164,11 +169,17 @@ async def answer(call: DeploymentResponse | DeploymentResponseGenerator, limits:
         return await asyncio.wait_for(pending, limits.request_timeout_s if timeout_s is None else timeout_s)
     except TimeoutError:
         call.cancel()
-        raise ApiError(504, f"no answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)", None,
-                       "timeout", ErrorType.SERVER) from None  # fmt: skip
+        raise ApiError(
+            504,
+            f"no answer within {limits.request_timeout_s:g} s (limits.request_timeout_s)",
+            None,
+            "timeout",
+            ErrorType.SERVER,
+        ) from None
     except BackPressureError:
-        raise ApiError(503, "the model is at capacity; retry shortly", None, "overloaded",
-                       ErrorType.UNAVAILABLE) from None  # fmt: skip
+        raise ApiError(
+            503, "the model is at capacity; retry shortly", None, "overloaded", ErrorType.UNAVAILABLE
+        ) from None
 
 
 MODEL_CALL_ATTEMPTS = 3
@@ -186,10 +197,19 @@ async def ask(send: Callable[[], DeploymentResponse], limits: Limits) -> Any:
         try:
             return await answer(send(), limits, max(deadline - loop.time(), 0.0))
         except RayActorError as err:
-            log.warning("Model replica lost during a call (attempt %d of %d): %s", attempt, MODEL_CALL_ATTEMPTS,
-                        type(err).__name__)  # fmt: skip
-    raise ApiError(503, f"the model replica died {MODEL_CALL_ATTEMPTS} times running this request; retry shortly",
-                   None, "replica_lost", ErrorType.UNAVAILABLE)  # fmt: skip
+            log.warning(
+                "Model replica lost during a call (attempt %d of %d): %s",
+                attempt,
+                MODEL_CALL_ATTEMPTS,
+                type(err).__name__,
+            )
+    raise ApiError(
+        503,
+        f"the model replica died {MODEL_CALL_ATTEMPTS} times running this request; retry shortly",
+        None,
+        "replica_lost",
+        ErrorType.UNAVAILABLE,
+    )
 
 
 def _proxy_host() -> str:
@@ -238,10 +258,15 @@ class Gateway:
         task = embedding_task(req.model)
         out: Embedded = await ask(partial(self._model.embed.remote, task, req.texts(self._limits)), self._limits)
         if req.dimensions is not None and req.dimensions != out.vectors.shape[1]:
-            raise ApiError(400, f"dimensions={req.dimensions}; this model embeds in {out.vectors.shape[1]}",
-                           "dimensions", "unsupported_value")  # fmt: skip
-        return _versioned(embedding_response(req.model, out.version, out.vectors, out.tokens, req.encoding_format),
-                          out.version)  # fmt: skip
+            raise ApiError(
+                400,
+                f"dimensions={req.dimensions}; this model embeds in {out.vectors.shape[1]}",
+                "dimensions",
+                "unsupported_value",
+            )
+        return _versioned(
+            embedding_response(req.model, out.version, out.vectors, out.tokens, req.encoding_format), out.version
+        )
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Any:
@@ -261,16 +286,18 @@ class Gateway:
             out: Generated = await ask(partial(self._model.choose.remote, task, prompts, choices), self._limits)
             texts, finish = out.texts, ["stop"] * len(out.texts)
         else:
-            out = await ask(partial(self._model.generate.remote, task, prompts, max_tokens, req.temperature),
-                            self._limits)  # fmt: skip
+            out = await ask(
+                partial(self._model.generate.remote, task, prompts, max_tokens, req.temperature), self._limits
+            )
             texts, finish = [], []
             for text, tokens in zip(out.texts, out.completion_tokens, strict=True):
                 text, stopped = apply_stop(text, stops)
                 texts.append(text)
                 finish.append("stop" if stopped or tokens < max_tokens else "length")
         if not req.stream:
-            body = completion_response(req.model, out.version, texts, finish, out.prompt_tokens,
-                                       sum(out.completion_tokens), chat)  # fmt: skip
+            body = completion_response(
+                req.model, out.version, texts, finish, out.prompt_tokens, sum(out.completion_tokens), chat
+            )
             return _versioned(body, out.version)
         cid = completion_id(chat)
 
@@ -283,8 +310,15 @@ class Gateway:
 
         return StreamingResponse(sse(chosen()), media_type="text/event-stream", headers={VERSION_HEADER: out.version})
 
-    async def _stream(self, req: CompletionRequest | ChatRequest, task: str, prompts: list[str], max_tokens: int,
-                      stops: list[str], chat: bool) -> StreamingResponse:  # fmt: skip
+    async def _stream(
+        self,
+        req: CompletionRequest | ChatRequest,
+        task: str,
+        prompts: list[str],
+        max_tokens: int,
+        stops: list[str],
+        chat: bool,
+    ) -> StreamingResponse:
         """Token streaming: each prompt's completion is sent as the replica decodes it, cut at a stop string.
 
         Every prompt's stream is opened (and its context checked) before the 200, so bad input still gets a 4xx;

@@ -23,8 +23,25 @@ from typing import Any, Protocol
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-QUEUE_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                   300.0]  # fmt: skip
+QUEUE_BUCKETS_S = [
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+]
 """From an idle replica's milliseconds to a generation queued behind long completions (request_timeout_s is 300)."""
 INPUT_BUCKETS = [float(2**i) for i in range(13)]
 """1 to 4096 texts: max_batch_size 16 x max_inputs 256 in the shipped config."""
@@ -48,8 +65,12 @@ class ServingMetrics:
     """The recfound series of one replica. The metric classes are injectable so the recording is tested without a
     Ray cluster; they are called as Ray's are (keyword arguments: description, boundaries, tag_keys)."""
 
-    def __init__(self, counter: Callable[..., Any] = Counter, histogram: Callable[..., Any] = Histogram,
-                 gauge: Callable[..., Any] = Gauge) -> None:  # fmt: skip
+    def __init__(
+        self,
+        counter: Callable[..., Any] = Counter,
+        histogram: Callable[..., Any] = Histogram,
+        gauge: Callable[..., Any] = Gauge,
+    ) -> None:
         self.prompt_tokens: CounterLike = counter(
             "recfound_prompt_tokens",
             description="Input tokens of answered requests, as the API's usage.prompt_tokens counts them (an "

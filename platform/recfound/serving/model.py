@@ -25,9 +25,16 @@ from recfound.serving.metrics import ServingMetrics
 from recfound.serving.rank import rank_question
 from recfound.serving.registry import LATEST_ALIAS, latest_version
 from recfound.serving.schemas import (
-    MODEL_PREFIX, QUERY_PARAM, ApiError, ErrorType, RankRequest, RecommendedItem, RecommendRequest, RecommendResponse,
+    MODEL_PREFIX,
+    QUERY_PARAM,
+    ApiError,
+    ErrorType,
+    RankRequest,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
     Scorer,
-)  # fmt: skip
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -101,8 +108,7 @@ def _context_error(param: str, index: int, tokens: int, limit: int, what: str) -
 class Model:
     """Engine + item index of one registry version; swaps versions in ``reconfigure`` without downtime."""
 
-    def __init__(self, registry: str, search: dict[str, Any], cache_dir: str | None = None,
-                 pinned: str | None = None):  # fmt: skip
+    def __init__(self, registry: str, search: dict[str, Any], cache_dir: str | None = None, pinned: str | None = None):
         self._registry = registry
         self._pinned = pinned
         self._search = SearchConfig.model_validate(search)
@@ -176,8 +182,9 @@ class Model:
             raise RuntimeError("no model version loaded: the deployment needs user_config {'version': ...}")
         busy = live.busiest()
         if busy is not None and busy > self._max_engine_call_s:
-            raise RuntimeError(f"engine inside one call for {busy:.0f} s, over max_engine_call_s="
-                               f"{self._max_engine_call_s:g}: wedged")  # fmt: skip
+            raise RuntimeError(
+                f"engine inside one call for {busy:.0f} s, over max_engine_call_s={self._max_engine_call_s:g}: wedged"
+            )
         await asyncio.to_thread(probe, live)
 
     def _require_live(self) -> LiveVersion:
@@ -187,11 +194,16 @@ class Model:
 
     async def info(self) -> dict[str, Any]:
         live = self._require_live()
-        return {"version": live.version, "last_error": self._error, "items": len(live.index.item_ids),
-                "context_length": live.engine.context_length}  # fmt: skip
+        return {
+            "version": live.version,
+            "last_error": self._error,
+            "items": len(live.index.item_ids),
+            "context_length": live.engine.context_length,
+        }
 
-    async def _check_embed_context(self, live: LiveVersion, task: str, texts: list[str],
-                                   param: str) -> tuple[int, list[int]]:  # fmt: skip
+    async def _check_embed_context(
+        self, live: LiveVersion, task: str, texts: list[str], param: str
+    ) -> tuple[int, list[int]]:
         """(the instruction's tokens, each text's), once every text fits the context with the instruction."""
         instruction, *counts = await _count_tokens(live, [live.instructions[task]["query"], *texts])
         for i, n in enumerate(counts):
@@ -223,8 +235,13 @@ class Model:
         counts = await _count_tokens(live, prompts)
         for i, n in enumerate(counts):
             if n + max_tokens > live.engine.context_length:
-                raise _context_error("prompt", i, n + max_tokens, live.engine.context_length,
-                                     f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
+                raise _context_error(
+                    "prompt",
+                    i,
+                    n + max_tokens,
+                    live.engine.context_length,
+                    f"{n} in the prompt + {max_tokens} max_tokens",
+                )
         texts = await self._generate_batch(Job(live, task, prompts, sum(counts), max_tokens, temperature))
         completion = await _count_tokens(live, texts)
         self._metrics.tokens("generate", task, sum(counts), sum(completion))
@@ -241,8 +258,9 @@ class Model:
         _served(live, task)
         [n] = await _count_tokens(live, [prompt])
         if n + max_tokens > live.engine.context_length:
-            raise _context_error("prompt", 0, n + max_tokens, live.engine.context_length,
-                                 f"{n} in the prompt + {max_tokens} max_tokens")  # fmt: skip
+            raise _context_error(
+                "prompt", 0, n + max_tokens, live.engine.context_length, f"{n} in the prompt + {max_tokens} max_tokens"
+            )
         self._metrics.tokens("stream", task, n)
         yield Started(live.version, n)
         loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue[Any](), threading.Event()
@@ -275,16 +293,22 @@ class Model:
             cancelled.set()
         yield Finished(await decoding)
 
-    async def _choice_scores(self, live: LiveVersion, task: str, prompts: list[str], choices: list[str],
-                             param: str, choice_param: str) -> tuple[np.ndarray, int]:  # fmt: skip
+    async def _choice_scores(
+        self, live: LiveVersion, task: str, prompts: list[str], choices: list[str], param: str, choice_param: str
+    ) -> tuple[np.ndarray, int]:
         """(prompts, choices) scores and the prompts' token count; every (prompt, choice) pair must fit the context
         like a completion."""
         counts = await _count_tokens(live, prompts)
         longest = max(await _count_tokens(live, choices))
         for i, n in enumerate(counts):
             if n + longest > live.engine.context_length:
-                raise _context_error(param, i, n + longest, live.engine.context_length,
-                                     f"{n} in the prompt + {longest} in the longest {choice_param}")  # fmt: skip
+                raise _context_error(
+                    param,
+                    i,
+                    n + longest,
+                    live.engine.context_length,
+                    f"{n} in the prompt + {longest} in the longest {choice_param}",
+                )
 
         def score() -> np.ndarray:
             with live.generate_lock:
@@ -343,13 +367,18 @@ class Model:
         else:
             question = rank_question(req.task, text, [index.titles[p] for p in positions], live.engine.tasks)
             _served(live, question.task, "scorer")
-            table, tokens = await self._choice_scores(live, question.task, question.prompts, question.choices,
-                                                      QUERY_PARAM[req.task], "candidate")  # fmt: skip
+            table, tokens = await self._choice_scores(
+                live, question.task, question.prompts, question.choices, QUERY_PARAM[req.task], "candidate"
+            )
             scores = question.scores(table)
         self._metrics.tokens("rank", req.task, tokens)
         order = sorted(range(len(positions)), key=lambda i: -float(scores[i]))
-        items = [RecommendedItem(item_id=index.item_ids[positions[i]], title=index.titles[positions[i]],
-                                 score=float(scores[i])) for i in order]  # fmt: skip
+        items = [
+            RecommendedItem(
+                item_id=index.item_ids[positions[i]], title=index.titles[positions[i]], score=float(scores[i])
+            )
+            for i in order
+        ]
         return RecommendResponse(task=req.task, version=live.version, items=items)
 
 
@@ -361,10 +390,19 @@ def _served(live: LiveVersion, task: str, param: str = "model") -> None:
         return
     served = ", ".join(live.engine.tasks)
     if param == "model":
-        raise ApiError(404, f"model {MODEL_PREFIX + task!r} is not served by version {live.version}: it was not "
-                       f"trained on {task} (its tasks: {served})", "model", "model_not_found")  # fmt: skip
-    raise ApiError(400, f"{param}: version {live.version} was not trained on {task}, which it needs (its tasks: "
-                   f"{served})", param, "unsupported_value")  # fmt: skip
+        raise ApiError(
+            404,
+            f"model {MODEL_PREFIX + task!r} is not served by version {live.version}: it was not "
+            f"trained on {task} (its tasks: {served})",
+            "model",
+            "model_not_found",
+        )
+    raise ApiError(
+        400,
+        f"{param}: version {live.version} was not trained on {task}, which it needs (its tasks: {served})",
+        param,
+        "unsupported_value",
+    )
 
 
 async def _count_tokens(live: LiveVersion, texts: list[str]) -> list[int]:

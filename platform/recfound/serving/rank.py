@@ -53,8 +53,14 @@ def rank_question(task: str, query_text: str, titles: Sequence[str], trained: Co
     instruction = INSTRUCTIONS[generative][0]
     if task == "u2i":
         if len(titles) > len(LETTERS):
-            raise ApiError(400, f"scorer=generative lists u2i candidates as lettered options for this model (it was "
-                           f"not trained on {POINTWISE_RANKER}): at most {len(LETTERS)}", "candidates",
-                           "too_many_inputs")  # fmt: skip
-        return RankQuestion(generative, [alpaca(instruction, query_text, lettered(titles))], list(LETTERS[: len(titles)]))
+            raise ApiError(
+                400,
+                f"scorer=generative lists u2i candidates as lettered options for this model (it was "
+                f"not trained on {POINTWISE_RANKER}): at most {len(LETTERS)}",
+                "candidates",
+                "too_many_inputs",
+            )
+        return RankQuestion(
+            generative, [alpaca(instruction, query_text, lettered(titles))], list(LETTERS[: len(titles)])
+        )
     return RankQuestion(generative, [alpaca(instruction, query_text)], list(titles))

@@ -120,8 +120,10 @@ def verify(version_dir: str) -> None:
     recorded = {**_manifest_files(root), **read_version(version_dir).get("index_files", {})}
     disagree = sorted(rel for rel, digest in recorded.items() if sealed.get(rel) != digest)
     if disagree:
-        raise ChecksumError(f"{version_dir}: checksum mismatch for {disagree[0]}: {CHECKSUMS} disagrees with "
-                            f"{MANIFEST} or {VERSION_FILE}")  # fmt: skip
+        raise ChecksumError(
+            f"{version_dir}: checksum mismatch for {disagree[0]}: {CHECKSUMS} disagrees with "
+            f"{MANIFEST} or {VERSION_FILE}"
+        )
 
 
 def _sealed_files(root: Path) -> dict[str, str]:
@@ -233,8 +235,7 @@ def _remove_stale_stages(parent: Path) -> None:
             continue  # committed or removed meanwhile
         try:
             if _try_lock(fd):
-                log.warning("removing %s: a stage folder older than %.0f s that no writer holds", stage,
-                            STALE_STAGE_S)  # fmt: skip
+                log.warning("removing %s: a stage folder older than %.0f s that no writer holds", stage, STALE_STAGE_S)
                 shutil.rmtree(stage, ignore_errors=True)
         finally:
             os.close(fd)
@@ -403,8 +404,11 @@ def _advance_latest(fs: Any, root: str, name: str) -> None:
     of all publishers comes after every write and every commit, so it leaves the newest version in place."""
     pointer = f"{root}/{LATEST}"
     while True:
-        newest = max((n for n in _version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{n}/{VERSION_FILE}")),
-                     key=version_number, default=name)  # fmt: skip
+        newest = max(
+            (n for n in _version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{n}/{VERSION_FILE}")),
+            key=version_number,
+            default=name,
+        )
         if fs.exists(pointer) and version_number(read_json(_url(fs, pointer))["version"]) >= version_number(newest):
             return
         write_json(_url(fs, pointer), {"version": newest, "updated": time.time()})

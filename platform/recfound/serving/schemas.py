@@ -96,8 +96,9 @@ def check_chars(texts: list[str], limits: Limits, param: str) -> None:
     """Refuse any text longer than ``max_chars`` (named by its position) before it is tokenised."""
     for i, text in enumerate(texts):
         if len(text) > limits.max_chars:
-            raise ApiError(400, f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars}", param,
-                           "string_too_long")  # fmt: skip
+            raise ApiError(
+                400, f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars}", param, "string_too_long"
+            )
 
 
 def embedding_task(model: str) -> str:
@@ -152,8 +153,9 @@ class EmbeddingRequest(_OpenAIRequest):
         if not texts:
             raise ApiError(400, "input is empty: send a string or a non-empty list of strings", "input", "empty_input")
         if len(texts) > limits.max_inputs:
-            raise ApiError(400, f"{len(texts)} inputs; at most {limits.max_inputs} per request", "input",
-                           "too_many_inputs")  # fmt: skip
+            raise ApiError(
+                400, f"{len(texts)} inputs; at most {limits.max_inputs} per request", "input", "too_many_inputs"
+            )
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ApiError(400, f"input[{i}] is an empty string", "input", "empty_input")
@@ -191,8 +193,12 @@ class _GenerationRequest(_OpenAIRequest):
             return None
         choices = self.guided_choice
         if not choices or len(choices) > limits.max_inputs:
-            raise ApiError(400, f"guided_choice has {len(choices)} choices; send 1 to {limits.max_inputs}",
-                           "guided_choice", "invalid_value")  # fmt: skip
+            raise ApiError(
+                400,
+                f"guided_choice has {len(choices)} choices; send 1 to {limits.max_inputs}",
+                "guided_choice",
+                "invalid_value",
+            )
         if any(not c.strip() for c in choices) or len(set(choices)) < len(choices):
             raise ApiError(400, "guided_choice must be distinct, non-empty strings", "guided_choice", "invalid_value")
         check_chars(choices, limits, "guided_choice")
@@ -214,8 +220,9 @@ class CompletionRequest(_GenerationRequest):
         if not prompts or not all(p.strip() for p in prompts):
             raise ApiError(400, "prompt is empty", "prompt", "empty_input")
         if len(prompts) > limits.max_inputs:
-            raise ApiError(400, f"{len(prompts)} prompts; at most {limits.max_inputs} per request", "prompt",
-                           "too_many_inputs")  # fmt: skip
+            raise ApiError(
+                400, f"{len(prompts)} prompts; at most {limits.max_inputs} per request", "prompt", "too_many_inputs"
+            )
         check_chars(prompts, limits, "prompt")
         return prompts
 
@@ -240,14 +247,19 @@ class ChatRequest(_GenerationRequest):
     def prompt(self, limits: Limits) -> str:
         """System/developer messages then the user turn, as one prompt: the model was trained single-turn."""
         if len(self.messages) > limits.max_messages:
-            raise ApiError(400, f"{len(self.messages)} messages; at most {limits.max_messages}", "messages",
-                           "too_many_inputs")  # fmt: skip
+            raise ApiError(
+                400, f"{len(self.messages)} messages; at most {limits.max_messages}", "messages", "too_many_inputs"
+            )
         check_chars([m.text() for m in self.messages], limits, "messages")
         if not self.messages or self.messages[-1].role != "user":
             raise ApiError(400, "messages must end with a user message", "messages", "invalid_value")
         if any(m.role == "assistant" for m in self.messages):
-            raise ApiError(400, "multi-turn chat is not supported: send system messages and one user message",
-                           "messages", "unsupported_value")  # fmt: skip
+            raise ApiError(
+                400,
+                "multi-turn chat is not supported: send system messages and one user message",
+                "messages",
+                "unsupported_value",
+            )
         users = [m for m in self.messages if m.role == "user"]
         if len(users) > 1:
             raise ApiError(400, "only one user message is supported", "messages", "unsupported_value")
@@ -277,8 +289,9 @@ class _ItemQuery(BaseModel):
         if not value or (isinstance(value, str) and not value.strip()):
             raise ApiError(400, f"task {self.task} needs a non-empty {needed!r}", needed, "empty_input")
         if self.history and len(self.history) > limits.max_history:
-            raise ApiError(400, f"{len(self.history)} history items; at most {limits.max_history}", "history",
-                           "too_many_inputs")  # fmt: skip
+            raise ApiError(
+                400, f"{len(self.history)} history items; at most {limits.max_history}", "history", "too_many_inputs"
+            )
         check_chars([value] if isinstance(value, str) else value, limits, needed)
 
 
@@ -314,13 +327,18 @@ class RankRequest(_ItemQuery):
         if not self.candidates:
             raise ApiError(400, "candidates is empty", "candidates", "empty_input")
         if len(self.candidates) > limits.max_candidates:
-            raise ApiError(400, f"{len(self.candidates)} candidates; at most {limits.max_candidates}", "candidates",
-                           "too_many_inputs")  # fmt: skip
+            raise ApiError(
+                400,
+                f"{len(self.candidates)} candidates; at most {limits.max_candidates}",
+                "candidates",
+                "too_many_inputs",
+            )
         if len(set(self.candidates)) < len(self.candidates):
             raise ApiError(400, "candidates must be distinct item ids", "candidates", "invalid_value")
         if self.scorer is Scorer.GENERATIVE and self.task == "i2i":
-            raise ApiError(400, "scorer=generative ranks u2i and q2i; use scorer=embedding for i2i", "scorer",
-                           "unsupported_value")  # fmt: skip
+            raise ApiError(
+                400, "scorer=generative ranks u2i and q2i; use scorer=embedding for i2i", "scorer", "unsupported_value"
+            )
 
 
 class RecommendedItem(BaseModel):
@@ -353,26 +371,44 @@ def completion_id(chat: bool) -> str:
 
 
 def completion_response(
-    model: str, version: str, texts: list[str], finish: list[str], prompt_tokens: int, completion_tokens: int,
+    model: str,
+    version: str,
+    texts: list[str],
+    finish: list[str],
+    prompt_tokens: int,
+    completion_tokens: int,
     chat: bool,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
-                   for i, (t, f) in enumerate(zip(texts, finish, strict=True))]  # fmt: skip
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
+            for i, (t, f) in enumerate(zip(texts, finish, strict=True))
+        ]
     else:
-        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
-                   for i, (t, f) in enumerate(zip(texts, finish, strict=True))]  # fmt: skip
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        choices = [
+            {"index": i, "text": t, "finish_reason": f, "logprobs": None}
+            for i, (t, f) in enumerate(zip(texts, finish, strict=True))
+        ]
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     return {
-        "id": completion_id(chat), "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": model, "choices": choices, "usage": usage,
-        "system_fingerprint": version, "version": version,
-    }  # fmt: skip
+        "id": completion_id(chat),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+        "system_fingerprint": version,
+        "version": version,
+    }
 
 
-def stream_chunk(cid: str, model: str, version: str, index: int, piece: str | None, finish: str | None,
-                 chat: bool) -> dict[str, Any]:  # fmt: skip
+def stream_chunk(
+    cid: str, model: str, version: str, index: int, piece: str | None, finish: str | None, chat: bool
+) -> dict[str, Any]:
     """One OpenAI streaming chunk; for chat, ``piece=None`` opens the message with the assistant role."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if piece is None else {}
@@ -382,6 +418,11 @@ def stream_chunk(cid: str, model: str, version: str, index: int, piece: str | No
     else:
         choice = {"index": index, "text": piece or "", "finish_reason": finish, "logprobs": None}
     return {
-        "id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-        "model": model, "choices": [choice], "system_fingerprint": version, "version": version,
-    }  # fmt: skip
+        "id": cid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "system_fingerprint": version,
+        "version": version,
+    }

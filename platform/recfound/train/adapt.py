@@ -157,8 +157,9 @@ def adapt(cfg: AdaptConfig) -> Path:
     return out
 
 
-def _train(objective: JointObjective, params: list[torch.nn.Parameter], rows: dict[str, Rows],
-           cfg: AdaptConfig) -> list[float]:  # fmt: skip
+def _train(
+    objective: JointObjective, params: list[torch.nn.Parameter], rows: dict[str, Rows], cfg: AdaptConfig
+) -> list[float]:
     """``cfg.steps`` of the trainer's own ``train_step``, each mode's batch split evenly over its adapted tasks;
     returns each step's mean task loss."""
     run = TrainConfig(max_steps=cfg.steps, optim=OptimConfig(lr=cfg.lr), seed=cfg.seed)
@@ -170,8 +171,17 @@ def _train(objective: JointObjective, params: list[torch.nn.Parameter], rows: di
     objective.train()
     for step in range(1, cfg.steps + 1):
         counts = {mode: s.counts(even) for mode, s in samplers.items()}
-        done = train_step(engine, streams, counts, grad_accum=1, cost=cost, seed=cfg.seed, rank=0, step=step,
-                          device=objective.grm.device)  # fmt: skip
+        done = train_step(
+            engine,
+            streams,
+            counts,
+            grad_accum=1,
+            cost=cost,
+            seed=cfg.seed,
+            rank=0,
+            step=step,
+            device=objective.grm.device,
+        )
         if done.non_finite:
             raise AdaptError(f"step {step}: the loss of {done.non_finite} is {done.losses[done.non_finite]}")
         history.append(round(sum(done.losses.values()) / len(done.losses), 6))
@@ -191,8 +201,10 @@ def _read_rows(data: str, task: str, split: str, limit: int | None, seed: int | 
     """A task split's rows: the first ``limit`` (seed None) or a seeded sample of ``limit``; all when no limit."""
     url = f"{data.rstrip('/')}/{task_path(task, split)}"
     if not exists(url):
-        raise AdaptError(f"data={data}: no {split} split of task {task} ({task_path(task, split)}); build the "
-                         f"dataset with that task (jobs/build_dataset.py tasks=...)")  # fmt: skip
+        raise AdaptError(
+            f"data={data}: no {split} split of task {task} ({task_path(task, split)}); build the "
+            f"dataset with that task (jobs/build_dataset.py tasks=...)"
+        )
     fs, path = url_to_fs(url)
     table = pq.read_table(path, filesystem=fs)
     if not table.num_rows:

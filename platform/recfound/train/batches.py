@@ -62,8 +62,13 @@ def tokenize(batch: Rows, backbone: dict[str, Any], task: str) -> Rows:
 
 
 def _embedding(tok: Any, cfg: Budget, batch: Rows, task: str) -> Rows:
-    q = encode_embedding(tok, list(batch["query_instruction"]), list(batch["query"]), cfg.max_query_len,
-                         keep_end=Side.QUERY.keeps_end(task))  # fmt: skip
+    q = encode_embedding(
+        tok,
+        list(batch["query_instruction"]),
+        list(batch["query"]),
+        cfg.max_query_len,
+        keep_end=Side.QUERY.keeps_end(task),
+    )
     # Passages: the positive, then the row's hard negatives, all under the item-side instruction.
     negatives = [list(n) for n in batch["neg"]]
     k = len(negatives[0]) if negatives else 0
@@ -73,8 +78,10 @@ def _embedding(tok: Any, cfg: Budget, batch: Rows, task: str) -> Rows:
     instructions = [i for i in batch["pos_instruction"] for _ in range(1 + k)]
     p = encode_embedding(tok, instructions, texts, cfg.max_passage_len)
     shape = (len(negatives), 1 + k, -1)
-    identities = [[item or text for item, text in zip([pos_item, *neg_items], [pos, *negs], strict=True)]
-                  for pos_item, neg_items, pos, negs in zip(batch["pos_item"], batch["neg_items"], batch["pos"], negatives)]  # fmt: skip
+    identities = [
+        [item or text for item, text in zip([pos_item, *neg_items], [pos, *negs], strict=True)]
+        for pos_item, neg_items, pos, negs in zip(batch["pos_item"], batch["neg_items"], batch["pos"], negatives)
+    ]
     return pair_keys(list(batch["query"]), identities) | {
         "task": batch["task"],
         "q_ids": _fixed(q["input_ids"], cfg.max_query_len, 0),
@@ -94,8 +101,10 @@ def pair_keys(queries: Sequence[str], items: Sequence[Sequence[str]]) -> dict[st
 
 def item_keys(texts: Sequence[str]) -> np.ndarray:
     """Stable 63-bit hash of each item id (or text): the keys of ``pair_keys`` and of the popularity prior."""
-    return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1 for t in texts],
-                    dtype=np.int64)  # fmt: skip
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1 for t in texts],
+        dtype=np.int64,
+    )
 
 
 def _generative(tok: Any, cfg: Budget, batch: Rows) -> Rows:

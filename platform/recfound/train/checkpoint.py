@@ -30,9 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recfound.artifacts import (
-    ADAPTER_DIR, CHECKPOINT_MANIFEST, METRICS, SCHEDULER_STATE, TRAINER_STATE, hash_tree, read_metrics,
-    read_trainer_state, verify_tree,
-)  # fmt: skip
+    ADAPTER_DIR,
+    CHECKPOINT_MANIFEST,
+    METRICS,
+    SCHEDULER_STATE,
+    TRAINER_STATE,
+    hash_tree,
+    read_metrics,
+    read_trainer_state,
+    verify_tree,
+)
 from recfound.model.grm import GRM
 from recfound.train.telemetry import write_history
 
@@ -62,8 +69,10 @@ def writing(where: str | Path) -> Iterator[None]:
     except OSError as err:
         code = errno.errorcode.get(err.errno or 0)
         cause = f"{err.strerror} [{code}]" if err.strerror and code else str(err)
-        raise CheckpointWriteError(f"checkpoint not written: {err.filename or where}: {cause}; the last complete "
-                                   f"checkpoint stays and a resume starts from it") from err  # fmt: skip
+        raise CheckpointWriteError(
+            f"checkpoint not written: {err.filename or where}: {cause}; the last complete "
+            f"checkpoint stays and a resume starts from it"
+        ) from err
 
 
 def save(
@@ -72,8 +81,10 @@ def save(
     """Rank 0's part, after the engine wrote its optimizer state into ``root``; the manifest covers both."""
     with writing(root / ADAPTER_DIR):
         grm.save_pretrained(str(root / ADAPTER_DIR))
-    for name, text in ((TRAINER_STATE, json.dumps(trainer_state, indent=2)),
-                       (SCHEDULER_STATE, json.dumps(scheduler_state))):  # fmt: skip
+    for name, text in (
+        (TRAINER_STATE, json.dumps(trainer_state, indent=2)),
+        (SCHEDULER_STATE, json.dumps(scheduler_state)),
+    ):
         with writing(root / name):
             (root / name).write_text(text)
     with writing(root / METRICS):
@@ -103,8 +114,14 @@ def _older_or_same(latest: Checkpoint) -> list[Checkpoint]:
 
     parent, name = posixpath.split(latest.path.rstrip("/"))
     infos = latest.filesystem.get_file_info(FileSelector(parent))
-    older = sorted((i.base_name for i in infos if i.type == FileType.Directory and i.base_name.startswith(PREFIX)
-                    and i.base_name < name), reverse=True)  # fmt: skip
+    older = sorted(
+        (
+            i.base_name
+            for i in infos
+            if i.type == FileType.Directory and i.base_name.startswith(PREFIX) and i.base_name < name
+        ),
+        reverse=True,
+    )
     return [latest] + [Checkpoint(posixpath.join(parent, n), latest.filesystem) for n in older]
 
 
@@ -129,8 +146,9 @@ def resumable(latest: Checkpoint, check: Callable[[Path], None]) -> Checkpoint:
             skipped.append(str(err))
             continue
         if skipped:
-            log.warning("resuming from %s; skipped newer checkpoints that do not verify: %s", candidate.path,
-                        "; ".join(skipped))  # fmt: skip
+            log.warning(
+                "resuming from %s; skipped newer checkpoints that do not verify: %s", candidate.path, "; ".join(skipped)
+            )
         return candidate
     raise CorruptCheckpointError(f"no checkpoint of the run verifies: {'; '.join(skipped)}")
 

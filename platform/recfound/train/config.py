@@ -146,10 +146,14 @@ class TrainConfig(Config):
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
         if {"CPU", "GPU"} & set(self.resources_per_worker):
-            raise ValueError("resources_per_worker holds extra resources; set CPUs with cpus_per_worker, GPUs with use_gpu")
+            raise ValueError(
+                "resources_per_worker holds extra resources; set CPUs with cpus_per_worker, GPUs with use_gpu"
+            )
         if self.zero_stage and self.min_workers is not None:
             raise ValueError("min_workers (elastic training) needs zero_stage=0: ZeRO partitions are not re-sharded")
         if self.zero_stage == 3 and self.scheduler.source is LossSource.VALID:
-            raise ValueError("scheduler.source=valid needs zero_stage < 3: rank 0 alone cannot run the "
-                             "partitioned model on validation batches")  # fmt: skip
+            raise ValueError(
+                "scheduler.source=valid needs zero_stage < 3: rank 0 alone cannot run the "
+                "partitioned model on validation batches"
+            )
         return self

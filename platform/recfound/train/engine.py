@@ -125,9 +125,12 @@ class DeepSpeedEngine:
             "steps_per_print": 2**31 - 1,
         }
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
-            model=objective, optimizer=optimizer, model_parameters=params, config=config,
+            model=objective,
+            optimizer=optimizer,
+            model_parameters=params,
+            config=config,
             lr_scheduler=build_lr_schedule(optimizer, cfg.optim, cfg.max_steps),
-        )  # fmt: skip
+        )
 
     def __call__(self, *batch: Any) -> tuple[torch.Tensor, Any]:
         return self.engine(*batch)
@@ -159,19 +162,28 @@ class DeepSpeedEngine:
 
     def save(self, root: Path, rank: int) -> bool:
         """Every rank writes its partition under zero/ and a manifest of it; the adapter goes via ``full_weights``."""
-        self.engine.save_checkpoint(str(root / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True,
-                                    save_latest=False)  # fmt: skip
+        self.engine.save_checkpoint(
+            str(root / ZERO_DIR), tag=ZERO_TAG, exclude_frozen_parameters=True, save_latest=False
+        )
         # Every rank writes into its own temporary directory: all files there beside the manifests are its own.
-        digests = {f"{ZERO_DIR}/{rel}": digest for rel, digest in hash_tree(root / ZERO_DIR).items()
-                   if not rel.startswith("rank-")}  # fmt: skip
+        digests = {
+            f"{ZERO_DIR}/{rel}": digest
+            for rel, digest in hash_tree(root / ZERO_DIR).items()
+            if not rel.startswith("rank-")
+        }
         (root / ZERO_DIR / f"rank-{rank}.json").write_text(json.dumps(digests, indent=2, sort_keys=True))
         return True
 
     def load(self, root: Path, rank: int) -> None:
         verify_rank(root, rank)
         # The adapter is already restored from adapter/ (frozen weights were never saved: not strict).
-        self.engine.load_checkpoint(str(root / ZERO_DIR), tag=ZERO_TAG, load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)  # fmt: skip
+        self.engine.load_checkpoint(
+            str(root / ZERO_DIR),
+            tag=ZERO_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         rebase_lr(self.lr_schedule)
 
 
@@ -199,8 +211,9 @@ def verify_partitions(root: Path) -> None:
         verify_rank(root, rank)
 
 
-def build_engine(objective: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                 both_modes: bool) -> TrainEngine:  # fmt: skip
+def build_engine(
+    objective: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, both_modes: bool
+) -> TrainEngine:
     """DeepSpeed when ``cfg.zero_stage`` is set, else DDP; ``both_modes``: the run trains both task modes."""
     params = [p for p in objective.parameters() if p.requires_grad]
     if cfg.zero_stage:
@@ -208,5 +221,7 @@ def build_engine(objective: nn.Module, cfg: TrainConfig, device: torch.device, d
     import ray.train.torch
 
     # A run of one mode never uses the other mode's experts: DDP must not wait for their gradients.
-    model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": not both_modes})
+    model = ray.train.torch.prepare_model(
+        objective, parallel_strategy_kwargs={"find_unused_parameters": not both_modes}
+    )
     return TorchEngine(model, params, cfg)

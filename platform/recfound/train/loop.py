@@ -12,6 +12,7 @@ import logging
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from recfound.train.engine import build_engine, verify_partitions
 from recfound.train.halt import record_halt
 from recfound.train.mixing import Sampler
 from recfound.train.objective import JointObjective
+from recfound.train.popularity import ItemPrior
 from recfound.train.s2sched import LossSource
 from recfound.train.step import train_step
 from recfound.train.streams import Shard, TaskStream, split_tasks
@@ -52,25 +54,51 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    cfg = TrainConfig.model_validate(config["cfg"])
-    tasks: list[str] = config["tasks"]
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver hands every worker, pickled once by Ray Train (as ``train_loop_config={"args": ...}``)."""
+
+    cfg: TrainConfig
+    tasks: list[str]
+    """The run's tasks, in the plan's order (every rank steps through them alike)."""
+    data: str
+    """The built dataset (validation batches are read from it when ``scheduler.source=valid``)."""
+    scheduler: str
+    """Name of the S2Sched actor, which rank 0 asks for the task mix."""
+    namespace: str
+    scheduler_initial: dict
+    """The scheduler's state at the run's start: a restart before the first checkpoint restores it."""
+    halt: str
+    """Where rank 0 records why it stopped the run (a non-finite loss), for the driver to raise."""
+    tensorboard: str
+    prior: ItemPrior | None
+    """The items' popularity prior when some task is logQ-corrected (``loss.logq_tasks``)."""
+    shared_streams: dict[str, list[str]]
+    """Datasets that carry several small tasks (``batch.small_task_rows``) -> their tasks."""
+
+
+def train_worker(config: dict[str, WorkerArgs]) -> None:
+    args = config["args"]
+    cfg, tasks = args.cfg, args.tasks
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # the same initial adapter on every rank; merge rebuilds it from this seed
     grm = GRM.build(cfg.model.backbone, cfg.model.adapter.build(cfg.model.backbone))
-    objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk, config["prior"])
+    objective = JointObjective(grm, cfg.loss, cfg.batch.grad_cache_chunk, args.prior)
     cost = StepCost.of(grm.tuner.model)  # before ZeRO-3 partitions the parameters
 
     emb_tasks = [t for t in tasks if mode_of(t) is Mode.EMBEDDING]
     gen_tasks = [t for t in tasks if mode_of(t) is Mode.GENERATIVE]
-    samplers = {Mode.EMBEDDING: Sampler(emb_tasks, cfg.batch.embedding), Mode.GENERATIVE: Sampler(gen_tasks, cfg.batch.generative)}
-    scheduler = ray.get_actor(config["scheduler"], namespace=config["namespace"]) if rank == 0 else None
+    samplers = {
+        Mode.EMBEDDING: Sampler(emb_tasks, cfg.batch.embedding),
+        Mode.GENERATIVE: Sampler(gen_tasks, cfg.batch.generative),
+    }
+    scheduler = ray.get_actor(args.scheduler, namespace=args.namespace) if rank == 0 else None
     probe = None
     if scheduler is not None and cfg.scheduler.source is LossSource.VALID:
         sizes = {Mode.EMBEDDING: cfg.batch.embedding, Mode.GENERATIVE: cfg.batch.generative}
-        probe = ValidationProbe(config["data"], tasks, cfg.model.backbone.model_dump(), sizes, cfg.scheduler.valid_batches)
+        probe = ValidationProbe(args.data, tasks, cfg.model.backbone.model_dump(), sizes, cfg.scheduler.valid_batches)
 
     start, positions, history = 0, {}, []
     restored = ray.train.get_checkpoint()
@@ -78,7 +106,7 @@ def train_worker(config: dict[str, Any]) -> None:
         restored = checkpoint.resumable(restored, _verify_zero if cfg.zero_stage else checkpoint.verify)
     if restored is None and scheduler is not None:
         # A restart before the first checkpoint starts over: so must the scheduler's history.
-        ray.get(scheduler.load_state_dict.remote(config["scheduler_initial"]))
+        ray.get(scheduler.load_state_dict.remote(args.scheduler_initial))
     dtype = next(grm.parameters()).dtype
     state = None
     # The adapter is restored first; the engine is built on it, then loads its optimizer state.
@@ -86,8 +114,10 @@ def train_worker(config: dict[str, Any]) -> None:
         if d is not None:
             state, sched_state, history = checkpoint.load_state(Path(d), grm)
             if cfg.zero_stage and state.get("world_size") != world:
-                raise RuntimeError(f"checkpoint {d} holds ZeRO partitions of {state.get('world_size')} workers; "
-                                   f"resume it with num_workers={state.get('world_size')} (now {world})")  # fmt: skip
+                raise RuntimeError(
+                    f"checkpoint {d} holds ZeRO partitions of {state.get('world_size')} workers; "
+                    f"resume it with num_workers={state.get('world_size')} (now {world})"
+                )
         engine = build_engine(objective, cfg, device, dtype, both_modes=bool(emb_tasks and gen_tasks))
         if d is not None:
             engine.load(Path(d), rank)
@@ -99,35 +129,50 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.get(scheduler.load_state_dict.remote(sched_state))
 
     shards: dict[str, Shard] = {}
-    for name, members in config["shared_streams"].items():
+    for name, members in args.shared_streams.items():
         shards |= split_tasks(ray.train.get_dataset_shard(name), members, rank, world)
     shards |= {t: ray.train.get_dataset_shard(t) for t in tasks if t not in shards}
-    streams = {t: TaskStream(shards[t], seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window, **positions.get(t, {}))
-               for t in tasks}  # fmt: skip
+    streams = {
+        t: TaskStream(shards[t], seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window, **positions.get(t, {}))
+        for t in tasks
+    }
     with ThreadPoolExecutor(len(streams)) as pool:
         list(pool.map(TaskStream.prime, streams.values()))
     weights = _broadcast(ray.get(scheduler.weights.remote())[1] if scheduler is not None else None)
     telemetry = None
     if rank == 0:
-        telemetry = Telemetry(config["tensorboard"], peak_flops(device), cfg.log_every, cfg.max_steps, device)
+        telemetry = Telemetry(args.tensorboard, peak_flops(device), cfg.log_every, cfg.max_steps, device)
         telemetry.history = history
 
     skipped = 0
     for step in range(start + 1, cfg.max_steps + 1):
         began = time.perf_counter()
         counts = {mode: s.counts(weights) for mode, s in samplers.items()}
-        done = train_step(engine, streams, counts, grad_accum=cfg.optim.grad_accum, cost=cost, seed=cfg.seed,
-                          rank=rank, step=step, device=device)  # fmt: skip
+        done = train_step(
+            engine,
+            streams,
+            counts,
+            grad_accum=cfg.optim.grad_accum,
+            cost=cost,
+            seed=cfg.seed,
+            rank=rank,
+            step=step,
+            device=device,
+        )
         losses, bad = done.losses, done.non_finite
         if bad:  # every rank sees the same reduced losses, so all stop here; a retry would fail the same way
             if rank == 0:
-                record_halt(config["halt"], step, f"step {step}: loss of task {bad} is {losses[bad]}")
+                record_halt(args.halt, step, f"step {step}: loss of task {bad} is {losses[bad]}")
             return
         skipped = 0 if done.applied else skipped + 1
         if skipped > (0 if cfg.zero_stage else cfg.optim.max_skipped_steps):
             if rank == 0:
-                record_halt(config["halt"], step, f"step {step}: gradient norm not finite for {skipped} consecutive "
-                                                  f"step(s) while every loss was finite")  # fmt: skip
+                record_halt(
+                    args.halt,
+                    step,
+                    f"step {step}: gradient norm not finite for {skipped} consecutive "
+                    f"step(s) while every loss was finite",
+                )
             return
         if skipped:
             log.warning("step %d: gradient norm not finite; update skipped (%d in a row)", step, skipped)
@@ -146,8 +191,9 @@ def train_worker(config: dict[str, Any]) -> None:
             shares = {"data_wait": done.data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
             if done.false_negatives is not None:
                 shares["false_negative_queries"] = done.false_negatives
-            record = StepRecord(step, engine.lr(), seconds, done.tokens, done.samples, done.flops, losses, dict(weights),
-                                shares)  # fmt: skip
+            record = StepRecord(
+                step, engine.lr(), seconds, done.tokens, done.samples, done.flops, losses, dict(weights), shares
+            )
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             # Every rank reports so Ray Train's rounds line up; the files of all ranks land in one directory.
@@ -175,7 +221,9 @@ def _verify_zero(root: Path) -> None:
     verify_partitions(root)
 
 
-def _trainer_state(step: int, seed: int, world: int, streams: dict[str, TaskStream], samplers: dict[Mode, Sampler]) -> dict:
+def _trainer_state(
+    step: int, seed: int, world: int, streams: dict[str, TaskStream], samplers: dict[Mode, Sampler]
+) -> dict:
     return {
         "step": step,
         "seed": seed,

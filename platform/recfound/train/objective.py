@@ -73,8 +73,16 @@ class JointObjective(nn.Module):
         if self.prior:
             log_q = torch.as_tensor(self.prior.lookup(rows["p_key"]), device=ids.device)
             corrected = torch.as_tensor(np.isin(tasks, self.cfg.logq_tasks), device=ids.device)
-        per_query, masked = contrastive_loss(queries, passages, self.cfg.temperature, self.cfg.cross_device_negatives,
-                                             reduction="none", keys=keys, log_q=log_q, corrected=corrected)  # fmt: skip
+        per_query, masked = contrastive_loss(
+            queries,
+            passages,
+            self.cfg.temperature,
+            self.cfg.cross_device_negatives,
+            reduction="none",
+            keys=keys,
+            log_q=log_q,
+            corrected=corrected,
+        )
         stats = _per_task(per_query, tasks)
         stats[FALSE_NEGATIVES] = ((masked > 0).sum().detach(), torch.tensor(batch))
         return per_query.mean(), stats

@@ -29,7 +29,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, round(cfg.warmup_ratio * max_steps))
 
     def factor(step: int) -> float:

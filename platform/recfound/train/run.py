@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 import recfound
 from recfound.artifacts import TENSORBOARD_DIR
 from recfound.io import exists, read_json
-from recfound.tasks import MANIFEST, Mode, mode_of
+from recfound.tasks import DATASET_MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
 from recfound.train.console import RAY_CONSOLE_LEVEL, worker_env_vars
 from recfound.train.popularity import ItemPrior
@@ -55,7 +55,7 @@ def _dataset(cfg: TrainConfig) -> str:
     from recfound.data.builder import BuildConfig, build
 
     out = BuildConfig().out
-    if not exists(f"{out}/{MANIFEST}"):
+    if not exists(f"{out}/{DATASET_MANIFEST}"):
         print(f"no data= given: building the synthetic default dataset into {out}", flush=True)
         build(BuildConfig())
     return out
@@ -79,20 +79,24 @@ def _storage(path: str) -> str:
 
 def plan(cfg: TrainConfig) -> Plan:
     if cfg.zero_stage and importlib.util.find_spec("deepspeed") is None:
-        raise RunError(f"zero_stage={cfg.zero_stage} needs DeepSpeed: pip install --no-build-isolation 'recfound[zero]'")
+        raise RunError(
+            f"zero_stage={cfg.zero_stage} needs DeepSpeed: pip install --no-build-isolation 'recfound[zero]'"
+        )
     data = _dataset(cfg)
     if isinstance(url_to_fs(data)[0], LocalFileSystem):
         data = str(Path(data).resolve())  # workers need not share the driver's working directory
-    if not exists(f"{data}/{MANIFEST}"):
-        raise RunError(f"data={data}: no {MANIFEST}; build it with jobs/build_dataset.py")
-    built = read_json(f"{data}/{MANIFEST}")["tasks"]
+    if not exists(f"{data}/{DATASET_MANIFEST}"):
+        raise RunError(f"data={data}: no {DATASET_MANIFEST}; build it with jobs/build_dataset.py")
+    built = read_json(f"{data}/{DATASET_MANIFEST}")["tasks"]
     tasks = cfg.tasks or list(built)
     for task in tasks:
         mode_of(task)
         if task not in built:
             raise RunError(f"task {task} has no data in {data} (built: {', '.join(built)})")
         if built[task]["train"] < cfg.num_workers:
-            raise RunError(f"task {task} has {built[task]['train']} train rows, fewer than num_workers={cfg.num_workers}")
+            raise RunError(
+                f"task {task} has {built[task]['train']} train rows, fewer than num_workers={cfg.num_workers}"
+            )
     rows = {t: built[t]["train"] for t in tasks}
     for mode, size in ((Mode.EMBEDDING, cfg.batch.embedding), (Mode.GENERATIVE, cfg.batch.generative)):
         available = sum(n for t, n in rows.items() if mode_of(t) is mode)
@@ -125,8 +129,9 @@ def _init_ray(cfg: TrainConfig) -> None:
         # dashboard (where available): Ray Train's placement-group cleaner polls the state API it serves, and
         # without it logs a warning every few seconds (start-up time measured the same with and without).
         needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
-        context = ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env,
-                           logging_level=RAY_CONSOLE_LEVEL)  # fmt: skip
+        context = ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env, logging_level=RAY_CONSOLE_LEVEL
+        )
     dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
     print(f"ray: logs in {context.address_info['session_dir']}/logs{dashboard}", flush=True)
 
@@ -162,8 +167,12 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
     from ray.train import ScalingConfig
 
     workers = cfg.num_workers if cfg.min_workers is None else (cfg.min_workers, cfg.num_workers)
-    return ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy.value,
-                         resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker})  # fmt: skip
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=cfg.use_gpu,
+        placement_strategy=cfg.placement_strategy.value,
+        resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker},
+    )
 
 
 def run(cfg: TrainConfig) -> str:
@@ -173,11 +182,14 @@ def run(cfg: TrainConfig) -> str:
     from ray.train.torch import TorchTrainer
 
     from recfound.train.halt import clear_halt, halt_url, read_halt
-    from recfound.train.loop import train_worker
+    from recfound.train.loop import WorkerArgs, train_worker
     from recfound.train.s2sched import get_or_create_scheduler
 
     p = plan(cfg)
-    print(f"{'resuming' if p.resume else 'starting'} run {p.name} in {p.storage_path} on tasks {', '.join(p.tasks)}", flush=True)
+    print(
+        f"{'resuming' if p.resume else 'starting'} run {p.name} in {p.storage_path} on tasks {', '.join(p.tasks)}",
+        flush=True,
+    )
     _init_ray(cfg)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
@@ -191,11 +203,20 @@ def run(cfg: TrainConfig) -> str:
     datasets = _datasets(p, cfg)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tasks": p.tasks, "scheduler": scheduler_name,
-                           "namespace": NAMESPACE, "data": p.data, "halt": halt,
-                           "tensorboard": posixpath.join(p.storage_path.rstrip("/"), p.name, TENSORBOARD_DIR),
-                           "scheduler_initial": ray.get(scheduler.state_dict.remote()), "prior": item_prior(p, cfg),
-                           "shared_streams": shared_streams(p.rows, cfg.batch.small_task_rows)},  # fmt: skip
+        train_loop_config={
+            "args": WorkerArgs(
+                cfg=cfg,
+                tasks=p.tasks,
+                data=p.data,
+                scheduler=scheduler_name,
+                namespace=NAMESPACE,
+                scheduler_initial=ray.get(scheduler.state_dict.remote()),
+                halt=halt,
+                tensorboard=posixpath.join(p.storage_path.rstrip("/"), p.name, TENSORBOARD_DIR),
+                prior=item_prior(p, cfg),
+                shared_streams=shared_streams(p.rows, cfg.batch.small_task_rows),
+            )
+        },
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=p.name,
@@ -219,4 +240,3 @@ def run(cfg: TrainConfig) -> str:
     if result.checkpoint is None:
         raise RunError(f"run {p.name} finished without a checkpoint")
     return result.checkpoint.path
-

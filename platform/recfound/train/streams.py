@@ -84,8 +84,16 @@ def concat_rows(parts: list[Rows]) -> Rows:
 class TaskStream:
     """Rows of one task's shard on demand; tracks (epoch, position) so a resumed run can skip what it consumed."""
 
-    def __init__(self, shard: Shard, chunk: int = 64, epoch: int = 0, position: int = 0, cache_rows: int = 4096,
-                 seed: int = 0, shuffle_window: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        shard: Shard,
+        chunk: int = 64,
+        epoch: int = 0,
+        position: int = 0,
+        cache_rows: int = 4096,
+        seed: int = 0,
+        shuffle_window: int = 0,
+    ) -> None:
         self.shard, self.chunk, self.cache_rows = shard, chunk, cache_rows
         self.seed, self.shuffle_window = seed, shuffle_window
         self.epoch, self.position = epoch, 0

@@ -84,8 +84,15 @@ class StepCost:
         layers = list(decoder.base_model.layers)
         adapted = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
         frozen = sum(p.numel() for layer in layers for p in layer.parameters() if not p.requires_grad and p.dim() == 2)
-        inputs = [p for name, p in layers[adapted[0]].named_parameters() if not p.requires_grad and p.dim() == 2
-                  and any(f"{proj}." in name for proj in INPUT_PROJECTIONS)] if adapted else []  # fmt: skip
+        inputs = (
+            [
+                p
+                for name, p in layers[adapted[0]].named_parameters()
+                if not p.requires_grad and p.dim() == 2 and any(f"{proj}." in name for proj in INPUT_PROJECTIONS)
+            ]
+            if adapted
+            else []
+        )
         return cls(
             layer_params=frozen // max(1, len(layers)),
             layers=len(layers),
@@ -107,7 +114,8 @@ class StepCost:
     def batches(self, emb: dict | None, gen: dict | None) -> float:
         """FLOPs of one micro-batch of the joint objective: queries and passages embed, ``gen`` generates."""
         shapes = ([(emb["q_mask"].shape, False), (emb["p_mask"].shape, False)] if emb else []) + (
-            [(gen["mask"].shape, True)] if gen else [])  # fmt: skip
+            [(gen["mask"].shape, True)] if gen else []
+        )
         return sum(self.flops(math.prod(shape[:-1]), shape[-1], generative) for shape, generative in shapes)
 
 
@@ -135,8 +143,15 @@ class StepRecord:
 class Telemetry:
     """Formats and keeps rank 0's per-step records; ``history`` is what checkpoints and plots are made from."""
 
-    def __init__(self, tensorboard: str | None, peak: tuple[float, str], every: int, total: int,
-                 device: torch.device = torch.device("cpu"), clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tensorboard: str | None,
+        peak: tuple[float, str],
+        every: int,
+        total: int,
+        device: torch.device = torch.device("cpu"),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         (self.peak, self.peak_label), self.every, self.total = peak, every, total
         self.device, self._clock = device, clock
         self._first: tuple[int, float] | None = None

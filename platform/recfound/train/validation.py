@@ -44,7 +44,9 @@ class ValidationProbe:
         try:
             out = {}
             for task, batches in self.batches.items():
-                totals = [objective(*((b, None) if mode_of(task) is Mode.EMBEDDING else (None, b)))[1][task] for b in batches]
+                totals = [
+                    objective(*((b, None) if mode_of(task) is Mode.EMBEDDING else (None, b)))[1][task] for b in batches
+                ]
                 out[task] = float(sum(t[0] for t in totals) / sum(t[1] for t in totals))
             return out
         finally:

@@ -44,7 +44,9 @@ class TMoLEConfig(PeftConfig):
     r: int = field(default=16, metadata={"help": "Rank of each expert."})
     alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; expert outputs are scaled by alpha / r."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on the expert input (not the base path)."})
-    groups: ExpertGroups = field(default=ExpertGroups.THREE, metadata={"help": "Expert grouping: three, two or shared."})
+    groups: ExpertGroups = field(
+        default=ExpertGroups.THREE, metadata={"help": "Expert grouping: three, two or shared."}
+    )
     task_dim: int = field(default=512, metadata={"help": "Width of the task embedding that feeds the routers."})
     tasks: list[str] = field(
         default_factory=lambda: list(ALL_TASKS), metadata={"help": "Task names; row i of the task table is task i."}
@@ -55,15 +57,19 @@ class TMoLEConfig(PeftConfig):
     )
     layers_to_transform: list[int] | None = field(
         default=None,
-        metadata={"help": "Decoder layer indexes whose target linears get experts (peft's LoraConfig field); None: all."},
+        metadata={
+            "help": "Decoder layer indexes whose target linears get experts (peft's LoraConfig field); None: all."
+        },
     )
     backbone: dict[str, Any] | None = field(
         default=None, metadata={"help": "The BackboneConfig the adapter was trained on (to reload it alone)."}
     )
     soft_prompts: dict[str, int] = field(
         default_factory=dict,
-        metadata={"help": "Tasks with trainable soft-prompt vectors (task -> how many), put before their inputs' "
-                          "token embeddings (M6-Rec's prompt tuning; written by jobs/adapt.py method=prompt)."},
+        metadata={
+            "help": "Tasks with trainable soft-prompt vectors (task -> how many), put before their inputs' "
+            "token embeddings (M6-Rec's prompt tuning; written by jobs/adapt.py method=prompt)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -84,7 +90,9 @@ class TMoLEConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if self.layers_to_transform is not None:
             if not self.layers_to_transform or min(self.layers_to_transform) < 0:
-                raise ValueError(f"layers_to_transform must be non-empty layer indexes >= 0, got {self.layers_to_transform}")
+                raise ValueError(
+                    f"layers_to_transform must be non-empty layer indexes >= 0, got {self.layers_to_transform}"
+                )
             self.layers_to_transform = sorted(set(self.layers_to_transform))
 
     @property

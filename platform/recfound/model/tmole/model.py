@@ -35,8 +35,17 @@ TASK_TABLE_KEY = "tmole_task_table.weight"
 SOFT_PROMPT_PREFIX = "tmole_soft_prompt."
 """State-dict key prefix of a task's (n, hidden) soft-prompt vectors: ``tmole_soft_prompt.<task>``."""
 # Config fields that fix the adapter's tensor layout or meaning; a saved adapter must agree on all of them.
-LAYOUT_FIELDS = ("tasks", "target_modules", "layers_to_transform", "num_experts", "r", "alpha", "groups", "task_dim",
-                 "soft_prompts")  # fmt: skip
+LAYOUT_FIELDS = (
+    "tasks",
+    "target_modules",
+    "layers_to_transform",
+    "num_experts",
+    "r",
+    "alpha",
+    "groups",
+    "task_dim",
+    "soft_prompts",
+)
 
 
 class TMoLEModel(BaseTuner):
@@ -211,12 +220,21 @@ class TMoLEModel(BaseTuner):
         """Copy ``state`` into the adapter; any missing/unexpected key or shape difference is an error naming it."""
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]  # fmt: skip
+        shapes = [
+            f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
         if missing or unexpected or shapes:
-            problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                            ("shape mismatches", shapes)) if keys]  # fmt: skip
+            problems = [
+                f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for label, keys in (
+                    ("missing keys", missing),
+                    ("unexpected keys", unexpected),
+                    ("shape mismatches", shapes),
+                )
+                if keys
+            ]
             raise ValueError(f"{source} does not fit this TMoLE model: " + "; ".join(problems))
         for key, tensor in own.items():
             tensor.copy_(state[key])
@@ -234,8 +252,11 @@ class TMoLEModel(BaseTuner):
     def load_pretrained(self, path: str) -> None:
         """Load a saved adapter into this model; its layout fields and tensors must match exactly."""
         saved = read_adapter_config(path)
-        diffs = [f"{name}: saved {getattr(saved, name)!r} vs model {getattr(self.adapter_config, name)!r}"
-                 for name in LAYOUT_FIELDS if getattr(saved, name) != getattr(self.adapter_config, name)]  # fmt: skip
+        diffs = [
+            f"{name}: saved {getattr(saved, name)!r} vs model {getattr(self.adapter_config, name)!r}"
+            for name in LAYOUT_FIELDS
+            if getattr(saved, name) != getattr(self.adapter_config, name)
+        ]
         if diffs:
             raise ValueError(f"{path}: adapter does not match this TMoLE model: " + "; ".join(diffs))
         self.load_trainable_state_dict(read_adapter_weights(path), source=f"{path}/{WEIGHTS_FILE}")
@@ -251,8 +272,10 @@ class TMoLEModel(BaseTuner):
     def merge_task(self, task: str) -> PreTrainedModel:
         """A deep copy of the base model with ``task``'s routed delta folded into W0 and no TMoLE modules left."""
         if task in self.soft_prompts:
-            raise ValueError(f"task {task!r} has a soft prompt (jobs/adapt.py method=prompt), which cannot be folded "
-                             "into weights; serve the adapted artifact itself")  # fmt: skip
+            raise ValueError(
+                f"task {task!r} has a soft prompt (jobs/adapt.py method=prompt), which cannot be folded "
+                "into weights; serve the adapted artifact itself"
+            )
         for _, layer in self._layers():
             layer.clear_folded()
         clone = copy.deepcopy(self)
@@ -268,8 +291,12 @@ def _sampled_vocabulary(model: nn.Module, counts: Mapping[str, int]) -> nn.Param
     2021: trains better than random vectors); draws nothing when no task has one, so seeded inits stay as they were."""
     vocabulary = model.get_input_embeddings().weight
     picks = {task: torch.randint(vocabulary.shape[0], (n,)) for task, n in counts.items()}
-    return nn.ParameterDict({task: nn.Parameter(vocabulary[ids.to(vocabulary.device)].detach().float().clone())
-                             for task, ids in picks.items()})  # fmt: skip
+    return nn.ParameterDict(
+        {
+            task: nn.Parameter(vocabulary[ids.to(vocabulary.device)].detach().float().clone())
+            for task, ids in picks.items()
+        }
+    )
 
 
 def read_adapter_config(path: str) -> TMoLEConfig:
