@@ -1,5 +1,6 @@
 """TMoLE tuner: trainability, routing and mode masks, fast paths, merging, checkpointing, save/load."""
 
+import dataclasses
 import json
 import threading
 
@@ -115,6 +116,25 @@ def test_train_config_rejects_experts_that_do_not_fit_the_groups():
     assert AdapterConfig(num_experts=1, groups=ExpertGroups.SHARED).build(BackboneConfig()).num_experts == 1
     with pytest.raises(ValueError, match="groups=three needs num_experts divisible by 3, got 4"):
         AdapterConfig(num_experts=4)
+
+
+def test_the_training_configs_adapter_section_is_tmole_configs_own_fields():
+    """One adapter schema: the keys, defaults and docs of ``model.adapter`` are TMoLEConfig's (peft's field help),
+    and what TMoLEConfig rejects the training config rejects before Ray starts."""
+    from recfound.config import ConfigError, load_config
+    from recfound.model.tmole.config import HYPERPARAMETERS
+    from recfound.train.config import AdapterConfig, TrainConfig
+
+    tmole = {f.name: f for f in dataclasses.fields(TMoLEConfig)}
+    assert tuple(AdapterConfig.model_fields) == HYPERPARAMETERS
+    for name, field in AdapterConfig.model_fields.items():
+        assert field.description == tmole[name].metadata["help"]
+        assert field.get_default(call_default_factory=True) == TMoLEConfig().__dict__[name] or name == "target_modules"
+    built = AdapterConfig(r=8, dropout=0.0).build(BackboneConfig())
+    assert (built.r, built.dropout, built.tasks) == (8, 0.0, TMoLEConfig().tasks)
+    for bad, message in (("dropout=1.5", "dropout"), ("alpha=0", "alpha"), ("r=0", "r and task_dim")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig, None, [f"model.adapter.{bad}"])
 
 
 def test_task_of_the_wrong_mode_or_unknown_is_rejected():

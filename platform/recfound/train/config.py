@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from enum import Enum
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from recfound.config import Config
 from recfound.model.backbone import BackboneConfig
 from recfound.model.losses import LossConfig
 from recfound.model.tmole import TMoLEConfig
-from recfound.model.tmole.config import ExpertGroups
+from recfound.model.tmole.config import HYPERPARAMETERS
 from recfound.train.optim import OptimConfig
 from recfound.train.s2sched import LossSource, SchedulerConfig
 
@@ -24,37 +27,35 @@ class PlacementStrategy(str, Enum):
     STRICT_SPREAD = "STRICT_SPREAD"
 
 
-class AdapterConfig(Config):
-    """TMoLE hyper-parameters (paper: 6 experts, r 16, alpha 64, dropout 0.1, 512-d task embedding)."""
-
-    num_experts: int = Field(6, ge=1)
-    """LoRA experts per adapted linear. More experts separate tasks better; cost grows linearly. With
-    groups=shared, 1 is a single plain LoRA (the "without TMoLE" ablation)."""
-    r: int = Field(16, ge=1)
-    """Rank of each expert: capacity per expert vs adapter size."""
-    alpha: float = Field(64.0, gt=0)
-    """Expert outputs are scaled by alpha / r."""
-    dropout: float = Field(0.1, ge=0, lt=1)
-    """Dropout on the expert input; regularises small datasets, slows convergence slightly."""
-    groups: ExpertGroups = ExpertGroups.THREE
-    """three: embedding-only, shared and generation-only experts (the paper); two: no shared group (released code);
-    shared: every expert serves both modes."""
-    task_dim: int = Field(512, ge=1)
-    """Width of the learned task embedding that feeds each router."""
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    """Linear layers (name suffixes) that get experts. Adding MLP projections adds capacity and cost."""
-    layers_to_transform: list[int] | None = None
-    """Decoder layers (0-based indexes) whose target linears get experts; None: every layer. Backward stops at the
-    lowest adapted layer, so adapting only the top half of SmolLM2-135M's 30 layers cut an embedding step's
-    forward + backward from 19.5 s to 12.5 s on 2 cores (less adapter capacity, fewer layers that move)."""
+class _Adapter(Config):
+    """TMoLE's hyper-parameters (paper: 6 experts, r 16, alpha 64, dropout 0.1, 512-d task embedding)."""
 
     @model_validator(mode="after")
-    def _experts_fit_groups(self) -> AdapterConfig:
-        self.groups.check(self.num_experts)
+    def _valid(self) -> _Adapter:
+        self.build(BackboneConfig())  # TMoLEConfig checks its own fields: one set of rules
         return self
 
     def build(self, backbone: BackboneConfig) -> TMoLEConfig:
         return TMoLEConfig(**self.model_dump(), backbone=backbone.model_dump())
+
+
+def _adapter_section() -> type[_Adapter]:
+    """``model.adapter``: TMoLEConfig's own hyper-parameter fields, defaults and docs (its peft field help), as a
+    typed section, so there is one adapter schema and the YAML, ``--help`` and the saved adapter_config.json agree."""
+    hints = typing.get_type_hints(TMoLEConfig)
+    spec: dict[str, Any] = {}
+    for f in dataclasses.fields(TMoLEConfig):
+        if f.name in HYPERPARAMETERS:
+            default = (
+                {"default": f.default}
+                if f.default is not dataclasses.MISSING
+                else {"default_factory": f.default_factory}
+            )
+            spec[f.name] = (hints[f.name], Field(**default, description=f.metadata["help"]))
+    return create_model("AdapterConfig", __base__=_Adapter, **{name: spec[name] for name in HYPERPARAMETERS})
+
+
+AdapterConfig = _adapter_section()
 
 
 class ModelConfig(Config):

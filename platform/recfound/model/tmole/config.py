@@ -13,6 +13,18 @@ from recfound.tasks import ALL_TASKS, Mode, mode_of
 
 PEFT_TYPE = "TMOLE"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+HYPERPARAMETERS = (
+    "num_experts",
+    "r",
+    "alpha",
+    "dropout",
+    "groups",
+    "task_dim",
+    "target_modules",
+    "layers_to_transform",
+)
+"""The fields a training config sets (``model.adapter``); the others are filled in by whoever builds the adapter
+(``tasks``, ``backbone``) or adapts it (``soft_prompts``, jobs/adapt.py)."""
 
 
 class ExpertGroups(str, Enum):
@@ -40,25 +52,47 @@ class TMoLEConfig(PeftConfig):
     softmax gate computed from a learned task embedding (one gate vector per sample, shared by its tokens).
     """
 
-    num_experts: int = field(default=6, metadata={"help": "LoRA experts per adapted linear (all groups)."})
-    r: int = field(default=16, metadata={"help": "Rank of each expert."})
-    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; expert outputs are scaled by alpha / r."})
-    dropout: float = field(default=0.1, metadata={"help": "Dropout on the expert input (not the base path)."})
-    groups: ExpertGroups = field(
-        default=ExpertGroups.THREE, metadata={"help": "Expert grouping: three, two or shared."}
+    num_experts: int = field(
+        default=6,
+        metadata={
+            "help": "LoRA experts per adapted linear (all groups). More experts separate tasks better; cost grows "
+            "linearly. With groups=shared, 1 is a single plain LoRA (the 'without TMoLE' ablation)."
+        },
     )
-    task_dim: int = field(default=512, metadata={"help": "Width of the task embedding that feeds the routers."})
+    r: int = field(default=16, metadata={"help": "Rank of each expert: capacity per expert vs adapter size."})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; expert outputs are scaled by alpha / r."})
+    dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "Dropout on the expert input (not the base path); regularises small datasets, slows "
+            "convergence slightly."
+        },
+    )
+    groups: ExpertGroups = field(
+        default=ExpertGroups.THREE,
+        metadata={
+            "help": "three: embedding-only, shared and generation-only experts (the paper); two: no shared group "
+            "(the released code); shared: every expert serves both modes."
+        },
+    )
+    task_dim: int = field(default=512, metadata={"help": "Width of the learned task embedding that feeds each router."})
     tasks: list[str] = field(
         default_factory=lambda: list(ALL_TASKS), metadata={"help": "Task names; row i of the task table is task i."}
     )
     target_modules: list[str] | str = field(
         default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata={"help": "Module names (suffix match) or a regex of the linears to adapt."},
+        metadata={
+            "help": "Linear layers to adapt: name suffixes, or one regex. Adding MLP projections adds capacity and "
+            "cost."
+        },
     )
     layers_to_transform: list[int] | None = field(
         default=None,
         metadata={
-            "help": "Decoder layer indexes whose target linears get experts (peft's LoraConfig field); None: all."
+            "help": "Decoder layers (0-based indexes) whose target linears get experts (peft's LoraConfig field); "
+            "None: every layer. Backward stops at the lowest adapted layer, so adapting only the top half of "
+            "SmolLM2-135M's 30 layers cut an embedding step's forward + backward from 19.5 s to 12.5 s on 2 cores "
+            "(less adapter capacity, fewer layers that move)."
         },
     )
     backbone: dict[str, Any] | None = field(
@@ -79,6 +113,10 @@ class TMoLEConfig(PeftConfig):
         self.groups.check(self.num_experts)
         if self.r <= 0 or self.task_dim <= 0:
             raise ValueError(f"r and task_dim must be positive, got r={self.r}, task_dim={self.task_dim}")
+        if self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"alpha must be positive and dropout in [0, 1), got alpha={self.alpha}, dropout={self.dropout}"
+            )
         if len(set(self.tasks)) != len(self.tasks) or not self.tasks:
             raise ValueError(f"tasks must be a non-empty list of distinct names, got {self.tasks}")
         for task in self.tasks:
