@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from recfound.config import cli  # noqa: E402
 from recfound.data.builder import BuildConfig, build  # noqa: E402
 from recfound.data.sources import DataError  # noqa: E402
-from recfound.data.synthetic import DumpConfig, write_dump  # noqa: E402
+from recfound.data.synthetic_dump import DumpConfig, write_dump  # noqa: E402
 
 USAGE = """
     python jobs/build_dataset.py [--config FILE] [key=value ...]

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from recfound.data.builder import BuildConfig, build
 from recfound.data.sources import BadRows, DataError, read_reviews
-from recfound.data.synthetic import DumpConfig, write_dump
+from recfound.data.synthetic_dump import DumpConfig, write_dump
 from recfound.io import NoInputFiles, expand, sha256
 
 DUMP = DumpConfig(reviews=2000, shards=3, items=100)

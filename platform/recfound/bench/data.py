@@ -30,7 +30,8 @@ from recfound.bench.common import CONFIG_DIR, Better, Report, Table, Target, fmt
 from recfound.bench.train import CHUNK, run_plain, summarize
 from recfound.config import Config, load_config
 from recfound.data.builder import BuildConfig, build
-from recfound.data.synthetic import DumpConfig, SyntheticConfig, write_dump
+from recfound.data.synthetic import SyntheticConfig
+from recfound.data.synthetic_dump import DumpConfig, write_dump
 from recfound.train.config import TrainConfig
 from recfound.train.run import _datasets, plan
 
