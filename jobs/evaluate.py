@@ -25,6 +25,7 @@ USAGE = """
     python jobs/evaluate.py model=<checkpoint, run dir, merged artifact or adapter> data=<dataset dir> out=<dir>
                             [baselines=all|none|popularity,bm25,item_cf,minilm,backbone] [split=valid|test]
                             [max_rows_per_task=<n per generative task; 0 skips them>] [tasks=u2i,q2i,...]
+                            [exit_layer=<k: embed with the first k decoder layers (early exit)>]
     python jobs/evaluate.py --compare <results or run dir> <results or run dir> ... out=<dir>
 
     Writes <out>/results.json ({"systems": {system: {task: {metric: value}}}, ...}), <out>/report.md, one

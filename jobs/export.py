@@ -10,6 +10,7 @@ from recfound.merge.export import ExportConfig, export  # noqa: E402
 
 USAGE = """
     python jobs/export.py model=<merged dir> task=<task> out=<dir> [quantize=none|int8] [format=safetensors|onnx]
+                          [exit_layer=<k: embedding tasks, keep the first k decoder layers (early exit)>]
 
     Folds the task's TMoLE experts into the base weights and writes a self-contained directory: the model (for
     u2i/q2i/i2i the decoder with the embedding read-out, for generative tasks the causal LM), its tokenizer and

@@ -264,3 +264,36 @@ def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path
     } <= compared
     assert all(isinstance(v["recfound_wins"], bool) and "merged" in v for v in verdicts)
     assert report["figures"]["comparisons"] == len(verdicts) and (out / "merged" / "adapter").is_dir()
+
+
+def test_exit(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) -> None:
+    """Early exit on a tiny saved GRM (2 layers: exit 1 is half depth), key=value arguments as issued: throughput
+    ratio and pool metric per layer, the half-depth target checked (the tiny model's figure means nothing)."""
+    import torch
+
+    from recfound.model.backbone import BackboneConfig
+    from recfound.model.grm import GRM
+
+    torch.manual_seed(0)
+    GRM.build(BackboneConfig(max_query_len=128, max_passage_len=96)).save_pretrained(str(tmp_path / "adapter"))
+    report = _run(
+        benchmark,
+        tmp_path / "exit.json",
+        "exit",
+        f"model={tmp_path / 'adapter'}",
+        f"data={synthetic_dataset}",
+        "rows=8",
+        "texts=8",
+        "rounds=2",
+        "batch_size=8",
+    )
+    _assert_report(report, {"exit1_vs_full", "exit_half_vs_full"})
+    figures = report["figures"]
+    assert figures["depth"] == 2 and figures["layers"] == [1, 2]
+    tasks = set(figures["headline"]["2"])
+    assert tasks == {"u2i", "q2i", "i2i"} and set(figures["metric_loss_half"]) == tasks
+    assert all(0 <= v <= 1 for layer in figures["headline"].values() for v in layer.values())
+    assert all(v == 0 for v in figures["metric_loss"]["2"].values())  # full depth against itself
+    assert len(report["tables"][0]["rows"]) == 2
+    with pytest.raises(ValueError, match="layers=3: the backbone has 2 decoder layers"):
+        benchmark.main(["exit", f"model={tmp_path / 'adapter'}", f"data={synthetic_dataset}", "layers=1,3"])

@@ -112,7 +112,7 @@ def test_length_groups_embed_each_row_as_alone(one_thread) -> None:
     ids = grm.task_ids(list(rows["task"]))
     objective = JointObjective(grm, LossConfig())
     with torch.no_grad():
-        grouped = objective._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)
+        grouped = objective._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)[-1]  # (layers, n, D)
         alone = torch.cat(
             [
                 grm.embed(

@@ -43,6 +43,7 @@ from recfound.eval.protocols import (
 from recfound.eval.report import write_report
 from recfound.eval.systems import GRMSystem, ModelSource, load_model, resolve_model
 from recfound.io import exists, read_json
+from recfound.model.backbone import BackboneConfig, backbone_depth
 from recfound.tasks import (
     ALL_TASKS,
     DATASET_MANIFEST,
@@ -124,6 +125,10 @@ class EvalConfig(Config):
     per distinct twin."""
     batch_size: int = Field(16, ge=1)
     """Texts per forward pass when the GRM embeds or generates."""
+    exit_layer: int | None = Field(None, ge=1)
+    """Early exit: the GRMs (recfound and the backbone baseline) embed with their first k decoder layers only (1 to
+    the backbone's depth; empty: all), about k/L of the compute; best on a model trained with loss.exit_layers
+    containing k. Generation always uses every layer."""
     seed: int = 42
     """Seeds the pools' negatives (the paper uses 42), the generative sample and the backbone's fresh adapter."""
     convergence_target: float = Field(0.8, gt=0, lt=1)
@@ -223,6 +228,16 @@ def select_tasks(cfg: EvalConfig, data: Dataset, source: ModelSource) -> list[st
             f"(trained: {trained}); set tasks= to the tasks to evaluate"
         )
     return tasks
+
+
+def check_exit_layer(exit_layer: int | None, source: ModelSource) -> None:
+    """Refuse an exit below the backbone's last layer before any model or data loads."""
+    depth = backbone_depth(BackboneConfig.model_validate(source.config.backbone))
+    if exit_layer is not None and depth is not None and exit_layer > depth:
+        raise EvalError(
+            f"exit_layer={exit_layer}: the model's backbone ({source.config.backbone.get('name')}) has {depth} "
+            f"decoder layers, so exit_layer is 1-{depth}"
+        )
 
 
 @dataclass(frozen=True)
@@ -335,12 +350,12 @@ SystemFactory = Callable[[], Baseline]
 
 def systems(cfg: EvalConfig, source: ModelSource) -> Iterator[tuple[str, SystemFactory]]:
     """(name, factory) in report order; factories build lazily so only one GRM is ever in memory."""
-    yield MODEL, lambda: GRMSystem(MODEL, load_model(source), cfg.batch_size)
+    yield MODEL, lambda: GRMSystem(MODEL, load_model(source), cfg.batch_size, cfg.exit_layer)
     if BACKBONE in cfg.baselines:
 
         def backbone() -> Baseline:
             torch.manual_seed(cfg.seed)  # the fresh adapter's A matrices; B = 0 keeps them out of the outputs
-            return GRMSystem(BACKBONE, load_model(source, fresh=True), cfg.batch_size)
+            return GRMSystem(BACKBONE, load_model(source, fresh=True), cfg.batch_size, cfg.exit_layer)
 
         yield BACKBONE, backbone
     for name, factory in BASELINES.items():
@@ -361,6 +376,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every system on every selected task; write results.json, report.md, plots and predictions to out."""
     assert cfg.model is not None and cfg.data is not None  # the config validator guarantees both
     source = resolve_model(cfg.model)
+    check_exit_layer(cfg.exit_layer, source)
     data = Dataset.load(cfg.data)
     tasks = select_tasks(cfg, data, source)
     out = Path(cfg.out)

@@ -132,12 +132,15 @@ def item_instruction(rows: pd.DataFrame) -> str:
 
 class GRMSystem:
     """A GRM as a ``Baseline``: the catalogue embedded once per (task, item instruction), each query with its
-    row's own instruction, both routed as the task and truncated to the budgets training used for that side."""
+    row's own instruction, both routed as the task and truncated to the budgets training used for that side.
+    ``exit_layer``: embeddings after the first k decoder layers (``GRM.embed``); generation is unaffected."""
 
     tasks = frozenset(EMBEDDING_TASKS)
 
-    def __init__(self, name: str, model: GRM, batch_size: int = 16) -> None:
-        self.name, self.batch_size = name, batch_size
+    def __init__(self, name: str, model: GRM, batch_size: int = 16, exit_layer: int | None = None) -> None:
+        if exit_layer is not None:
+            model.check_exits([exit_layer])
+        self.name, self.batch_size, self.exit_layer = name, batch_size, exit_layer
         self.model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
         backbone = model.backbone
         self.budget = {Side.QUERY: backbone.max_query_len, Side.ITEM: backbone.max_passage_len}
@@ -168,7 +171,8 @@ class GRMSystem:
                 self.budget[side],
                 keep_end=side.keeps_end(task),
             )
-            parts.append(self.model.embed(enc, self.model.task_ids([task] * len(batch))).float().cpu().numpy())
+            ids = self.model.task_ids([task] * len(batch))
+            parts.append(self.model.embed(enc, ids, self.exit_layer).float().cpu().numpy())
         vectors = np.concatenate(parts)
         out = np.empty_like(vectors)
         out[order] = vectors

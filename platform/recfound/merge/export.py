@@ -3,7 +3,9 @@
 An export needs neither TMoLE nor the GRM: the task's routed experts are folded into the base weights
 (``GRM.merge_task``), which leaves the backbone architecture alone. An embedding task keeps the decoder and the
 GRM's read-out (bidirectional attention, mean of the text tokens' last hidden states, L2-normalised, as
-``GRM.embed``); a generative task keeps the causal LM (decoded as ``GRM.generate`` decodes).
+``GRM.embed``); a generative task keeps the causal LM (decoded as ``GRM.generate`` decodes). ``exit_layer=k``
+(early exit, embedding tasks) keeps only the first k decoder layers and the final norm: a plain k-layer model of
+the same architecture whose vectors are ``GRM.embed(exit_layer=k)``'s, k/L of the layers on disk and in compute.
 
 Layout of the output directory, flat, so an fp32 export is also a plain transformers directory:
   config.json + tokenizer files    the backbone's config and tokenizer (generation_config.json for a causal LM)
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -52,7 +54,7 @@ from recfound.artifacts import (
 )
 from recfound.config import Config, InputURL
 from recfound.io import sha256
-from recfound.model.backbone import BackboneConfig
+from recfound.model.backbone import BackboneConfig, backbone_depth
 from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig
@@ -102,6 +104,12 @@ class ExportConfig(Config):
     """safetensors: loads with PyTorch (recfound.merge.export.load_export; fp32 also with plain transformers).
     onnx: one model.onnx for onnxruntime, embedding tasks only (needs pip install -e '.[export]')."""
 
+    exit_layer: int | None = Field(None, ge=1)
+    """Early exit, embedding tasks only: keep the first k decoder layers (1 to the backbone's depth; empty: all), so
+    the export has k/L of the layers on disk and costs about k/L per text, and gives GRM.embed(exit_layer=k)'s
+    vectors. Quality at k is what jobs/benchmark.py exit measures; best on a model trained with loss.exit_layers
+    containing k."""
+
     @field_validator("keep_float", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -119,6 +127,11 @@ class ExportConfig(Config):
             raise ValueError(
                 f"format=onnx exports embedding tasks ({', '.join(EMBEDDING_TASKS)}) only: decoding {self.task} "
                 "needs a KV cache this exporter does not trace; use format=safetensors"
+            )
+        if self.exit_layer is not None and mode_of(self.task) is Mode.GENERATIVE:
+            raise ValueError(
+                f"exit_layer exits embedding tasks ({', '.join(EMBEDDING_TASKS)}) only: {self.task} generates "
+                "with every layer"
             )
         return self
 
@@ -233,6 +246,7 @@ def export(cfg: ExportConfig) -> Path:
     adapter = _read_merged(source, cfg.task)
     if cfg.format is ExportFormat.ONNX:
         _require_onnx()
+    _check_exit(cfg.exit_layer, adapter)
     check_out(out, source, EXPORT_KIND, ExportError)
     grm = _load_grm(source, adapter)
     with staged(out) as stage:
@@ -246,6 +260,7 @@ def export(cfg: ExportConfig) -> Path:
             "quantization": cfg.quantize.value,
             "format": cfg.format.value,
             "keep_float": cfg.keep_float if cfg.quantize is Quantize.INT8 else [],
+            "exit_layer": cfg.exit_layer,
             "source": {"model": str(source.resolve()), "manifest_sha256": sha256(str(source / MANIFEST))},
             "backbone": adapter.backbone,
             "budgets": _budgets(grm.backbone),
@@ -277,6 +292,24 @@ def _read_merged(root: Path, task: str) -> TMoLEConfig:
     return adapter
 
 
+def _check_exit(exit_layer: int | None, adapter: TMoLEConfig) -> None:
+    """Refuse an exit deeper than the backbone before anything loads (the loaded GRM checks again)."""
+    depth = backbone_depth(BackboneConfig.model_validate(adapter.backbone))
+    if exit_layer is not None and depth is not None and exit_layer > depth:
+        raise ExportError(
+            f"exit_layer={exit_layer}: the backbone has {depth} decoder layers, so exit_layer is 1-{depth}"
+        )
+
+
+def _truncate(decoder: nn.Module, layers: int) -> None:
+    """Keep the first ``layers`` decoder layers (early exit), and say so in the config, so the saved model is a plain
+    ``layers``-deep model of the same architecture (its final norm kept: the GRM normalises an exit's states too)."""
+    decoder.layers = decoder.layers[:layers]
+    decoder.config.num_hidden_layers = layers
+    if getattr(decoder.config, "layer_types", None):  # Qwen2-style per-layer attention kinds
+        decoder.config.layer_types = decoder.config.layer_types[:layers]
+
+
 def _require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
@@ -295,6 +328,9 @@ def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
     folded = grm.merge_task(cfg.task).eval()  # float32 already: _load_grm built it so
     embedding = mode_of(cfg.task) is Mode.EMBEDDING
     module = folded.base_model if embedding else folded  # an embedding export has no use for the LM head
+    if cfg.exit_layer is not None:
+        grm.check_exits([cfg.exit_layer])
+        _truncate(module, cfg.exit_layer)
     if cfg.quantize is Quantize.INT8:
         _int8_linears(module, cfg.keep_float)  # refuses a keep_float entry that names no linear, before any work
     if cfg.format is ExportFormat.ONNX:
@@ -309,7 +345,13 @@ def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
         module.save_pretrained(str(stage))
     if not embedding:
         return {}
-    read_out = {"attention": "bidirectional", "pooling": "mean of text tokens", "normalised": True}
+    read_out = {
+        "attention": "bidirectional",
+        "pooling": "mean of text tokens",
+        "normalised": True,
+        "layers": len(module.layers),
+        "backbone_layers": grm.num_layers,
+    }
     return {"embedding": read_out | {"dim": folded.config.hidden_size, "inputs": list(INPUTS), "output": OUTPUT}}
 
 

@@ -3,6 +3,11 @@
 The two modes differ only in the attention mask and the read-out: embedding runs the decoder with a padding-only
 (bidirectional) mask and pools the last hidden states over the text tokens; generation runs it causally and reads
 logits. Position ids follow the attention mask, so left and right padding give the same results.
+
+Early exit (M6-Rec's on-device trick): an embedding can be read after the first k decoder layers instead of all of
+them (``embed(..., exit_layer=k)``). Only those k layers run, then the backbone's final norm and the same mean
+pooling, so the cost is about k/L of a full pass; training keeps such exits good with an InfoNCE term per exit
+(``LossConfig.exit_layers``), which reads every exit off the one forward that also gives the last layer.
 """
 
 from __future__ import annotations
@@ -89,6 +94,48 @@ class GRM(nn.Module):
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
         return out.last_hidden_state[:, width:]
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the backbone: the deepest exit, the one ``embed`` reads by default."""
+        return len(self.tuner.model.base_model.layers)
+
+    def check_exits(self, layers: Sequence[int], key: str = "exit_layer") -> None:
+        """Refuse exit layers the backbone does not have; the message names the config ``key``."""
+        wrong = [k for k in layers if not 1 <= k <= self.num_layers]
+        if wrong:
+            raise ValueError(
+                f"{key}={', '.join(map(str, wrong))}: the backbone has {self.num_layers} decoder layers, so an exit "
+                f"is 1-{self.num_layers} (the output of that many layers)"
+            )
+
+    def exit_states(
+        self, input_ids: ArrayLike, attention_mask: ArrayLike, task_ids: torch.Tensor, layers: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """(B, T, H) bidirectional hidden states after each of the first ``layers`` decoder layers, final norm applied
+        (as the last layer's output has it), from one pass that stops at the deepest: the layers above never run.
+
+        The decoder's own loop, unrolled: same rotary embeddings, the same padding-only mask for every layer as
+        ``hidden_states`` hands the decoder, and the same routing, so ``layers=[num_layers]`` is exactly
+        ``hidden_states`` in EMBEDDING mode. Gradient checkpointing still applies (it lives in each layer's call).
+        """
+        self.check_exits(layers)
+        decoder = self.tuner.model.base_model
+        embeds, attention, width = self._inputs(self._tensor(input_ids), self._tensor(attention_mask), task_ids)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        mask = create_bidirectional_mask(
+            config=decoder.config, inputs_embeds=embeds, attention_mask=attention, allow_is_bidirectional_skip=False
+        )
+        hidden, rotary = embeds, decoder.rotary_emb(embeds, positions)
+        states: dict[int, torch.Tensor] = {}
+        with self.tuner.route(task_ids, Mode.EMBEDDING):
+            for depth, layer in enumerate(decoder.layers[: max(layers)], start=1):
+                hidden = layer(
+                    hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions, is_causal=False
+                )
+                if depth in layers:
+                    states[depth] = decoder.norm(hidden)[:, width:]
+        return [states[k] for k in layers]
+
     def _inputs(
         self, ids: torch.Tensor, attention: torch.Tensor, task_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -101,10 +148,27 @@ class GRM(nn.Module):
         vectors, mask = prefix
         return torch.cat([vectors.to(embeds), embeds], 1), torch.cat([mask.to(attention), attention], 1), mask.shape[1]
 
-    def embed(self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor) -> torch.Tensor:
-        """(B, D) L2-normalised float32 mean of the text tokens' hidden states (``encode_embedding`` batch)."""
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], task_ids, Mode.EMBEDDING)
-        weights = self._tensor(batch["text_mask"]).to(torch.float32).unsqueeze(-1)
+    def embed(
+        self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor, exit_layer: int | None = None
+    ) -> torch.Tensor:
+        """(B, D) L2-normalised float32 mean of the text tokens' hidden states (``encode_embedding`` batch).
+
+        ``exit_layer=k``: read after the first k decoder layers (``exit_states``), the rest skipped; None or the
+        backbone's depth: the full model."""
+        if exit_layer is None or exit_layer == self.num_layers:
+            hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], task_ids, Mode.EMBEDDING)
+            return self._pool(hidden, batch["text_mask"])
+        return self.embed_exits(batch, task_ids, [exit_layer])[0]
+
+    def embed_exits(
+        self, batch: Mapping[str, ArrayLike], task_ids: torch.Tensor, layers: Sequence[int]
+    ) -> torch.Tensor:
+        """(len(layers), B, D): ``embed`` at each exit layer, all from one pass through the deepest of them."""
+        states = self.exit_states(batch["input_ids"], batch["attention_mask"], task_ids, layers)
+        return torch.stack([self._pool(hidden, batch["text_mask"]) for hidden in states])
+
+    def _pool(self, hidden: torch.Tensor, text_mask: ArrayLike) -> torch.Tensor:
+        weights = self._tensor(text_mask).to(torch.float32).unsqueeze(-1)
         pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return F.normalize(pooled, dim=-1)
 

@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from recfound.config import Config
 from recfound.tasks import EMBEDDING_TASKS
@@ -31,6 +31,23 @@ class LossConfig(Config):
     popularity. That suits U2I (what a user buys next follows popularity) but not Q2I, where the positive is what
     the query's text describes (measured on Magazine: U2I full NDCG@10 0.069 -> 0.087, Q2I pool MRR@20 0.359 ->
     0.218 with every task corrected). Costs one pass over the positives' ids at start-up."""
+
+    exit_layers: list[int] = []
+    """Early exit (M6-Rec): decoder layers (1 = the first) whose embeddings also train, each with its own InfoNCE
+    term (same queries, passages, negatives, masks and logQ as the last layer's), read from the same forward pass.
+    They make ``embed(exit_layer=k)`` (jobs/evaluate.py, jobs/export.py exit_layer=k) usable: k of L layers cost
+    about k/L of the compute, at some retrieval quality (jobs/benchmark.py exit measures both). Each must be below
+    the backbone's depth; costs one more InfoNCE score matrix per exit, no extra forward."""
+    exit_weight: float = Field(1.0, ge=0)
+    """Weight of each exit layer's InfoNCE, added to the last layer's: contrastive = last + exit_weight x sum over
+    exit_layers. Lower keeps the full-depth embedding closer to what it would be without exits."""
+
+    @field_validator("exit_layers")
+    @classmethod
+    def _positive_layers(cls, layers: list[int]) -> list[int]:
+        if any(k < 1 for k in layers):
+            raise ValueError(f"exit_layers {layers}: a layer is counted from 1 (the output of the first layer)")
+        return sorted(set(layers))
 
     @field_validator("logq_tasks")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import Field, create_model, model_validator
 
 from recfound.config import Config
-from recfound.model.backbone import BackboneConfig
+from recfound.model.backbone import BackboneConfig, backbone_depth
 from recfound.model.losses import LossConfig
 from recfound.model.tmole import TMoLEConfig
 from recfound.model.tmole.config import HYPERPARAMETERS
@@ -156,5 +156,12 @@ class TrainConfig(Config):
             raise ValueError(
                 "scheduler.source=valid needs zero_stage < 3: rank 0 alone cannot run the "
                 "partitioned model on validation batches"
+            )
+        depth = backbone_depth(self.model.backbone)
+        too_deep = [k for k in self.loss.exit_layers if depth is not None and k >= depth]
+        if too_deep:
+            raise ValueError(
+                f"loss.exit_layers {too_deep}: the {self.model.backbone.name} backbone has {depth} decoder layers; "
+                f"an exit must be below {depth} (the last layer already trains)"
             )
         return self

@@ -9,6 +9,10 @@ non-reentrant activation checkpointing: the forward keeps only each chunk's inpu
 runs over the whole batch, and the backward recomputes one chunk at a time (same dropout masks: the RNG state is
 restored) and pushes the cached embedding gradients through it. That is GradCache's memory profile and its
 gradients, as one forward and one backward, so DDP and DeepSpeed see an ordinary step.
+
+Early exit (``loss.exit_layers``): each listed decoder layer's embeddings get their own InfoNCE, read from the same
+forward as the last layer's (``GRM.embed_exits``), with the same negatives, masks and logQ; the per-task losses
+S2Sched reads stay the last layer's.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ class JointObjective(nn.Module):
         super().__init__()
         if cfg.logq_tasks and prior is None:
             raise ValueError("loss.logq_tasks needs the items' popularity prior (ItemPrior.from_dataset)")
+        self.layers: list[int] = []
+        """Layers embedded per text with exits on, the last one last; empty: the last layer only (``GRM.embed``)."""
+        if cfg.exit_layers:
+            grm.check_exits(cfg.exit_layers, "loss.exit_layers")
+            if max(cfg.exit_layers) >= grm.num_layers:
+                raise ValueError(
+                    f"loss.exit_layers {cfg.exit_layers}: an exit must be below the backbone's depth "
+                    f"({grm.num_layers}); the last layer already trains"
+                )
+            self.layers = [*cfg.exit_layers, grm.num_layers]
         self.grm, self.cfg, self.grad_cache_chunk = grm, cfg, grad_cache_chunk
         self.prior = prior if cfg.logq_tasks else None
 
@@ -65,17 +79,17 @@ class JointObjective(nn.Module):
         tasks = list(rows["task"])
         batch, group, width = rows["p_ids"].shape
         ids = self.grm.task_ids(tasks)
-        queries = self._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)
+        queries = self._embed(rows["q_ids"], rows["q_mask"], rows["q_text"], ids)  # (layers, B, D)
         flat = [rows[key].reshape(-1, width) for key in ("p_ids", "p_mask", "p_text")]
-        passages = self._embed(*flat, ids.repeat_interleave(group)).reshape(batch, group, -1)
+        passages = self._embed(*flat, ids.repeat_interleave(group)).reshape(len(queries), batch, group, -1)
         keys = PairKeys(*(torch.as_tensor(rows[k], device=ids.device) for k in ("q_key", "p_key")))
         log_q = corrected = None
         if self.prior:
             log_q = torch.as_tensor(self.prior.lookup(rows["p_key"]), device=ids.device)
             corrected = torch.as_tensor(np.isin(tasks, self.cfg.logq_tasks), device=ids.device)
         per_query, masked = contrastive_loss(
-            queries,
-            passages,
+            queries[-1],
+            passages[-1],
             self.cfg.temperature,
             self.cfg.cross_device_negatives,
             reduction="none",
@@ -85,12 +99,35 @@ class JointObjective(nn.Module):
         )
         stats = _per_task(per_query, tasks)
         stats[FALSE_NEGATIVES] = ((masked > 0).sum().detach(), torch.tensor(batch))
-        return per_query.mean(), stats
+        loss = per_query.mean()
+        for exit_queries, exit_passages in zip(queries[:-1], passages[:-1]):
+            loss = loss + self.cfg.exit_weight * self._exit_loss(exit_queries, exit_passages, keys, log_q, corrected)
+        return loss, stats
+
+    def _exit_loss(
+        self,
+        queries: torch.Tensor,
+        passages: torch.Tensor,
+        keys: PairKeys,
+        log_q: torch.Tensor | None,
+        corrected: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One exit layer's InfoNCE: the last layer's term on that layer's embeddings."""
+        return contrastive_loss(
+            queries,
+            passages,
+            self.cfg.temperature,
+            self.cfg.cross_device_negatives,
+            keys=keys,
+            log_q=log_q,
+            corrected=corrected,
+        ).loss
 
     def _embed(self, ids: np.ndarray, mask: np.ndarray, text: np.ndarray, task_ids: torch.Tensor) -> torch.Tensor:
-        """``grm.embed`` of the step's texts in length order, in groups cut to their own longest row: a short Q2I
-        query no longer pays for the longest U2I history of the step (exact: padding is masked out). Groups are
-        GradCache chunks under activation checkpointing when that is on (see the module doc)."""
+        """(layers, n, D): ``grm.embed`` (the last layer only) or ``grm.embed_exits`` (``self.layers``) of the
+        step's texts in length order, in groups cut to their own longest row: a short Q2I query no longer pays for
+        the longest U2I history of the step (exact: padding is masked out). Groups are GradCache chunks under
+        activation checkpointing when that is on (see the module doc)."""
         order = np.argsort(-mask.sum(-1), kind="stable")
         size = self.grad_cache_chunk or LENGTH_GROUP
         cache = bool(self.grad_cache_chunk) and torch.is_grad_enabled()
@@ -100,10 +137,13 @@ class JointObjective(nn.Module):
             width = int(mask[rows].any(0).nonzero()[0].max(initial=0)) + 1
             args = (ids[rows, :width], mask[rows, :width], text[rows, :width], task_ids[torch.as_tensor(rows)])
             parts.append(checkpoint(self._embed_rows, *args, use_reentrant=False) if cache else self._embed_rows(*args))
-        return torch.cat(parts)[torch.as_tensor(np.argsort(order), device=task_ids.device)]
+        return torch.cat(parts, 1)[:, torch.as_tensor(np.argsort(order), device=task_ids.device)]
 
     def _embed_rows(self, ids: np.ndarray, mask: np.ndarray, text: np.ndarray, task_ids: torch.Tensor) -> torch.Tensor:
-        return self.grm.embed({"input_ids": ids, "attention_mask": mask, "text_mask": text}, task_ids)
+        batch = {"input_ids": ids, "attention_mask": mask, "text_mask": text}
+        if self.layers:
+            return self.grm.embed_exits(batch, task_ids, self.layers)
+        return self.grm.embed(batch, task_ids)[None]
 
     def _generative(self, rows: Rows) -> tuple[torch.Tensor, TaskStats]:
         tasks = list(rows["task"])

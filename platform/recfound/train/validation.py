@@ -36,8 +36,9 @@ class ValidationProbe:
 
     @torch.no_grad()
     def losses(self, grm: GRM, loss: LossConfig) -> dict[str, float]:
-        # Plain InfoNCE on this rank's rows: a trend signal for the scheduler, comparable step to step.
-        plain = loss.model_copy(update={"cross_device_negatives": False, "logq_tasks": []})
+        # Plain InfoNCE on this rank's rows: a trend signal for the scheduler, comparable step to step (the last
+        # layer's only: exit terms never reach the per-task losses, so computing them would be wasted).
+        plain = loss.model_copy(update={"cross_device_negatives": False, "logq_tasks": [], "exit_layers": []})
         objective = JointObjective(grm, plain)
         was_training = grm.training
         grm.eval()
