@@ -25,7 +25,7 @@ from recfound.merge.export import (
     load_export,
     verify_export,
 )
-from recfound.model.backbone import BackboneConfig
+from recfound.model.backbone import BackboneConfig, EmbeddingAttention
 from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig
@@ -92,6 +92,22 @@ def test_fp32_embedding_export_gives_the_grm_vectors(merged, grm, tmp_path, one_
     vectors = exported.embed(TEXTS, "Find the item", side)
     assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 64)
     assert _cosines(vectors, _grm_vectors(grm, task, side)).min() >= 0.9999
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_a_causal_embedding_model_exports_with_its_causal_read_out(tmp_path, one_thread, fmt) -> None:
+    """A model trained with embedding_attention=causal exports (and reloads) with the causal mask: its vectors are
+    the GRM's, not those of the bidirectional read-out, and the manifest says which."""
+    if fmt == "onnx":
+        _need_onnx()
+    causal = BACKBONE.model_copy(update={"embedding_attention": EmbeddingAttention.CAUSAL})
+    merged = make_merged(tmp_path, causal)
+    grm = GRM.from_pretrained(str(merged / "adapter")).eval()
+    assert grm.backbone.embedding_attention.value == "causal"
+    out = export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "e"), format=fmt))
+    assert json.loads((out / "manifest.json").read_text())["embedding"]["attention"] == "causal"
+    vectors = load_export(out).embed(TEXTS, "Find the item", Side.QUERY)
+    assert _cosines(vectors, _grm_vectors(grm, "q2i", Side.QUERY)).min() >= 0.9999
 
 
 def test_fp32_embedding_export_is_a_plain_transformers_decoder(merged, grm, tmp_path, one_thread) -> None:

@@ -44,6 +44,27 @@ def test_embedding_attention_is_bidirectional_and_generation_is_causal(grm):
             torch.testing.assert_close(before, after, atol=1e-6, rtol=0)
 
 
+def test_causal_embedding_attention_keeps_the_pretrained_causal_mask():
+    """model.backbone.embedding_attention=causal: an embedding token sees only what comes before it (the backbone
+    as it was pretrained), whichever way the batch is padded; the full-depth exit reads the same states."""
+    torch.manual_seed(0)
+    causal = GRM.build(BackboneConfig(embedding_attention="causal")).eval()
+    batch = encode_embedding(causal.tokenizer, ["find"], ["abcdef"], max_len=64)
+    first_text = int(batch["text_mask"][0].argmax())
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["input_ids"][0, -1] += 1
+    task = causal.task_ids(["q2i"])
+    before = causal.hidden_states(batch["input_ids"], batch["attention_mask"], task, Mode.EMBEDDING)[0, first_text]
+    after = causal.hidden_states(changed["input_ids"], changed["attention_mask"], task, Mode.EMBEDDING)[0, first_text]
+    torch.testing.assert_close(before, after, atol=1e-6, rtol=0)
+    tasks = causal.task_ids(["q2i", "u2i", "i2i"])
+    right = causal.embed(encode_embedding(causal.tokenizer, INSTRUCTIONS, TEXTS, 128), tasks)
+    left = causal.embed(encode_embedding(causal.tokenizer, INSTRUCTIONS, TEXTS, 128, padding_side="left"), tasks)
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
+    batch = encode_embedding(causal.tokenizer, INSTRUCTIONS, TEXTS, 128)
+    torch.testing.assert_close(causal.embed_exits(batch, tasks, [causal.num_layers])[0], right, atol=1e-5, rtol=0)
+
+
 def test_embeddings_do_not_depend_on_padding_side_or_other_rows(grm):
     tasks = grm.task_ids(["q2i", "u2i", "i2i"])
     right = grm.embed(encode_embedding(grm.tokenizer, INSTRUCTIONS, TEXTS, 128), tasks)

@@ -2,17 +2,16 @@
 
 An export needs neither TMoLE nor the GRM: the task's routed experts are folded into the base weights
 (``GRM.merge_task``), which leaves the backbone architecture alone. An embedding task keeps the decoder and the
-GRM's read-out (bidirectional attention, mean of the text tokens' last hidden states, L2-normalised, as
-``GRM.embed``); a generative task keeps the causal LM (decoded as ``GRM.generate`` decodes). ``exit_layer=k``
-(early exit, embedding tasks) keeps only the first k decoder layers and the final norm: a plain k-layer model of
-the same architecture whose vectors are ``GRM.embed(exit_layer=k)``'s, k/L of the layers on disk and in compute.
-
-Layout of the output directory, flat, so an fp32 export is also a plain transformers directory:
-  config.json + tokenizer files    the backbone's config and tokenizer (generation_config.json for a causal LM)
-  model.safetensors                format=safetensors, quantize=none (transformers' own file)
-  model.int8.safetensors           format=safetensors, quantize=int8: int8 linears + scales, everything else fp32
-  model.onnx                       format=onnx, embedding tasks; int8 by onnxruntime's dynamic quantizer
-  manifest.json                    task, mode, source, quantization, format, SHA-256 per file; written last
+GRM's read-out (its embedding attention, bidirectional or causal, mean of the text tokens' last hidden states,
+L2-normalised, as ``GRM.embed``); a generative task keeps the causal LM (decoded as ``GRM.generate`` decodes).
+``exit_layer=k`` (early exit, embedding tasks) keeps only the first k decoder layers and the final norm: a plain
+k-layer model of the same architecture whose vectors are ``GRM.embed(exit_layer=k)``'s, k/L of the layers on disk
+and in compute. Layout of the output directory, flat, so an fp32 export is also a plain transformers directory:
+config.json + tokenizer files the backbone's config and tokenizer (generation_config.json for a causal LM)
+model.safetensors format=safetensors, quantize=none (transformers' own file) model.int8.safetensors
+format=safetensors, quantize=int8: int8 linears + scales, everything else fp32 model.onnx format=onnx, embedding
+tasks; int8 by onnxruntime's dynamic quantizer manifest.json task, mode, source, quantization, format, SHA-256 per
+file; written last
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ from recfound.artifacts import (
 )
 from recfound.config import Config, InputURL
 from recfound.io import sha256
-from recfound.model.backbone import BackboneConfig, backbone_depth
+from recfound.model.backbone import BackboneConfig, EmbeddingAttention, backbone_depth
 from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig
@@ -140,19 +139,23 @@ class ExportConfig(Config):
 class Embedder(nn.Module):
     """``GRM.embed`` on a plain decoder: (B, T) ids, attention and text masks -> (B, D) unit float32 vectors.
 
-    The padding-only (bidirectional) 4D mask is built from plain tensor ops rather than transformers' mask helpers
-    so the ONNX tracer records it; on every text token it equals the mask ``create_bidirectional_mask`` gives the GRM.
+    The 4D mask (padding-only, or also causal for a model trained with ``embedding_attention=causal``) is built from
+    plain tensor ops rather than transformers' mask helpers so the ONNX tracer records it; on every text token it
+    equals the mask the GRM's embedding forward uses.
     """
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module, attention: EmbeddingAttention = EmbeddingAttention.BIDIRECTIONAL) -> None:
         super().__init__()
-        self.decoder = decoder
+        self.decoder, self.causal = decoder, attention is EmbeddingAttention.CAUSAL
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         embeds = self.decoder.get_input_embeddings()(input_ids)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         keys = attention_mask.bool()[:, None, None, :]
         mask = keys.expand(-1, 1, input_ids.shape[1], -1)
+        if self.causal:
+            tokens = torch.ones_like(attention_mask[0], dtype=torch.bool)
+            mask = mask & torch.tril(tokens[:, None] & tokens[None, :])[None, None]
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, is_causal=False
         ).last_hidden_state
@@ -346,7 +349,7 @@ def _write_model(grm: GRM, cfg: ExportConfig, stage: Path) -> dict[str, Any]:
     if not embedding:
         return {}
     read_out = {
-        "attention": "bidirectional",
+        "attention": grm.backbone.embedding_attention.value,
         "pooling": "mean of text tokens",
         "normalised": True,
         "layers": len(module.layers),
@@ -368,7 +371,7 @@ def _write_onnx(decoder: nn.Module, grm: GRM, path: Path, cfg: ExportConfig) -> 
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
-            Embedder(decoder).eval(),
+            Embedder(decoder, grm.backbone.embedding_attention).eval(),
             tuple(torch.as_tensor(sample[k]) for k in INPUTS),
             str(target),
             dynamo=False,
@@ -459,7 +462,8 @@ def load_export(
         return ExportedEmbedder(task, tokenizer, budgets, _onnx_runner(root / ONNX_FILE, threads))
     model = _load_torch(root, manifest)
     if manifest["mode"] == Mode.EMBEDDING.value:
-        return ExportedEmbedder(task, tokenizer, budgets, _torch_runner(model), model)
+        attention = EmbeddingAttention(manifest["embedding"].get("attention", EmbeddingAttention.BIDIRECTIONAL.value))
+        return ExportedEmbedder(task, tokenizer, budgets, _torch_runner(model, attention), model)
     return ExportedGenerator(task, tokenizer, model, budgets["generative"])
 
 
@@ -474,8 +478,8 @@ def _load_torch(root: Path, manifest: Mapping[str, Any]) -> nn.Module:
     return _load_int8(model, root / INT8_FILE).eval()
 
 
-def _torch_runner(model: nn.Module) -> Callable[[Batch], np.ndarray]:
-    embedder = Embedder(model).eval()
+def _torch_runner(model: nn.Module, attention: EmbeddingAttention) -> Callable[[Batch], np.ndarray]:
+    embedder = Embedder(model, attention).eval()
 
     def run(batch: Batch) -> np.ndarray:
         with torch.inference_mode():

@@ -7,6 +7,7 @@ Mistral-7B-Instruct-v0.3 for the paper run).
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +37,13 @@ from recfound.model.tokenizer import (
 DType = Literal["auto", "float32", "bfloat16"]
 
 
+class EmbeddingAttention(str, Enum):
+    """The attention mask embeddings are computed under (generation is always causal)."""
+
+    BIDIRECTIONAL = "bidirectional"
+    CAUSAL = "causal"
+
+
 class BackboneConfig(Config):
     """Which pretrained causal LM to adapt, and how to run it."""
 
@@ -50,6 +58,12 @@ class BackboneConfig(Config):
     """Recompute decoder layers in backward to save activation memory (needed at paper scale)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """transformers attention kernel; sdpa works everywhere, flash_attention_2 needs the flash-attn package."""
+    embedding_attention: EmbeddingAttention = EmbeddingAttention.BIDIRECTIONAL
+    """Mask of the embedding forward. bidirectional: every token sees every token (the paper, GritLM), which a
+    causal LM has to learn to use, so it pays off with enough contrastive training; causal: the backbone as it was
+    pretrained (each token sees those before it; mean pooling still reads every text token). Measured zero-shot
+    (untrained SmolLM2-135M, Magazine test pools): causal 0.261 vs bidirectional 0.191 Q2I MRR@20, 0.196 vs 0.167
+    U2I, 0.840 vs 0.845 I2I NDCG@20. Saved with the adapter, so evaluation, serving and exports read out alike."""
     max_query_len: int = 256
     """Token budget of an embedding query (instruction + text)."""
     max_passage_len: int = 2048

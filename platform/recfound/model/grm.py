@@ -1,8 +1,9 @@
-"""GRM: one TMoLE-adapted causal LM that embeds (bidirectional, mean-pooled) and generates (causal).
+"""GRM: one TMoLE-adapted causal LM that embeds (bidirectional by default, mean-pooled) and generates (causal).
 
-The two modes differ only in the attention mask and the read-out: embedding runs the decoder with a padding-only
-(bidirectional) mask and pools the last hidden states over the text tokens; generation runs it causally and reads
-logits. Position ids follow the attention mask, so left and right padding give the same results.
+The two modes differ in the attention mask and the read-out: embedding runs the decoder with a padding-only
+(bidirectional) mask, or causally with ``embedding_attention=causal``, and pools the last hidden states over the
+text tokens; generation runs it causally and reads logits. Position ids follow the attention mask, so left and right
+padding give the same results.
 
 Early exit (M6-Rec's on-device trick): an embedding can be read after the first k decoder layers instead of all of
 them (``embed(..., exit_layer=k)``). Only those k layers run, then the backbone's final norm and the same mean
@@ -21,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from recfound.model.backbone import BackboneConfig, load_backbone
+from recfound.model.backbone import BackboneConfig, EmbeddingAttention, load_backbone
 from recfound.model.formats import IGNORE_INDEX, encode_generative, encode_prompt
 from recfound.model.tmole import TMoLEConfig, TMoLEModel, read_adapter_config
 from recfound.tasks import Mode
@@ -77,13 +78,14 @@ class GRM(nn.Module):
     def hidden_states(
         self, input_ids: ArrayLike, attention_mask: ArrayLike, task_ids: torch.Tensor, mode: Mode
     ) -> torch.Tensor:
-        """(B, T, H) last hidden states: bidirectional attention for EMBEDDING, causal for GENERATIVE."""
+        """(B, T, H) last hidden states: bidirectional attention for EMBEDDING (unless the backbone's
+        ``embedding_attention`` is causal), causal for GENERATIVE."""
         decoder = self.tuner.model.base_model
         embeds, attention, width = self._inputs(self._tensor(input_ids), self._tensor(attention_mask), task_ids)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         mask: Any = attention
         extra: dict[str, Any] = {}
-        if mode is Mode.EMBEDDING:
+        if mode is Mode.EMBEDDING and self.backbone.embedding_attention is EmbeddingAttention.BIDIRECTIONAL:
             # A materialised padding-only mask is used as-is by sdpa/eager/flex; is_causal=False covers
             # flash-attention, which takes a 2D mask and its causality from this flag.
             mask = create_bidirectional_mask(
@@ -111,26 +113,34 @@ class GRM(nn.Module):
     def exit_states(
         self, input_ids: ArrayLike, attention_mask: ArrayLike, task_ids: torch.Tensor, layers: Sequence[int]
     ) -> list[torch.Tensor]:
-        """(B, T, H) bidirectional hidden states after each of the first ``layers`` decoder layers, final norm applied
+        """(B, T, H) embedding hidden states after each of the first ``layers`` decoder layers, final norm applied
         (as the last layer's output has it), from one pass that stops at the deepest: the layers above never run.
 
-        The decoder's own loop, unrolled: same rotary embeddings, the same padding-only mask for every layer as
-        ``hidden_states`` hands the decoder, and the same routing, so ``layers=[num_layers]`` is exactly
-        ``hidden_states`` in EMBEDDING mode. Gradient checkpointing still applies (it lives in each layer's call).
+        The decoder's own loop, unrolled: same rotary embeddings, the same mask for every layer as
+        ``hidden_states`` hands the decoder (padding-only, or causal with ``embedding_attention=causal``), and the
+        same routing, so ``layers=[num_layers]`` is exactly ``hidden_states`` in EMBEDDING mode. Gradient
+        checkpointing still applies (it lives in each layer's call).
         """
         self.check_exits(layers)
         decoder = self.tuner.model.base_model
         embeds, attention, width = self._inputs(self._tensor(input_ids), self._tensor(attention_mask), task_ids)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        mask = create_bidirectional_mask(
-            config=decoder.config, inputs_embeds=embeds, attention_mask=attention, allow_is_bidirectional_skip=False
-        )
+        bidirectional = self.backbone.embedding_attention is EmbeddingAttention.BIDIRECTIONAL
+        options = {"config": decoder.config, "inputs_embeds": embeds, "attention_mask": attention}
+        if bidirectional:
+            mask = create_bidirectional_mask(**options, allow_is_bidirectional_skip=False)
+        else:
+            mask = create_causal_mask(**options, cache=None, position_ids=positions, allow_is_causal_skip=False)
         hidden, rotary = embeds, decoder.rotary_emb(embeds, positions)
         states: dict[int, torch.Tensor] = {}
         with self.tuner.route(task_ids, Mode.EMBEDDING):
             for depth, layer in enumerate(decoder.layers[: max(layers)], start=1):
                 hidden = layer(
-                    hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions, is_causal=False
+                    hidden,
+                    attention_mask=mask,
+                    position_embeddings=rotary,
+                    position_ids=positions,
+                    is_causal=not bidirectional,
                 )
                 if depth in layers:
                     states[depth] = decoder.norm(hidden)[:, width:]
