@@ -4,6 +4,8 @@
     python jobs/benchmark.py train                               # TorchTrainer step vs a plain PyTorch loop
     python jobs/benchmark.py data                                # build + Ray Data tokenise vs training's appetite
     python jobs/benchmark.py serve                               # Ray Serve HTTP vs direct engine calls
+    python jobs/benchmark.py serve --load [--clients 1000]       # 70/20/10 mix at capacity, then 2x: 503s, memory
+    python jobs/benchmark.py serve --abuse                       # oversized requests: 413/400 latency, p99 under abuse
     python jobs/benchmark.py search                              # exact vs faiss IVF item search, 10k-1M items
     python jobs/benchmark.py quality data=<dataset dir> out=<dir> [config=<yaml>]
                                                                  # train + evaluate: win/lose per baseline
@@ -23,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, early_exit, quality, search, serve, train  # noqa: E402
+from recfound.bench import adapter, data, early_exit, quality, search, serve_load, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 
 SUBCOMMANDS = {
     "adapter": (adapter.AdapterBench, adapter.run),
     "train": (train.TrainBench, train.run),
     "data": (data.DataBench, data.run),
-    "serve": (serve.ServeBench, serve.run),
+    "serve": (serve_load.ServeLoadBench, serve_load.run),
     "search": (search.SearchBench, search.run),
     "quality": (quality.QualityBench, quality.run),
     "exit": (early_exit.ExitBench, early_exit.run),
@@ -62,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=summary.splitlines()[0], description=summary)
         add_arguments(sub, cls)
         if "out" not in cls.model_fields:
-            sub.add_argument("--out", default=f"runs/bench/{name}.json", help="JSON report path (default: %(default)s)")
+            sub.add_argument("--out", help=f"JSON report path (default: runs/bench/<report>.json, e.g. {name}.json)")
     args = parser.parse_args(_flags(list(sys.argv[1:] if argv is None else argv)))
     cls, run = SUBCOMMANDS[args.command]
     bench = config_from(cls, args)
     report = run(bench)
     print(report.render())
     out = Path(bench.out) / f"{args.command}.json" if "out" in cls.model_fields else args.out
+    out = out or f"runs/bench/{report.benchmark}.json"
     print(f"\nwrote {report.write(out)}")
     return 0
 

@@ -18,7 +18,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -298,11 +300,33 @@ def _breakdown(
     return {layer: median(times) * 1e3 for layer, times in timing.wall.items()}
 
 
-def run(bench: ServeBench) -> Report:
+@dataclass
+class Published:
+    """A fresh GRM published with its item index to a private registry, and its engine loaded in this process."""
+
+    data: Path
+    registry: str
+    engine: Engine
+    instructions: dict[str, dict[str, str]]
+
+    def queries(self, task: str, n: int) -> list[str]:
+        """``n`` query texts of ``task`` that fit the context with the task's query instruction."""
+        budget = self.engine.context_length
+        n_instruction = self.engine.count_tokens([self.instructions[task]["query"]])[0]
+        fits = lambda ts: [n_instruction + k <= budget for k in self.engine.count_tokens(ts)]  # noqa: E731
+        return _texts(self.data, task, "query", fits, n)
+
+    def prompts(self, task: str, max_tokens: int, n: int) -> list[str]:
+        """``n`` prompts of ``task`` that leave room for ``max_tokens`` new tokens."""
+        fits = lambda ps: [k + max_tokens <= self.engine.context_length for k in self.engine.count_tokens(ps)]  # noqa: E731
+        return _texts(self.data, task, "prompt", fits, n)
+
+
+def publish_model(bench: ServeBench, root: Path) -> Published:
+    """Dataset, artifact and registry under ``root`` (replaced); the published version's engine loaded here."""
     if bench.embed_task not in EMBEDDING_TASKS or bench.generate_task not in GENERATIVE_TASKS:
         raise ValueError(f"embed_task must be one of {EMBEDDING_TASKS}, generate_task one of {GENERATIVE_TASKS}")
     cfg = load_config(TrainConfig, bench.config)
-    root = Path(bench.out_dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     data = root / "data"
     build(BuildConfig(out=str(data), synthetic=SyntheticConfig(users=bench.users, items=bench.items)))
@@ -310,40 +334,37 @@ def run(bench: ServeBench) -> Report:
     meta = {ENGINE_KEY: GRM_ENGINE, **text_meta(read_json(str(data / DATASET_MANIFEST)))}
     publish(str(_artifact(cfg, root / "model")), registry, partial(build_item_index, items_url=str(data / ITEMS)), meta)
     version_dir = resolve(registry)
-    engine = load_engine(version_dir)
-    instruction = read_version(version_dir)["instructions"][bench.embed_task]["query"]
-    budget = engine.context_length
-    n_instruction = engine.count_tokens([instruction])[0]
-    texts = _texts(
-        data,
-        bench.embed_task,
-        "query",
-        lambda ts: [n_instruction + n <= budget for n in engine.count_tokens(ts)],
-        bench.requests * bench.embed_inputs_per_request,
-    )
-    prompts = _texts(
-        data,
-        bench.generate_task,
-        "prompt",
-        lambda ps: [n + bench.max_tokens <= budget for n in engine.count_tokens(ps)],
-        bench.completion_requests,
-    )
+    return Published(data, registry, load_engine(version_dir), read_version(version_dir)["instructions"])
 
-    config = _serve_config(registry, _free_port(), bench.batch_wait_s)
-    model = _model_deployment(config)
-    max_batch = int(model["user_config"]["max_batch_size"])
-    threads = max(1, math.floor(model.get("ray_actor_options", {}).get("num_cpus", 1)))
+
+@contextmanager
+def served(config: dict[str, Any], path: Path) -> Iterator[str]:
+    """The app of ``config`` running (on this driver's Ray, or a local one started here); yields its base URL."""
     started_ray = not ray.is_initialized()
     if started_ray:  # the Model (1 CPU) and Gateway (0.5) replicas need 2 logical CPUs even on a smaller machine
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
-        url = _start(config, root / "serve.yaml")
-        rows = _measure(bench, url, engine, instruction, texts, prompts, max_batch, threads)
-        breakdown = _breakdown(url, config["applications"][0]["name"], engine, bench, texts[0], instruction, threads)
+        yield _start(config, path)
     finally:
         serve.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def run(bench: ServeBench) -> Report:
+    root = Path(bench.out_dir).resolve()
+    published = publish_model(bench, root)
+    engine, instruction = published.engine, published.instructions[bench.embed_task]["query"]
+    texts = published.queries(bench.embed_task, bench.requests * bench.embed_inputs_per_request)
+    prompts = published.prompts(bench.generate_task, bench.max_tokens, bench.completion_requests)
+
+    config = _serve_config(published.registry, _free_port(), bench.batch_wait_s)
+    model = _model_deployment(config)
+    max_batch = int(model["user_config"]["max_batch_size"])
+    threads = max(1, math.floor(model.get("ray_actor_options", {}).get("num_cpus", 1)))
+    with served(config, root / "serve.yaml") as url:
+        rows = _measure(bench, url, engine, instruction, texts, prompts, max_batch, threads)
+        breakdown = _breakdown(url, config["applications"][0]["name"], engine, bench, texts[0], instruction, threads)
     return _report(bench, rows, breakdown, config, max_batch, threads)
 
 
