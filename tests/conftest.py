@@ -1,10 +1,11 @@
 """Suite-wide setup: offline, quiet, and one small synthetic dataset shared by the tests that need one."""
 
 import asyncio
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -55,3 +56,15 @@ def loop() -> Iterator[asyncio.Runner]:
     the next module's batches waiting on a closed loop)."""
     with asyncio.Runner() as runner:
         yield runner
+
+
+@pytest.fixture(scope="module")
+def benchmark() -> ModuleType:
+    """jobs/benchmark.py as a module (a script, not a package module), for the benchmark tests to call ``main``."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_job", Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

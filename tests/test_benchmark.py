@@ -7,7 +7,6 @@ train, data and serve subcommands, and each Ray Data run streams a single task: 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections.abc import Iterator
@@ -21,15 +20,6 @@ import ray
 pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
-
-
-@pytest.fixture(scope="module")
-def benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_job", JOB)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ asserted (the figures are for the README's Performance section).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,18 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
 CLIENTS = 20
 MAX_ONGOING = 4  # the Model's max_ongoing_requests here: its queue, not the proxy's or Gateway's, is what fills
-
-
-@pytest.fixture(scope="module")
-def benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_job", JOB)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_help_documents_load_and_abuse(benchmark: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
