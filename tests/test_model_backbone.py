@@ -62,10 +62,21 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
         load_backbone(BackboneConfig(name="smollm2-135m"))
 
 
+def test_pretrained_backbones_never_fetch_hub_kernels(tmp_path):
+    """transformers 5 defaults to swapping layers for Hub kernels on a GPU (a download; refused outright without the
+    kernels package, as an H200 run showed). Every load here opts out, so the model records kernels as off."""
+    model, tokenizer = load_backbone(BackboneConfig(name="tiny"))
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded, _ = load_backbone(BackboneConfig(name="hf", path=str(tmp_path)))
+    assert loaded.use_kernels is False
+
+
 @pytest.mark.slow
 def test_smollm2_loads_offline_and_generates(tmp_path):
     grm = GRM.build(BackboneConfig(name="smollm2-135m")).eval()
     assert grm.tuner.model.config.model_type == "llama"
+    assert grm.tuner.model.use_kernels is False
     answer = grm.generate(["What is the capital of France? Answer in one word."], "answer_generation", 8)
     assert answer[0].strip()
     tok = grm.tokenizer

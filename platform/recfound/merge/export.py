@@ -53,7 +53,7 @@ from recfound.artifacts import (
 )
 from recfound.config import Config, InputURL
 from recfound.io import sha256
-from recfound.model.backbone import BackboneConfig, EmbeddingAttention, backbone_depth
+from recfound.model.backbone import OFFLINE_LOAD, BackboneConfig, EmbeddingAttention, backbone_depth
 from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt
 from recfound.model.grm import GRM
 from recfound.model.tmole import TMoLEConfig
@@ -471,7 +471,7 @@ def _load_torch(root: Path, manifest: Mapping[str, Any]) -> nn.Module:
     auto = AutoModel if manifest["mode"] == Mode.EMBEDDING.value else AutoModelForCausalLM
     options: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
     if manifest["quantization"] == Quantize.NONE.value:
-        return auto.from_pretrained(str(root), **options).eval()
+        return auto.from_pretrained(str(root), **options, **OFFLINE_LOAD).eval()
     model = auto.from_config(AutoConfig.from_pretrained(str(root)), **options)
     if (root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(root))

@@ -34,6 +34,9 @@ from recfound.model.tokenizer import (
     with_pad,
 )
 
+# transformers 5 swaps layers for kernels fetched from the Hugging Face Hub by default when a GPU is present (an H200
+# run stopped on it: "Kernels are not available"; with the package installed it downloads). Runs never reach a hub.
+OFFLINE_LOAD = {"use_kernels": False}
 DType = Literal["auto", "float32", "bfloat16"]
 
 
@@ -155,7 +158,7 @@ def _smollm2(attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
     if folder is None:
         model = _smollm2_from_gguf(attn, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn, **OFFLINE_LOAD)
     return model, load_tokenizer("smollm2-135m", None)
 
 
@@ -169,7 +172,7 @@ def _smollm2_from_gguf(attn: str, dtype: torch.dtype) -> PreTrainedModel:
     # model loader, which would otherwise parse it again. Tensors are dequantised to float on load.
     config = AutoConfig.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(
-        smollm2_dir(), gguf_file=SMOLLM2_GGUF, config=config, dtype=dtype, attn_implementation=attn
+        smollm2_dir(), gguf_file=SMOLLM2_GGUF, config=config, dtype=dtype, attn_implementation=attn, **OFFLINE_LOAD
     )
     return _unmark_gguf(model)
 
@@ -189,5 +192,7 @@ def _unmark_gguf(model: PreTrainedModel) -> PreTrainedModel:
 def _pretrained(path: str, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     local = Path(path).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, local_files_only=local, **OFFLINE_LOAD
+    )
     return model, tokenizer
