@@ -17,8 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recfound.config import cli  # noqa: E402
 from recfound.eval.compare import compare  # noqa: E402
+from recfound.eval.config import EvalConfig, EvalError  # noqa: E402
 from recfound.eval.report import tables  # noqa: E402
-from recfound.eval.runner import EvalConfig, EvalError, evaluate  # noqa: E402
+from recfound.eval.runner import evaluate  # noqa: E402
 from recfound.eval.systems import ModelError  # noqa: E402
 
 USAGE = """

@@ -19,9 +19,10 @@ from pydantic import Field
 
 from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
 from recfound.config import Config, load_config
+from recfound.eval.config import EvalConfig
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.protocols import LIST_PROTOCOLS, list_metric_names
-from recfound.eval.runner import RESULTS, Dataset, EvalConfig, evaluate, generative_sample
+from recfound.eval.runner import RESULTS, Dataset, evaluate, generative_sample
 from recfound.eval.systems import resolve_model
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.tasks import EMBEDDING_TASKS

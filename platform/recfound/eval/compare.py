@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from recfound.artifacts import read_metrics
+from recfound.eval.config import EvalConfig, EvalError
 from recfound.eval.convergence import find_history, summarize
 from recfound.eval.report import write_report
-from recfound.eval.runner import MODEL, RESULTS, EvalConfig, EvalError, json_ready
+from recfound.eval.runner import MODEL, RESULTS, json_ready
 
 
 def _label(path: Path, taken: set[str]) -> str:
