@@ -11,6 +11,8 @@
                                                                  # train + evaluate: win/lose per baseline
     python jobs/benchmark.py exit model=<checkpoint or merged dir> data=<dataset dir> [layers=<k,k,...>]
                                                                  # early-exit embeddings: speed and metric per layer
+    python jobs/benchmark.py export model=<merged dir> data=<dataset dir> [tasks=u2i,i2i] [onnx=false]
+                                                                 # int8 exports vs fp32: speed, cosine, metric
     python jobs/benchmark.py <subcommand> --help                 # every option, with its default
 
 Options are --key value or key=value (quality: train.<key>=value overrides the recipe). Each writes its report
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, early_exit, quality, search, serve_load, train  # noqa: E402
+from recfound.bench import adapter, data, early_exit, export, quality, search, serve_load, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 
 SUBCOMMANDS = {
@@ -36,6 +38,7 @@ SUBCOMMANDS = {
     "search": (search.SearchBench, search.run),
     "quality": (quality.QualityBench, quality.run),
     "exit": (early_exit.ExitBench, early_exit.run),
+    "export": (export.ExportBench, export.run),
 }
 
 

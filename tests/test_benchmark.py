@@ -287,3 +287,26 @@ def test_exit(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) ->
     assert len(report["tables"][0]["rows"]) == 2
     with pytest.raises(ValueError, match="layers=3: the backbone has 2 decoder layers"):
         benchmark.main(["exit", f"model={tmp_path / 'adapter'}", f"data={synthetic_dataset}", "layers=1,3"])
+
+
+def test_export(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) -> None:
+    """int8 (PyTorch and ONNX) vs fp32 exports of a tiny merged model on u2i: every variant exported, loaded and
+    ranked by the pool protocol; fp32 against itself is the identity, int8 stays close (the speed means nothing)."""
+    pytest.importorskip("onnxruntime")
+    from test_export import make_merged
+
+    from recfound.model.backbone import BackboneConfig
+
+    backbone = BackboneConfig(name="tiny", max_query_len=128, max_passage_len=96, max_generative_len=64)
+    merged = make_merged(tmp_path, backbone, ["u2i", "q2i", "sentiment_analysis"])
+    argv = ["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=u2i", "rows=8", "texts=8", "rounds=2"]
+    report = _run(benchmark, tmp_path / "export.json", *argv)
+    _assert_report(report, {"int8_vs_fp32", "int8_onnx_vs_fp32", "u2i_int8_vs_fp32"})
+    figures = report["figures"]
+    cosine, loss = figures["cosine_to_fp32"]["u2i"], figures["relative_metric_loss"]["u2i"]
+    assert cosine["fp32"] == pytest.approx(1.0, abs=1e-5) and loss["fp32"] == 0
+    assert 0.9 < cosine["int8"] < 1 and 0.9 < cosine["int8-onnx"] <= 1
+    assert all(0 <= v <= 1 for v in figures["headline"]["u2i"].values()) and figures["queries"] == {"u2i": 8}
+    assert len(report["tables"][0]["rows"]) == 3
+    with pytest.raises(ValueError, match="tasks: i2i cannot be scored"):
+        benchmark.main(["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=i2i"])

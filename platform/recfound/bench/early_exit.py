@@ -75,12 +75,16 @@ class ExitBench(Config):
 
     @field_validator("layers", "tasks", mode="before")
     @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        """``1,2`` or ``--layers 1,2 --layers 3`` (the command line's strings) -> one flat list."""
-        parts = [value] if isinstance(value, str) else value
-        if isinstance(parts, list) and all(isinstance(v, str) for v in parts):
-            return [v for part in parts for v in part.split(",") if v]
-        return value
+    def _lists(cls, value: Any) -> Any:
+        return comma_list(value)
+
+
+def comma_list(value: Any) -> Any:
+    """``1,2`` or ``--layers 1,2 --layers 3`` (the command line's strings) -> one flat list."""
+    parts = [value] if isinstance(value, str) else value
+    if isinstance(parts, list) and all(isinstance(v, str) for v in parts):
+        return [v for part in parts for v in part.split(",") if v]
+    return value
 
 
 def exit_layers(bench: ExitBench, grm: GRM) -> list[int]:
@@ -91,18 +95,18 @@ def exit_layers(bench: ExitBench, grm: GRM) -> list[int]:
     return sorted(set(layers) | {depth})
 
 
-def bench_tasks(bench: ExitBench, data: Dataset, adapter_tasks: list[str]) -> list[str]:
+def bench_tasks(asked: list[str], split: str, data: Dataset, adapter_tasks: list[str]) -> list[str]:
     """The embedding tasks to score: the asked ones, each checked, or every one the split and the model have."""
-    usable = [t for t in EMBEDDING_TASKS if data.count(t, bench.split) > 0 and t in adapter_tasks]
-    wrong = [t for t in bench.tasks if t not in usable]
+    usable = [t for t in EMBEDDING_TASKS if data.count(t, split) > 0 and t in adapter_tasks]
+    wrong = [t for t in asked if t not in usable]
     if wrong:
         raise ValueError(
-            f"tasks: {', '.join(wrong)} cannot be scored (embedding tasks with {bench.split} rows in {data.root} "
+            f"tasks: {', '.join(wrong)} cannot be scored (embedding tasks with {split} rows in {data.root} "
             f"that the model has: {', '.join(usable) or 'none'})"
         )
-    if not (bench.tasks or usable):
-        raise ValueError(f"no embedding task has {bench.split} rows in {data.root} and an adapter route")
-    return bench.tasks or usable
+    if not (asked or usable):
+        raise ValueError(f"no embedding task has {split} rows in {data.root} and an adapter route")
+    return asked or usable
 
 
 def sample_rows(prepared: EmbeddingTask, n: int, seed: int) -> EmbeddingTask:
@@ -142,7 +146,7 @@ def encoded(
 def run(bench: ExitBench) -> Report:
     source = resolve_model(bench.model)
     data = Dataset.load(bench.data)
-    tasks = bench_tasks(bench, data, list(source.config.tasks))
+    tasks = bench_tasks(bench.tasks, bench.split, data, list(source.config.tasks))
     with torch_threads(bench.threads):
         grm = load_model(source)
         layers = exit_layers(bench, grm)

@@ -22,6 +22,7 @@ from recfound.artifacts import ADAPTER_DIR, MANIFEST, METRICS, read_trainer_stat
 from recfound.eval.closed import content_free
 from recfound.eval.convergence import latest_checkpoint
 from recfound.eval.protocols import DenseScorer, Scorer
+from recfound.merge.export import ExportedEmbedder
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM
@@ -130,20 +131,15 @@ def item_instruction(rows: pd.DataFrame) -> str:
     return str(counts.index[0])
 
 
-class GRMSystem:
-    """A GRM as a ``Baseline``: the catalogue embedded once per (task, item instruction), each query with its
-    row's own instruction, both routed as the task and truncated to the budgets training used for that side.
-    ``exit_layer``: embeddings after the first k decoder layers (``GRM.embed``); generation is unaffected."""
+class EmbeddingSystem:
+    """A text embedder as a ``Baseline``: the catalogue embedded once per (task, item instruction), each query with
+    its row's own instruction, both truncated to the budgets training used for that side. Subclasses embed one
+    batch (``_embed_batch``); batching by similar length, so little compute goes to padding, is shared."""
 
-    tasks = frozenset(EMBEDDING_TASKS)
+    tasks: frozenset[str]
 
-    def __init__(self, name: str, model: GRM, batch_size: int = 16, exit_layer: int | None = None) -> None:
-        if exit_layer is not None:
-            model.check_exits([exit_layer])
-        self.name, self.batch_size, self.exit_layer = name, batch_size, exit_layer
-        self.model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = model.backbone
-        self.budget = {Side.QUERY: backbone.max_query_len, Side.ITEM: backbone.max_passage_len}
+    def __init__(self, name: str, batch_size: int) -> None:
+        self.name, self.batch_size = name, batch_size
         self._catalogue: dict[tuple[str, str], np.ndarray] = {}
 
     def fit(self, items: pd.DataFrame, interactions: pd.DataFrame) -> None:
@@ -155,28 +151,61 @@ class GRMSystem:
         if key not in self._catalogue:
             self._catalogue[key] = self.embed(task, [key[1]] * len(self.texts), self.texts, Side.ITEM)
         queries = self.embed(task, rows["query_instruction"].tolist(), rows["query"].astype(str).tolist(), Side.QUERY)
-        return DenseScorer(queries, self._catalogue[key], cosine=False)  # GRM.embed is already L2-normalised
+        return DenseScorer(queries, self._catalogue[key], cosine=False)  # both sides are L2-normalised already
 
-    @torch.inference_mode()  # no grad + eval mode + one task per batch: the layers use their folded weights
     def embed(self, task: str, instructions: Sequence[str], texts: Sequence[str], side: Side) -> np.ndarray:
-        """(n, d) float32 embeddings, batched by similar length so little compute goes to padding."""
+        """(n, d) float32 embeddings in input order."""
         order = np.argsort([len(t) for t in texts], kind="stable")
         parts = []
         for start in range(0, len(texts), self.batch_size):
             batch = order[start : start + self.batch_size]
-            enc = encode_embedding(
-                self.model.tokenizer,
-                [instructions[i] for i in batch],
-                [texts[i] for i in batch],
-                self.budget[side],
-                keep_end=side.keeps_end(task),
-            )
-            ids = self.model.task_ids([task] * len(batch))
-            parts.append(self.model.embed(enc, ids, self.exit_layer).float().cpu().numpy())
+            parts.append(self._embed_batch(task, [instructions[i] for i in batch], [texts[i] for i in batch], side))
         vectors = np.concatenate(parts)
         out = np.empty_like(vectors)
         out[order] = vectors
         return out
+
+    def _embed_batch(self, task: str, instructions: list[str], texts: list[str], side: Side) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ExportedSystem(EmbeddingSystem):
+    """An embedding export (jobs/export.py, loaded by ``load_export``) as a ``Baseline`` for its one task."""
+
+    def __init__(self, name: str, exported: ExportedEmbedder, batch_size: int = 16) -> None:
+        super().__init__(name, batch_size)
+        self.exported, self.tasks = exported, frozenset({exported.task})
+
+    def _embed_batch(self, task: str, instructions: list[str], texts: list[str], side: Side) -> np.ndarray:
+        exported = self.exported
+        budget = exported.budgets[side.value]
+        return exported.run(
+            encode_embedding(exported.tokenizer, instructions, texts, budget, keep_end=side.keeps_end(task))
+        )
+
+
+class GRMSystem(EmbeddingSystem):
+    """A GRM as a ``Baseline`` (routed as the task on both sides), and the generator of the generative tasks.
+    ``exit_layer``: embeddings after the first k decoder layers (``GRM.embed``); generation is unaffected."""
+
+    tasks = frozenset(EMBEDDING_TASKS)
+
+    def __init__(self, name: str, model: GRM, batch_size: int = 16, exit_layer: int | None = None) -> None:
+        if exit_layer is not None:
+            model.check_exits([exit_layer])
+        super().__init__(name, batch_size)
+        self.exit_layer = exit_layer
+        self.model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+        backbone = model.backbone
+        self.budget = {Side.QUERY: backbone.max_query_len, Side.ITEM: backbone.max_passage_len}
+
+    @torch.inference_mode()  # no grad + eval mode + one task per batch: the layers use their folded weights
+    def _embed_batch(self, task: str, instructions: list[str], texts: list[str], side: Side) -> np.ndarray:
+        enc = encode_embedding(
+            self.model.tokenizer, instructions, texts, self.budget[side], keep_end=side.keeps_end(task)
+        )
+        ids = self.model.task_ids([task] * len(texts))
+        return self.model.embed(enc, ids, self.exit_layer).float().cpu().numpy()
 
     @torch.inference_mode()
     def choice_scores(self, task: str, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,180 @@
+"""Compact export: int8 exports against the fp32 export of the same merged model, per embedding task.
+
+Each variant is a real export (merge/export.py ``export``) loaded as a deployment loads it (``load_export``), so
+the figures are the artifact's, not a simulation: int8 is PyTorch dynamic quantization of the linears
+(``keep_float`` stays fp32) and, with ``onnx``, onnxruntime's quantizer on the ONNX graph. Throughput: a seeded
+sample of catalogue texts (item side, the task's item instruction, tokenised once beforehand: tokenising costs
+every variant the same) embedded by every variant in interleaved rounds; a variant's speed-up is the median over
+rounds of fp32 time / its time in the same round. Agreement: mean cosine of its vectors to fp32's on that sample.
+Quality: the evaluation job's pool protocol (the paper's metric per task) on a seeded sample of the split's rows,
+the export ranking the whole catalogue as ``ExportedSystem``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from recfound.bench.common import Better, Report, Table, Target, fmt, interleaved, median, paired_ratio, torch_threads
+from recfound.bench.early_exit import bench_tasks, comma_list, sample_rows
+from recfound.config import Config
+from recfound.data.rows import Split
+from recfound.eval.report import headline
+from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding
+from recfound.eval.systems import ExportedSystem, item_instruction, item_texts, resolve_model
+from recfound.merge.export import ExportConfig, ExportedEmbedder, ExportFormat, Quantize, export, load_export
+from recfound.model.formats import Side, encode_embedding
+
+REFERENCE = "fp32"
+VARIANTS: dict[str, tuple[Quantize, ExportFormat]] = {
+    REFERENCE: (Quantize.NONE, ExportFormat.SAFETENSORS),
+    "int8": (Quantize.INT8, ExportFormat.SAFETENSORS),
+    "int8-onnx": (Quantize.INT8, ExportFormat.ONNX),
+}
+TARGETS = [
+    Target("int8 export: embedding throughput / fp32 (median over tasks)", "int8_vs_fp32", 2.0, Better.HIGHER),
+    Target("int8 export: relative pool-metric loss vs fp32 (worst task)", "int8_metric_loss", 0.01, Better.LOWER),
+]
+
+
+class ExportBench(Config):
+    """int8 (PyTorch, and onnxruntime with onnx) vs fp32 exports of one merged model: embedding texts/s, cosine to
+    fp32 and the pool retrieval metric per embedding task."""
+
+    model: str
+    """The merged artifact (jobs/merge.py out) to export, once per task and variant."""
+    data: str
+    """The built dataset directory (jobs/build_dataset.py out)."""
+    tasks: list[str] = []
+    """Embedding tasks (comma list of u2i, q2i, i2i); empty: those the split and the model both have."""
+    onnx: bool = True
+    """Also the int8 ONNX export for onnxruntime (needs pip install -e '.[export]')."""
+    split: Split = "valid"
+    """Split the metrics are taken on: valid is the dev slice (model selection), test the reported one."""
+    rows: int = Field(200, ge=1)
+    """Queries per task for the metrics: a seeded sample of the split's rows (all when fewer)."""
+    texts: int = Field(64, ge=1)
+    """Catalogue texts embedded per timed round by each variant."""
+    batch_size: int = Field(16, ge=1)
+    """Texts per forward pass, timing and metrics alike."""
+    rounds: int = Field(5, ge=1)
+    """Timed rounds; each embeds the texts once with every variant, in rotating order."""
+    warmup: int = Field(1, ge=0)
+    """Untimed rounds first (allocator, onnxruntime's first-run graph work)."""
+    threads: int = Field(1, ge=1)
+    """Intra-op threads of torch and onnxruntime (a CPU replica's OMP_NUM_THREADS)."""
+    seed: int = 42
+    """Seeds the row and text samples and the pools' negatives (the evaluation job's 42)."""
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return comma_list(value)
+
+
+def run(bench: ExportBench) -> Report:
+    source = resolve_model(bench.model)
+    data = Dataset.load(bench.data)
+    tasks = bench_tasks(bench.tasks, bench.split, data, list(source.config.tasks))
+    variants = [v for v in VARIANTS if bench.onnx or VARIANTS[v][1] is ExportFormat.SAFETENSORS]
+    texts = item_texts(data.items)
+    picked = np.random.default_rng(bench.seed).choice(len(texts), min(bench.texts, len(texts)), replace=False)
+    sample = [texts[i] for i in picked]
+    results: dict[str, dict[str, Any]] = {}
+    with torch_threads(bench.threads), tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
+        for task in tasks:
+            prepared = sample_rows(prepare_embedding(data, task, bench.split), bench.rows, bench.seed)
+            loaded = {v: _export(bench, task, v, Path(tmp)) for v in variants}
+            results[task] = _measure(bench, task, loaded, prepared, data, sample)
+    return _report(bench, tasks, variants, results, len(sample))
+
+
+def _export(bench: ExportBench, task: str, variant: str, root: Path) -> ExportedEmbedder:
+    quantize, form = VARIANTS[variant]
+    cfg = ExportConfig(model=bench.model, task=task, out=str(root / task / variant), quantize=quantize, format=form)
+    exported = load_export(export(cfg), threads=bench.threads)
+    if not isinstance(exported, ExportedEmbedder):
+        raise ValueError(f"tasks: {task} exports a generator; only embedding tasks are measured here")
+    return exported
+
+
+def _measure(
+    bench: ExportBench,
+    task: str,
+    loaded: dict[str, ExportedEmbedder],
+    prepared: Any,
+    data: Dataset,
+    sample: list[str],
+) -> dict[str, Any]:
+    """Wall times per round, cosine to fp32 and the pool metrics of every variant on one task."""
+    reference = loaded[REFERENCE]
+    instruction = item_instruction(prepared.rows)
+    batches = [
+        encode_embedding(
+            reference.tokenizer,
+            [instruction] * len(sample[i : i + bench.batch_size]),
+            sample[i : i + bench.batch_size],
+            reference.budgets[Side.ITEM.value],
+            keep_end=Side.ITEM.keeps_end(task),
+        )
+        for i in range(0, len(sample), bench.batch_size)
+    ]
+    cases = {v: (lambda e=e: [e.run(b) for b in batches]) for v, e in loaded.items()}
+    timing = interleaved(cases, bench.rounds, bench.warmup)
+    vectors = {v: np.concatenate(case()) for v, case in cases.items()}
+    metrics = {}
+    for variant, exported in loaded.items():
+        system = ExportedSystem(variant, exported, bench.batch_size)
+        system.fit(data.items, data.interactions)
+        metrics[variant] = evaluate_embedding(system, {task: prepared}, data, ["pool"], bench.seed)[task]
+    cosine = {v: float(np.mean(np.sum(vectors[v] * vectors[REFERENCE], axis=1))) for v in loaded}
+    return {"wall": timing.wall, "cosine": cosine, "metrics": metrics, "queries": len(prepared.rows)}
+
+
+def _report(
+    bench: ExportBench, tasks: list[str], variants: list[str], results: dict[str, dict[str, Any]], texts: int
+) -> Report:
+    speedup = {t: {v: paired_ratio(r["wall"][REFERENCE], r["wall"][v]) for v in variants} for t, r in results.items()}
+    value = {t: {v: r["metrics"][v][headline(t)] for v in variants} for t, r in results.items()}
+    loss = {
+        t: {v: 1 - value[t][v] / value[t][REFERENCE] if value[t][REFERENCE] else 0.0 for v in variants} for t in tasks
+    }
+    ratios = {f"{t}_{v}_vs_fp32": speedup[t][v] for t in tasks for v in variants if v != REFERENCE}
+    for v in variants[1:]:
+        ratios[f"{v.replace('-', '_')}_vs_fp32"] = median([speedup[t][v] for t in tasks])
+    figures: dict[str, Any] = {
+        "texts_per_s": {t: {v: texts / median(results[t]["wall"][v]) for v in variants} for t in tasks},
+        "cosine_to_fp32": {t: results[t]["cosine"] for t in tasks},
+        "metrics": {t: results[t]["metrics"] for t in tasks},
+        "headline": value,
+        "relative_metric_loss": loss,
+        "queries": {t: results[t]["queries"] for t in tasks},
+        "int8_metric_loss": max(loss[t]["int8"] for t in tasks),
+    }
+    headers = ["task", "variant", "texts/s", "speed-up", "cosine to fp32", "pool metric", "relative loss"]
+    rows = [
+        [
+            t,
+            v,
+            fmt(figures["texts_per_s"][t][v]),
+            fmt(speedup[t][v]) + "x",
+            f"{results[t]['cosine'][v]:.4f}",
+            f"{headline(t)} {value[t][v]:.4f}",
+            f"{loss[t][v]:+.2%}",
+        ]
+        for t in tasks
+        for v in variants
+    ]
+    title = f"Compact export, {texts} catalogue texts per round, {bench.threads} thread(s), {bench.split} split"
+    report = Report("export", bench.model_dump(mode="json"), ratios, figures, [Table(title, headers, rows)])
+    report.check(TARGETS)
+    report.notes = [
+        f"Speed-up: median over {bench.rounds} rounds of fp32 time / variant time in the same round (wall clock, "
+        f"batches of {bench.batch_size}, tokenising excluded). Pool metric on {figures['queries']} queries of the "
+        f"{bench.split} split; relative loss = 1 - variant / fp32 (negative: the variant scored higher)."
+    ]
+    return report
