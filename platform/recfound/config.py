@@ -33,6 +33,15 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+def comma_list(value: Any) -> Any:
+    """A list key as the command line gives it: ``a,b`` (or ``--key a,b --key c``) -> ``[a, b, c]``, parts stripped
+    and empty ones dropped. Anything else (a YAML list of numbers, None) passes on to the field's own validation."""
+    parts = [value] if isinstance(value, str) else value
+    if isinstance(parts, list) and all(isinstance(v, str) for v in parts):
+        return [v.strip() for part in parts for v in part.split(",") if v.strip()]
+    return value
+
+
 def _must_exist(url: str) -> str:
     if not exists(url):
         raise ValueError(f"no such file or directory: {url}")

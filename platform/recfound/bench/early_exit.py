@@ -29,7 +29,7 @@ from recfound.bench.common import (
     paired_ratio,
     torch_threads,
 )
-from recfound.config import Config
+from recfound.config import Config, comma_list
 from recfound.data.rows import Split
 from recfound.eval.report import headline
 from recfound.eval.runner import Dataset, EmbeddingTask, evaluate_embedding, prepare_embedding
@@ -77,14 +77,6 @@ class ExitBench(Config):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return comma_list(value)
-
-
-def comma_list(value: Any) -> Any:
-    """``1,2`` or ``--layers 1,2 --layers 3`` (the command line's strings) -> one flat list."""
-    parts = [value] if isinstance(value, str) else value
-    if isinstance(parts, list) and all(isinstance(v, str) for v in parts):
-        return [v for part in parts for v in part.split(",") if v]
-    return value
 
 
 def exit_layers(bench: ExitBench, grm: GRM) -> list[int]:

@@ -20,8 +20,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from recfound.bench.common import Better, Report, Table, Target, fmt, interleaved, median, paired_ratio, torch_threads
-from recfound.bench.early_exit import bench_tasks, comma_list, sample_rows
-from recfound.config import Config
+from recfound.bench.early_exit import bench_tasks, sample_rows
+from recfound.config import Config, comma_list
 from recfound.data.rows import Split
 from recfound.eval.report import headline
 from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding

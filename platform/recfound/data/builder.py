@@ -15,7 +15,7 @@ from fsspec.core import url_to_fs
 from pydantic import Field, field_validator, model_validator
 
 from recfound import __version__
-from recfound.config import Config, InputFiles
+from recfound.config import Config, InputFiles, comma_list
 from recfound.data.context import Context
 from recfound.data.embedding_tasks import build_i2i, build_q2i, build_u2i, q2i_mode
 from recfound.data.generative_tasks import (
@@ -131,7 +131,7 @@ class BuildConfig(Config):
     @field_validator("tasks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+        return comma_list(value)
 
     @field_validator("gritlm")
     @classmethod

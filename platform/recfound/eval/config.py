@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from recfound.config import Config
+from recfound.config import Config, comma_list
 from recfound.data.rows import Split
 
 
@@ -17,10 +17,6 @@ class EvalError(ValueError):
 
 Protocol = Literal["pool", "full", "generative", "list"]
 BaselineName = Literal["popularity", "bm25", "item_cf", "minilm", "backbone"]
-
-
-def _comma_list(value: Any) -> Any:
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
 class EvalConfig(Config):
@@ -83,12 +79,12 @@ class EvalConfig(Config):
     @field_validator("tasks", "protocols", "compare", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
-        return _comma_list(value)
+        return comma_list(value)
 
     @field_validator("baselines", mode="before")
     @classmethod
     def _baselines(cls, value: Any) -> Any:
-        value = _comma_list(value)
+        value = comma_list(value)
         if value in (["all"], "all"):
             return list(get_args(BaselineName))
         return [] if value in (["none"], "none") else value

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from recfound.artifacts import ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, hash_tree, read_trainer_state
-from recfound.config import Config
+from recfound.config import Config, comma_list
 from recfound.merge.methods import MergeMethod, merge
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
@@ -52,7 +52,7 @@ class MergeConfig(Config):
     @field_validator("checkpoints", "export_tasks", "weights", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        return [v for v in value.split(",") if v] if isinstance(value, str) else value
+        return comma_list(value)
 
     @model_validator(mode="after")
     def _arity(self) -> MergeConfig:

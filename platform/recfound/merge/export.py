@@ -51,7 +51,7 @@ from recfound.artifacts import (
     read_merged,
     staged,
 )
-from recfound.config import Config, InputURL
+from recfound.config import Config, InputURL, comma_list
 from recfound.io import sha256
 from recfound.model.backbone import OFFLINE_LOAD, BackboneConfig, EmbeddingAttention, backbone_depth
 from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt
@@ -112,7 +112,7 @@ class ExportConfig(Config):
     @field_validator("keep_float", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        return [v for v in value.split(",") if v] if isinstance(value, str) else value
+        return comma_list(value)
 
     @field_validator("task")
     @classmethod

@@ -37,7 +37,7 @@ from recfound.artifacts import (
     read_merged,
     staged,
 )
-from recfound.config import Config, InputURL
+from recfound.config import Config, InputURL, comma_list
 from recfound.io import exists, sha256
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
@@ -103,7 +103,7 @@ class AdaptConfig(Config):
     @field_validator("tasks", mode="before")
     @classmethod
     def _known_tasks(cls, tasks: Any) -> Any:
-        tasks = [v.strip() for v in tasks.split(",") if v.strip()] if isinstance(tasks, str) else tasks
+        tasks = comma_list(tasks)
         if not isinstance(tasks, list) or not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"expected one or more distinct task names, got {tasks}")
         for task in tasks:
