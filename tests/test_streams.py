@@ -4,9 +4,8 @@ import tracemalloc
 from collections.abc import Iterator
 
 import numpy as np
-import pytest
 
-from recfound.train.streams import MemoryShard, TaskStream, shared_streams, split_tasks
+from recfound.train.streams import MemoryShard, TaskStream, small_tasks
 
 
 class ListShard:
@@ -116,30 +115,19 @@ def test_resume_skips_consumed_rows_without_holding_them() -> None:
         assert resumed == uninterrupted.take(5)["x"].tolist()
 
 
-def test_small_tasks_share_one_stream_per_mode() -> None:
-    """A lone small task of its mode streams on its own: a one-member union is no saving (and Ray Data's planner
-    rejects a union of one)."""
+def test_small_tasks_are_read_by_the_workers_themselves() -> None:
+    """Every task of at most ``limit`` rows, a lone one of its mode too: none of them gets a Ray Data stream."""
     rows = {"u2i": 5000, "q2i": 300, "i2i": 4096, "sentiment_analysis": 12, "item_profile": 40, "user_profile": 9000}
-    assert shared_streams(rows, 4096) == {
-        "small-embedding-tasks": ["q2i", "i2i"],
-        "small-generative-tasks": ["sentiment_analysis", "item_profile"],
-    }
-    assert shared_streams(rows, 300) == {"small-generative-tasks": ["sentiment_analysis", "item_profile"]}
-    assert shared_streams(rows, 20) == {}
-    assert shared_streams(rows, 0) == {}
+    assert small_tasks(rows, 4096) == ["q2i", "i2i", "sentiment_analysis", "item_profile"]
+    assert small_tasks(rows, 300) == ["q2i", "sentiment_analysis", "item_profile"]
+    assert small_tasks(rows, 12) == ["sentiment_analysis"]
+    assert small_tasks(rows, 0) == []
 
 
-def test_a_shared_stream_is_split_by_task_and_worker_in_order() -> None:
-    """Every worker reads the shared dataset whole and keeps every world-th row of each task: together the
-    workers hold each row exactly once, each task in build order, and a stream over them resumes exactly."""
-    tasks = np.array(["a", "b", "a", "a", "b", "a", "b", "a"], dtype=object)
-    shard = MemoryShard({"task": tasks, "x": np.arange(8)})
-    parts = [split_tasks(shard, ["a", "b"], rank, 2) for rank in range(2)]
-    assert [p["a"].rows["x"].tolist() for p in parts] == [[0, 3, 7], [2, 5]]
-    assert [p["b"].rows["x"].tolist() for p in parts] == [[1, 6], [4]]
-    first = TaskStream(parts[0]["a"], chunk=2, seed=3, shuffle_window=2)
-    first.take(2)
-    resumed = TaskStream(parts[0]["a"], chunk=2, seed=3, shuffle_window=2, **first.state())
-    assert resumed.take(4)["x"].tolist() == first.take(4)["x"].tolist()
-    with pytest.raises(RuntimeError, match="task b: no training rows for worker 2 of 3"):
-        split_tasks(MemoryShard({"task": np.array(["a", "b", "a"], dtype=object), "x": np.arange(3)}), ["b"], 2, 3)
+def test_a_memory_shard_streams_and_resumes_like_a_dataset_shard() -> None:
+    """A small task's rows in memory serve a TaskStream exactly as a shard does: same order, exact resume."""
+    first = TaskStream(MemoryShard({"x": np.arange(10)}), chunk=4, seed=3, shuffle_window=4)
+    streamed = TaskStream(ListShard(10), chunk=4, seed=3, shuffle_window=4)
+    assert first.take(7)["x"].tolist() == streamed.take(7)["x"].tolist()
+    resumed = TaskStream(MemoryShard({"x": np.arange(10)}), chunk=4, seed=3, shuffle_window=4, **first.state())
+    assert resumed.take(9)["x"].tolist() == first.take(9)["x"].tolist() == streamed.take(9)["x"].tolist()

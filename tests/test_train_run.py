@@ -42,6 +42,15 @@ def _cfg(data: Path, storage: Path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), base + list(overrides))
 
 
+def _smallest_read_by_workers(data: Path) -> str:
+    """A ``batch.small_task_rows`` under which the workers read the smallest of ``_cfg``'s tasks themselves and the
+    others stream through Ray Data, split across the workers: a resume then covers both kinds of stream."""
+    built = json.loads((data / "manifest.json").read_text())["tasks"]
+    rows = sorted(built[t]["train"] for t in ("u2i", "i2i", "sentiment_analysis", "sequential_recommendation"))
+    assert rows[0] < rows[-1], rows
+    return f"batch.small_task_rows={rows[0]}"
+
+
 def _scheduler_steps(ckpt: Path) -> list[int]:
     return [row["step"] for row in json.loads((ckpt / "s2sched.json").read_text())["weights_history"]]
 
@@ -66,9 +75,13 @@ def _tear(ckpt: Path) -> None:
 
 def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_path: Path) -> None:
     """Train 6 steps, checkpointing every 2; tear the step-6 and step-4 checkpoints, so a rerun resumes from step 2:
-    its steps 3-6 must repeat the uninterrupted run's (restored adapter, AdamW and LR schedule, stream positions,
-    sampler carry, S2Sched state, dropout seeds). Then raising max_steps resumes from the new step 6."""
-    cfg = _cfg(synthetic_dataset, tmp_path, "name=run-a", "max_steps=6", "num_workers=2", "checkpoint_every=2")
+    its steps 3-6 must repeat the uninterrupted run's (restored adapter, AdamW and LR schedule, stream positions of
+    the Ray Data streams and of the worker-read small tasks, sampler carry, S2Sched state, dropout seeds). Then
+    raising max_steps resumes from the new step 6."""
+    streaming = _smallest_read_by_workers(synthetic_dataset)
+    cfg = _cfg(
+        synthetic_dataset, tmp_path, "name=run-a", "max_steps=6", "num_workers=2", "checkpoint_every=2", streaming
+    )
     ckpt = Path(run(cfg))
     verify(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())

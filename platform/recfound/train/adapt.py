@@ -45,17 +45,15 @@ from recfound.model.losses import LossConfig
 from recfound.model.tmole import TMoLEConfig, read_adapter_config, read_adapter_weights
 from recfound.model.tmole.model import SOFT_PROMPT_PREFIX, TASK_TABLE_KEY
 from recfound.tasks import Mode, mode_of, task_path
-from recfound.train.batches import Rows, collate, tokenize
+from recfound.train.batches import Rows, collate, tokenize_table
 from recfound.train.config import TrainConfig
 from recfound.train.engine import TorchEngine
 from recfound.train.mixing import Sampler
 from recfound.train.objective import JointObjective
 from recfound.train.optim import OptimConfig
 from recfound.train.step import train_step
-from recfound.train.streams import MemoryShard, TaskStream, concat_rows
+from recfound.train.streams import MemoryShard, TaskStream
 from recfound.train.telemetry import StepCost
-
-TOKENIZE_CHUNK = 256
 
 
 class AdaptMethod(str, Enum):
@@ -132,8 +130,8 @@ def adapt(cfg: AdaptConfig) -> Path:
     model = trainable_model(config, base, cfg)
     grm = model.grm
     backbone = grm.backbone.model_dump()
-    train_rows = {t: _tokenize(rows, backbone, t) for t, rows in train.items()}
-    valid_rows = {t: _tokenize(rows, backbone, t) for t, rows in valid.items()}
+    train_rows = {t: tokenize_table(rows, backbone, t) for t, rows in train.items()}
+    valid_rows = {t: tokenize_table(rows, backbone, t) for t, rows in valid.items()}
     objective = JointObjective(grm, LossConfig())  # the trainer's default InfoNCE temperature and weights
     before = _valid_losses(objective, valid_rows, cfg)
     history = _train(objective, model.params, train_rows, cfg)
@@ -214,16 +212,6 @@ def _read_rows(data: str, task: str, split: str, limit: int | None, seed: int | 
     if seed is None:
         return table.slice(0, limit)
     return table.take(np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False)))
-
-
-def _tokenize(table: pa.Table, backbone: dict[str, Any], task: str) -> Rows:
-    """The trainer's tokenisation (``batches.tokenize``), a chunk at a time, as one block of rows."""
-    parts = []
-    for start in range(0, table.num_rows, TOKENIZE_CHUNK):
-        part = table.slice(start, TOKENIZE_CHUNK)
-        columns = {c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}
-        parts.append(tokenize(columns, backbone, task))
-    return concat_rows(parts)
 
 
 def trainable_model(config: TMoLEConfig, base: dict[str, torch.Tensor], cfg: AdaptConfig) -> Trainable:

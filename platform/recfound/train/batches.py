@@ -1,4 +1,5 @@
-"""Tokenised task rows: made by Ray Data ``map_batches`` off the training workers, joined into one step's batch.
+"""Tokenised task rows: made by Ray Data ``map_batches`` off the training workers (a large task's stream) or by the
+worker itself (``worker_rows``: a small task's share), joined into one step's batch.
 
 Rows are right-padded to the mode's fixed token budget so rows of any task and any Ray Data batch stack into one
 array; ``collate`` then trims the all-padding tail, so a step pays only for its longest row.
@@ -13,11 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from recfound.model.formats import IGNORE_INDEX, Side, encode_embedding, encode_generative
-from recfound.tasks import Mode, mode_of
+from recfound.tasks import Mode, mode_of, task_path
+from recfound.train.streams import concat_rows
 
 Rows = dict[str, np.ndarray]
+TOKENIZE_CHUNK = 256
+"""Rows tokenised per call in this process: bounds the raw texts' intermediate arrays, not the result."""
 
 # Which token columns a tokenised row of each mode has, and their padding value.
 EMBEDDING_FIELDS = {"q_ids": 0, "q_mask": 0, "q_text": 0, "p_ids": 0, "p_mask": 0, "p_text": 0, "q_key": 0, "p_key": 0}
@@ -116,6 +123,28 @@ def _generative(tok: Any, cfg: Budget, batch: Rows) -> Rows:
         "mask": _fixed(g["attention_mask"], width, 0),
         "labels": _fixed(g["labels"], width, IGNORE_INDEX),
     }
+
+
+def tokenize_table(table: pa.Table, backbone: dict[str, Any], task: str) -> Rows:
+    """``tokenize`` in this process, a chunk at a time, as one block of rows."""
+    parts = []
+    for start in range(0, table.num_rows, TOKENIZE_CHUNK):
+        part = table.slice(start, TOKENIZE_CHUNK)
+        parts.append(
+            tokenize({c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}, backbone, task)
+        )
+    return concat_rows(parts)
+
+
+def worker_rows(data: str, task: str, backbone: dict[str, Any], rank: int, world: int) -> Rows:
+    """Worker ``rank``'s training rows of a small task, tokenised here: every ``world``-th row from ``rank`` in build
+    order, the rows its Ray Data stream read whole gave, without an execution's start-up (train/streams.py)."""
+    fs, path = url_to_fs(f"{data.rstrip('/')}/{task_path(task, 'train')}")
+    table = pq.read_table(path, filesystem=fs)
+    mine = table.take(np.arange(rank, table.num_rows, world))
+    if not mine.num_rows:
+        raise RuntimeError(f"task {task}: no training rows for worker {rank} of {world}")
+    return tokenize_table(mine, backbone, task)
 
 
 def _trim(rows: Rows, mask_key: str, keys: list[str]) -> None:

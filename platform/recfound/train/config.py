@@ -80,10 +80,11 @@ class BatchConfig(Config):
     order (one user's or anchor's rows side by side, so they are each other's in-batch negatives). Larger mixes
     more at the memory of that many tokenised rows per task and worker."""
     small_task_rows: int = Field(4096, ge=0)
-    """Tasks with at most this many training rows share one Ray Data stream per mode, read whole at start-up and
-    kept in each worker's memory (every num_workers-th row); bigger tasks stream on their own, split across the
-    workers. One execution per task costs seconds of start-up each (11 tasks: 11 pipelines on 2 cores), and a
-    small task is replayed from memory after its first epoch anyway. 0: every task streams on its own."""
+    """Tasks with at most this many training rows get no Ray Data stream: each worker reads its rows of them (every
+    num_workers-th) from the table and tokenises them itself, and keeps them in memory; bigger tasks stream on their
+    own, split across the workers. A Ray Data execution costs seconds of start-up however small its task (on
+    2 cores, a dozen small tasks held the first step for over a minute), and a small task is replayed from memory
+    after its first epoch anyway. 0: every task streams."""
 
     @model_validator(mode="after")
     def _some_work(self) -> BatchConfig:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from recfound.model.grm import GRM
 from recfound.tasks import Mode, mode_of
 from recfound.train import checkpoint
+from recfound.train.batches import worker_rows
 from recfound.train.config import TrainConfig
 from recfound.train.engine import build_engine, verify_partitions
 from recfound.train.halt import record_halt
@@ -33,7 +34,7 @@ from recfound.train.objective import JointObjective
 from recfound.train.popularity import ItemPrior
 from recfound.train.s2sched import LossSource
 from recfound.train.step import train_step
-from recfound.train.streams import Shard, TaskStream, split_tasks
+from recfound.train.streams import MemoryShard, Shard, TaskStream
 from recfound.train.telemetry import (
     StepCost,
     StepRecord,
@@ -73,8 +74,8 @@ class WorkerArgs:
     tensorboard: str
     prior: ItemPrior | None
     """The items' popularity prior when some task is logQ-corrected (``loss.logq_tasks``)."""
-    shared_streams: dict[str, list[str]]
-    """Datasets that carry several small tasks (``batch.small_task_rows``) -> their tasks."""
+    small_tasks: list[str]
+    """Tasks each worker reads itself (``batch.small_task_rows``); the others are Ray Data datasets named by task."""
 
 
 def train_worker(config: dict[str, WorkerArgs]) -> None:
@@ -128,9 +129,10 @@ def train_worker(config: dict[str, WorkerArgs]) -> None:
         if scheduler is not None:
             ray.get(scheduler.load_state_dict.remote(sched_state))
 
-    shards: dict[str, Shard] = {}
-    for name, members in args.shared_streams.items():
-        shards |= split_tasks(ray.train.get_dataset_shard(name), members, rank, world)
+    backbone = cfg.model.backbone.model_dump()
+    shards: dict[str, Shard] = {
+        t: MemoryShard(worker_rows(args.data, t, backbone, rank, world)) for t in args.small_tasks
+    }
     shards |= {t: ray.train.get_dataset_shard(t) for t in tasks if t not in shards}
     streams = {
         t: TaskStream(shards[t], seed=cfg.seed, shuffle_window=cfg.batch.shuffle_window, **positions.get(t, {}))

@@ -6,6 +6,7 @@ fails in seconds with a message, not after a cluster has been scheduled.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import posixpath
@@ -25,7 +26,7 @@ from recfound.tasks import DATASET_MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
 from recfound.train.console import RAY_CONSOLE_LEVEL, worker_env_vars
 from recfound.train.popularity import ItemPrior
-from recfound.train.streams import shared_streams
+from recfound.train.streams import small_tasks
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
@@ -145,21 +146,15 @@ def item_prior(plan: Plan, cfg: TrainConfig) -> ItemPrior | None:
 
 
 def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
-    """Tokenised training datasets: one per task, except the small tasks, one union per mode (``shared_streams``)."""
+    """Tokenised training datasets, one per task of the plan (``read_parquet`` + ``map_batches(tokenize)``)."""
     from recfound.data.task_datasets import task_datasets
     from recfound.train.batches import tokenize
 
     backbone = cfg.model.backbone.model_dump()
-    tokenised = {
+    return {
         task: ds.map_batches(tokenize, batch_size=64, fn_kwargs={"backbone": backbone, "task": task})
         for task, ds in task_datasets(plan.data, "train", plan.tasks).items()
     }
-    shared = shared_streams(plan.rows, cfg.batch.small_task_rows)
-    small = {t for members in shared.values() for t in members}
-    out = {task: ds for task, ds in tokenised.items() if task not in small}
-    for name, members in shared.items():
-        out[name] = tokenised[members[0]].union(*(tokenised[t] for t in members[1:]))
-    return out
 
 
 def scaling_config(cfg: TrainConfig) -> ScalingConfig:
@@ -178,12 +173,12 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
 def run(cfg: TrainConfig) -> str:
     """Train; return the final checkpoint's path (the job prints it as its last line)."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from recfound.train.halt import clear_halt, halt_url, read_halt
     from recfound.train.loop import WorkerArgs, train_worker
-    from recfound.train.s2sched import get_or_create_scheduler
+    from recfound.train.s2sched import S2Sched, get_or_create_scheduler
 
     p = plan(cfg)
     print(
@@ -200,7 +195,9 @@ def run(cfg: TrainConfig) -> str:
     scheduler = get_or_create_scheduler(scheduler_name, NAMESPACE, p.tasks, p.rows, cfg.scheduler)
     halt = halt_url(p.storage_path, p.name)
     clear_halt(halt)
-    datasets = _datasets(p, cfg)
+    # Small tasks are read by the workers themselves (train/streams.py): no Ray Data execution for them.
+    small = small_tasks(p.rows, cfg.batch.small_task_rows)
+    datasets = _datasets(dataclasses.replace(p, tasks=[t for t in p.tasks if t not in small]), cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -210,11 +207,12 @@ def run(cfg: TrainConfig) -> str:
                 data=p.data,
                 scheduler=scheduler_name,
                 namespace=NAMESPACE,
-                scheduler_initial=ray.get(scheduler.state_dict.remote()),
+                # A fresh scheduler's state, computed here: asking the actor would wait for its process to start.
+                scheduler_initial=S2Sched(p.tasks, p.rows, cfg.scheduler).state_dict(),
                 halt=halt,
                 tensorboard=posixpath.join(p.storage_path.rstrip("/"), p.name, TENSORBOARD_DIR),
                 prior=item_prior(p, cfg),
-                shared_streams=shared_streams(p.rows, cfg.batch.small_task_rows),
+                small_tasks=small,
             )
         },
         scaling_config=scaling_config(cfg),
@@ -226,8 +224,6 @@ def run(cfg: TrainConfig) -> str:
             logging_config=LoggingConfig(log_level=RAY_CONSOLE_LEVEL),
         ),
         datasets=datasets,
-        # The shared small-task datasets go whole to every worker (split_tasks picks its rows); the rest are split.
-        dataset_config=DataConfig(datasets_to_split=[t for t in datasets if t in p.tasks]),
     )
     result = trainer.fit()
     halted = read_halt(halt)

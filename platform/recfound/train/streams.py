@@ -1,8 +1,9 @@
 """Per-task row streams on a training worker: any number of rows per step, epochs restarting on their own.
 
-Each task is its own Ray Data dataset, split across workers by Ray Train. S2Sched changes how many rows of each
-task a step takes, so a worker pulls rows on demand from a buffer instead of fixed-size batches. Every rank takes
-the same counts at the same step, so the equal-sized streaming splits reach their epoch ends together.
+Each task above ``small_task_rows`` is its own Ray Data dataset, split across workers by Ray Train. S2Sched
+changes how many rows of each task a step takes, so a worker pulls rows on demand from a buffer instead of
+fixed-size batches. Every rank takes the same counts at the same step, so the equal-sized streaming splits reach
+their epoch ends together.
 
 Task tables are written in build order (user by user, anchor by anchor): unshuffled, one anchor's rows would be
 each other's in-batch negatives. Each epoch is shuffled in windows of ``shuffle_window`` rows by a permutation
@@ -11,9 +12,11 @@ a pure function of those, so a rerun is identical and a resume that skips ``posi
 the interrupted run was, whether the epoch comes from the shard or from memory. (Ray Data's own local shuffle
 buffer would shuffle only what streams from the shard, not an epoch replayed from memory.)
 
-Small tasks (``BatchConfig.small_task_rows``) share one dataset per mode (``shared_streams``): every worker reads it
-whole once at start-up (one Ray Data execution per mode instead of one per task) and keeps every world-th row of
-each task in memory (``split_tasks``), served by a ``MemoryShard``.
+Small tasks (``BatchConfig.small_task_rows``, ``small_tasks``) get no Ray Data stream: each worker reads and
+tokenises its rows of them itself (``batches.worker_rows``: every world-th row, in build order, so the workers
+hold each row once) and serves them from a ``MemoryShard``. A Ray Data execution costs its start-up (operator
+tasks in fresh worker processes, a coordinator actor) however few its rows: on 2 shared cores the Magazine slice's
+12 small tasks took 108 s as two Ray Data executions (one per mode), 7 s read and tokenised in one process.
 
 An epoch restart is a new Ray Data execution (read, tokenise, split: seconds of start-up and CPU), and a small
 task (a few dozen rows) ends its epoch every few steps: on a real slice that was 30 % of the run's step time
@@ -28,8 +31,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from recfound.tasks import mode_of
-
 Rows = dict[str, np.ndarray]
 
 
@@ -39,14 +40,9 @@ class Shard(Protocol):
     def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]: ...
 
 
-def shared_streams(rows: dict[str, int], limit: int) -> dict[str, list[str]]:
-    """Dataset name -> the small tasks (at most ``limit`` training rows) of one mode, which share it; a mode's lone
-    small task keeps its own stream (one execution either way)."""
-    groups: dict[str, list[str]] = {}
-    for task, n in rows.items():
-        if n <= limit:
-            groups.setdefault(f"small-{mode_of(task).value}-tasks", []).append(task)
-    return {name: tasks for name, tasks in groups.items() if len(tasks) > 1}
+def small_tasks(rows: dict[str, int], limit: int) -> list[str]:
+    """The tasks of at most ``limit`` training rows, in the given order: the workers read these themselves."""
+    return [task for task, n in rows.items() if n <= limit]
 
 
 class MemoryShard:
@@ -58,18 +54,6 @@ class MemoryShard:
     def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]:
         for start in range(0, _length(self.rows), batch_size):
             yield {k: v[start : start + batch_size] for k, v in self.rows.items()}
-
-
-def split_tasks(shard: Shard, tasks: list[str], rank: int, world: int) -> dict[str, MemoryShard]:
-    """A shared dataset read whole: this worker's rows of each task (every ``world``-th from ``rank``, in order)."""
-    rows = concat_rows(list(shard.iter_batches(batch_size=4096, batch_format="numpy", prefetch_batches=2)))
-    out = {}
-    for task in tasks:
-        mine = np.flatnonzero(rows["task"] == task)[rank::world]
-        if not len(mine):
-            raise RuntimeError(f"task {task}: no training rows for worker {rank} of {world}")
-        out[task] = MemoryShard({k: v[mine] for k, v in rows.items()})
-    return out
 
 
 def _length(rows: Rows) -> int:
