@@ -24,6 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from recfound.eval.report import headline  # noqa: E402
+from recfound.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "demo"
@@ -137,8 +138,12 @@ def main() -> int:
 
     port = free_port()
     config = serve_config(port)
-    print(f"\n$ RECFOUND_REGISTRY={registry} serve run serve/serve_config.yaml   (port {port})", flush=True)
-    env = os.environ | {"RECFOUND_REGISTRY": str(registry)}
+    print(
+        f"\n$ RECFOUND_REGISTRY={registry} {PROXY_CALLBACK_ENV}={PROXY_CALLBACK} "
+        f"serve run serve/serve_config.yaml   (port {port})",
+        flush=True,
+    )
+    env = os.environ | {"RECFOUND_REGISTRY": str(registry), PROXY_CALLBACK_ENV: PROXY_CALLBACK}
     server = subprocess.Popen(
         [str(BIN / "serve"), "run", str(config)],
         cwd=REPO,

@@ -1,4 +1,5 @@
-"""Serve entry point: ``RECFOUND_REGISTRY=<dir or url> serve run serve/serve_config.yaml``.
+"""Serve entry point: ``RECFOUND_REGISTRY=<dir or url> serve run serve/serve_config.yaml``, with
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=recfound.serving.proxy:middlewares`` where Ray starts (serving/proxy.py).
 
 ``app`` is the application builder (it takes the config's ``args``); the app itself lives in
 ``recfound.serving.app`` so it is importable and testable without this file.

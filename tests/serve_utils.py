@@ -24,6 +24,8 @@ import yaml
 from ray import serve
 from test_serve_engine import make_artifact, make_dataset, publish_fake
 
+from recfound.serving.proxy import PROXY_CALLBACK
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -50,10 +52,12 @@ def serve_app(root: Path, configure: Callable[[dict[str, Any]], None]) -> Iterat
     configure(config)
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
     saved = dict(os.environ)
-    # Ray workers inherit this environment: the registry, the API token, and tests/ for the fake engine.
+    # Ray workers inherit this environment: the registry, the API token, tests/ for the fake engine, and the proxy
+    # callback operators set where Ray starts (serve_config.yaml).
     os.environ.update(
         RECFOUND_REGISTRY=str(registry),
         RECFOUND_API_TOKEN=TOKEN,
+        RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=PROXY_CALLBACK,
         PYTHONPATH=os.pathsep.join([str(REPO / "tests"), saved.get("PYTHONPATH", "")]),
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

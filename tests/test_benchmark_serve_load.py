@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 CLIENTS = 20
-MAX_ONGOING = 4  # the Model's max_ongoing_requests here: its queue, not the proxy's or Gateway's, is what fills
+MAX_ONGOING = 4  # the Model's max_ongoing_requests here: with its max_queued_requests, what bounds capacity
 
 
 def test_help_documents_load_and_abuse(benchmark: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,7 +66,7 @@ def test_load_and_abuse(benchmark: ModuleType, tmp_path: Path) -> None:
     assert figures["overload_503"] > 0, overload["all"]  # the excess was refused ...
     assert figures["overload_other_5xx"] == 0 and figures["overload_timeouts"] == 0  # ... and nothing else failed
     assert overload["all"]["4xx"] == 0 and math.isfinite(figures["overload_503_p99_s"])
-    assert set(figures["memory"]) == {"Model replica", "Gateway replica", "HTTP proxy"}
+    assert set(figures["memory"]) == {"Model replica", "HTTP proxy"}
     assert all(m["start_mib"] > 0 and m["end_mib"] > 0 for m in figures["memory"].values())
 
     alone = figures["abuse_alone"]

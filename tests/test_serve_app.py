@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from openai import NotFoundError, OpenAI
+from ray import serve
 from serve_utils import AUTH, REPO, TOKEN, post, serve_app
 from test_serve_engine import (
     CATALOGUE,
@@ -32,7 +33,8 @@ from test_serve_engine import (
 )
 
 from recfound.data.templates import item_text
-from recfound.serving.app import roll_out
+from recfound.serving.app import APP_NAME, roll_out
+from recfound.serving.model import MODEL_DEPLOYMENT
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +80,13 @@ def _prefixed(shipped: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def client(app: dict[str, Any]) -> OpenAI:
     return OpenAI(base_url=f"{app['url']}/v1", api_key=TOKEN, max_retries=0, timeout=30)
+
+
+def test_one_deployment_answers_http_itself(app: dict[str, Any], client: OpenAI) -> None:
+    """One hop: the app is the Model deployment alone, its replicas the HTTP ingress (no gateway in between)."""
+    deployments = serve.status().applications[APP_NAME].deployments
+    assert set(deployments) == {MODEL_DEPLOYMENT} and deployments[MODEL_DEPLOYMENT].status == "HEALTHY"
+    assert client.embeddings.create(model="recfound-q2i", input="mug").model_extra["version"] == "v1"
 
 
 def test_openai_embeddings(client: OpenAI) -> None:
@@ -564,18 +573,15 @@ def test_hot_swap_drops_no_request(app: dict[str, Any]) -> None:
 
 def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -> None:
     """The /api app's Model runs one request with one queued and times out after PREFIXED_TIMEOUT_S: of several
-    concurrent long generations, those beyond the queue get 503 (not a wait) and the admitted ones 504, all in
-    OpenAI's error schema; the replica then answers normally."""
+    concurrent long generations, those beyond the queue get 503 at once, from the replica's queue at the proxy (not
+    after a wait), and the admitted ones 504, all in OpenAI's error schema; the replica then answers normally."""
     body = {"model": "recfound-gen", "prompt": f"{SLOW_PROMPT} tell me", "max_tokens": 4}
     answers: list[httpx.Response] = []
-    threads = [
-        threading.Thread(
-            target=lambda: answers.append(
-                httpx.post(f"{app['url']}{PREFIX}/v1/completions", json=body, headers=AUTH, timeout=30)
-            )
-        )
-        for _ in range(5)
-    ]
+
+    def send() -> None:
+        answers.append(httpx.post(f"{app['url']}{PREFIX}/v1/completions", json=body, headers=AUTH, timeout=30))
+
+    threads = [threading.Thread(target=send) for _ in range(5)]
     for thread in threads:
         thread.start()
         time.sleep(0.05)
@@ -584,6 +590,8 @@ def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -
     codes = sorted((resp.status_code, resp.json()["error"]["code"]) for resp in answers)
     assert (503, "overloaded") in codes and (504, "timeout") in codes, codes
     assert {status for status, _ in codes} <= {503, 504}
+    refused = [resp.elapsed.total_seconds() for resp in answers if resp.status_code == 503]
+    assert max(refused) < PREFIXED_TIMEOUT_S, f"503s took {refused} s: they waited for a slot"
     time.sleep(SLOW_S)  # the abandoned generations finish in their threads
     resp = post(app, f"{PREFIX}/v1/completions", {"model": "recfound-gen", "prompt": "hello", "max_tokens": 4})
     assert resp.status_code == 200, resp.text

@@ -3,12 +3,12 @@ is refused by every replica, those started after the refusal included.
 
 The shipped config run as operators run it (tests/serve_utils.py), with REPLICAS fixed Model replicas so a kill
 leaves one serving; clients post /v1/embeddings and /v1/recommend for the whole roll-out and must see only 200s.
-The Gateway's resending of a call whose replica died is also checked in process, where its limit can be reached.
+Requests the killed replica held are sent again by the HTTP proxy's middleware (serving/proxy.py); its limit is
+checked in process in tests/test_serving_proxy.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,15 +19,13 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 import ray
-from ray.exceptions import ActorDiedError
 from ray.serve.context import _get_global_client
 from serve_utils import AUTH, post, serve_app
 from test_serve_engine import SLOW_PROMPT, SLOW_S, make_artifact, publish_fake
 
 from recfound.serving.app import APP_NAME, VersionRefused, roll_out
-from recfound.serving.gateway import MODEL_CALL_ATTEMPTS, ask
 from recfound.serving.model import MODEL_DEPLOYMENT
-from recfound.serving.schemas import VERSION_HEADER, ApiError, Limits
+from recfound.serving.schemas import VERSION_HEADER
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +62,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def _fixed_replicas(config: dict[str, Any]) -> None:
     """The Model at REPLICAS replicas, not autoscaled (a kill must not be mistaken for a scale-down), half a CPU
-    each so both fit beside the Gateway on 2 CPUs."""
+    each so a replacement fits on 2 CPUs before Ray frees the killed one's share."""
     model = next(d for d in config["applications"][0]["deployments"] if d["name"] == MODEL_DEPLOYMENT)
     del model["autoscaling_config"]
     model |= {"num_replicas": REPLICAS, "ray_actor_options": {"num_cpus": 0.5}}
@@ -187,24 +185,3 @@ def test_corrupt_version_is_refused_and_every_replica_keeps_the_old(app: dict[st
     victim, _ = _kill_the_busiest_replica()
     _wait_for("a replacement replica", lambda: len(set(_running_replicas()) - {victim}) == REPLICAS)
     assert _versions(app) == live
-
-
-def _replica_dying(times: int) -> Callable[[], Any]:
-    """A Model call's send whose replica dies under the first ``times`` sends, then answers."""
-    outcomes = iter([ActorDiedError()] * times + ["answer"])
-
-    async def reply() -> str:
-        outcome = next(outcomes)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    return reply
-
-
-def test_a_call_is_sent_again_while_its_replica_dies_then_answered_503() -> None:
-    """In process: up to MODEL_CALL_ATTEMPTS sends; past them a 503 the client may retry, not a 500."""
-    assert asyncio.run(ask(_replica_dying(MODEL_CALL_ATTEMPTS - 1), Limits())) == "answer"
-    with pytest.raises(ApiError) as lost:
-        asyncio.run(ask(_replica_dying(MODEL_CALL_ATTEMPTS), Limits()))
-    assert (lost.value.status, lost.value.code) == (503, "replica_lost")

@@ -340,9 +340,9 @@ def _replica(engine: _ProbeEngine | None) -> object:
     import asyncio
 
     from recfound.serving.live import LiveVersion
-    from recfound.serving.model import Model
+    from recfound.serving.model import ModelReplica
 
-    replica = Model.func_or_class("memory://unused", {})
+    replica = ModelReplica("memory://unused", {})
     if engine is not None:
         replica._live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
     replica.check = lambda: asyncio.run(replica.check_health())
@@ -408,7 +408,7 @@ def test_closing_a_stream_stops_its_decoding() -> None:
     """A client that goes away closes the replica's stream: decoding stops and the generation lock is free."""
     import asyncio
 
-    from recfound.serving.model import Started
+    from recfound.serving.inference import Started
 
     replica = _replica(_EndlessStream())
     engine, live = replica._live.engine, replica._live
@@ -482,15 +482,14 @@ def test_latest_is_pinned_when_the_app_is_deployed(tmp_path: Path) -> None:
     import asyncio
 
     from recfound.serving.app import build_app
-    from recfound.serving.model import Model
+    from recfound.serving.model import ModelReplica
 
     registry, data = str(tmp_path / "registry"), make_dataset(tmp_path / "data")
     publish_fake(make_artifact(tmp_path / "m1"), data, registry)
-    model_app = build_app({"registry": registry})._bound_deployment.init_args[0]
-    args = model_app._bound_deployment.init_args
+    args = build_app({"registry": registry})._bound_deployment.init_args
     publish_fake(make_artifact(tmp_path / "m2", dim=32), data, registry)  # v2 is now the registry's latest
-    replica = Model.func_or_class(*args)
+    replica = ModelReplica(*args)
     asyncio.run(replica.reconfigure({"version": "latest"}))
     assert replica._live.version == "v1"
-    redeployed = build_app({"registry": registry})._bound_deployment.init_args[0]._bound_deployment.init_args
-    assert redeployed[-1] == "v2"  # a new deploy pins the new latest
+    redeployed = build_app({"registry": registry})._bound_deployment.init_args
+    assert redeployed[3] == "v2"  # a new deploy pins the new latest (the fourth argument, ``pinned``)

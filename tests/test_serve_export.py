@@ -16,7 +16,7 @@ from recfound.merge.export import ExportConfig, export, load_export
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side
 from recfound.serving.engine import ExportEngine, load_engine
-from recfound.serving.model import Model
+from recfound.serving.model import ModelReplica
 from recfound.serving.registry import resolve
 from recfound.serving.schemas import ApiError, RecommendRequest
 
@@ -55,7 +55,7 @@ def test_the_replica_serves_the_exported_task_and_refuses_the_rest(
     published: tuple[str, Path], loop: asyncio.Runner
 ) -> None:
     registry, out = published
-    replica = Model.func_or_class(registry, {})
+    replica = ModelReplica(registry, {})
 
     async def calls() -> tuple:
         await replica.reconfigure({"version": "v1"})

@@ -13,7 +13,7 @@ from test_serve_engine import make_artifact, make_dataset, publish_fake
 
 from recfound.data.templates import INSTRUCTIONS, NO, YES, alpaca, candidate_text
 from recfound.serving.index import user_text
-from recfound.serving.model import Model
+from recfound.serving.model import ModelReplica
 from recfound.serving.rank import rank_question
 from recfound.serving.schemas import ApiError, RankRequest, Scorer
 from recfound.tasks import ALL_TASKS
@@ -29,12 +29,12 @@ TITLES = {
 }
 
 
-def _replica(loop: asyncio.Runner, tmp_path: Path, tasks: tuple[str, ...]) -> tuple[Model, list[tuple]]:
+def _replica(loop: asyncio.Runner, tmp_path: Path, tasks: tuple[str, ...]) -> tuple[ModelReplica, list[tuple]]:
     """A replica serving a fake model trained on ``tasks``, its engine's choice calls recorded; a call's (yes, no)
     scores are (position of the prompt, 0), so the last prompt's candidate is the likeliest."""
     registry = str(tmp_path / "registry")
     publish_fake(make_artifact(tmp_path / "model", tasks=tasks), make_dataset(tmp_path / "data"), registry)
-    replica = Model.func_or_class(registry, {})
+    replica = ModelReplica(registry, {})
     loop.run(replica.reconfigure({"version": "v1"}))
     engine, calls = replica._live.engine, []
     original = engine.choice_scores
@@ -49,7 +49,7 @@ def _replica(loop: asyncio.Runner, tmp_path: Path, tasks: tuple[str, ...]) -> tu
     return replica, calls
 
 
-def _rank(loop: asyncio.Runner, replica: Model, candidates: list[str]) -> Any:
+def _rank(loop: asyncio.Runner, replica: ModelReplica, candidates: list[str]) -> Any:
     return loop.run(
         replica.rank(RankRequest(task="u2i", history=["i1", "i2"], candidates=candidates, scorer=Scorer.GENERATIVE))
     )

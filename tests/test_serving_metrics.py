@@ -15,8 +15,9 @@ from test_serve_engine import make_artifact, make_dataset, publish_fake
 
 from recfound.data.templates import TEMPLATE_VERSION
 from recfound.serving.index import text_meta
+from recfound.serving.inference import Finished, Started
 from recfound.serving.metrics import ServingMetrics
-from recfound.serving.model import Finished, Model, Started
+from recfound.serving.model import ModelReplica
 from recfound.serving.rank import rank_question
 from recfound.serving.schemas import RankRequest, RecommendRequest, Scorer
 from recfound.tasks import ALL_TASKS
@@ -72,7 +73,7 @@ def _run(
     loop: asyncio.Runner, registry: str, calls: Callable[[Any], Awaitable[Any]], **user_config: Any
 ) -> tuple[Any, Points]:
     """A recording replica serving v1 (``user_config`` on top), then ``calls(replica)``."""
-    replica = Model.func_or_class(registry, {})
+    replica = ModelReplica(registry, {})
     replica._metrics, points = _recording()
 
     async def main() -> Any:
@@ -91,7 +92,7 @@ def test_an_embeddings_batch_records_tokens_its_engine_call_and_each_wait(loop: 
     """Two requests of 2 texts and 1 text make one Serve batch and one engine call of 3 texts; each request's
     tokens and wait are its own; the engine call's tokens are what it encodes: each text with its instruction."""
 
-    def pair(replica: Model) -> Coroutine[Any, Any, Any]:
+    def pair(replica: ModelReplica) -> Coroutine[Any, Any, Any]:
         return asyncio.gather(
             replica.embed("q2i", ["red running shoes", "coffee mug"]), replica.embed("q2i", ["espresso"])
         )
@@ -110,7 +111,7 @@ def test_an_embeddings_batch_records_tokens_its_engine_call_and_each_wait(loop: 
 
 
 def test_a_lone_request_records_the_batch_fill_it_waited_out(loop: asyncio.Runner, registry: str) -> None:
-    async def lone(replica: Model) -> Any:
+    async def lone(replica: ModelReplica) -> Any:
         return await replica.embed("u2i", ["red wool socks"])
 
     _, points = _run(loop, registry, lone, max_batch_size=4, batch_wait_timeout_s=0.3)
@@ -121,7 +122,7 @@ def test_a_lone_request_records_the_batch_fill_it_waited_out(loop: asyncio.Runne
 def test_a_completion_records_prompt_and_completion_tokens(loop: asyncio.Runner, registry: str) -> None:
     """As the API's usage counts them: 'hello there world' + 'ab' are 4 prompt tokens; the fake echoes 5 and 4."""
 
-    async def complete(replica: Model) -> Any:
+    async def complete(replica: ModelReplica) -> Any:
         return await replica.generate("answer_generation", ["hello there world", "ab"], 5, 0.0)
 
     out, points = _run(loop, registry, complete)
@@ -135,7 +136,7 @@ def test_a_completion_records_prompt_and_completion_tokens(loop: asyncio.Runner,
 
 
 def test_streams_count_what_they_decode_even_when_closed_early(loop: asyncio.Runner, registry: str) -> None:
-    async def streams(replica: Model) -> list[Any]:
+    async def streams(replica: ModelReplica) -> list[Any]:
         whole = [item async for item in replica.stream("answer_generation", "one two", 3, 0.0)]
         early = replica.stream("item_profile", "a b c d e f g h", 12, 0.0)
         await anext(early), await anext(early)
@@ -152,7 +153,7 @@ def test_streams_count_what_they_decode_even_when_closed_early(loop: asyncio.Run
 
 
 def test_choices_recommendations_and_rankings_count_their_tokens(loop: asyncio.Runner, registry: str) -> None:
-    async def calls(replica: Model) -> Any:
+    async def calls(replica: ModelReplica) -> Any:
         await replica.choose("sentiment_analysis", ["I love these red shoes"], ["positive", "red running shoes"])
         await replica.recommend(RecommendRequest(task="q2i", query="red shoes", k=2))
         await replica.rank(RankRequest(task="q2i", query="coffee", candidates=["i4", "i5"]))
@@ -176,7 +177,7 @@ def test_choices_recommendations_and_rankings_count_their_tokens(loop: asyncio.R
 
 
 def test_a_hot_swap_moves_the_version_series(loop: asyncio.Runner, registry: str) -> None:
-    async def swap(replica: Model) -> Any:
+    async def swap(replica: ModelReplica) -> Any:
         await replica.reconfigure({"version": "v2"})
         await replica._loading
         return await replica.embed("q2i", ["red running shoes"])

@@ -1,8 +1,8 @@
 """The Ray Serve app over loopback HTTP against direct batched calls on the same engine, in the same process.
 
 A fresh GRM (its B = 0 experts cost what trained ones do) is published to a private registry with its item index
-and served from the shipped serve/serve_config.yaml, started as operators do (``serve run``), with one replica per
-deployment so one Serve engine is compared with one in-process engine. Each HTTP request carries one input (or
+and served from the shipped serve/serve_config.yaml, started as operators do (``serve run``), with one replica so
+one Serve engine is compared with one in-process engine. Each HTTP request carries one input (or
 ``embed_inputs_per_request`` texts); the direct side calls ``GRMEngine`` with the inputs of min(concurrency,
 max_batch_size) requests at a time, the most Serve's batcher can join into one engine call.
 """
@@ -56,6 +56,7 @@ from recfound.model.grm import GRM
 from recfound.serving.engine import ENGINE_KEY, Engine, load_engine
 from recfound.serving.index import build_item_index, text_meta
 from recfound.serving.model import MODEL_DEPLOYMENT
+from recfound.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from recfound.serving.registry import publish, read_version, resolve
 from recfound.tasks import DATASET_MANIFEST, EMBEDDING_TASKS, GENERATIVE_TASKS, ITEMS, task_path
 from recfound.train.config import TrainConfig
@@ -293,7 +294,7 @@ def _breakdown(
             "Model handle call (actor hop, token count, batcher, engine)": lambda: handle.embed.remote(
                 bench.embed_task, [text]
             ).result(),
-            "HTTP /healthz (proxy, gateway, Model.info hop; no engine)": lambda: client.get(f"{url}/healthz"),
+            "HTTP /healthz (proxy hop to the replica; no engine)": lambda: client.get(f"{url}/healthz"),
             "HTTP /v1/embeddings (all of the above)": lambda: client.post(f"{url}/v1/embeddings", json=body),
         }
         timing = interleaved(layers, rounds=bench.breakdown_rounds, warmup=3)
@@ -341,7 +342,8 @@ def publish_model(bench: ServeBench, root: Path) -> Published:
 def served(config: dict[str, Any], path: Path) -> Iterator[str]:
     """The app of ``config`` running (on this driver's Ray, or a local one started here); yields its base URL."""
     started_ray = not ray.is_initialized()
-    if started_ray:  # the Model (1 CPU) and Gateway (0.5) replicas need 2 logical CPUs even on a smaller machine
+    if started_ray:  # the Model replica (1 CPU) beside the proxy: 2 logical CPUs even on a smaller machine
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # as serve_config.yaml says Ray is started
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
         yield _start(config, path)
@@ -445,10 +447,10 @@ def _report(
     ]
     report = Report("serve", bench.model_dump(mode="json") | {"serve_config": config}, ratios, figures, tables)
     report.notes = [
-        f"One Model and one Gateway replica; Model max_batch_size {max_batch}, batch_wait_timeout_s "
-        f"{figures['batch_wait_timeout_s']}. Direct calls run in the benchmark process on {threads} torch thread(s), "
-        "as many as the replica's num_cpus gives it. Direct latency is per engine call (a batch); the HTTP client "
-        "shares the machine's cores with the proxy, gateway and replica. Completions: greedy, "
+        f"One Model replica (HTTP API and engine, one hop from the proxy); max_batch_size {max_batch}, "
+        f"batch_wait_timeout_s {figures['batch_wait_timeout_s']}. Direct calls run in the benchmark process on "
+        f"{threads} torch thread(s), as many as the replica's num_cpus gives it. Direct latency is per engine call "
+        "(a batch); the HTTP client shares the machine's cores with the proxy and the replica. Completions: greedy, "
         f"{bench.max_tokens} new tokens."
     ]
     report.check(TARGETS)

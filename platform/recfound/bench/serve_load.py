@@ -1,18 +1,16 @@
 """Issue 14's load and abuse runs of the Serve app: ``jobs/benchmark.py serve --load`` and ``serve --abuse``.
 
 The model, registry and app are the serve benchmark's (bench/serve.py: a fresh tiny GRM served from the shipped
-serve/serve_config.yaml, one replica per deployment); the clients are closed-loop aiohttp clients over loopback
+serve/serve_config.yaml, one Model replica); the clients are closed-loop aiohttp clients over loopback
 (bench/http_load.py), one kept-alive connection each, all on one event loop whose CPU time is reported.
 
 Load: ``clients`` clients send embeddings / recommend / completions requests (``mix``) for ``warmup_s`` +
-``duration_s``. The app's capacity is ``clients`` + the Model's max_ongoing_requests requests, enforced
-(``bound_at``) by the Model's queue (its max_queued_requests is ``clients``; the Gateway admits every client, so
-they all reach that queue; the 503 comes from the Gateway) or by the HTTP proxy's queue in front of the Gateway
-(Gateway max_ongoing_requests + max_queued_requests = capacity, a Model queue that never fills; the 503 comes from
-the proxy, before any parsing). So this run is at most at capacity and every answer should be a 2xx. Then
-``overload`` x capacity clients for ``overload_s``: the requests beyond capacity must get fast 503s; a client
-backs off ``backoff_s`` after a 503 as a well-behaved client does. The RSS of the Model and Gateway
-replicas and the HTTP proxy is sampled throughout: "flat memory" is its end over its value after the warm-up.
+``duration_s``. The app's capacity is ``clients`` + the Model's max_ongoing_requests requests, enforced by the
+Model's queue at the HTTP proxy (its max_queued_requests is ``clients``; the 503 comes from the proxy, before any
+parsing). So this run is at most at capacity and every answer should be a 2xx. Then ``overload`` x capacity
+clients for ``overload_s``: the requests beyond capacity must get fast 503s; a client backs off ``backoff_s`` after
+a 503 as a well-behaved client does. The RSS of the Model replica and the HTTP proxy is sampled throughout: "flat
+memory" is its end over its value after the warm-up.
 
 Abuse: each abusive request of http_load.ABUSES answered alone (status and latency), then the p99 latency of
 normal embedding requests (``probe_clients`` closed-loop clients) idle and with ``abuse_in_flight`` abusive requests
@@ -29,7 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psutil
 from pydantic import Field, field_validator
@@ -47,12 +45,11 @@ from recfound.bench.serve import (
     served,
 )
 from recfound.bench.serve import run as run_serve
-from recfound.serving.gateway import GATEWAY_DEPLOYMENT
 from recfound.serving.model import MODEL_DEPLOYMENT
 
 ROUTES = {"embeddings": "/v1/embeddings", "recommend": "/v1/recommend", "completions": "/v1/completions"}
 RECOMMEND_TASK = "q2i"
-PROCESSES = {"Model replica": f":{MODEL_DEPLOYMENT}", "Gateway replica": f":{GATEWAY_DEPLOYMENT}", "HTTP proxy": ""}
+PROCESSES = {"Model replica": f":{MODEL_DEPLOYMENT}", "HTTP proxy": ""}
 FAST_503_S = 1.0
 ABUSE_ANSWER_S = 1.0
 ABUSE_P99_BOUND = 1.5
@@ -72,7 +69,7 @@ class ServeLoadBench(ServeBench):
     """Run the abuse benchmark (oversized requests; normal p99 while they are in flight); with --load, both."""
     clients: int = Field(1000, ge=1)
     """Concurrent closed-loop clients of the load run; the app's capacity is this plus the Model's
-    max_ongoing_requests (see bound_at)."""
+    max_ongoing_requests (its max_queued_requests is set to this)."""
     mix: list[float] = [70, 20, 10]
     """Shares of embeddings, recommend and completions requests."""
     warmup_s: float = Field(10.0, ge=0)
@@ -87,9 +84,6 @@ class ServeLoadBench(ServeBench):
     """Seconds of the overload run."""
     backoff_s: float = Field(5.0, ge=0)
     """After a 503 a client waits backoff_s x U(0.5, 1.5) before its next request."""
-    bound_at: Literal["model", "proxy"] = "model"
-    """Where the capacity bound is enforced: the Model's queue (503 from the Gateway, as serve_config.yaml's
-    max_queued_requests comment describes) or the proxy's queue in front of the Gateway (503 from the proxy)."""
     client_timeout_s: float | None = Field(None, gt=0)
     """A request not answered within this many seconds counts as a timeout; default: the app's request_timeout_s
     + 30, so a timeout means the app did not answer, not even its 504."""
@@ -150,8 +144,8 @@ def run(bench: ServeLoadBench) -> Report:
 
 
 def _config(bench: ServeLoadBench, registry: str) -> tuple[dict[str, Any], int, int]:
-    """The serve benchmark's config (the shipped one, one replica each), and for --load the queues that make
-    ``clients`` + the Model's max_ongoing_requests the capacity, bound at ``bound_at``; with the overload's clients."""
+    """The serve benchmark's config (the shipped one, one replica), and for --load the Model's queue that makes
+    ``clients`` + its max_ongoing_requests the capacity; with the overload's clients."""
     config = _serve_config(registry, _free_port(), bench.batch_wait_s)
     model = _model_deployment(config)
     if not bench.load:
@@ -160,15 +154,7 @@ def _config(bench: ServeLoadBench, registry: str) -> tuple[dict[str, Any], int, 
         model["max_ongoing_requests"] = bench.model_max_ongoing
     capacity = int(model["max_ongoing_requests"]) + bench.clients
     overload_clients = math.ceil(bench.overload * capacity)
-    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == GATEWAY_DEPLOYMENT)
-    if bench.bound_at == "model":
-        model["max_queued_requests"] = bench.clients
-        gateway["max_ongoing_requests"] = overload_clients + 8  # every client reaches the Model's queue
-    else:
-        # a queue of 0 would refuse every request: one waits there briefly even while the Gateway has room
-        gateway["max_ongoing_requests"] = min(int(gateway["max_ongoing_requests"]), max(capacity // 2, 1))
-        gateway["max_queued_requests"] = capacity - gateway["max_ongoing_requests"]
-        model["max_queued_requests"] = capacity  # never full: the Gateway passes on at most its max_ongoing
+    model["max_queued_requests"] = bench.clients
     return config, capacity, overload_clients
 
 
@@ -180,7 +166,7 @@ def _client_timeout_s(bench: ServeLoadBench, config: dict[str, Any]) -> float:
 
 # --- memory of the Serve processes --------------------------------------------------------------------------------
 def _serve_processes(app: str) -> dict[str, psutil.Process]:
-    """The Model and Gateway replicas and the HTTP proxy of ``app`` among this driver's descendants (Ray started
+    """The Model replica and the HTTP proxy of ``app`` among this driver's descendants (Ray started
     here puts its raylet, and so its workers, under this process), by the titles Ray gives its actors."""
     found: dict[str, psutil.Process] = {}
     for process in psutil.Process().children(recursive=True):
@@ -358,8 +344,7 @@ def _load(
         f"Load: {bench.clients:,} closed-loop clients (mix embeddings/recommend/completions "
         f"{'/'.join(f'{m:g}' for m in bench.mix)}, completions {bench.max_tokens} greedy tokens) for "
         f"{bench.warmup_s:g} s warm-up + {bench.duration_s:g} s measured; capacity {capacity:,} requests, bound by the "
-        f"{'Model deployment' if bench.bound_at == 'model' else 'HTTP proxy'}'s queue (1 replica each; the 503s "
-        f"come from the {'Gateway' if bench.bound_at == 'model' else 'proxy'}); clients time out after "
+        "Model deployment's queue at the HTTP proxy (1 replica; the 503s come from the proxy); clients time out after "
         f"{timeout_s:g} s. Overload: {overload_clients:,} clients "
         f"({bench.overload:g}x) for {bench.overload_s:g} s, each waiting {bench.backoff_s:g} s x U(0.5, 1.5) after a "
         "503. Answer counts cover every request (warm-up included), latencies the requests sent after the warm-up. "

@@ -1,8 +1,9 @@
-"""The Ray Serve application: a batched model deployment behind an OpenAI-compatible FastAPI gateway.
+"""The Ray Serve application: one deployment, ``Model`` (serving/model.py), whose replicas serve the
+OpenAI-compatible HTTP API and run the batched engine and item index behind it, so a request takes one hop from
+Serve's HTTP proxy to the replica that answers it.
 
-Two deployments so each scales on its own resource: ``Model`` (serving/model.py) holds the engine and the item
-index and batches requests; ``Gateway`` (serving/gateway.py) speaks HTTP. ``build_app`` is what
-serve_config.yaml's ``import_path`` builds; ``roll_out`` switches a running app to another version in place.
+``build_app`` is what serve_config.yaml's ``import_path`` builds; ``roll_out`` switches a running app to another
+version in place.
 """
 
 import copy
@@ -15,9 +16,9 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from recfound.config import Config
-from recfound.serving.gateway import Gateway
 from recfound.serving.index import SearchConfig
 from recfound.serving.model import MODEL_DEPLOYMENT, Model
+from recfound.serving.proxy import warn_unless_installed
 from recfound.serving.registry import VersionNotFound, latest_version
 from recfound.serving.schemas import Limits
 
@@ -42,8 +43,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     registry = cfg.registry or os.environ.get(REGISTRY_ENV)
     if not registry:
         raise ValueError(f"no registry: set args.registry in the Serve config or {REGISTRY_ENV}")
-    model = Model.bind(registry, cfg.search.model_dump(mode="json"), cfg.cache_dir, _pin_latest(registry))
-    return Gateway.bind(model, cfg.limits.model_dump())
+    warn_unless_installed()
+    search, limits = cfg.search.model_dump(mode="json"), cfg.limits.model_dump()
+    return Model.bind(registry, search, cfg.cache_dir, _pin_latest(registry), limits)
 
 
 def _pin_latest(registry: str) -> str | None:

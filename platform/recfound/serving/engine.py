@@ -95,7 +95,7 @@ class GRMEngine:
     """
 
     def __init__(self, version_dir: str):
-        # transformers loads only in replicas that serve a GRM, not in the gateway or the fake-engine tests.
+        # transformers loads only in replicas that serve a GRM, not in the fake-engine tests.
         from recfound.model.formats import encode_embedding
         from recfound.model.grm import GRM
 

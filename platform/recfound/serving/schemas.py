@@ -40,7 +40,7 @@ class ErrorType(str, Enum):
 class ApiError(Exception):
     """A request the API refuses: rendered as ``{"error": {message, type, param, code}}`` with ``status``.
 
-    Raised inside the model replica too: Ray re-raises it at the gateway as an instance of this class.
+    Pickled whole, so a DeploymentHandle call to a replica (``roll_out``'s) re-raises it as this class.
     """
 
     def __init__(
