@@ -15,7 +15,7 @@ USAGE = """
     Folds the task's TMoLE experts into the base weights and writes a self-contained directory: the model (for
     u2i/q2i/i2i the decoder with the embedding read-out, for generative tasks the causal LM), its tokenizer and
     manifest.json (task, mode, source model, quantization, format, SHA-256 per file). Prints <dir>.
-    Load it with recfound.merge.export.load_export(<dir>).
+    Load it with recfound.merge.exported.load_export(<dir>).
 """
 
 

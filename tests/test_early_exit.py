@@ -22,7 +22,8 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from recfound.config import load_config
 from recfound.eval.systems import GRMSystem
-from recfound.merge.export import ExportConfig, ExportedEmbedder, ExportError, export, load_export
+from recfound.merge.export import ExportConfig, export
+from recfound.merge.exported import ExportedEmbedder, ExportError, load_export
 from recfound.model.backbone import SMOLLM2_LAYERS, BackboneConfig, backbone_depth
 from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM

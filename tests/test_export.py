@@ -15,13 +15,12 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import AutoModel, AutoModelForCausalLM
 
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
-from recfound.merge.export import (
+from recfound.merge.export import ExportConfig, export
+from recfound.merge.exported import (
     INT8_FILE,
-    ExportConfig,
     ExportedEmbedder,
     ExportedGenerator,
     ExportError,
-    export,
     load_export,
     verify_export,
 )
@@ -282,7 +281,8 @@ def test_int8_file_stores_a_tied_weight_once(tmp_path) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from recfound.merge.export import _int8_tensors, _load_int8
+    from recfound.merge.export import _int8_tensors
+    from recfound.merge.exported import _load_int8
 
     config = LlamaConfig(
         vocab_size=64,

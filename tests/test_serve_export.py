@@ -12,7 +12,8 @@ import pytest
 from test_export import make_merged
 from test_serve_engine import make_dataset
 
-from recfound.merge.export import ExportConfig, export, load_export
+from recfound.merge.export import ExportConfig, export
+from recfound.merge.exported import load_export
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side
 from recfound.serving.engine import ExportEngine, load_engine

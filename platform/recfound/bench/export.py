@@ -26,7 +26,8 @@ from recfound.data.rows import Split
 from recfound.eval.report import headline
 from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding
 from recfound.eval.systems import ExportedSystem, item_instruction, item_texts, resolve_model
-from recfound.merge.export import ExportConfig, ExportedEmbedder, ExportFormat, Quantize, export, load_export
+from recfound.merge.export import ExportConfig, export
+from recfound.merge.exported import ExportedEmbedder, ExportFormat, Quantize, load_export
 from recfound.model.formats import Side, encode_embedding
 
 REFERENCE = "fp32"

@@ -22,7 +22,7 @@ from recfound.artifacts import ADAPTER_DIR, MANIFEST, METRICS, read_trainer_stat
 from recfound.eval.closed import content_free
 from recfound.eval.convergence import latest_checkpoint
 from recfound.eval.protocols import DenseScorer, Scorer
-from recfound.merge.export import ExportedEmbedder
+from recfound.merge.exported import ExportedEmbedder
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM

@@ -169,7 +169,7 @@ class ExportEngine:
 
     def __init__(self, version_dir: str):
         from recfound.artifacts import check_files, read_manifest
-        from recfound.merge.export import ExportedEmbedder, ExportError, load_export
+        from recfound.merge.exported import ExportedEmbedder, ExportError, load_export
 
         self.version = str(read_version(version_dir)["version"])
         # The export's own files against its manifest; the registry adds version.json and index/ beside them.
