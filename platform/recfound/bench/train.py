@@ -19,9 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
-from fsspec.core import url_to_fs
 from pydantic import Field
 
 from recfound.artifacts import TENSORBOARD_DIR, read_metrics
@@ -39,8 +37,8 @@ from recfound.bench.common import (
 )
 from recfound.config import Config, load_config
 from recfound.model.grm import GRM
-from recfound.tasks import Mode, mode_of, task_path
-from recfound.train.batches import Rows, tokenize
+from recfound.tasks import Mode, mode_of
+from recfound.train.batches import tokenize_table, train_table
 from recfound.train.config import TrainConfig
 from recfound.train.engine import TorchEngine
 from recfound.train.mixing import Sampler
@@ -49,7 +47,7 @@ from recfound.train.run import Plan, item_prior, plan
 from recfound.train.run import run as train_run
 from recfound.train.s2sched import S2Sched
 from recfound.train.step import train_step
-from recfound.train.streams import TaskStream
+from recfound.train.streams import MemoryShard, TaskStream
 from recfound.train.telemetry import StepCost, StepRecord, Telemetry, peak_flops
 
 CHUNK = 64  # rows per tokenised batch, as run._datasets' map_batches and TaskStream use
@@ -85,28 +83,10 @@ class TrainBench(Config):
     """Profile three more steps of the last plain loop with torch.profiler and report their top operators."""
 
 
-class Preloaded:
-    """One task's tokenised rows held in memory, served like a Ray Data shard: the loop's data costs nothing."""
-
-    def __init__(self, chunks: list[Rows]) -> None:
-        self.chunks = chunks
-
-    def iter_batches(self, *, batch_size: int, batch_format: str, prefetch_batches: int) -> Iterator[Rows]:
-        return iter(self.chunks)
-
-
-def preload(data: str, task: str, rows: int, backbone: dict[str, Any]) -> Preloaded:
-    """The first ``rows`` train rows of ``task``, tokenised by the trainer's map_batches function in CHUNK-row
-    batches (the stream restarts an epoch when a step needs more)."""
-    fs, path = url_to_fs(f"{data.rstrip('/')}/{task_path(task, 'train')}")
-    table = pq.read_table(path, filesystem=fs).slice(0, rows)
-    chunks = []
-    for start in range(0, table.num_rows, CHUNK):
-        part = table.slice(start, CHUNK)
-        chunks.append(
-            tokenize({c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}, backbone, task)
-        )
-    return Preloaded(chunks)
+def preload(data: str, task: str, rows: int, backbone: dict[str, Any]) -> MemoryShard:
+    """The first ``rows`` train rows of ``task``, tokenised by the trainer's tokenisation and held in memory, served
+    like a Ray Data shard: the loop's data costs nothing (the stream restarts an epoch when a step needs more)."""
+    return MemoryShard(tokenize_table(train_table(data, task).slice(0, rows), backbone, task))
 
 
 class PlainLoop:

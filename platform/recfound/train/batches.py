@@ -136,11 +136,16 @@ def tokenize_table(table: pa.Table, backbone: dict[str, Any], task: str) -> Rows
     return concat_rows(parts)
 
 
+def train_table(data: str, task: str) -> pa.Table:
+    """A task's whole training table, read in this process (a local path or an fsspec URL)."""
+    fs, path = url_to_fs(f"{data.rstrip('/')}/{task_path(task, 'train')}")
+    return pq.read_table(path, filesystem=fs)
+
+
 def worker_rows(data: str, task: str, backbone: dict[str, Any], rank: int, world: int) -> Rows:
     """Worker ``rank``'s training rows of a small task, tokenised here: every ``world``-th row from ``rank`` in build
     order, the rows its Ray Data stream read whole gave, without an execution's start-up (train/streams.py)."""
-    fs, path = url_to_fs(f"{data.rstrip('/')}/{task_path(task, 'train')}")
-    table = pq.read_table(path, filesystem=fs)
+    table = train_table(data, task)
     mine = table.take(np.arange(rank, table.num_rows, world))
     if not mine.num_rows:
         raise RuntimeError(f"task {task}: no training rows for worker {rank} of {world}")
