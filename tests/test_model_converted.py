@@ -3,6 +3,7 @@ half-written conversion, and a cache that cannot be written falls back to the GG
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,19 @@ def test_the_first_call_converts_and_later_ones_reuse_it(source: Path) -> None:
     assert first is not None and (first / "model.safetensors").read_text() == "weights"
     assert converted(source, "model", write) == first and len(calls) == 1
     assert [p.name for p in first.parent.iterdir()] == ["model"]  # no staging folder left behind
-    source.write_bytes(b"GGUF v2")  # another file (size, mtime): another conversion
+    source.write_bytes(b"GGUF v2")  # another content: another conversion
     assert converted(source, "model", write) != first and len(calls) == 2
+
+
+def test_a_reinstalled_copy_of_the_same_file_reuses_the_conversion(source: Path) -> None:
+    """A fresh virtual environment installs the same GGUF with a new modification time: no second conversion."""
+    calls: list[Path] = []
+    first = converted(source, "model", lambda out: calls.append(out))
+    copy = source.parent / "venv2" / source.name
+    copy.parent.mkdir()
+    copy.write_bytes(source.read_bytes())
+    os.utime(copy, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert converted(copy, "model", lambda out: calls.append(out)) == first and len(calls) == 1
 
 
 def test_a_conversion_that_never_completed_is_replaced_and_a_failed_one_leaves_nothing(source: Path) -> None:
