@@ -72,6 +72,21 @@ def test_pretrained_backbones_never_fetch_hub_kernels(tmp_path):
     assert loaded.use_kernels is False
 
 
+def test_loading_a_backbone_draws_no_progress_bar_and_leaves_bars_as_they_were(tmp_path, capfd):
+    """transformers 5 draws a "Loading weights" bar per load: in a Ray worker's log each redraw is a line (six per
+    SmolLM2 load in a training log) between the step lines, for a load that takes about a second."""
+    from transformers.utils import logging as hf_logging
+
+    model, tokenizer = load_backbone(BackboneConfig(name="tiny"))
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    load_backbone(BackboneConfig(name="hf", path=str(tmp_path)))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the caller's own downloads keep theirs
+
+
 @pytest.mark.slow
 def test_smollm2_loads_offline_and_generates(tmp_path):
     grm = GRM.build(BackboneConfig(name="smollm2-135m")).eval()

@@ -7,6 +7,8 @@ Mistral-7B-Instruct-v0.3 for the paper run).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from recfound.config import Config
 from recfound.model.converted import converted
@@ -116,14 +119,28 @@ def resolve_dtype(dtype: DType) -> torch.dtype:
 def load_backbone(cfg: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) with a pad token set; gradient checkpointing is left to the TMoLE wrapper (see GRM)."""
     dtype = resolve_dtype(cfg.dtype)
-    if cfg.name == "tiny":
-        model, tokenizer = _tiny(cfg.seed, cfg.attn_implementation, dtype)
-    elif cfg.name == "smollm2-135m":
-        model, tokenizer = _smollm2(cfg.attn_implementation, dtype)
-    else:
-        assert cfg.path is not None  # the validator guarantees it
-        model, tokenizer = _pretrained(cfg.path, cfg.attn_implementation, dtype)
+    with without_progress_bars():
+        if cfg.name == "tiny":
+            model, tokenizer = _tiny(cfg.seed, cfg.attn_implementation, dtype)
+        elif cfg.name == "smollm2-135m":
+            model, tokenizer = _smollm2(cfg.attn_implementation, dtype)
+        else:
+            assert cfg.path is not None  # the validator guarantees it
+            model, tokenizer = _pretrained(cfg.path, cfg.attn_implementation, dtype)
     return model, with_pad(tokenizer)
+
+
+@contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """No "Loading weights" bar: in a Ray worker's log each redraw is a line between the training lines, for a
+    local load of about a second. Bars are restored after, for the caller's own use."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _tiny(seed: int, attn: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

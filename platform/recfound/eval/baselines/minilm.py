@@ -25,10 +25,11 @@ def load_minilm() -> tuple[object, torch.nn.Module]:
         ) from None
     from transformers import AutoModel, AutoTokenizer
 
-    from recfound.model.backbone import OFFLINE_LOAD
+    from recfound.model.backbone import OFFLINE_LOAD, without_progress_bars
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
-    model = AutoModel.from_pretrained(MODEL_DIR, local_files_only=True, **OFFLINE_LOAD).eval()
+    with without_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+        model = AutoModel.from_pretrained(MODEL_DIR, local_files_only=True, **OFFLINE_LOAD).eval()
     return tokenizer, model
 
 
