@@ -171,7 +171,7 @@ def test_serve(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
 
 
 def test_quality_verdicts_compare_each_model_with_each_baseline() -> None:
-    from recfound.bench.quality import verdicts
+    from recfound.bench.verdicts import verdicts
 
     systems = {
         "recfound": {
@@ -203,7 +203,7 @@ def test_quality_verdicts_compare_each_model_with_each_baseline() -> None:
 
 
 def test_quality_verdicts_rank_candidate_lists_against_the_retrieval_baselines_too() -> None:
-    from recfound.bench.quality import verdicts
+    from recfound.bench.verdicts import verdicts
 
     systems = {
         "recfound": {"candidate_ranking": {"binary_f1": 0.6, "list.ndcg@10": 0.5}},
@@ -220,6 +220,50 @@ def test_quality_verdicts_rank_candidate_lists_against_the_retrieval_baselines_t
         ("list.ndcg@10", "popularity"): True,
         ("list.ndcg@10", "item_cf"): False,
     }
+
+
+def test_quality_verdicts_average_seeds_and_carry_paired_intervals(tmp_path: Path) -> None:
+    """Two seeds' evaluations (per-query values and answers, as jobs/evaluate.py writes them) against baselines:
+    a model's figure is its seeds' mean, its interval comes from the paired per-query differences (or, for a corpus
+    metric, from re-scoring resampled answers), and a difference the queries do not support is not settled."""
+    from recfound.bench.verdicts import MAJORITY, Evidence, add_majority, mean_over_seeds, verdict_cell, verdicts
+    from recfound.eval.runner import PER_QUERY, PREDICTIONS
+
+    labels = ["positive", "negative"] * 10
+    for seed, (u2i, answers) in enumerate([([0.6] * 20, labels), ([0.4] * 20, ["positive"] * 20)]):
+        folder = tmp_path / f"eval{seed}"
+        (folder / PREDICTIONS).mkdir(parents=True)
+        per_query = {"recfound": {"u2i": {"pool.mrr@20": u2i[:-1] + [None]}}}
+        if seed == 0:  # baselines are evaluated once
+            per_query |= {"popularity": {"u2i": {"pool.mrr@20": [0.3] * 19 + [None]}}}
+            per_query |= {"minilm": {"u2i": {"pool.mrr@20": [0.0, 1.0] * 10}}}
+        (folder / PER_QUERY).write_text(json.dumps(per_query))
+        rows = [
+            {"task": "sentiment_analysis", "id": i, "reference": r, "prediction": a}
+            for i, (r, a) in enumerate(zip(labels, answers))
+        ]
+        (folder / PREDICTIONS / "recfound.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evidence = Evidence()
+    evidence.add_evaluation(tmp_path / "eval0")
+    evidence.add_evaluation(tmp_path / "eval1")
+    scores = [
+        {"u2i": {"pool.mrr@20": 0.6}, "sentiment_analysis": {"macro_f1": 1.0}},
+        {"u2i": {"pool.mrr@20": 0.4}, "sentiment_analysis": {"macro_f1": 1 / 3}},
+    ]
+    mean, spread = mean_over_seeds(scores)
+    assert mean["u2i"]["pool.mrr@20"] == pytest.approx(0.5) and spread["u2i"]["pool.mrr@20"] == pytest.approx(0.1)
+    systems = {"recfound": mean, "popularity": {"u2i": {"pool.mrr@20": 0.3}}, "minilm": {"u2i": {"pool.mrr@20": 0.5}}}
+    add_majority(systems, evidence, {"sentiment_analysis": "positive"})
+    assert systems[MAJORITY]["sentiment_analysis"]["macro_f1"] == pytest.approx(1 / 3)
+    rows = {(r["baseline"], r["metric"]): r for r in verdicts(systems, ["recfound"], evidence)}
+    popularity = rows["popularity", "pool.mrr@20"]
+    assert popularity["recfound_wins"] and popularity["recfound_settled"]
+    assert popularity["recfound_interval"] == pytest.approx((0.2, 0.2))  # per query: mean of seeds 0.5 vs 0.3
+    minilm = rows["minilm", "pool.mrr@20"]  # 0.5 on average too, but query by query a coin flip
+    assert minilm["recfound_wins"] is False and minilm["recfound_settled"] is False
+    majority = rows[MAJORITY, "macro_f1"]  # seed 0 reads the evidence, seed 1 answers the majority
+    assert majority["recfound_wins"] and majority["recfound_settled"] and 0 < majority["recfound_interval"][0]
+    assert verdict_cell(True, True) == "win" and verdict_cell(False, False) == "LOSE (n.s.)"
 
 
 def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
@@ -253,6 +297,9 @@ def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path
         ("sentiment_analysis", "backbone"),
     } <= compared
     assert all(isinstance(v["recfound_wins"], bool) and "merged" in v for v in verdicts)
+    u2i = next(v for v in verdicts if (v["task"], v["metric"], v["baseline"]) == ("u2i", "pool.mrr@20", "popularity"))
+    low, high = u2i["recfound_interval"]  # from the evaluation's per-query values
+    assert low <= u2i["recfound"] - u2i["baseline_value"] <= high and isinstance(u2i["recfound_settled"], bool)
     assert report["figures"]["comparisons"] == len(verdicts) and (out / "merged" / "adapter").is_dir()
 
 

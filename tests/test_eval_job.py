@@ -111,6 +111,21 @@ def test_results_name_every_system_and_score_every_embedding_task_by_both_protoc
     assert {t: systems["recfound"][t] for t in EMBEDDING_TASKS} != {t: systems["backbone"][t] for t in EMBEDDING_TASKS}
 
 
+def test_per_query_values_are_written_beside_the_means_they_average_to(evaluated: Path) -> None:
+    """per_query.json holds every embedding and list metric per query (null where undefined) in row order: the
+    quality benchmark's paired intervals resample them, so their means must be results.json's figures."""
+    res, per_query = results(evaluated), json.loads((evaluated / "per_query.json").read_text())
+    assert set(per_query) == set(res["systems"])
+    for name, tasks in per_query.items():
+        for task, metrics in tasks.items():
+            for metric, values in metrics.items():
+                defined = [v for v in values if v is not None]
+                assert len(values) in (res["queries"].get(task), res["lists"].get(task)), (name, task, metric)
+                assert sum(defined) / len(defined) == pytest.approx(res["systems"][name][task][metric])
+    assert set(per_query["bm25"]["candidate_ranking"]) == {"list.auc", "list.ndcg@10"}
+    assert "full.mrr" in per_query["recfound"]["u2i"] and "binary_f1" not in per_query["recfound"]["candidate_ranking"]
+
+
 def test_generative_tasks_are_decoded_and_scored_for_the_grm_systems_only(evaluated: Path, synthetic_dataset: Path):
     res = results(evaluated)
     built = json.loads((synthetic_dataset / "manifest.json").read_text())["tasks"]

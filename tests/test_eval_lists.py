@@ -12,7 +12,8 @@ import torch
 
 from recfound.data.templates import INSTRUCTIONS, alpaca, candidate_text, history_text, with_candidate
 from recfound.eval.baselines import BM25, ItemCF, Popularity
-from recfound.eval.candidate_lists import CandidateLists, add_list_metrics, build_lists, list_metrics, list_scores
+from recfound.eval.candidate_lists import CandidateLists, build_lists, list_metrics, list_scores, system_list_values
+from recfound.eval.metrics import mean_defined
 from recfound.eval.systems import GRMSystem
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
@@ -117,10 +118,11 @@ def test_baselines_rank_the_same_lists_with_their_u2i_scores() -> None:
     assert list_scores(popularity, lists).tolist() == expected
     item_cf = ItemCF()
     item_cf.fit(ITEMS, INTERACTIONS)
-    kept = {"binary_f1": 0.5}
-    merged = add_list_metrics({TASK: kept, "u2i": {"pool.mrr@20": 0.1}}, item_cf, [lists])
-    assert merged["u2i"] == {"pool.mrr@20": 0.1} and set(merged[TASK]) == {"binary_f1", "list.auc", "list.ndcg@10"}
-    assert kept == {"binary_f1": 0.5}  # the caller's dict is left as it was
+    values = system_list_values(item_cf, [lists])
+    assert set(values) == {TASK} and set(values[TASK]) == {"list.auc", "list.ndcg@10"}
+    per_list = values[TASK]  # one value per list
+    assert {len(v) for v in per_list.values()} == {len(lists.items)}
+    assert {k: mean_defined(v) for k, v in per_list.items()} == list_metrics(list_scores(item_cf, lists), lists)
     no_u2i = BM25()
     no_u2i.tasks = frozenset({"q2i"})
-    assert list_scores(no_u2i, lists) is None and add_list_metrics({}, no_u2i, [lists]) == {}
+    assert list_scores(no_u2i, lists) is None and system_list_values(no_u2i, [lists]) == {}

@@ -1,52 +1,34 @@
-"""Quality benchmark: train a recipe, evaluate it (and its Model Merge) with every baseline, and give a verdict.
-
-The verdicts are the issue's targets, one per (task, metric, baseline): U2I and I2I against popularity, BM25,
-item-CF and zero-shot MiniLM on the paper's pools and the full catalogue; Q2I against BM25 and MiniLM;
-classification-style generative tasks against the majority answer of the training split and the untrained
-backbone; free-text tasks against the untrained backbone; candidate_ranking's list metrics also against every
-retrieval baseline (the issue's target: NDCG@10 over candidate lists above popularity and item-CF). Every figure
-comes from jobs/evaluate.py's own results.json, run here with the same code a user runs.
+"""Quality benchmark: train a recipe (once per seed), evaluate it (and its Model Merge) with every baseline, and
+give a verdict per (task, metric, baseline) (bench/verdicts.py: which comparisons, and the interval of each
+difference). Every figure comes from jobs/evaluate.py's own results, run here with the same code a user runs.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
+from recfound.bench.verdicts import (
+    Evidence,
+    Scores,
+    add_majority,
+    majority_answers,
+    mean_over_seeds,
+    verdict_cell,
+    verdicts,
+)
 from recfound.config import Config, load_config
 from recfound.eval.config import EvalConfig
-from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
-from recfound.eval.protocols import LIST_PROTOCOLS, list_metric_names
-from recfound.eval.runner import RESULTS, Dataset, evaluate, generative_sample
+from recfound.eval.runner import RESULTS, Dataset, evaluate
 from recfound.eval.systems import resolve_model
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
-from recfound.tasks import EMBEDDING_TASKS
 from recfound.train.config import TrainConfig
 
-RETRIEVAL = ["popularity", "bm25", "item_cf", "minilm"]
-EMBEDDING_TARGETS: list[tuple[str, str, list[str]]] = [
-    ("u2i", "pool.mrr@20", RETRIEVAL),
-    ("u2i", "full.ndcg@10", RETRIEVAL),
-    ("i2i", "pool.ndcg@20", RETRIEVAL),
-    ("i2i", "full.ndcg@10", RETRIEVAL),
-    ("q2i", "pool.mrr@20", ["bm25", "minilm"]),
-    ("q2i", "full.ndcg@10", ["bm25", "minilm"]),
-]
-CLASSIFICATION = {
-    "sentiment_analysis",
-    "product_relation_prediction",
-    "product_matching",
-    "sequential_recommendation",
-    "answerability_prediction",
-    "candidate_ranking",
-}
-"""Generative tasks with a fixed answer set: they must also beat always answering the training split's mode."""
-MAJORITY, MERGED = "majority", "merged"
+MERGED = "merged"
 
 
 class QualityBench(Config):
@@ -70,14 +52,26 @@ class QualityBench(Config):
     """Most tokens generated per prompt (answers of the classification tasks take 1-3)."""
     split: str = "test"
     """Split the verdicts are taken on."""
+    seeds: list[int] = [0]
+    """Training seeds, one run of the recipe each (the first in train/<recipe>, the others in
+    train/<recipe>-seed<k>); with several, a model's figure is its mean over the seeds, shown with their standard
+    deviation. Each seed costs a whole training and evaluation."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be one or more distinct integers, got {seeds}")
+        return seeds
 
 
-def _train(bench: QualityBench, out: Path) -> str:
+def _train(bench: QualityBench, out: Path, seed: int, first: bool) -> str:
     import ray
 
     from recfound.train.run import run
 
-    overrides = [f"data={bench.data}", f"storage_path={out / 'train'}", f"name={Path(bench.config).stem}", *bench.train]
+    name = Path(bench.config).stem + ("" if first else f"-seed{seed}")
+    overrides = [f"data={bench.data}", f"storage_path={out / 'train'}", f"name={name}", f"seed={seed}", *bench.train]
     cfg = load_config(TrainConfig, bench.config, overrides)
     ours = not ray.is_initialized()
     try:
@@ -91,7 +85,7 @@ def _merge(final: str, out: Path) -> str | None:
     kept = sorted(p.parent for p in Path(final).parent.glob("checkpoint_*/checkpoint.json"))[-2:]
     if len(kept) < 2:
         return None
-    return str(merge_checkpoints(MergeConfig(checkpoints=[str(p) for p in kept], out=str(out / MERGED))))
+    return str(merge_checkpoints(MergeConfig(checkpoints=[str(p) for p in kept], out=str(out))))
 
 
 def trained_tasks(checkpoint: str, data: str, split: str) -> list[str]:
@@ -100,50 +94,22 @@ def trained_tasks(checkpoint: str, data: str, split: str) -> list[str]:
     return [t for t in resolve_model(checkpoint).trained_tasks or () if dataset.count(t, split)]
 
 
-def majority_scores(data: str, split: str, tasks: list[str], rows: int, seed: int) -> dict[str, dict[str, float]]:
-    """Each classification task's metric when every answer is the training split's most frequent response, on
-    the same seeded sample the evaluator decodes."""
-    dataset = Dataset.load(data)
-    out = {}
-    for task in tasks:
-        if task not in CLASSIFICATION or not dataset.count(task, "train") or not dataset.count(task, split):
-            continue
-        answer = Counter(dataset.rows(task, "train", ["response"])["response"]).most_common(1)[0][0]
-        references = generative_sample(dataset, task, split, rows, seed)["response"].tolist()
-        out[task] = {metric_name(m): m([answer] * len(references), references) for m in GENERATIVE_METRICS[task]}
-    return out
+@dataclass
+class Seeded:
+    """One seed's run: its final checkpoint, merged model and the scores of each."""
+
+    seed: int
+    checkpoint: str
+    merged: str | None
+    scores: dict[str, Scores]
 
 
-def verdicts(systems: dict[str, dict[str, dict[str, float | None]]], models: list[str]) -> list[dict[str, Any]]:
-    """One row per (task, metric, baseline) that both sides measured: the baseline's value, each model's value
-    and whether it wins (strictly higher)."""
-    targets = list(EMBEDDING_TARGETS)
-    reference = systems[models[0]]
-    for task in sorted(t for t in reference if t not in EMBEDDING_TASKS):
-        baselines = [MAJORITY, "backbone"] if task in CLASSIFICATION else ["backbone"]
-        ranked = list_metric_names(task) if task in LIST_PROTOCOLS else ()
-        targets += [(task, metric, baselines + (RETRIEVAL if metric in ranked else [])) for metric in reference[task]]
-    rows = []
-    for task, metric, baselines in targets:
-        for baseline in baselines:
-            base = systems.get(baseline, {}).get(task, {}).get(metric)
-            if base is None or reference.get(task, {}).get(metric) is None:
-                continue
-            row: dict[str, Any] = {"task": task, "metric": metric, "baseline": baseline, "baseline_value": base}
-            for model in models:
-                value = systems[model].get(task, {}).get(metric)
-                row[model] = value
-                row[f"{model}_wins"] = None if value is None else value > base
-            rows.append(row)
-    return rows
-
-
-def run(bench: QualityBench) -> Report:
-    out = Path(bench.out)
-    out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    final = _train(bench, out)
-    trained = time.perf_counter()
+def _run_seed(bench: QualityBench, out: Path, seed: int, evidence: Evidence, systems: dict[str, Scores]) -> Seeded:
+    """Train and evaluate one seed; the first seed's evaluation also runs every baseline (they do not depend on
+    the training seed) into ``systems``."""
+    first = seed == bench.seeds[0]
+    suffix = "" if first else f"-seed{seed}"
+    final = _train(bench, out, seed, first)
     common = {
         "data": bench.data,
         "split": bench.split,
@@ -151,56 +117,83 @@ def run(bench: QualityBench) -> Report:
         "max_new_tokens": bench.max_new_tokens,
         "tasks": trained_tasks(final, bench.data, bench.split),
     }
-    results = evaluate(EvalConfig(model=final, out=str(out / "eval"), baselines="all", **common))
-    systems = dict(results["systems"])
-    models = ["recfound"]
-    merged = _merge(final, out) if bench.merge else None
+    folder = out / f"eval{suffix}"
+    results = evaluate(EvalConfig(model=final, out=str(folder), baselines="all" if first else "none", **common))
+    evidence.add_evaluation(folder)
+    scores = {"recfound": results["systems"]["recfound"]}
+    if first:
+        systems |= {k: v for k, v in results["systems"].items() if k != "recfound"}
+    merged = _merge(final, out / f"{MERGED}{suffix}") if bench.merge else None
     if merged is not None:
-        systems[MERGED] = evaluate(EvalConfig(model=merged, out=str(out / "eval-merged"), baselines="none", **common))[
-            "systems"
-        ]["recfound"]
-        models.append(MERGED)
-    systems[MAJORITY] = majority_scores(
-        bench.data,
-        bench.split,
-        list(systems["recfound"]),
-        bench.max_rows_per_task,
-        EvalConfig.model_fields["seed"].default,
-    )
-    rows = verdicts(systems, models)
+        folder = out / f"eval-{MERGED}{suffix}"
+        merged_results = evaluate(EvalConfig(model=merged, out=str(folder), baselines="none", **common))
+        evidence.add_evaluation(folder, {"recfound": MERGED})
+        scores[MERGED] = merged_results["systems"]["recfound"]
+    return Seeded(seed, final, merged, scores)
+
+
+def run(bench: QualityBench) -> Report:
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    evidence, systems = Evidence(), {}
+    runs = [_run_seed(bench, out, seed, evidence, systems) for seed in bench.seeds]
+    models = list(runs[0].scores)
+    spreads = {}
+    for model in models:
+        systems[model], spreads[model] = mean_over_seeds([r.scores[model] for r in runs])
+    add_majority(systems, evidence, majority_answers(bench.data, list(systems["recfound"])))
+    rows = verdicts(systems, models, evidence)
     finished = time.perf_counter()
 
     wins = {m: sum(bool(r[f"{m}_wins"]) for r in rows) for m in models}
-    headers = ["task", "metric", "baseline", "baseline value"] + [h for m in models for h in (m, "verdict")]
-    table = [
-        [r["task"], r["metric"], r["baseline"], fmt(r["baseline_value"])]
-        + [c for m in models for c in (fmt(r[m]), {True: "win", False: "LOSE", None: "-"}[r[f"{m}_wins"]])]
-        for r in rows
-    ]
+    settled_wins = {m: sum(bool(r[f"{m}_wins"] and r[f"{m}_settled"]) for r in rows) for m in models}
+    settled_losses = {m: sum(r[f"{m}_wins"] is False and bool(r[f"{m}_settled"]) for r in rows) for m in models}
+    several = len(runs) > 1
+    headers = ["task", "metric", "baseline", "baseline value"]
+    headers += [h for m in models for h in (m + (" (mean ± sd)" if several else ""), "95% CI of difference", "verdict")]
+    table = []
+    for r in rows:
+        cells = [r["task"], r["metric"], r["baseline"], fmt(r["baseline_value"])]
+        for m in models:
+            sd = spreads[m].get(r["task"], {}).get(r["metric"])
+            bounds = r[f"{m}_interval"]
+            cells += [
+                fmt(r[m]) + (f" ± {fmt(sd)}" if several and sd is not None else ""),
+                "-" if bounds is None else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]",
+                verdict_cell(r[f"{m}_wins"], r[f"{m}_settled"]),
+            ]
+        table.append(cells)
     report = Report(
         "quality",
-        bench.model_dump(mode="json") | {"checkpoint": final, "merged": merged},
+        bench.model_dump(mode="json")
+        | {"checkpoints": [r.checkpoint for r in runs], "merged": [r.merged for r in runs]},
         ratios={f"{m}_win_share": wins[m] / max(1, len(rows)) for m in models},
         figures={
             "verdicts": rows,
             "wins": wins,
+            "settled_wins": settled_wins,
+            "settled_losses": settled_losses,
             "comparisons": len(rows),
-            "train_seconds": trained - began,
-            "eval_seconds": finished - trained,
-            "total_seconds": finished - began,
+            "seconds": finished - began,
             "systems": systems,
+            "spread_over_seeds": spreads if several else None,
+            "per_seed": {r.seed: r.scores for r in runs},
         },
         tables=[
             Table(
-                f"Verdicts on {bench.split} ({Path(bench.data).name}): model vs baseline, higher is better",
+                f"Verdicts on {bench.split} ({Path(bench.data).name}, seeds {bench.seeds}): model vs baseline, higher"
+                " is better; (n.s.): the paired bootstrap interval of the difference includes 0",
                 headers,
                 table,
             )
         ],
     )
     report.notes.append(
-        " | ".join(f"{m}: {wins[m]} of {len(rows)} won" for m in models)
-        + f" | train {(trained - began) / 60:.1f} min, evaluation {(finished - trained) / 60:.1f} min"
-        + f" | results: {out / 'eval' / RESULTS}"
+        " | ".join(
+            f"{m}: {wins[m]} of {len(rows)} won ({settled_wins[m]} settled), {settled_losses[m]} settled losses"
+            for m in models
+        )
+        + f" | {(finished - began) / 60:.1f} min | results: {out / 'eval' / RESULTS}"
     )
     return report

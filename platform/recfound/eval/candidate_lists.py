@@ -18,7 +18,7 @@ import pandas as pd
 from recfound.data.templates import NO, YES, ranking_input, with_candidate
 from recfound.eval.baselines import Baseline
 from recfound.eval.metrics import auc_from_ranks, mean_defined, ndcg_from_ranks, ranks_from_scores
-from recfound.eval.protocols import LIST_PROTOCOLS, list_metric_names, pool_scores, sample_pools
+from recfound.eval.protocols import LIST_PROTOCOLS, PerQuery, list_metric_names, pool_scores, sample_pools
 from recfound.eval.systems import GRMSystem
 
 
@@ -100,22 +100,25 @@ def list_scores(system: Baseline, lists: CandidateLists) -> np.ndarray | None:
 
 def list_metrics(scores: np.ndarray, lists: CandidateLists) -> dict[str, float]:
     """Mean NDCG@k and mean per-list AUC, ties at their expected rank (the module policy of eval/metrics.py)."""
+    return {name: mean_defined(values) for name, values in list_values(scores, lists).items()}
+
+
+def list_values(scores: np.ndarray, lists: CandidateLists) -> PerQuery:
+    """NDCG@k and AUC per list."""
     valid = lists.items >= 0
     ranks = ranks_from_scores(scores, lists.relevant, valid)
     ndcg, auc = list_metric_names(lists.task)
     return {
-        ndcg: mean_defined(ndcg_from_ranks(ranks, LIST_PROTOCOLS[lists.task].k)),
-        auc: mean_defined(auc_from_ranks(ranks, (valid & ~lists.relevant).sum(axis=1))),
+        ndcg: ndcg_from_ranks(ranks, LIST_PROTOCOLS[lists.task].k),
+        auc: auc_from_ranks(ranks, (valid & ~lists.relevant).sum(axis=1)),
     }
 
 
-def add_list_metrics(
-    metrics: dict[str, dict[str, float]], system: Baseline, lists: Sequence[CandidateLists]
-) -> dict[str, dict[str, float]]:
-    """``metrics`` ({task: {metric: value}}) with the system's list metrics added under each lists' task."""
-    out = dict(metrics)
+def system_list_values(system: Baseline, lists: Sequence[CandidateLists]) -> dict[str, PerQuery]:
+    """{task: per-list metrics} of the candidate lists the system can rank."""
+    out: dict[str, PerQuery] = {}
     for ranked in lists:
         scores = list_scores(system, ranked)
         if scores is not None:
-            out[ranked.task] = out.get(ranked.task, {}) | list_metrics(scores, ranked)
+            out[ranked.task] = out.get(ranked.task, {}) | list_values(scores, ranked)
     return out

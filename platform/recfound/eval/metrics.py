@@ -21,7 +21,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import sacrebleu
@@ -281,7 +281,13 @@ def rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     are empty (rouge-score's rule; ``token_f1`` counts two empty texts as agreeing)."""
     if not _check_pairs(preds, refs):
         return float("nan")
-    return float(np.mean([_ROUGE_L.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(preds, refs)]))
+    return float(np.mean([_rouge_l_pair(pred, ref) for pred, ref in zip(preds, refs)]))
+
+
+@lru_cache(maxsize=1 << 16)
+def _rouge_l_pair(pred: str, ref: str) -> float:
+    # Cached: a bootstrap (eval/significance.py) scores the same pairs thousands of times.
+    return _ROUGE_L.score(ref, pred)["rougeL"].fmeasure
 
 
 def bleu4(preds: Sequence[str], refs: Sequence[str]) -> float:

@@ -142,6 +142,17 @@ def sample_pools(
     return items, relevant
 
 
+PerQuery = dict[str, np.ndarray]
+"""{metric: one value per query} (nan where undefined): what a protocol measures before averaging, kept so that two
+systems can be compared query by query (``eval/significance.py``)."""
+
+
+def averaged(values: PerQuery) -> dict[str, float]:
+    """{metric: mean over the queries where it is defined, "queries": n}."""
+    sizes = {len(v) for v in values.values()}
+    return {name: mean_defined(v) for name, v in values.items()} | {"queries": sizes.pop() if sizes else 0}
+
+
 def pool_eval(
     scorer: Scorer,
     item_ids: Sequence[str],
@@ -155,13 +166,31 @@ def pool_eval(
     chunk: int = 256,
 ) -> dict[str, float]:
     """The paper's protocol for ``task`` (``POOL_PROTOCOLS``): {"mrr@20" or "ndcg@20": mean, "queries": n}."""
+    categories = (query_categories, item_categories)
+    values = pool_values(scorer, item_ids, positives, *categories, task, seed=seed, candidates=candidates, chunk=chunk)
+    return averaged(values)
+
+
+def pool_values(
+    scorer: Scorer,
+    item_ids: Sequence[str],
+    positives: Positives,
+    query_categories: Sequence[object],
+    item_categories: Sequence[object],
+    task: str,
+    *,
+    seed: int = 42,
+    candidates: np.ndarray | None = None,
+    chunk: int = 256,
+) -> PerQuery:
+    """``pool_eval``'s metric per query."""
     protocol = POOL_PROTOCOLS[task]
     items, relevant = sample_pools(
         positives, query_categories, item_ids, item_categories, protocol.n_negatives, seed, candidates
     )
     metric = mrr_from_ranks if protocol.metric is RankMetric.MRR else ndcg_from_ranks
     ranks = ranks_from_scores(pool_scores(scorer, items, chunk), relevant, valid=items >= 0)
-    return {f"{protocol.metric.value}@{protocol.k}": mean_defined(metric(ranks, protocol.k)), "queries": len(items)}
+    return {f"{protocol.metric.value}@{protocol.k}": metric(ranks, protocol.k)}
 
 
 def pool_scores(scorer: Scorer, items: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -187,6 +216,18 @@ def full_catalogue_eval(
     ``exclude[q]`` holds item ids removed from query q's ranking (its training items); a query's own positives
     are never removed, and ids outside ``item_ids`` are ignored. ``chunk`` bounds memory at chunk x n_items.
     """
+    return averaged(full_catalogue_values(scorer, item_ids, positives, exclude, chunk=chunk))
+
+
+def full_catalogue_values(
+    scorer: Scorer,
+    item_ids: Sequence[str],
+    positives: Positives,
+    exclude: Sequence[Collection[str]] | None = None,
+    *,
+    chunk: int = 128,
+) -> PerQuery:
+    """``full_catalogue_eval``'s metrics per query."""
     index = {item: i for i, item in enumerate(item_ids)}
     pos = _positive_indices(positives, item_ids)
     results: dict[str, list[np.ndarray]] = {"recall@10": [], "recall@50": [], "ndcg@10": [], "mrr": []}
@@ -203,8 +244,7 @@ def full_catalogue_eval(
         results["recall@50"].append(recall_from_ranks(ranks, 50))
         results["ndcg@10"].append(ndcg_from_ranks(ranks, 10))
         results["mrr"].append(mrr_from_ranks(ranks))
-    summary = {name: mean_defined(np.concatenate([np.empty(0), *parts])) for name, parts in results.items()}
-    return summary | {"queries": len(pos)}
+    return {name: np.concatenate([np.empty(0), *parts]) for name, parts in results.items()}
 
 
 def training_exclusions(rows: pd.DataFrame, interactions: pd.DataFrame) -> list[set[str]]:

@@ -25,16 +25,18 @@ import torch
 
 from recfound.artifacts import read_metrics
 from recfound.eval.baselines import BM25, Baseline, ItemCF, MiniLM, Popularity
-from recfound.eval.candidate_lists import add_list_metrics, build_lists
+from recfound.eval.candidate_lists import build_lists, system_list_values
 from recfound.eval.closed import closed_answers
 from recfound.eval.config import BaselineName, EvalConfig, EvalError, Protocol
 from recfound.eval.convergence import summarize
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
 from recfound.eval.protocols import (
     LIST_PROTOCOLS,
-    full_catalogue_eval,
+    PerQuery,
+    averaged,
+    full_catalogue_values,
     merge_duplicate_queries,
-    pool_eval,
+    pool_values,
     task_candidates,
     training_exclusions,
 )
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 
 MODEL = "recfound"
 RESULTS = "results.json"
+PER_QUERY = "per_query.json"
+"""{system: {task: {metric: [value per query or list, null where undefined]}}}, in the order of the rows: the
+means in results.json before averaging, for paired comparisons (eval/significance.py)."""
 PREDICTIONS = "predictions"
 
 
@@ -191,6 +196,18 @@ def evaluate_embedding(
     system: Baseline, tasks: dict[str, EmbeddingTask], data: Dataset, protocols: Collection[Protocol], seed: int
 ) -> dict[str, dict[str, float]]:
     """{task: {"pool.<metric>" | "full.<metric>": value}} for the tasks the system supports."""
+    return averages(embedding_values(system, tasks, data, protocols, seed))
+
+
+def averages(values: dict[str, PerQuery]) -> dict[str, dict[str, float]]:
+    """{task: {metric: mean over queries}} of {task: {metric: per-query values}}."""
+    return {task: {k: v for k, v in averaged(metrics).items() if k != "queries"} for task, metrics in values.items()}
+
+
+def embedding_values(
+    system: Baseline, tasks: dict[str, EmbeddingTask], data: Dataset, protocols: Collection[Protocol], seed: int
+) -> dict[str, PerQuery]:
+    """``evaluate_embedding``'s metrics per query."""
     if not {"pool", "full"} & set(protocols):
         return {}
     item_ids, categories = data.items["item_id"].tolist(), data.items["category"].tolist()
@@ -199,9 +216,9 @@ def evaluate_embedding(
         if task not in system.tasks:
             continue
         scorer = system.scorer(task, prepared.rows)
-        metrics: dict[str, float] = {}
+        metrics: PerQuery = {}
         if "pool" in protocols:
-            pool = pool_eval(
+            pool = pool_values(
                 scorer,
                 item_ids,
                 prepared.positives,
@@ -211,10 +228,10 @@ def evaluate_embedding(
                 seed=seed,
                 candidates=prepared.candidates,
             )
-            metrics |= {f"pool.{k}": v for k, v in pool.items() if k != "queries"}
+            metrics |= {f"pool.{k}": v for k, v in pool.items()}
         if "full" in protocols:
-            full = full_catalogue_eval(scorer, item_ids, prepared.positives, prepared.exclude)
-            metrics |= {f"full.{k}": v for k, v in full.items() if k != "queries"}
+            full = full_catalogue_values(scorer, item_ids, prepared.positives, prepared.exclude)
+            metrics |= {f"full.{k}": v for k, v in full.items()}
         out[task] = metrics
     return out
 
@@ -278,6 +295,8 @@ def json_ready(value: Any) -> Any:
     """nan (an undefined metric) as JSON null, recursively: strict JSON has no NaN."""
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [json_ready(v) for v in value.tolist()]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -312,6 +331,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if _ranks_lists(cfg, t)
     ]
     results: dict[str, Any] = {"systems": {}, "skipped": {}, "seconds": {}, "cpu_seconds": {}}
+    per_query: dict[str, dict[str, PerQuery]] = {}
     for name, factory in systems(cfg, source):
         start, cpu = time.perf_counter(), time.process_time()  # CPU time stays honest on a shared machine
         try:
@@ -321,16 +341,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             results["skipped"][name] = str(err)
             continue
         system.fit(data.items, data.interactions)
-        scores = evaluate_embedding(system, embedding, data, cfg.protocols, cfg.seed)
+        values = embedding_values(system, embedding, data, cfg.protocols, cfg.seed)
+        scores = averages(values)
         if isinstance(system, GRMSystem) and samples:
             generated, predictions = evaluate_generative(
                 system, samples, cfg.max_new_tokens, cfg.closed_answers, cfg.calibrate_answers
             )
             scores |= generated
             (out / PREDICTIONS / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-        scores = add_list_metrics(scores, system, lists)
+        listed = system_list_values(system, lists)  # candidate_ranking: beside its generative metric
+        scores |= {task: scores.get(task, {}) | metrics for task, metrics in averages(listed).items()}
         del system  # frees a GRM before the next one loads
         results["systems"][name] = scores
+        per_query[name] = values | listed
         results["seconds"][name] = round(time.perf_counter() - start, 2)
         results["cpu_seconds"][name] = round(time.process_time() - cpu, 2)
         log.info("%s evaluated in %.1f s (%.1f s CPU)", name, results["seconds"][name], results["cpu_seconds"][name])
@@ -352,5 +375,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         histories[MODEL] = history
     results = json_ready(results)
     (out / RESULTS).write_text(json.dumps(results, indent=2))
+    (out / PER_QUERY).write_text(json.dumps(json_ready(per_query)))
     write_report(results, out, histories)
     return results
