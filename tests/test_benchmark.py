@@ -266,6 +266,28 @@ def test_quality_verdicts_average_seeds_and_carry_paired_intervals(tmp_path: Pat
     assert verdict_cell(True, True) == "win" and verdict_cell(False, False) == "LOSE (n.s.)"
 
 
+def test_quality_reuses_a_finished_evaluation_only_when_its_settings_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run with one more seed must not pay for the evaluations it already has; a changed setting, another
+    model, or an evaluation torn before its last file is run again."""
+    from recfound.bench import quality
+    from recfound.eval.config import EvalConfig
+    from recfound.eval.runner import PER_QUERY, RESULTS
+
+    runs: list[EvalConfig] = []
+    monkeypatch.setattr(quality, "evaluate", lambda cfg: runs.append(cfg) or {"config": "fresh"})
+    cfg = EvalConfig(model=str(tmp_path / "ckpt"), data=str(tmp_path / "data"), out=str(tmp_path / "eval"))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / RESULTS).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "systems": {}}))
+    assert quality.evaluate_once(cfg)["config"] == "fresh" and len(runs) == 1  # torn: no per_query.json
+    (tmp_path / "eval" / PER_QUERY).write_text("{}")
+    assert quality.evaluate_once(cfg)["systems"] == {} and len(runs) == 1  # finished, same settings: reused
+    assert quality.evaluate_once(cfg.model_copy(update={"max_rows_per_task": 7}))["config"] == "fresh"
+    assert quality.evaluate_once(cfg.model_copy(update={"model": str(tmp_path / "other")}))["config"] == "fresh"
+    assert len(runs) == 3
+
+
 def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
     """The whole quality pipeline at toy size: train, merge, evaluate, verdicts (key=value arguments, as issued)."""
     out = tmp_path / "quality"

@@ -5,9 +5,11 @@ difference). Every figure comes from jobs/evaluate.py's own results, run here wi
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -23,7 +25,7 @@ from recfound.bench.verdicts import (
 )
 from recfound.config import Config, load_config
 from recfound.eval.config import EvalConfig
-from recfound.eval.runner import RESULTS, Dataset, evaluate
+from recfound.eval.runner import PER_QUERY, RESULTS, Dataset, evaluate
 from recfound.eval.systems import resolve_model
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.train.config import TrainConfig
@@ -39,7 +41,8 @@ class QualityBench(Config):
     """Built dataset directory (jobs/build_dataset.py out)."""
     out: str = "runs/bench/quality"
     """Directory for the training run (train/), the evaluations (eval/, eval-merged/), the merged model and this
-    report (quality.json). Re-running with the same out resumes or reuses the finished training run."""
+    report (quality.json). Re-running with the same out resumes or reuses the finished training runs and reuses
+    finished evaluations run with the same settings."""
     config: str = str(CONFIG_DIR / "quality.yaml")
     """Training recipe (a jobs/train.py YAML); its max_steps and data sizes decide the time."""
     train: list[str] = []
@@ -94,6 +97,18 @@ def trained_tasks(checkpoint: str, data: str, split: str) -> list[str]:
     return [t for t in resolve_model(checkpoint).trained_tasks or () if dataset.count(t, split)]
 
 
+def evaluate_once(cfg: EvalConfig) -> dict[str, Any]:
+    """The evaluation in ``cfg.out`` when one finished there with this very config (model path included), else a
+    new one: a re-run with one more seed, or after a crash, pays only for what is missing. per_query.json is
+    written last, so a torn evaluation is run again."""
+    folder = Path(cfg.out)
+    if (folder / PER_QUERY).is_file():
+        previous = json.loads((folder / RESULTS).read_text())
+        if previous.get("config") == cfg.model_dump(mode="json"):
+            return previous
+    return evaluate(cfg)
+
+
 @dataclass
 class Seeded:
     """One seed's run: its final checkpoint, merged model and the scores of each."""
@@ -118,7 +133,7 @@ def _run_seed(bench: QualityBench, out: Path, seed: int, evidence: Evidence, sys
         "tasks": trained_tasks(final, bench.data, bench.split),
     }
     folder = out / f"eval{suffix}"
-    results = evaluate(EvalConfig(model=final, out=str(folder), baselines="all" if first else "none", **common))
+    results = evaluate_once(EvalConfig(model=final, out=str(folder), baselines="all" if first else "none", **common))
     evidence.add_evaluation(folder)
     scores = {"recfound": results["systems"]["recfound"]}
     if first:
@@ -126,7 +141,7 @@ def _run_seed(bench: QualityBench, out: Path, seed: int, evidence: Evidence, sys
     merged = _merge(final, out / f"{MERGED}{suffix}") if bench.merge else None
     if merged is not None:
         folder = out / f"eval-{MERGED}{suffix}"
-        merged_results = evaluate(EvalConfig(model=merged, out=str(folder), baselines="none", **common))
+        merged_results = evaluate_once(EvalConfig(model=merged, out=str(folder), baselines="none", **common))
         evidence.add_evaluation(folder, {"recfound": MERGED})
         scores[MERGED] = merged_results["systems"]["recfound"]
     return Seeded(seed, final, merged, scores)
