@@ -27,14 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, early_exit, export, quality, search, serve_load, train  # noqa: E402
+from recfound.bench import adapter, data, early_exit, export, quality, search, serve, serve_load, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 
 SUBCOMMANDS = {
     "adapter": (adapter.AdapterBench, adapter.run),
     "train": (train.TrainBench, train.run),
     "data": (data.DataBench, data.run),
-    "serve": (serve_load.ServeLoadBench, serve_load.run),
+    "serve": (serve.ServeLoadBench, serve_load.run),
     "search": (search.SearchBench, search.run),
     "quality": (quality.QualityBench, quality.run),
     "exit": (early_exit.ExitBench, early_exit.run),

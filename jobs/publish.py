@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> str:
     from recfound.io import read_json
     from recfound.serving.engine import ENGINE_KEY
     from recfound.serving.index import build_item_index, text_meta
-    from recfound.serving.registry import publish
+    from recfound.serving.publish import publish
     from recfound.tasks import DATASET_MANIFEST, ITEMS
 
     dataset = read_json(f"{cfg.data}/{DATASET_MANIFEST}")

@@ -21,7 +21,8 @@ from recfound.model.tmole import read_adapter_config, read_adapter_weights
 from recfound.model.tmole.model import TASK_TABLE_KEY
 from recfound.serving.engine import ENGINE_KEY, load_engine
 from recfound.serving.index import build_item_index, text_meta
-from recfound.serving.registry import publish, resolve_verified
+from recfound.serving.publish import publish
+from recfound.serving.registry import resolve_verified
 from recfound.tasks import ITEMS
 from recfound.train.adapt import AdaptConfig, AdaptError, adapt, trainable_model
 

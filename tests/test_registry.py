@@ -19,6 +19,7 @@ import pytest
 from test_serve_engine import FAKE_ENGINE, make_artifact, make_dataset, publish_fake
 
 from recfound.serving.index import build_item_index, text_meta
+from recfound.serving.publish import publish
 from recfound.serving.registry import (
     CLAIMS,
     ChecksumError,
@@ -26,7 +27,6 @@ from recfound.serving.registry import (
     VersionNotFound,
     latest_version,
     list_versions,
-    publish,
     read_version,
     resolve,
     verify,
@@ -144,17 +144,17 @@ def test_cached_copies_survive_concurrent_downloads_and_corruption(tmp_path: Pat
     url, cache = f"memory://cache-{tmp_path.name}", str(tmp_path / "cache")
     try:
         publish_fake(make_artifact(tmp_path / "model"), make_dataset(tmp_path / "data"), url)
-        both_copied, one_reader, copy = threading.Barrier(2, timeout=30), threading.Lock(), reg._copy_tree
+        both_copied, one_reader, copy = threading.Barrier(2, timeout=30), threading.Lock(), reg.copy_tree
 
         def copy_then_wait(src: str, dest: Path) -> None:
             with one_reader:  # memory:// hands concurrent readers one shared file cursor; S3 or GCS do not
                 copy(src, dest)
             both_copied.wait()  # both downloads are complete before either renames
 
-        monkeypatch.setattr(reg, "_copy_tree", copy_then_wait)
+        monkeypatch.setattr(reg, "copy_tree", copy_then_wait)
         paths = _twice_at_once(lambda: reg.resolve_verified(url, cache_dir=cache))
         assert len(set(paths)) == 1
-        monkeypatch.setattr(reg, "_copy_tree", copy)
+        monkeypatch.setattr(reg, "copy_tree", copy)
         weights = Path(paths[0]) / "weights" / "adapter.bin"
         weights.write_bytes(b"flipped on disk")
         assert reg.resolve_verified(url, cache_dir=cache) == paths[0]  # fetched again, verified

@@ -25,7 +25,7 @@ from test_serve_engine import SLOW_PROMPT, SLOW_S, make_artifact, publish_fake
 
 from recfound.serving.app import APP_NAME, VersionRefused, roll_out
 from recfound.serving.model import MODEL_DEPLOYMENT
-from recfound.serving.schemas import VERSION_HEADER
+from recfound.serving.responses import VERSION_HEADER
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,8 @@ from recfound.serving.index import (
     text_meta,
     user_text,
 )
-from recfound.serving.registry import publish, resolve
+from recfound.serving.publish import publish
+from recfound.serving.registry import resolve
 from recfound.serving.streaming import StopScanner, apply_stop
 from recfound.tasks import ALL_TASKS
 

@@ -17,9 +17,10 @@ from recfound.merge.exported import load_export
 from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import Side
 from recfound.serving.engine import ExportEngine, load_engine
+from recfound.serving.errors import ApiError
 from recfound.serving.model import ModelReplica
 from recfound.serving.registry import resolve
-from recfound.serving.schemas import ApiError, RecommendRequest
+from recfound.serving.schemas import RecommendRequest
 
 pytestmark = pytest.mark.usefixtures("replica_context")
 REPO = Path(__file__).resolve().parents[1]

@@ -12,10 +12,11 @@ import pytest
 from test_serve_engine import make_artifact, make_dataset, publish_fake
 
 from recfound.data.templates import INSTRUCTIONS, NO, YES, alpaca, candidate_text
+from recfound.serving.errors import ApiError
 from recfound.serving.index import user_text
 from recfound.serving.model import ModelReplica
 from recfound.serving.rank import rank_question
-from recfound.serving.schemas import ApiError, RankRequest, Scorer
+from recfound.serving.schemas import RankRequest, Scorer
 from recfound.tasks import ALL_TASKS
 
 CANDIDATES = ["i4", "i5", "i6"]

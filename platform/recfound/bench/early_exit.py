@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from recfound.bench.common import (
     Better,
@@ -29,53 +29,32 @@ from recfound.bench.common import (
     paired_ratio,
     torch_threads,
 )
-from recfound.config import Config, comma_list
-from recfound.data.rows import Split
+from recfound.bench.embedding import EmbeddingBench, bench_tasks, sample_rows, sample_texts
+from recfound.config import comma_list
 from recfound.eval.report import headline
-from recfound.eval.runner import Dataset, EmbeddingTask, evaluate_embedding, prepare_embedding
-from recfound.eval.systems import GRMSystem, item_instruction, item_texts, load_model, resolve_model
+from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding
+from recfound.eval.systems import GRMSystem, item_instruction, load_model, resolve_model
 from recfound.model.formats import Side, encode_embedding
 from recfound.model.grm import GRM
-from recfound.tasks import EMBEDDING_TASKS
 
 TARGETS = [
     Target("early exit at half depth: embedding throughput / full depth", "exit_half_vs_full", 1.8, Better.HIGHER)
 ]
 
 
-class ExitBench(Config):
+class ExitBench(EmbeddingBench):
     """Early-exit embeddings: texts/s and pool retrieval metrics (U2I/Q2I/I2I) at each exit layer vs full depth."""
 
     model: str
     """The model: a training checkpoint, run directory, merged artifact or adapter directory (as jobs/evaluate.py);
     best one trained with loss.exit_layers."""
-    data: str
-    """The built dataset directory (jobs/build_dataset.py out)."""
     layers: list[int] = []
     """Exit layers (1 = after the first decoder layer); empty: a quarter, half and three quarters of the backbone's
     depth. Full depth is always measured too: every ratio is against it."""
-    split: Split = "valid"
-    """Split the metrics are taken on: valid is the dev slice (model selection), test the reported one."""
-    tasks: list[str] = []
-    """Embedding tasks to score (comma list of u2i, q2i, i2i); empty: those the split and the model both have."""
-    rows: int = Field(200, ge=1)
-    """Queries per task for the metrics: a seeded sample of the split's rows (all when fewer)."""
-    texts: int = Field(64, ge=1)
-    """Catalogue texts embedded per timed round at each layer."""
-    batch_size: int = Field(16, ge=1)
-    """Texts per forward pass, timing and metrics alike."""
-    rounds: int = Field(5, ge=1)
-    """Timed rounds; each embeds the texts once at every layer, in rotating order."""
-    warmup: int = Field(1, ge=0)
-    """Untimed rounds first (allocator, folded-weight cache)."""
-    threads: int = Field(1, ge=1)
-    """torch intra-op threads on a CPU (a serving replica's OMP_NUM_THREADS); ignored for GPU kernels."""
-    seed: int = 42
-    """Seeds the row and text samples and the pools' negatives (the evaluation job's 42)."""
 
-    @field_validator("layers", "tasks", mode="before")
+    @field_validator("layers", mode="before")
     @classmethod
-    def _lists(cls, value: Any) -> Any:
+    def _layers(cls, value: Any) -> Any:
         return comma_list(value)
 
 
@@ -85,33 +64,6 @@ def exit_layers(bench: ExitBench, grm: GRM) -> list[int]:
     grm.check_exits(bench.layers, "layers")
     layers = bench.layers or [max(1, depth * q // 4) for q in (1, 2, 3)]
     return sorted(set(layers) | {depth})
-
-
-def bench_tasks(asked: list[str], split: str, data: Dataset, adapter_tasks: list[str]) -> list[str]:
-    """The embedding tasks to score: the asked ones, each checked, or every one the split and the model have."""
-    usable = [t for t in EMBEDDING_TASKS if data.count(t, split) > 0 and t in adapter_tasks]
-    wrong = [t for t in asked if t not in usable]
-    if wrong:
-        raise ValueError(
-            f"tasks: {', '.join(wrong)} cannot be scored (embedding tasks with {split} rows in {data.root} "
-            f"that the model has: {', '.join(usable) or 'none'})"
-        )
-    if not (asked or usable):
-        raise ValueError(f"no embedding task has {split} rows in {data.root} and an adapter route")
-    return asked or usable
-
-
-def sample_rows(prepared: EmbeddingTask, n: int, seed: int) -> EmbeddingTask:
-    """``n`` seeded queries of a prepared task (in their file order), with their positives and exclusions."""
-    if len(prepared.rows) <= n:
-        return prepared
-    keep = np.sort(np.random.default_rng(seed).choice(len(prepared.rows), n, replace=False))
-    return EmbeddingTask(
-        prepared.rows.iloc[keep].reset_index(drop=True),
-        [prepared.positives[i] for i in keep],
-        prepared.candidates,
-        [prepared.exclude[i] for i in keep],
-    )
 
 
 def encoded(
@@ -145,9 +97,7 @@ def run(bench: ExitBench) -> Report:
         depth = grm.num_layers
         systems = {k: GRMSystem(f"exit{k}", grm, bench.batch_size, k) for k in layers}
         prepared = {t: sample_rows(prepare_embedding(data, t, bench.split), bench.rows, bench.seed) for t in tasks}
-        texts = item_texts(data.items)
-        picked = np.random.default_rng(bench.seed).choice(len(texts), min(bench.texts, len(texts)), replace=False)
-        sample = [texts[i] for i in picked]
+        sample = sample_texts(bench, data)
         instruction = item_instruction(prepared[tasks[0]].rows)
         batches = encoded(grm, tasks[0], instruction, sample, bench.batch_size)
         cases = {str(k): (lambda k=k: [grm.embed(batch, ids, k) for batch, ids in batches]) for k in layers}

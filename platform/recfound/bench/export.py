@@ -17,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from recfound.bench.common import Better, Report, Table, Target, fmt, interleaved, median, paired_ratio, torch_threads
-from recfound.bench.early_exit import bench_tasks, sample_rows
-from recfound.config import Config, comma_list
-from recfound.data.rows import Split
+from recfound.bench.embedding import EmbeddingBench, bench_tasks, sample_rows, sample_texts
 from recfound.eval.report import headline
 from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding
-from recfound.eval.systems import ExportedSystem, item_instruction, item_texts, resolve_model
+from recfound.eval.systems import ExportedSystem, item_instruction, resolve_model
 from recfound.merge.export import ExportConfig, export
 from recfound.merge.exported import ExportedEmbedder, ExportFormat, Quantize, load_export
 from recfound.model.formats import Side, encode_embedding
@@ -42,39 +39,14 @@ TARGETS = [
 ]
 
 
-class ExportBench(Config):
+class ExportBench(EmbeddingBench):
     """int8 (PyTorch, and onnxruntime with onnx) vs fp32 exports of one merged model: embedding texts/s, cosine to
     fp32 and the pool retrieval metric per embedding task."""
 
     model: str
     """The merged artifact (jobs/merge.py out) to export, once per task and variant."""
-    data: str
-    """The built dataset directory (jobs/build_dataset.py out)."""
-    tasks: list[str] = []
-    """Embedding tasks (comma list of u2i, q2i, i2i); empty: those the split and the model both have."""
     onnx: bool = True
     """Also the int8 ONNX export for onnxruntime (needs pip install -e '.[export]')."""
-    split: Split = "valid"
-    """Split the metrics are taken on: valid is the dev slice (model selection), test the reported one."""
-    rows: int = Field(200, ge=1)
-    """Queries per task for the metrics: a seeded sample of the split's rows (all when fewer)."""
-    texts: int = Field(64, ge=1)
-    """Catalogue texts embedded per timed round by each variant."""
-    batch_size: int = Field(16, ge=1)
-    """Texts per forward pass, timing and metrics alike."""
-    rounds: int = Field(5, ge=1)
-    """Timed rounds; each embeds the texts once with every variant, in rotating order."""
-    warmup: int = Field(1, ge=0)
-    """Untimed rounds first (allocator, onnxruntime's first-run graph work)."""
-    threads: int = Field(1, ge=1)
-    """Intra-op threads of torch and onnxruntime (a CPU replica's OMP_NUM_THREADS)."""
-    seed: int = 42
-    """Seeds the row and text samples and the pools' negatives (the evaluation job's 42)."""
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _lists(cls, value: Any) -> Any:
-        return comma_list(value)
 
 
 def run(bench: ExportBench) -> Report:
@@ -82,9 +54,7 @@ def run(bench: ExportBench) -> Report:
     data = Dataset.load(bench.data)
     tasks = bench_tasks(bench.tasks, bench.split, data, list(source.config.tasks))
     variants = [v for v in VARIANTS if bench.onnx or VARIANTS[v][1] is ExportFormat.SAFETENSORS]
-    texts = item_texts(data.items)
-    picked = np.random.default_rng(bench.seed).choice(len(texts), min(bench.texts, len(texts)), replace=False)
-    sample = [texts[i] for i in picked]
+    sample = sample_texts(bench, data)
     results: dict[str, dict[str, Any]] = {}
     with torch_threads(bench.threads), tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
         for task in tasks:

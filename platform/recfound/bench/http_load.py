@@ -1,5 +1,5 @@
-"""HTTP clients of the Serve load and abuse benchmarks (bench/serve_load.py): closed-loop aiohttp clients on one
-event loop, and issue 14's abusive requests.
+"""HTTP clients of the Serve load and abuse benchmarks (bench/serve_load.py, bench/serve_abuse.py): closed-loop
+aiohttp clients on one event loop, and issue 14's abusive requests.
 
 Nothing here imports torch or Ray: the abusive clients run in a process of their own
 (``python -m recfound.bench.http_load abuse ...``, driven over its stdin and stdout), so their CPU time is theirs

@@ -1,6 +1,6 @@
-"""Issue 14's load and abuse runs of the Serve app: ``jobs/benchmark.py serve --load`` and ``serve --abuse``.
+"""Issue 14's load run of the Serve app, and the entry point of ``jobs/benchmark.py serve`` with --load / --abuse.
 
-The model, registry and app are the serve benchmark's (bench/serve.py: a fresh tiny GRM served from the shipped
+The model, registry and app are the serve benchmarks' (bench/serve.py: a fresh tiny GRM served from the shipped
 serve/serve_config.yaml, one Model replica); the clients are closed-loop aiohttp clients over loopback
 (bench/http_load.py), one kept-alive connection each, all on one event loop whose CPU time is reported.
 
@@ -12,104 +12,47 @@ clients for ``overload_s``: the requests beyond capacity must get fast 503s; a c
 a 503 as a well-behaved client does. The RSS of the Model replica and the HTTP proxy is sampled throughout: "flat
 memory" is its end over its value after the warm-up.
 
-Abuse: each abusive request of http_load.ABUSES answered alone (status and latency), then the p99 latency of
-normal embedding requests (``probe_clients`` closed-loop clients) idle and with ``abuse_in_flight`` abusive requests
-kept in flight by a separate client process, in alternating rounds.
+The abuse run is bench/serve_abuse.py's; without --load or --abuse the comparison of bench/serve_overhead.py runs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import psutil
-from pydantic import Field, field_validator
 
-from recfound.bench import http_load
+from recfound.bench import serve_overhead
 from recfound.bench.common import Better, Report, Table, Target, fmt, percentile
-from recfound.bench.http_load import ABUSES, Call, LoadRun, Outcome, abusive_bodies, closed_loop, run_async, send
+from recfound.bench.http_load import Call, LoadRun, Outcome, closed_loop, run_async
 from recfound.bench.serve import (
+    ROUTES,
     Published,
     ServeBench,
-    _free_port,
-    _model_deployment,
-    _serve_config,
+    ServeLoadBench,
+    free_port,
+    model_deployment,
     publish_model,
+    request_bodies,
+    serve_config,
     served,
 )
-from recfound.bench.serve import run as run_serve
+from recfound.bench.serve_abuse import run_abuse
 from recfound.serving.model import MODEL_DEPLOYMENT
 
-ROUTES = {"embeddings": "/v1/embeddings", "recommend": "/v1/recommend", "completions": "/v1/completions"}
-RECOMMEND_TASK = "q2i"
 PROCESSES = {"Model replica": f":{MODEL_DEPLOYMENT}", "HTTP proxy": ""}
 FAST_503_S = 1.0
-ABUSE_ANSWER_S = 1.0
-ABUSE_P99_BOUND = 1.5
 FLAT_MEMORY_BOUND = 1.10
-BODIES_PER_ROUTE = 64
-
-
-class ServeLoadBench(ServeBench):
-    """Embeddings and completions through the Ray Serve app (HTTP on loopback) vs direct in-process batched
-    calls on the same GRMEngine: throughput and p50/p99 latency at each concurrency, ratios, added p50.
-    With --load: closed-loop clients at capacity, then at --overload x capacity (answers by status, latency,
-    memory); with --abuse: oversized requests' answers and normal p99 while they are in flight (issue 14)."""
-
-    load: bool = False
-    """Run the load benchmark (clients at capacity, then overloaded) instead of the serve-vs-direct comparison."""
-    abuse: bool = False
-    """Run the abuse benchmark (oversized requests; normal p99 while they are in flight); with --load, both."""
-    clients: int = Field(1000, ge=1)
-    """Concurrent closed-loop clients of the load run; the app's capacity is this plus the Model's
-    max_ongoing_requests (its max_queued_requests is set to this)."""
-    mix: list[float] = [70, 20, 10]
-    """Shares of embeddings, recommend and completions requests."""
-    warmup_s: float = Field(10.0, ge=0)
-    """Seconds of load before memory and latency are measured (clients start spread over min(warmup_s, 5))."""
-    duration_s: float = Field(60.0, gt=0)
-    """Measured seconds of the load run (requests then in flight are awaited)."""
-    model_max_ongoing: int | None = Field(None, ge=1)
-    """The Model deployment's max_ongoing_requests in the load runs; default: serve_config.yaml's."""
-    overload: float = Field(2.0, gt=1)
-    """Clients of the overload run, in multiples of the app's capacity."""
-    overload_s: float = Field(30.0, gt=0)
-    """Seconds of the overload run."""
-    backoff_s: float = Field(5.0, ge=0)
-    """After a 503 a client waits backoff_s x U(0.5, 1.5) before its next request."""
-    client_timeout_s: float | None = Field(None, gt=0)
-    """A request not answered within this many seconds counts as a timeout; default: the app's request_timeout_s
-    + 30, so a timeout means the app did not answer, not even its 504."""
-    abuse_repeats: int = Field(5, ge=1)
-    """Times each abusive request is sent alone (median and max latency)."""
-    abuse_in_flight: int = Field(20, ge=1)
-    """Abusive requests kept in flight while normal embeddings latency is measured."""
-    probe_clients: int = Field(4, ge=1)
-    """Closed-loop clients of normal single-text embedding requests whose p99 is compared idle vs under abuse."""
-    probe_s: float = Field(10.0, gt=0)
-    """Seconds of each idle or abused probe window."""
-    abuse_rounds: int = Field(2, ge=1)
-    """Rounds of (idle, abused) probe windows, alternating which comes first."""
-
-    @field_validator("mix")
-    @classmethod
-    def _three_shares(cls, mix: list[float]) -> list[float]:
-        if len(mix) != len(ROUTES) or min(mix) < 0 or sum(mix) <= 0:
-            raise ValueError(f"mix: {len(ROUTES)} non-negative shares ({', '.join(ROUTES)}), not all 0")
-        return mix
 
 
 def run(bench: ServeLoadBench) -> Report:
     """The serve benchmark, or with --load / --abuse the load and abuse runs."""
     if not (bench.load or bench.abuse):
-        return run_serve(ServeBench.model_validate(bench.model_dump(include=set(ServeBench.model_fields))))
+        return serve_overhead.run(ServeBench.model_validate(bench.model_dump(include=set(ServeBench.model_fields))))
     root = Path(bench.out_dir).resolve()
     published = publish_model(bench, root)
     config, capacity, overload_clients = _config(bench, published.registry)
@@ -122,7 +65,7 @@ def run(bench: ServeLoadBench) -> Report:
     with served(config, root / "serve.yaml") as url:
         processes = _serve_processes(app)
         if bench.abuse:
-            _abuse(bench, url, published, timeout_s, figures, tables, targets, notes)
+            run_abuse(bench, url, published, timeout_s, figures, tables, targets, notes)
         if bench.load:
             _load(
                 bench,
@@ -146,8 +89,8 @@ def run(bench: ServeLoadBench) -> Report:
 def _config(bench: ServeLoadBench, registry: str) -> tuple[dict[str, Any], int, int]:
     """The serve benchmark's config (the shipped one, one replica), and for --load the Model's queue that makes
     ``clients`` + its max_ongoing_requests the capacity; with the overload's clients."""
-    config = _serve_config(registry, _free_port(), bench.batch_wait_s)
-    model = _model_deployment(config)
+    config = serve_config(registry, free_port(), bench.batch_wait_s)
+    model = model_deployment(config)
     if not bench.load:
         return config, 0, 0
     if bench.model_max_ongoing is not None:
@@ -159,12 +102,12 @@ def _config(bench: ServeLoadBench, registry: str) -> tuple[dict[str, Any], int, 
 
 
 def _client_timeout_s(bench: ServeLoadBench, config: dict[str, Any]) -> float:
+    """The clients' timeout; by default past the app's own 504, so a timeout means the app never answered."""
     if bench.client_timeout_s is not None:
         return bench.client_timeout_s
     return float(config["applications"][0]["args"]["limits"]["request_timeout_s"]) + 30
 
 
-# --- memory of the Serve processes --------------------------------------------------------------------------------
 def _serve_processes(app: str) -> dict[str, psutil.Process]:
     """The Model replica and the HTTP proxy of ``app`` among this driver's descendants (Ray started
     here puts its raylet, and so its workers, under this process), by the titles Ray gives its actors."""
@@ -194,28 +137,6 @@ def _usage(processes: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
 
 def _total_rss(usage: dict[str, dict[str, float]]) -> float:
     return sum(u["rss_mib"] for u in usage.values()) if usage else math.nan
-
-
-# --- load -----------------------------------------------------------------------------------------------------------
-def _bodies(bench: ServeBench, published: Published) -> dict[str, tuple[str, list[bytes]]]:
-    encode = lambda body: json.dumps(body).encode()  # noqa: E731
-    queries = published.queries(RECOMMEND_TASK, BODIES_PER_ROUTE)
-    texts = published.queries(bench.embed_task, BODIES_PER_ROUTE)
-    prompts = published.prompts(bench.generate_task, bench.max_tokens, BODIES_PER_ROUTE)
-    return {
-        "embeddings": (
-            ROUTES["embeddings"],
-            [encode({"model": f"recfound-{bench.embed_task}", "input": t}) for t in texts],
-        ),
-        "recommend": (ROUTES["recommend"], [encode({"task": RECOMMEND_TASK, "query": q, "k": 10}) for q in queries]),
-        "completions": (
-            ROUTES["completions"],
-            [
-                encode({"model": f"recfound-{bench.generate_task}", "prompt": p, "max_tokens": bench.max_tokens})
-                for p in prompts
-            ],
-        ),
-    }
 
 
 def _summary(calls: Sequence[Call], since_s: float, window_s: float) -> dict[str, Any]:
@@ -264,7 +185,7 @@ def _load(
     notes: list[str],
 ) -> None:
     capacity, overload_clients, timeout_s = sizes
-    routes = _bodies(bench, published)
+    routes = request_bodies(bench, published)
     common = {"url": url, "routes": routes, "weights": bench.mix, "timeout_s": timeout_s}
     sample = lambda: _usage(processes)  # noqa: E731
     before = sample()
@@ -397,196 +318,3 @@ def _memory_table(memory: dict[str, dict[str, float]], bench: ServeLoadBench) ->
     headers = ["process", "idle MiB", "after warm-up", "peak", "end of load", "end / warm-up", "drained"]
     headers += ["after overload", "CPU s load", "CPU s overload"]
     return Table(f"Serve processes' RSS (MiB) and CPU seconds ({bench.warmup_s:g} s warm-up)", headers, rows)
-
-
-# --- abuse ----------------------------------------------------------------------------------------------------------
-async def _alone(url: str, bodies: dict[str, http_load.Body], repeats: int) -> dict[str, list[Call]]:
-    """Each abusive request ``repeats`` times, one at a time, each on a fresh connection."""
-    out: dict[str, list[Call]] = {}
-    for abuse in ABUSES:
-        out[abuse.name] = []
-        for _ in range(repeats):
-            async with http_load.session(1, 60.0) as http:
-                out[abuse.name].append(await send(http, url + abuse.path, bodies[abuse.name], abuse.name, 0.0, True))
-    return out
-
-
-@contextmanager
-def _abusers(url: str, bench: ServeBench, in_flight: int) -> Iterator[dict[str, Any]]:
-    """A client process keeping ``in_flight`` abusive requests in flight; yields once each has been answered,
-    and fills the dict with its answer counts and CPU time when the block ends."""
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join([str(Path(http_load.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
-    }
-    command = [sys.executable, "-m", "recfound.bench.http_load", "abuse", "--url", url, "--in-flight", str(in_flight)]
-    command += ["--embed-model", f"recfound-{bench.embed_task}", "--generate-model", f"recfound-{bench.generate_task}"]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    result: dict[str, Any] = {}
-    try:
-        assert process.stdout is not None and process.stdin is not None
-        line = process.stdout.readline()
-        if not line or not json.loads(line).get("ready"):
-            raise RuntimeError(f"the abuse client process did not start: {line!r}")
-        yield result
-        process.stdin.write("stop\n")
-        process.stdin.flush()
-        result |= json.loads(process.stdout.readline())
-        process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def _probe(url: str, bench: ServeLoadBench, bodies: list[bytes], seconds: float, timeout_s: float) -> LoadRun:
-    routes = {"embeddings": (ROUTES["embeddings"], bodies)}
-    return run_async(closed_loop(url, routes, [1.0], bench.probe_clients, seconds, timeout_s=timeout_s))
-
-
-def _abuse(
-    bench: ServeLoadBench,
-    url: str,
-    published: Published,
-    timeout_s: float,
-    figures: dict[str, Any],
-    tables: list[Table],
-    targets: list[Target],
-    notes: list[str],
-) -> None:
-    bodies = abusive_bodies(f"recfound-{bench.embed_task}", f"recfound-{bench.generate_task}")
-    alone = run_async(_alone(url, bodies, bench.abuse_repeats))
-    rows, answers = [], {}
-    for abuse in ABUSES:
-        calls = alone[abuse.name]
-        latencies = [c.latency_s for c in calls]
-        right = all(c.status == abuse.status for c in calls)
-        body = bodies[abuse.name]
-        key = "abuse_" + "_".join(abuse.name.split(" (")[0].lower().split()) + "_s"
-        answers[abuse.name] = {
-            "path": abuse.path,
-            "bytes": len(body) if isinstance(body, bytes) else 10 * http_load.MIB,
-            "expected": abuse.status,
-            "statuses": [c.status for c in calls],
-            "codes": [c.code for c in calls],
-            "median_s": sorted(latencies)[len(latencies) // 2],
-            "max_s": max(latencies),
-        }
-        figures[key] = answers[abuse.name]["median_s"] if right else math.inf
-        targets.append(Target(f"{abuse.name} → {abuse.status}, median seconds", key, ABUSE_ANSWER_S, Better.LOWER))
-        rows.append(
-            [
-                abuse.name,
-                abuse.path,
-                f"{answers[abuse.name]['bytes']:,}",
-                str(abuse.status),
-                ", ".join(sorted({f"{c.status or c.outcome.value} {c.code}" for c in calls})),
-                fmt(answers[abuse.name]["median_s"] * 1e3),
-                fmt(answers[abuse.name]["max_s"] * 1e3),
-            ]
-        )
-    tables.append(
-        Table(
-            f"Abusive requests, each sent alone {bench.abuse_repeats} times on a fresh connection",
-            ["request", "path", "body bytes", "must get", "got (status code)", "median ms", "max ms"],
-            rows,
-        )
-    )
-    figures["abuse_alone"] = answers
-
-    probe_bodies = _bodies(bench, published)["embeddings"][1]
-    _probe(url, bench, probe_bodies, min(bench.probe_s, 2.0), timeout_s)  # warm-up
-    windows: list[dict[str, Any]] = []
-    for r in range(bench.abuse_rounds):
-        for abused in (False, True) if r % 2 == 0 else (True, False):
-            with _abusers(url, bench, bench.abuse_in_flight) if abused else _nothing() as abusers:
-                run = _probe(url, bench, probe_bodies, bench.probe_s, timeout_s)
-            latencies = [c.latency_s for c in run.calls if c.outcome is Outcome.OK]
-            windows.append(
-                {
-                    "round": r,
-                    "abused": abused,
-                    "requests": len(run.calls),
-                    "not_ok": sum(c.outcome is not Outcome.OK for c in run.calls),
-                    "latencies_s": latencies,
-                    "p50_ms": percentile(latencies, 50) * 1e3,
-                    "p99_ms": percentile(latencies, 99) * 1e3,
-                    "abusers": abusers or None,
-                }
-            )
-    pooled = {
-        abused: [x for w in windows if w["abused"] is abused for x in w["latencies_s"]] for abused in (False, True)
-    }
-    p99 = {abused: percentile(pooled[abused], 99) * 1e3 for abused in pooled}
-    p50 = {abused: percentile(pooled[abused], 50) * 1e3 for abused in pooled}
-    figures["abuse_p99_vs_idle"] = p99[True] / p99[False]
-    figures["abuse_p50_vs_idle"] = p50[True] / p50[False]
-    figures["abuse_windows"] = windows
-    wrong = sum(
-        a["count"]
-        for w in windows
-        if w["abusers"]
-        for a in w["abusers"]["answers"]
-        if a["status"] != str(next(x.status for x in ABUSES if x.name == a["abuse"]))
-    )
-    figures["abuse_in_flight_wrong_answers"] = wrong
-    rows = []
-    for w in windows:
-        a = w["abusers"] or {}
-        answered = sum(x["count"] for x in a.get("answers", []))
-        rows.append(
-            [
-                str(w["round"]),
-                f"{bench.abuse_in_flight} abusive in flight" if w["abused"] else "idle",
-                f"{w['requests']:,}",
-                str(w["not_ok"]),
-                fmt(w["p50_ms"]),
-                fmt(w["p99_ms"]),
-                f"{answered:,}" if a else "-",
-                fmt(a["cpu_s"] / a["wall_s"]) if a else "-",
-            ]
-        )
-    for abused in (False, True):
-        rows.append(
-            [
-                "all",
-                "abused" if abused else "idle",
-                f"{len(pooled[abused]):,}",
-                "",
-                fmt(p50[abused]),
-                fmt(p99[abused]),
-                "",
-                "",
-            ]
-        )
-    tables.append(
-        Table(
-            f"Normal embeddings ({bench.probe_clients} closed-loop clients, {bench.probe_s:g} s windows) idle vs "
-            f"with {bench.abuse_in_flight} abusive requests in flight: p99 {fmt(figures['abuse_p99_vs_idle'])}x idle",
-            ["round", "window", "requests", "not 2xx", "p50 ms", "p99 ms", "abusive answers", "abuser CPU cores"],
-            rows,
-        )
-    )
-    targets.append(
-        Target(
-            f"normal embeddings p99 with {bench.abuse_in_flight} abusive requests in flight / idle",
-            "abuse_p99_vs_idle",
-            ABUSE_P99_BOUND,
-            Better.LOWER,
-        )
-    )
-    targets.append(
-        Target(
-            "abusive requests in flight answered other than 413/400", "abuse_in_flight_wrong_answers", 0, Better.LOWER
-        )
-    )
-    notes.append(
-        f"Abuse: the app's shipped limits (serve/serve_config.yaml). The {bench.abuse_in_flight} abusive requests in "
-        "flight cycle through the first four of the table above, sent by a client process of their own, each client "
-        "sending its next as soon as the last is answered; their CPU time (the abuser CPU cores column) is taken "
-        "from the same cores as the Serve processes. p99 and p50 are pooled over the rounds' windows."
-    )
-
-
-@contextmanager
-def _nothing() -> Iterator[dict[str, Any]]:
-    yield {}

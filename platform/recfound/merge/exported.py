@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from recfound.artifacts import EXPORT_KIND, check_files, read_manifest
 from recfound.model.backbone import OFFLINE_LOAD, EmbeddingAttention
-from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt
+from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt, greedy_decoding
 from recfound.model.tokenizer import with_pad
 from recfound.tasks import Mode
 
@@ -121,12 +121,7 @@ class ExportedGenerator:
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
         batch = encode_prompt(self.tokenizer, list(prompts), max_len=self.max_len)
         ids, attention = torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"])
-        options = {
-            "do_sample": False,
-            "max_new_tokens": max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
-        } | generate_kwargs
+        options = greedy_decoding(self.tokenizer, max_new_tokens) | generate_kwargs
         out = self.model.generate(input_ids=ids, attention_mask=attention, **options)
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 

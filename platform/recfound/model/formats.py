@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -128,6 +128,18 @@ def encode_prompt(
         out.append((ids, [0] * len(ids)))
     ids, attention, _ = _pad(out, tok.pad_token_id, 0, padding_side)
     return {"input_ids": ids, "attention_mask": attention}
+
+
+def greedy_decoding(tok: PreTrainedTokenizerBase, max_new_tokens: int) -> dict[str, Any]:
+    """``generate`` options for a prompt of ``encode_prompt``: greedy (the decoding the paper evaluates with), up to
+    ``max_new_tokens``, stopping at the tokenizer's EOS and padding finished rows with its pad token. The GRM and a
+    generative export both decode with these, so an export answers as the model it came from."""
+    return {
+        "do_sample": False,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
 
 
 Offsets = list[tuple[int, int]]

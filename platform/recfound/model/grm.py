@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from recfound.model.backbone import BackboneConfig, EmbeddingAttention, load_backbone
-from recfound.model.formats import IGNORE_INDEX, encode_generative, encode_prompt
+from recfound.model.formats import IGNORE_INDEX, encode_generative, encode_prompt, greedy_decoding
 from recfound.model.tmole import TMoLEConfig, TMoLEModel, read_adapter_config
 from recfound.tasks import Mode
 
@@ -208,12 +208,7 @@ class GRM(nn.Module):
         """Responses to ``prompts`` under ``task``'s routing; greedy unless ``generate_kwargs`` say otherwise."""
         batch = encode_prompt(self.tokenizer, prompts, max_len=self.backbone.max_generative_len)
         ids, attention = self._tensor(batch["input_ids"]), self._tensor(batch["attention_mask"])
-        options = {
-            "do_sample": False,
-            "max_new_tokens": max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
-        } | generate_kwargs
+        options = greedy_decoding(self.tokenizer, max_new_tokens) | generate_kwargs
         task_ids = self.task_ids([task] * len(prompts))
         embeds, attention, width = self._inputs(ids, attention, task_ids)
         # With a soft prompt the input is embeddings, and transformers then returns the new tokens only.

@@ -26,7 +26,9 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from recfound.serving.auth import TokenSource, authorized
-from recfound.serving.schemas import VERSION_HEADER, ApiError, ErrorType, Limits
+from recfound.serving.errors import ApiError, ErrorType
+from recfound.serving.limits import Limits
+from recfound.serving.responses import VERSION_HEADER
 
 log = logging.getLogger("ray.serve")
 

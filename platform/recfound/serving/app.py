@@ -17,10 +17,10 @@ from ray.serve.handle import DeploymentHandle
 
 from recfound.config import Config
 from recfound.serving.index import SearchConfig
+from recfound.serving.limits import Limits
 from recfound.serving.model import MODEL_DEPLOYMENT, Model
 from recfound.serving.proxy import warn_unless_installed
 from recfound.serving.registry import VersionNotFound, latest_version
-from recfound.serving.schemas import Limits
 
 APP_NAME = "recfound"
 REGISTRY_ENV = "RECFOUND_REGISTRY"

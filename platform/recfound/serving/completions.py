@@ -8,19 +8,11 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from recfound.serving.api import versioned, within_timeout
+from recfound.serving.errors import ApiError, ErrorType
 from recfound.serving.inference import Finished, Generated, Inference, Started
-from recfound.serving.schemas import (
-    VERSION_HEADER,
-    ApiError,
-    ChatRequest,
-    CompletionRequest,
-    ErrorType,
-    Limits,
-    completion_id,
-    completion_response,
-    generative_task,
-    stream_chunk,
-)
+from recfound.serving.limits import Limits
+from recfound.serving.responses import VERSION_HEADER, completion_id, completion_response, stream_chunk
+from recfound.serving.schemas import ChatRequest, CompletionRequest, generative_task
 from recfound.serving.streaming import StopScanner, apply_stop, sse
 
 log = logging.getLogger("ray.serve")

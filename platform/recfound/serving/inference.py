@@ -16,21 +16,13 @@ import numpy as np
 from ray import serve
 
 from recfound.serving.batching import Job, embed_grouped, generate_grouped
+from recfound.serving.errors import ApiError, ErrorType
 from recfound.serving.index import ItemIndex, user_text
 from recfound.serving.live import LiveVersion
 from recfound.serving.metrics import ServingMetrics
 from recfound.serving.rank import rank_question
-from recfound.serving.schemas import (
-    MODEL_PREFIX,
-    QUERY_PARAM,
-    ApiError,
-    ErrorType,
-    RankRequest,
-    RecommendedItem,
-    RecommendRequest,
-    RecommendResponse,
-    Scorer,
-)
+from recfound.serving.responses import RecommendedItem, RecommendResponse
+from recfound.serving.schemas import MODEL_PREFIX, QUERY_PARAM, RankRequest, RecommendRequest, Scorer
 
 
 @dataclass(frozen=True)

@@ -25,19 +25,19 @@ from recfound.config import Config
 from recfound.serving.api import HEALTHZ, api, configure, has_token, versioned, within_timeout
 from recfound.serving.auth import TokenSource, require_auth_off_network
 from recfound.serving.completions import complete
+from recfound.serving.errors import ApiError
 from recfound.serving.index import SearchConfig
 from recfound.serving.inference import Embedded, Inference
+from recfound.serving.limits import Limits
 from recfound.serving.live import LiveVersion, load_version, probe
 from recfound.serving.registry import LATEST_ALIAS, latest_version
+from recfound.serving.responses import embedding_response
 from recfound.serving.schemas import (
-    ApiError,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
-    Limits,
     RankRequest,
     RecommendRequest,
-    embedding_response,
     embedding_task,
     model_names,
 )

@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from recfound.serving.schemas import ApiError, ErrorType
+from recfound.serving.errors import ApiError, ErrorType
 
 log = logging.getLogger("ray.serve")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recfound.data.templates import INSTRUCTIONS, LETTERS, NO, YES, alpaca, candidate_text, lettered
-from recfound.serving.schemas import ApiError
+from recfound.serving.errors import ApiError
 
 POINTWISE_RANKER = "candidate_ranking"
 """u2i's generative scorer when the model knows it: one question per candidate, no limit on the list."""

@@ -1,4 +1,6 @@
-"""The model registry: numbered, checksummed, immutable versions of a merged model plus its item index.
+"""The model registry, read side: numbered, checksummed, immutable versions of a merged model plus its item index,
+found, fetched and verified for serving; and the staging folders both sides write through. Publishing a version is
+serving/publish.py's.
 
 Layout at any fsspec URL (local directory, memory://, s3://, ...)::
 
@@ -13,17 +15,9 @@ Layout at any fsspec URL (local directory, memory://, s3://, ...)::
 ``verify`` checks every file against ``checksums.json`` and refuses unlisted ones: ``version.json`` names the
 engine factory serving imports, so it is as tamper-evident as the weights.
 
-A version is visible only once complete. On a local filesystem it is staged under ``versions/.tmp-*``, flushed
-to disk (fsync) and renamed into place (one atomic rename). A publisher holds a lock on its stage folder; the
-next publish removes stage folders older than ``STALE_STAGE_S`` that no live publisher holds (a crash's
-leftovers). Object stores have no directory rename, so there ``version.json`` is uploaded last and is the
-commit marker: readers ignore version folders without it.
-
-Concurrent publishers never share a number: each first claims ``vN`` by creating ``versions/.claims/vN``
-create-if-absent (an exclusive create locally and on memory://; on object stores it needs conditional writes,
-which s3fs and gcsfs map ``xb`` to), retrying with the next number when another publisher holds it. A failed
-publish removes only what it uploaded itself, never a version folder that was there before it began (another
-writer's, where claims are not exclusive); the number stays used, as a crashed publish's does.
+A version is visible only once complete: readers ignore version folders without ``version.json``. A remote version
+is downloaded into a local cache through a locked stage folder (``locked_stage``) and renamed into place, as a
+local publish stages its version; stage folders a killed writer left are removed once older than ``STALE_STAGE_S``.
 """
 
 from __future__ import annotations
@@ -38,18 +32,17 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from recfound.artifacts import MANIFEST, hash_tree, verify_tree
-from recfound.io import fsync, read_json, sha256, write_json
+from recfound.artifacts import MANIFEST, verify_tree
+from recfound.io import read_json
 
 log = logging.getLogger(__name__)
-
 VERSIONS = "versions"
 CLAIMS = ".claims"
 LATEST = "latest.json"
@@ -60,10 +53,7 @@ STALE_STAGE_S = 3600.0
 """A stage folder older than this (seconds) and held by no publisher is a crashed publish's, removed at the next."""
 LATEST_ALIAS = "latest"
 CACHE_ENV = "RECFOUND_CACHE"
-_VERSION_NAME = re.compile(r"^v([1-9][0-9]*)$")
-
-BuildIndex = Callable[[str], None]
-"""Writes the item index into a staged, verified local version directory (``version.json`` already there)."""
+VERSION_NAME = re.compile(r"^v([1-9][0-9]*)$")
 
 
 class RegistryError(RuntimeError):
@@ -80,7 +70,7 @@ class ChecksumError(RegistryError):
 
 def version_number(name: str) -> int:
     """The N of ``vN``; anything else (paths, typos) is rejected before it can touch the filesystem."""
-    match = _VERSION_NAME.match(name)
+    match = VERSION_NAME.match(name)
     if match is None:
         raise VersionNotFound(f"invalid version name {name!r}: expected v1, v2, ... or {LATEST_ALIAS!r}")
     return int(match.group(1))
@@ -89,15 +79,16 @@ def version_number(name: str) -> int:
 def list_versions(registry_url: str) -> list[str]:
     """Complete versions, oldest first."""
     fs, root = url_to_fs(registry_url)
-    return [name for name in _version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{name}/{VERSION_FILE}")]
+    return [name for name in version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{name}/{VERSION_FILE}")]
 
 
 def latest_version(registry_url: str) -> str:
+    """The version ``latest`` points at: what serving loads when no version is named."""
     fs, root = url_to_fs(registry_url)
     pointer = f"{root}/{LATEST}"
     if not fs.exists(pointer):
         raise VersionNotFound(f"registry {registry_url} has no published version yet (no {LATEST})")
-    return str(read_json(_url(fs, pointer))["version"])
+    return str(read_json(fs_url(fs, pointer))["version"])
 
 
 def read_version(version_dir: str) -> dict[str, Any]:
@@ -117,7 +108,7 @@ def verify(version_dir: str) -> None:
     sealed = _sealed_files(root)
     # Before version.json and manifest.json are read below.
     verify_tree(root, sealed, listed_in=CHECKSUMS, error=ChecksumError, unlisted_ok=False, skip={CHECKSUMS})
-    recorded = {**_manifest_files(root), **read_version(version_dir).get("index_files", {})}
+    recorded = {**manifest_files(root), **read_version(version_dir).get("index_files", {})}
     disagree = sorted(rel for rel, digest in recorded.items() if sealed.get(rel) != digest)
     if disagree:
         raise ChecksumError(
@@ -140,62 +131,84 @@ def _sealed_files(root: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in files.items()}
 
 
-def publish(
-    model_dir: str,
-    registry_url: str,
-    build_index_fn: BuildIndex,
-    meta: Mapping[str, Any] | None = None,
-) -> str:
-    """Publish a merged model as the next version vN and point ``latest`` at it; returns ``"vN"``.
+def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
+    """A local directory holding the complete version (``latest`` follows the pointer).
 
-    ``meta`` (e.g. the engine factory and the instructions) goes into ``version.json``. If anything fails (a
-    checksum mismatch, the index build, the upload) the partial version is removed and ``latest`` is untouched.
+    Local registries are read in place; remote ones are downloaded once into ``cache_dir`` (default
+    ``$RECFOUND_CACHE`` or ``~/.cache/recfound/registry``), by temp name + rename so a crash leaves no half copy.
     """
+    name = latest_version(registry_url) if version == LATEST_ALIAS else version
+    version_number(name)
     fs, root = url_to_fs(registry_url)
-    fs.makedirs(f"{root}/{VERSIONS}", exist_ok=True)
-    name = _claim_version(fs, root)
-    info = {**(meta or {}), "version": name, "source": model_dir, "created": time.time()}
+    remote_dir = f"{root}/{VERSIONS}/{name}"
+    if not fs.exists(f"{remote_dir}/{VERSION_FILE}"):
+        known = ", ".join(list_versions(registry_url)) or "none"
+        raise VersionNotFound(f"no version {name} in registry {registry_url} (versions: {known})")
     if isinstance(fs, LocalFileSystem):
-        _publish_local(model_dir, Path(root) / VERSIONS, info, build_index_fn)
-    else:
-        _publish_remote(model_dir, fs, f"{root}/{VERSIONS}/{name}", info, build_index_fn)
-    _advance_latest(fs, root, name)
-    log.info("published %s to %s", name, registry_url)
-    return name
+        return remote_dir
+    base = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "recfound" / "registry")
+    dest = base / hashlib.sha256(registry_url.encode()).hexdigest()[:16] / name
+    if (dest / VERSION_FILE).is_file():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with locked_stage(dest.parent, name) as tmp:
+        try:
+            copy_tree(fs_url(fs, remote_dir), tmp)
+            rename_into_place(tmp, str(dest))
+        except RegistryError:
+            if not (dest / VERSION_FILE).is_file():  # losing the rename to a concurrent download is success
+                raise
+    return str(dest)
 
 
-def _publish_local(model_dir: str, versions: Path, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
-    """Stage inside ``versions`` (one filesystem, so the committing rename is atomic), locked while this publisher
-    works there, and on disk before the rename: after a power cut a committed version has all its bytes."""
-    with _locked_stage(versions, info["version"]) as stage:
-        _stage(model_dir, stage, info, build_index_fn)
-        _fsync_tree(stage)
-        _rename_into_place(stage, str(versions / info["version"]))
-        fsync(versions)
-
-
-def _publish_remote(model_dir: str, fs: Any, final: str, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
-    """Stage in a local temp folder, then upload. A failure removes ``final`` only once this publisher began
-    uploading into it; a ``final`` that exists before then is another writer's and is neither touched nor
-    overwritten (claims are exclusive only where the store honours create-if-absent)."""
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{info['version']}-"))
-    began = False
+def resolve_verified(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
+    """``resolve`` then ``verify``; a cached copy of a remote version that fails (a disk error, a torn copy by
+    an older release) is dropped and fetched again once, instead of being refused forever."""
+    path = resolve(registry_url, version, cache_dir)
     try:
-        _stage(model_dir, stage, info, build_index_fn)
-        if fs.exists(final):
-            raise RegistryError(f"{_url(fs, final)} exists already (published concurrently?); left as it is")
-        began = True
-        _upload(stage, fs, final)
-    except BaseException:
-        if began and fs.exists(final):
-            fs.rm(final, recursive=True)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        verify(path)
+    except ChecksumError as err:
+        fs, root = url_to_fs(registry_url)
+        if isinstance(fs, LocalFileSystem):
+            raise  # the registry itself is damaged: nothing to fetch again
+        log.warning("cached copy fails verification, fetching it again: %s", err)
+        shutil.rmtree(path, ignore_errors=True)
+        path = resolve(registry_url, version, cache_dir)
+        verify(path)
+    return path
+
+
+def fs_url(fs: Any, path: str) -> str:
+    """``path`` of ``fs`` as a full URL again (``url_to_fs`` strips the protocol), for the io helpers and messages."""
+    return fs.unstrip_protocol(path)
+
+
+def version_dirs(fs: Any, root: str) -> list[str]:
+    """Every vN folder, complete or not, by number: numbering must skip partial ones a crash left behind."""
+    if not fs.exists(f"{root}/{VERSIONS}"):
+        return []
+    names = entry_names(fs, f"{root}/{VERSIONS}")
+    return sorted((n for n in names if VERSION_NAME.match(n)), key=version_number)
+
+
+def entry_names(fs: Any, folder: str) -> list[str]:
+    """The names directly in ``folder``: object stores list full keys, some with a trailing slash."""
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+
+
+def manifest_files(root: Path) -> dict[str, str]:
+    """The merge job's record of the artifact's files, refused when absent or empty: nothing unrecorded is served."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ChecksumError(f"{root}: no {MANIFEST}; the merge job writes it with the SHA-256 of every file")
+    files = json.loads(path.read_text()).get("files")
+    if not isinstance(files, dict) or not files:
+        raise ChecksumError(f"{path}: expected a non-empty 'files' mapping of relative path to SHA-256")
+    return {str(k): str(v) for k, v in files.items()}
 
 
 @contextlib.contextmanager
-def _locked_stage(parent: Path, version: str) -> Iterator[Path]:
+def locked_stage(parent: Path, version: str) -> Iterator[Path]:
     """A fresh temp folder in ``parent`` for ``version``, locked while its writer (a publisher or a downloading
     replica) works in it and removed afterwards. Folders that writers killed mid-way left behind are removed
     first (``_remove_stale_stages``): a SIGKILL runs no cleanup."""
@@ -241,125 +254,7 @@ def _remove_stale_stages(parent: Path) -> None:
             os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Every file and folder under ``root``, deepest first and ``root`` last, flushed to disk."""
-    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [root]:
-        fsync(path)
-
-
-def _claim_version(fs: Any, root: str) -> str:
-    """Reserve the next free ``vN`` with a create-if-absent marker, so two publishers never both write it."""
-    claims = f"{root}/{VERSIONS}/{CLAIMS}"
-    fs.makedirs(claims, exist_ok=True)
-    while True:
-        taken = _version_dirs(fs, root) + [n for n in _names(fs, claims) if _VERSION_NAME.match(n)]
-        name = f"v{max(map(version_number, taken), default=0) + 1}"
-        try:
-            with fs.open(f"{claims}/{name}", "xb") as handle:
-                handle.write(json.dumps({"pid": os.getpid(), "claimed": time.time()}).encode())
-        except FileExistsError:
-            continue  # another publisher took it between our listing and our create
-        return name
-
-
-def _names(fs: Any, folder: str) -> list[str]:
-    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
-
-
-def _stage(model_dir: str, stage: Path, info: dict[str, Any], build_index_fn: BuildIndex) -> None:
-    """Copy and verify the artifact into ``stage``, build the index there, and record everything's checksum."""
-    _copy_tree(model_dir, stage)
-    manifest = _manifest_files(stage)
-    for reserved in (VERSION_FILE, CHECKSUMS):
-        if reserved in manifest:
-            raise RegistryError(f"{model_dir}: {reserved} is reserved for the registry's own record")
-    try:
-        verify_tree(stage, manifest, listed_in=MANIFEST, error=ChecksumError, unlisted_ok=False, skip={MANIFEST})
-    except ChecksumError as err:  # name the artifact the user gave, not the temporary copy
-        raise ChecksumError(str(err).replace(str(stage), model_dir)) from None
-    (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-    build_index_fn(str(stage))
-    info["index_files"] = hash_tree(stage, skip={*manifest, MANIFEST, VERSION_FILE})
-    (stage / VERSION_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-    # Everything else was checked or hashed above: only the two records need hashing now.
-    sealed = {**manifest, **info["index_files"], **{f: sha256(str(stage / f)) for f in (MANIFEST, VERSION_FILE)}}
-    (stage / CHECKSUMS).write_text(json.dumps({"files": sealed}, indent=2, sort_keys=True))
-
-
-def resolve(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
-    """A local directory holding the complete version (``latest`` follows the pointer).
-
-    Local registries are read in place; remote ones are downloaded once into ``cache_dir`` (default
-    ``$RECFOUND_CACHE`` or ``~/.cache/recfound/registry``), by temp name + rename so a crash leaves no half copy.
-    """
-    name = latest_version(registry_url) if version == LATEST_ALIAS else version
-    version_number(name)
-    fs, root = url_to_fs(registry_url)
-    remote_dir = f"{root}/{VERSIONS}/{name}"
-    if not fs.exists(f"{remote_dir}/{VERSION_FILE}"):
-        known = ", ".join(list_versions(registry_url)) or "none"
-        raise VersionNotFound(f"no version {name} in registry {registry_url} (versions: {known})")
-    if isinstance(fs, LocalFileSystem):
-        return remote_dir
-    base = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "recfound" / "registry")
-    dest = base / hashlib.sha256(registry_url.encode()).hexdigest()[:16] / name
-    if (dest / VERSION_FILE).is_file():
-        return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _locked_stage(dest.parent, name) as tmp:
-        try:
-            _copy_tree(_url(fs, remote_dir), tmp)
-            _rename_into_place(tmp, str(dest))
-        except RegistryError:
-            if not (dest / VERSION_FILE).is_file():  # losing the rename to a concurrent download is success
-                raise
-    return str(dest)
-
-
-def resolve_verified(registry_url: str, version: str = LATEST_ALIAS, cache_dir: str | None = None) -> str:
-    """``resolve`` then ``verify``; a cached copy of a remote version that fails (a disk error, a torn copy by
-    an older release) is dropped and fetched again once, instead of being refused forever."""
-    path = resolve(registry_url, version, cache_dir)
-    try:
-        verify(path)
-    except ChecksumError as err:
-        fs, root = url_to_fs(registry_url)
-        if isinstance(fs, LocalFileSystem):
-            raise  # the registry itself is damaged: nothing to fetch again
-        log.warning("cached copy fails verification, fetching it again: %s", err)
-        shutil.rmtree(path, ignore_errors=True)
-        path = resolve(registry_url, version, cache_dir)
-        verify(path)
-    return path
-
-
-def _url(fs: Any, path: str) -> str:
-    return fs.unstrip_protocol(path)
-
-
-def _version_dirs(fs: Any, root: str) -> list[str]:
-    """Every vN folder, complete or not, by number: numbering must skip partial ones a crash left behind."""
-    if not fs.exists(f"{root}/{VERSIONS}"):
-        return []
-    names = _names(fs, f"{root}/{VERSIONS}")
-    return sorted((n for n in names if _VERSION_NAME.match(n)), key=version_number)
-
-
-def _manifest_files(root: Path) -> dict[str, str]:
-    path = root / MANIFEST
-    if not path.is_file():
-        raise ChecksumError(f"{root}: no {MANIFEST}; the merge job writes it with the SHA-256 of every file")
-    files = json.loads(path.read_text()).get("files")
-    if not isinstance(files, dict) or not files:
-        raise ChecksumError(f"{path}: expected a non-empty 'files' mapping of relative path to SHA-256")
-    return {str(k): str(v) for k, v in files.items()}
-
-
-def _relpaths(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-def _copy_tree(src_url: str, dest: Path) -> None:
+def copy_tree(src_url: str, dest: Path) -> None:
     """Copy every file under ``src_url`` (any fsspec URL) into the local directory ``dest``, file by file."""
     fs, src = url_to_fs(src_url)
     src = src.rstrip("/")
@@ -382,33 +277,9 @@ def _inside(src_url: str, src: str, path: str) -> str:
     return rel
 
 
-def _rename_into_place(stage: Path, final: str) -> None:
+def rename_into_place(stage: Path, final: str) -> None:
+    """Commit a complete stage folder with one atomic rename; losing it to another writer is a ``RegistryError``."""
     try:
         os.rename(stage, final)
     except OSError as err:
         raise RegistryError(f"cannot move {stage} to {final} (published concurrently?): {err}") from err
-
-
-def _upload(stage: Path, fs: Any, final: str) -> None:
-    """Upload with ``version.json`` last: on object stores it is the commit marker readers look for."""
-    for rel in _relpaths(stage):
-        if rel != VERSION_FILE:
-            fs.makedirs(f"{final}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(stage / rel), f"{final}/{rel}")
-    fs.put_file(str(stage / VERSION_FILE), f"{final}/{VERSION_FILE}")
-
-
-def _advance_latest(fs: Any, root: str, name: str) -> None:
-    """Point ``latest`` at the newest complete version, checking again after each write: a concurrent publisher
-    of an older number may have overwritten a newer pointer between its check and its write. The last check
-    of all publishers comes after every write and every commit, so it leaves the newest version in place."""
-    pointer = f"{root}/{LATEST}"
-    while True:
-        newest = max(
-            (n for n in _version_dirs(fs, root) if fs.exists(f"{root}/{VERSIONS}/{n}/{VERSION_FILE}")),
-            key=version_number,
-            default=name,
-        )
-        if fs.exists(pointer) and version_number(read_json(_url(fs, pointer))["version"]) >= version_number(newest):
-            return
-        write_json(_url(fs, pointer), {"version": newest, "updated": time.time()})

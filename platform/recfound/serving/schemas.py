@@ -1,107 +1,35 @@
-"""Wire formats: OpenAI-compatible requests and responses, /v1/recommend, and the OpenAI error schema.
+"""Request wire formats: OpenAI-compatible embeddings, completions and chat requests, /v1/recommend and /v1/rank,
+and the model names that choose the task.
 
 Model names choose the task (``recfound-q2i`` embeds queries, ``recfound-item_profile`` generates item
 profiles), so unmodified OpenAI clients reach every task. OpenAI request fields serving does not use are
 ignored, as OpenAI-compatible servers do; /v1/recommend is ours, so it is strict about unknown keys and types.
+Each request checks itself against the ``Limits`` (serving/limits.py) before it costs model time; the answers'
+formats are serving/responses.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import time
-import uuid
 from enum import Enum
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from recfound.config import Config
+from recfound.serving.errors import ApiError
+from recfound.serving.limits import Limits, check_chars
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS
 
 MODEL_PREFIX = "recfound-"
 GENERIC_MODEL = "recfound-gen"
 GENERIC_TASK = "answer_generation"
 """Task behind ``recfound-gen``: free-form answers, the most general of the generative tasks."""
-VERSION_HEADER = "x-recfound-version"
 QUERY_PARAM = {"u2i": "history", "q2i": "query", "i2i": "item_id"}
 """The /v1/recommend field that carries each task's query side."""
 EncodingFormat = Literal["float", "base64"]
 
 
-class ErrorType(str, Enum):
-    INVALID_REQUEST = "invalid_request_error"
-    AUTHENTICATION = "authentication_error"
-    NOT_FOUND = "not_found_error"
-    SERVER = "server_error"
-    UNAVAILABLE = "service_unavailable"
-
-
-class ApiError(Exception):
-    """A request the API refuses: rendered as ``{"error": {message, type, param, code}}`` with ``status``.
-
-    Pickled whole, so a DeploymentHandle call to a replica (``roll_out``'s) re-raises it as this class.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        error_type: ErrorType = ErrorType.INVALID_REQUEST,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (ApiError, (self.status, self.message, self.param, self.code, self.error_type))
-
-    def body(self) -> dict[str, Any]:
-        error = {"message": self.message, "type": self.error_type.value, "param": self.param, "code": self.code}
-        return {"error": error}
-
-
-class Limits(Config):
-    """Per-request bounds: a request over one is refused (413 for the body, 400 naming the cap otherwise) before it
-    costs model time, and one that runs too long is answered 504."""
-
-    max_body_bytes: int = Field(8 * 2**20, ge=1024)
-    """Largest request body; a bigger one is refused with 413 before it is read (by its Content-Length) or as soon
-    as the bytes read pass the cap (chunked uploads)."""
-    max_chars: int = Field(32_768, ge=1)
-    """Most characters in one input text, prompt, query, chat message, stop string or guided choice: bounds the
-    tokenisation work a request causes before its token count can be checked against the context."""
-    max_messages: int = Field(32, ge=1)
-    """Most messages in one chat request."""
-    max_stops: int = Field(4, ge=0)
-    """Most stop strings in one completion request (OpenAI's limit)."""
-    request_timeout_s: float = Field(300.0, gt=0.0)
-    """A request the model has not answered within this many seconds gets a 504 and is cancelled."""
-
-    max_inputs: int = Field(256, ge=1)
-    """Most texts in one /v1/embeddings request or prompts in one /v1/completions request."""
-    max_tokens: int = Field(512, ge=1)
-    """Most completion tokens one request may ask for."""
-    max_k: int = Field(100, ge=1)
-    """Most items /v1/recommend returns."""
-    max_history: int = Field(200, ge=1)
-    """Most item ids in a /v1/recommend or /v1/rank history (only the last `max_history` of the dataset are
-    rendered)."""
-    max_candidates: int = Field(1000, ge=1)
-    """Most candidates one /v1/rank request orders."""
-
-
-def check_chars(texts: list[str], limits: Limits, param: str) -> None:
-    """Refuse any text longer than ``max_chars`` (named by its position) before it is tokenised."""
-    for i, text in enumerate(texts):
-        if len(text) > limits.max_chars:
-            raise ApiError(
-                400, f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars}", param, "string_too_long"
-            )
-
-
 def embedding_task(model: str) -> str:
+    """The embedding task ``model`` names; any other name is OpenAI's 404 model_not_found, listing the valid ones."""
     task = model.removeprefix(MODEL_PREFIX)
     if not model.startswith(MODEL_PREFIX) or task not in EMBEDDING_TASKS:
         names = ", ".join(MODEL_PREFIX + t for t in EMBEDDING_TASKS)
@@ -110,6 +38,7 @@ def embedding_task(model: str) -> str:
 
 
 def generative_task(model: str) -> str:
+    """The generative task ``model`` names (``recfound-gen``: free-form answers); any other name is OpenAI's 404."""
     if model == GENERIC_MODEL:
         return GENERIC_TASK
     task = model.removeprefix(MODEL_PREFIX)
@@ -129,6 +58,7 @@ GENERATIVE_MODELS = [GENERIC_MODEL] + [MODEL_PREFIX + t for t in GENERATIVE_TASK
 
 
 def model_names() -> list[str]:
+    """Every model name a client may send: what /v1/models lists."""
     return EMBEDDING_MODELS + GENERATIVE_MODELS
 
 
@@ -339,90 +269,3 @@ class RankRequest(_ItemQuery):
             raise ApiError(
                 400, "scorer=generative ranks u2i and q2i; use scorer=embedding for i2i", "scorer", "unsupported_value"
             )
-
-
-class RecommendedItem(BaseModel):
-    item_id: str
-    title: str
-    score: float
-
-
-class RecommendResponse(BaseModel):
-    task: str
-    version: str
-    items: list[RecommendedItem]
-
-
-def embedding_response(
-    model: str, version: str, vectors: np.ndarray, tokens: int, fmt: EncodingFormat
-) -> dict[str, Any]:
-    """``base64`` is little-endian float32 bytes: the openai client asks for it by default and decodes it."""
-
-    def encode(v: np.ndarray) -> list[float] | str:
-        return base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
-
-    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return {"object": "list", "data": data, "model": model, "usage": usage, "version": version}
-
-
-def completion_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-
-
-def completion_response(
-    model: str,
-    version: str,
-    texts: list[str],
-    finish: list[str],
-    prompt_tokens: int,
-    completion_tokens: int,
-    chat: bool,
-) -> dict[str, Any]:
-    if chat:
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
-            for i, (t, f) in enumerate(zip(texts, finish, strict=True))
-        ]
-    else:
-        choices = [
-            {"index": i, "text": t, "finish_reason": f, "logprobs": None}
-            for i, (t, f) in enumerate(zip(texts, finish, strict=True))
-        ]
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    return {
-        "id": completion_id(chat),
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-        "system_fingerprint": version,
-        "version": version,
-    }
-
-
-def stream_chunk(
-    cid: str, model: str, version: str, index: int, piece: str | None, finish: str | None, chat: bool
-) -> dict[str, Any]:
-    """One OpenAI streaming chunk; for chat, ``piece=None`` opens the message with the assistant role."""
-    if chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if piece is None else {}
-        if piece:
-            delta["content"] = piece
-        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-    else:
-        choice = {"index": index, "text": piece or "", "finish_reason": finish, "logprobs": None}
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "system_fingerprint": version,
-        "version": version,
-    }
