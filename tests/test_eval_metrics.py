@@ -31,9 +31,10 @@ from recfound.eval.metrics import (
 )
 from recfound.eval.protocols import (
     DenseScorer,
-    full_catalogue_eval,
+    averaged,
+    full_catalogue_values,
     merge_duplicate_queries,
-    pool_eval,
+    pool_values,
     sample_pools,
     task_candidates,
     training_exclusions,
@@ -279,7 +280,7 @@ def _one_hot(sign: float = 1.0) -> DenseScorer:
 
 def _pool(scorer: DenseScorer, task: str, **kw: object) -> dict[str, float]:
     cats = [ITEM_CATS[t] for t in TARGETS]
-    return pool_eval(scorer, ITEM_IDS, [ITEM_IDS[t] for t in TARGETS], cats, ITEM_CATS, task, **kw)
+    return averaged(pool_values(scorer, ITEM_IDS, [ITEM_IDS[t] for t in TARGETS], cats, ITEM_CATS, task, **kw))
 
 
 def test_pool_perfect_and_reversed_embeddings() -> None:
@@ -295,12 +296,16 @@ def test_pool_perfect_and_reversed_embeddings() -> None:
 def test_merged_i2i_query_pools_all_its_positives() -> None:
     items = np.eye(N_ITEMS, dtype=np.float32)
     both = [["i0", "i2"]]
-    assert pool_eval(DenseScorer(items[[0]] + items[[2]], items), ITEM_IDS, both, ["even"], ITEM_CATS, "i2i") == {
+    perfect = averaged(
+        pool_values(DenseScorer(items[[0]] + items[[2]], items), ITEM_IDS, both, ["even"], ITEM_CATS, "i2i")
+    )
+    assert perfect == {
         "ndcg@20": 1.0,
         "queries": 1,
     }
     # both positives at -1 below 5 negatives: ranks 6, 7; DCG = 1/log2(7) + 1/log2(8), IDCG = 1 + 1/log2(3)
-    reversed_ = pool_eval(DenseScorer(-items[[0]] - items[[2]], items), ITEM_IDS, both, ["even"], ITEM_CATS, "i2i")
+    scorer = DenseScorer(-items[[0]] - items[[2]], items)
+    reversed_ = averaged(pool_values(scorer, ITEM_IDS, both, ["even"], ITEM_CATS, "i2i"))
     expected = (1 / math.log2(7) + 1 / 3) / (1 + 1 / math.log2(3))
     assert reversed_["ndcg@20"] == pytest.approx(expected)
 
@@ -346,9 +351,9 @@ def test_candidates_restrict_negatives() -> None:
 
 def test_full_catalogue_perfect_and_reversed() -> None:
     positives = [ITEM_IDS[t] for t in TARGETS]
-    perfect = full_catalogue_eval(_one_hot(), ITEM_IDS, positives)
+    perfect = averaged(full_catalogue_values(_one_hot(), ITEM_IDS, positives))
     assert perfect == {"recall@10": 1.0, "recall@50": 1.0, "ndcg@10": 1.0, "mrr": 1.0, "queries": 4}
-    reversed_ = full_catalogue_eval(_one_hot(-1.0), ITEM_IDS, positives, chunk=3)
+    reversed_ = averaged(full_catalogue_values(_one_hot(-1.0), ITEM_IDS, positives, chunk=3))
     assert reversed_["recall@50"] == 1.0 and reversed_["recall@10"] == 0.0  # rank 40 of 40
     assert reversed_["mrr"] == pytest.approx(1 / 40)
 
@@ -356,9 +361,9 @@ def test_full_catalogue_perfect_and_reversed() -> None:
 def test_exclusions_change_the_ranking_but_never_hide_the_target() -> None:
     scorer = DenseScorer(np.array([[1.0]]), np.array([[0.9], [0.8], [0.7], [0.1]]), cosine=False)
     ids = ["a", "b", "c", "d"]
-    assert full_catalogue_eval(scorer, ids, ["c"])["mrr"] == pytest.approx(1 / 3)
-    assert full_catalogue_eval(scorer, ids, ["c"], [{"a", "b", "zzz"}])["mrr"] == 1.0
-    assert full_catalogue_eval(scorer, ids, ["c"], [{"c", "a"}])["mrr"] == pytest.approx(1 / 2)
+    assert averaged(full_catalogue_values(scorer, ids, ["c"]))["mrr"] == pytest.approx(1 / 3)
+    assert averaged(full_catalogue_values(scorer, ids, ["c"], [{"a", "b", "zzz"}]))["mrr"] == 1.0
+    assert averaged(full_catalogue_values(scorer, ids, ["c"], [{"c", "a"}]))["mrr"] == pytest.approx(1 / 2)
 
 
 def test_training_exclusions_and_merged_queries() -> None:

@@ -153,24 +153,6 @@ def averaged(values: PerQuery) -> dict[str, float]:
     return {name: mean_defined(v) for name, v in values.items()} | {"queries": sizes.pop() if sizes else 0}
 
 
-def pool_eval(
-    scorer: Scorer,
-    item_ids: Sequence[str],
-    positives: Positives,
-    query_categories: Sequence[object],
-    item_categories: Sequence[object],
-    task: str,
-    *,
-    seed: int = 42,
-    candidates: np.ndarray | None = None,
-    chunk: int = 256,
-) -> dict[str, float]:
-    """The paper's protocol for ``task`` (``POOL_PROTOCOLS``): {"mrr@20" or "ndcg@20": mean, "queries": n}."""
-    categories = (query_categories, item_categories)
-    values = pool_values(scorer, item_ids, positives, *categories, task, seed=seed, candidates=candidates, chunk=chunk)
-    return averaged(values)
-
-
 def pool_values(
     scorer: Scorer,
     item_ids: Sequence[str],
@@ -183,7 +165,8 @@ def pool_values(
     candidates: np.ndarray | None = None,
     chunk: int = 256,
 ) -> PerQuery:
-    """``pool_eval``'s metric per query."""
+    """The paper's protocol for ``task`` (``POOL_PROTOCOLS``): {"mrr@20" or "ndcg@20": value per query}
+    (``averaged`` gives the means)."""
     protocol = POOL_PROTOCOLS[task]
     items, relevant = sample_pools(
         positives, query_categories, item_ids, item_categories, protocol.n_negatives, seed, candidates
@@ -203,22 +186,6 @@ def pool_scores(scorer: Scorer, items: np.ndarray, chunk: int = 256) -> np.ndarr
     return np.concatenate(parts)
 
 
-def full_catalogue_eval(
-    scorer: Scorer,
-    item_ids: Sequence[str],
-    positives: Positives,
-    exclude: Sequence[Collection[str]] | None = None,
-    *,
-    chunk: int = 128,
-) -> dict[str, float]:
-    """Rank every item: Recall@10, Recall@50, NDCG@10 and uncut MRR, averaged over queries.
-
-    ``exclude[q]`` holds item ids removed from query q's ranking (its training items); a query's own positives
-    are never removed, and ids outside ``item_ids`` are ignored. ``chunk`` bounds memory at chunk x n_items.
-    """
-    return averaged(full_catalogue_values(scorer, item_ids, positives, exclude, chunk=chunk))
-
-
 def full_catalogue_values(
     scorer: Scorer,
     item_ids: Sequence[str],
@@ -227,7 +194,11 @@ def full_catalogue_values(
     *,
     chunk: int = 128,
 ) -> PerQuery:
-    """``full_catalogue_eval``'s metrics per query."""
+    """Rank every item: Recall@10, Recall@50, NDCG@10 and uncut MRR per query (``averaged`` gives the means).
+
+    ``exclude[q]`` holds item ids removed from query q's ranking (its training items); a query's own positives
+    are never removed, and ids outside ``item_ids`` are ignored. ``chunk`` bounds memory at chunk x n_items.
+    """
     index = {item: i for i, item in enumerate(item_ids)}
     pos = _positive_indices(positives, item_ids)
     results: dict[str, list[np.ndarray]] = {"recall@10": [], "recall@50": [], "ndcg@10": [], "mrr": []}

@@ -8,7 +8,7 @@ task split; the scorer's query rows are the split's rows in order and its items 
         for task in sorted(baseline.tasks):
             rows = test_rows[task]
             scorer = baseline.scorer(task, rows)
-            pool_eval(scorer, items["item_id"], rows["pos_item"], rows["category"], items["category"], task)
+            averaged(pool_values(scorer, items["item_id"], rows["pos_item"], rows["category"], items["category"], task))
 """
 
 from __future__ import annotations
