@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from recfound.bench import adapter, data, early_exit, export, quality, search, serve, serve_load, train  # noqa: E402
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
+from recfound.config import Config  # noqa: E402
 
 SUBCOMMANDS = {
     "adapter": (adapter.AdapterBench, adapter.run),
@@ -59,7 +60,8 @@ def _flags(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> tuple[str, Config, str | None]:
+    """The subcommand, its validated config and the report path asked for (None: the default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _) in SUBCOMMANDS.items():
@@ -68,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(sub, cls)
         if "out" not in cls.model_fields:
             sub.add_argument("--out", help=f"JSON report path (default: runs/bench/<report>.json, e.g. {name}.json)")
-    args = parser.parse_args(_flags(list(sys.argv[1:] if argv is None else argv)))
-    cls, run = SUBCOMMANDS[args.command]
-    bench = config_from(cls, args)
-    report = run(bench)
+    args = parser.parse_args(_flags(argv))
+    bench = config_from(SUBCOMMANDS[args.command][0], args)
+    out = Path(bench.out) / f"{args.command}.json" if "out" in type(bench).model_fields else args.out
+    return args.command, bench, out and str(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, bench, out = parse(list(sys.argv[1:] if argv is None else argv))
+    report = SUBCOMMANDS[command][1](bench)
     print(report.render())
-    out = Path(bench.out) / f"{args.command}.json" if "out" in cls.model_fields else args.out
     out = out or f"runs/bench/{report.benchmark}.json"
     print(f"\nwrote {report.write(out)}")
     return 0

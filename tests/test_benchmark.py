@@ -53,6 +53,13 @@ def test_help_lists_every_option(benchmark: ModuleType, capsys: pytest.CaptureFi
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("form", [["seeds=[0,1]"], ["seeds=0,1"], ["--seeds", "0", "1"], ["seeds=0", "seeds=1"]])
+def test_list_options_take_every_command_line_form(benchmark: ModuleType, form: list[str]) -> None:
+    """A list key written as YAML (``[0,1]``, the form train overrides take), comma-joined or repeated."""
+    command, bench, _ = benchmark.parse(["quality", "data=d", "out=o", *form])
+    assert command == "quality" and bench.seeds == [0, 1]
+
+
 def test_adapter(benchmark: ModuleType, tmp_path: Path) -> None:
     report = _run(
         benchmark,

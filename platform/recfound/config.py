@@ -34,11 +34,13 @@ class Config(BaseModel):
 
 
 def comma_list(value: Any) -> Any:
-    """A list key as the command line gives it: ``a,b`` (or ``--key a,b --key c``) -> ``[a, b, c]``, parts stripped
-    and empty ones dropped. Anything else (a YAML list of numbers, None) passes on to the field's own validation."""
+    """A list key as the command line gives it: ``a,b``, ``[a,b]`` (YAML's flow form, as overrides take) or
+    ``--key a,b --key c`` -> ``[a, b, c]``, parts stripped and empty ones dropped. Anything else (a YAML list of
+    numbers, None) passes on to the field's own validation."""
     parts = [value] if isinstance(value, str) else value
     if isinstance(parts, list) and all(isinstance(v, str) for v in parts):
-        return [v.strip() for part in parts for v in part.split(",") if v.strip()]
+        flat = (part.strip()[1:-1] if part.strip()[:1] + part.strip()[-1:] == "[]" else part for part in parts)
+        return [v.strip() for part in flat for v in part.split(",") if v.strip()]
     return value
 
 
