@@ -2,9 +2,10 @@
 
 Every node is a `ray start --block` process with its own temp dir and its own ports, so a cluster started here
 never collides with, and is never stopped together with, another session's cluster; nothing here runs a
-machine-wide `ray stop`. Each `ray start` runs under a small keeper process (KEEPER below) that is a child
-subreaper: every process the node spawns (GCS, raylet, agents, workers, the job driver, fake autoscaled nodes)
-stays its descendant even after its own parent dies, so "the node's processes" are exactly the keeper's
+machine-wide `ray stop`. Each `ray start` runs under a small keeper process (KEEPER, in cluster_processes.py with
+the rest of the process plumbing; the dashboard's REST API is in cluster_dashboard.py) that is a child subreaper:
+every process the node spawns (GCS, raylet, agents, workers, the job driver, fake autoscaled nodes) stays its
+descendant even after its own parent dies, so "the node's processes" are exactly the keeper's
 descendants, found by walking /proc parent links (environment markers and command lines do not work: Ray's
 setproctitle overwrites both). Killing a node SIGKILLs those descendants; teardown does the same for every node
 and removes the temp dirs. The keeper gets SIGTERM from the kernel when the test process dies, and then kills its
@@ -26,163 +27,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+
+from cluster_dashboard import ClusterDashboard
+from cluster_processes import BIN, HOST, KEEPER, RAY, SITECUSTOMIZE, Node, free_port, kill_tree, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: `ray` and the `python` the job entrypoint runs
-RAY = str(BIN / "ray")
-HOST = "127.0.0.1"
-
-SITECUSTOMIZE = '''\
-# Written by tests/cluster_utils.py for a test cluster: hide the editable install of recfound, log its imports.
-import json as _json
-import os as _os
-import sys as _sys
-
-_hidden = {_os.path.realpath(p) for p in _os.environ.get("RF_HIDE_PATHS", "").split(_os.pathsep) if p}
-_sys.path[:] = [p for p in _sys.path if not (p and _os.path.realpath(p) in _hidden)]
-
-
-class _RecfoundImportLog:
-    """Finds `recfound` exactly as the path finder would, and appends where it was found to RF_IMPORT_LOG."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "recfound":
-            return None
-        from importlib.machinery import PathFinder
-
-        spec = PathFinder.find_spec(name, path)
-        record = {"pid": _os.getpid(), "node": _os.environ.get("RF_NODE"), "argv": _sys.argv[:1],
-                  "origin": spec.origin if spec is not None else None}
-        with open(_os.environ["RF_IMPORT_LOG"], "a") as log:
-            log.write(_json.dumps(record) + "\\n")
-        return spec
-
-
-if _os.environ.get("RF_IMPORT_LOG"):
-    _sys.meta_path.insert(0, _RecfoundImportLog())
-'''
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it, so it is rarely reused soon)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-KEEPER = """\
-import ctypes, os, shutil, signal, subprocess, sys, time
-
-libc = ctypes.CDLL("libc.so.6", use_errno=True)
-libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the node's processes are re-parented to this keeper
-libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the test process dies
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)  # the test process died before the line above took effect
-temp_dir = sys.argv[2]
-
-
-def descendants(root):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def stop(*_):
-    for _ in range(100):
-        pids = descendants(os.getpid())
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        time.sleep(0.1)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    os._exit(0)
-
-
-signal.signal(signal.SIGTERM, stop)
-subprocess.Popen(sys.argv[3:])
-while True:  # reap the node's processes (and adopted orphans) until told to stop
-    try:
-        os.waitpid(-1, 0)
-    except ChildProcessError:
-        time.sleep(0.5)
-"""
-
-
-def descendants(root: int) -> list[int]:
-    """Live (non-zombie) descendants of process `root`, found through /proc/<pid>/stat parent links."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_tree(root: int, timeout: float = 20.0) -> None:
-    """SIGKILL every descendant of `root` (not root itself) until none is left; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while pids := descendants(root):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes under {root} still alive after {timeout}s: {pids}")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-    """Poll predicate until it returns something truthy; fail with `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def copy_project(dest: Path) -> Path:
@@ -194,22 +48,7 @@ def copy_project(dest: Path) -> Path:
 
 
 @dataclass
-class Node:
-    name: str
-    proc: subprocess.Popen
-    temp_dir: Path
-    log: Path
-    node_id: str | None = None
-    started: float = field(default_factory=time.monotonic)
-
-    def check_running(self) -> None:
-        """Fail fast (with its log) if this node's `ray start` has exited."""
-        if self.proc.poll() is not None or (time.monotonic() - self.started > 5 and not descendants(self.proc.pid)):
-            raise RuntimeError(f"`ray start` for node {self.name} exited:\n{tail(self.log)}")
-
-
-@dataclass
-class LocalCluster:
+class LocalCluster(ClusterDashboard):
     """A head node plus worker nodes, each a `ray start --block` process with fresh ports, reached at 127.0.0.1.
 
     Ray itself advertises this machine's own IP for every node (`ray start` rewrites --node-ip-address=127.0.0.1,
@@ -467,87 +306,6 @@ class LocalCluster:
                 time.sleep(0.5)
         if errors:
             raise RuntimeError(f"test cluster teardown: {errors}")
-
-    # -- the dashboard's REST API (state, jobs) -------------------------------------------------------------------
-    def _get(self, path: str, timeout: float = 10) -> Any:
-        request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-
-    def _dashboard_up(self) -> bool:
-        self.nodes["head"].check_running()
-        try:
-            self._get("/api/version", timeout=2)
-            return True
-        except OSError:
-            return False
-
-    def _state(self, resource: str, filters: list[tuple[str, str, str]] = (), detail: bool = False) -> list[dict]:
-        query = [("limit", "1000"), ("detail", str(detail).lower())]
-        for key, predicate, value in filters:
-            query += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
-        body = self._get(f"/api/v0/{resource}?{urllib.parse.urlencode(query)}")
-        return body["data"]["result"]["result"]
-
-    def nodes_state(self) -> list[dict]:
-        try:
-            return self._state("nodes", detail=True)
-        except OSError:
-            return []
-
-    def alive_nodes(self) -> list[dict]:
-        return [n for n in self.nodes_state() if n["state"] == "ALIVE"]
-
-    def actors(self, class_name: str) -> list[dict]:
-        return self._state("actors", [("class_name", "=", class_name)], detail=True)
-
-    # -- jobs ---------------------------------------------------------------------------------------------------
-    def submit(self, submission_id: str, working_dir: Path, entrypoint: list[str], timeout: float = 60) -> None:
-        cmd = [
-            RAY,
-            "job",
-            "submit",
-            f"--address={self.dashboard_url}",
-            f"--submission-id={submission_id}",
-            f"--working-dir={working_dir}",
-            "--no-wait",
-            "--",
-            *entrypoint,
-        ]
-        done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"ray job submit failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        self.note(f"job {submission_id} submitted")
-
-    def job(self, submission_id: str) -> dict:
-        return self._get(f"/api/jobs/{submission_id}")
-
-    def job_logs(self, submission_id: str) -> str:
-        return self._get(f"/api/jobs/{submission_id}/logs")["logs"]
-
-    def wait_job(self, submission_id: str, timeout: float) -> dict:
-        def finished() -> dict | None:
-            info = self.job(submission_id)
-            return info if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else None
-
-        try:
-            info = wait_for(f"job {submission_id}", finished, timeout, interval=2)
-            self.note(f"job {submission_id} {info['status']}")
-            return info
-        except TimeoutError as err:
-            raise TimeoutError(f"{err}\n--- job log tail ---\n{self.job_logs(submission_id)[-6000:]}") from None
-
-    def imports(self) -> list[dict]:
-        if not self.import_log.exists():
-            return []
-        return [json.loads(line) for line in self.import_log.read_text().splitlines() if line]
-
-
-def tail(path: Path, chars: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 @contextlib.contextmanager

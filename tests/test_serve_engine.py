@@ -1,4 +1,5 @@
-"""Serving building blocks without Ray: the test engine, the item index (exact and IVF), the GRM engine, auth.
+"""Serving building blocks without Ray: the test engine, the item index (exact and IVF), the GRM engine. (Auth is
+in test_serve_auth.py, the Model replica run in process in test_serve_engine_replica.py.)
 
 Also home of ``FakeEngine`` and the tiny artifact/catalogue writers the other serving tests publish with: the
 fake is named in a version's ``version.json`` as ``test_serve_engine:FakeEngine``, so Serve replicas import it
@@ -20,21 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from recfound.artifacts import MANIFEST, hash_tree
 from recfound.data.templates import TEMPLATE_VERSION, item_text
 from recfound.model.formats import Side
-from recfound.serving.auth import (
-    MIN_TOKEN_LENGTH,
-    AuthConfigError,
-    TokenSource,
-    authorized,
-    is_loopback,
-    load_token,
-    require_auth_off_network,
-)
 from recfound.serving.engine import ENGINE_KEY, Engine, load_engine
 from recfound.serving.index import (
     ExactSearch,
@@ -49,7 +39,6 @@ from recfound.serving.index import (
 )
 from recfound.serving.publish import publish
 from recfound.serving.registry import resolve
-from recfound.serving.streaming import StopScanner, apply_stop
 from recfound.tasks import ALL_TASKS
 
 FAKE_ENGINE = "test_serve_engine:FakeEngine"
@@ -285,212 +274,3 @@ def test_grm_engine_serves_a_tiny_published_adapter(tmp_path: Path) -> None:
     scores = engine.choice_scores("sentiment_analysis", ["Great shoes", "Awful socks"], choices)
     expected = engine.model.choice_scores(["Great shoes", "Awful socks"], choices, "sentiment_analysis")
     assert scores.dtype == np.float32 and np.allclose(scores, expected.numpy())
-
-
-def test_token_from_env_or_file(tmp_path: Path) -> None:
-    secret, env_token = tmp_path / "token", "e" * MIN_TOKEN_LENGTH
-    secret.write_text("s3cret-0123456789\n")
-    assert load_token({}) is None
-    assert load_token({"RECFOUND_API_TOKEN_FILE": str(secret)}) == "s3cret-0123456789"
-    assert load_token({"RECFOUND_API_TOKEN": env_token, "RECFOUND_API_TOKEN_FILE": str(secret)}) == env_token
-    with pytest.raises(AuthConfigError, match="cannot read"):
-        load_token({"RECFOUND_API_TOKEN_FILE": str(tmp_path / "missing")})
-    with pytest.raises(AuthConfigError, match="6 characters is guessable"):
-        load_token({"RECFOUND_API_TOKEN": "s3cret"})
-    secret.write_text("short")
-    with pytest.raises(AuthConfigError, match="RECFOUND_API_TOKEN_FILE=.*guessable"):
-        load_token({"RECFOUND_API_TOKEN_FILE": str(secret)})
-
-
-def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path: Path) -> None:
-    secret = tmp_path / "token"
-    secret.write_text("first-token-0123456789")
-    source = TokenSource({"RECFOUND_API_TOKEN_FILE": str(secret)})
-    assert source.current() == "first-token-0123456789"
-    secret.write_text("second-token-0123456789")  # another size: seen even where mtime has coarse resolution
-    assert source.current() == "second-token-0123456789"
-    secret.write_text("short")  # a broken rotation keeps the last good token instead of locking everyone out
-    assert source.current() == "second-token-0123456789"
-    secret.unlink()
-    assert source.current() == "second-token-0123456789"
-
-
-def test_open_api_only_on_loopback() -> None:
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    require_auth_off_network(None, "127.0.0.1")
-    require_auth_off_network("t", "0.0.0.0")
-    with pytest.raises(AuthConfigError, match="not loopback"):
-        require_auth_off_network(None, "0.0.0.0")
-    assert authorized("Bearer t", "t") and authorized(None, None)
-    assert not authorized("Bearer x", "t") and not authorized(None, "t") and not authorized("t", "t")
-
-
-class _ProbeEngine:
-    """Counts embeds; returns NaN vectors when told to (a broken engine that still answers)."""
-
-    def __init__(self, broken: bool = False):
-        self.calls, self.broken, self.tasks = 0, broken, ALL_TASKS
-
-    def embed(self, task: str, texts: list[str], instruction: str, side: Side) -> np.ndarray:
-        self.calls += 1
-        return np.full((len(texts), 4), np.nan if self.broken else 0.5, dtype=np.float32)
-
-
-def _replica(engine: _ProbeEngine | None) -> object:
-    """The Model deployment's class, constructed without Serve, holding ``engine`` as its live version."""
-    import asyncio
-
-    from recfound.serving.live import LiveVersion
-    from recfound.serving.model import ModelReplica
-
-    replica = ModelReplica("memory://unused", {})
-    if engine is not None:
-        replica._live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
-    replica.check = lambda: asyncio.run(replica.check_health())
-    return replica
-
-
-def test_health_check_exercises_the_engine_and_catches_a_wedged_one() -> None:
-    with pytest.raises(RuntimeError, match="no model version loaded"):
-        _replica(None).check()
-    healthy = _replica(_ProbeEngine())
-    healthy.check()
-    assert healthy._live.engine.calls == 1  # a real embed, not just "a version is loaded"
-    with pytest.raises(RuntimeError, match="not a finite vector"):
-        _replica(_ProbeEngine(broken=True)).check()
-    busy = _replica(_ProbeEngine())
-    busy._live.embed_lock.acquire()  # a request is inside the engine: busy is healthy, and the probe does not wait
-    busy.check()
-    assert busy._live.engine.calls == 0
-    busy._live.embed_lock._since -= busy._max_engine_call_s + 1  # ... until that one call outlasts max_engine_call_s
-    with pytest.raises(RuntimeError, match="wedged"):
-        busy.check()
-    generating = _replica(_ProbeEngine())
-    generating._live.generate_lock.acquire()
-    generating._live.generate_lock._since -= generating._max_engine_call_s + 1  # a wedged generation counts too
-    with pytest.raises(RuntimeError, match="wedged"):
-        generating.check()
-
-
-class _GateEngine(_ProbeEngine):
-    """Generation waits until released: a long completion in flight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.generating, self.release = threading.Event(), threading.Event()
-
-    def generate(self, task: str, prompts: list[str], max_tokens: int, temperature: float) -> list[str]:
-        self.generating.set()
-        assert self.release.wait(30)
-        return ["done"] * len(prompts)
-
-
-class _EndlessStream(_ProbeEngine):
-    """Streams until cancelled, recording that it was."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stopped = threading.Event()
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(t.split()) for t in texts]
-
-    context_length = 1000
-
-    def stream(
-        self, task: str, prompt: str, max_tokens: int, temperature: float, cancelled: threading.Event
-    ) -> Iterator[str]:
-        while not cancelled.wait(0.01):
-            yield " token"
-        self.stopped.set()
-
-
-def test_closing_a_stream_stops_its_decoding() -> None:
-    """A client that goes away closes the replica's stream: decoding stops and the generation lock is free."""
-    import asyncio
-
-    from recfound.serving.inference import Started
-
-    replica = _replica(_EndlessStream())
-    engine, live = replica._live.engine, replica._live
-
-    async def read_some_then_leave() -> list[object]:
-        stream = replica.stream("item_profile", "describe", 100, 0.0)
-        items = [await anext(stream), await anext(stream), await anext(stream)]
-        await stream.aclose()
-        return items
-
-    items = asyncio.run(read_some_then_leave())
-    assert items[0] == Started("v1", 1) and items[1:] == [" token", " token"]
-    assert engine.stopped.wait(10), "decoding went on after the stream was closed"
-    deadline = time.monotonic() + 10
-    while live.generate_lock.held_for() is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert live.generate_lock.held_for() is None
-
-
-@given(
-    st.text(alphabet="ab c", max_size=40),
-    st.lists(st.integers(1, 6), max_size=12),
-    st.lists(st.text(alphabet="ab c", min_size=1, max_size=4), max_size=4),
-)
-def test_a_streamed_text_is_cut_where_the_whole_text_is(text: str, cuts: list[int], stops: list[str]) -> None:
-    """However the completion is split into pieces, the stream sends exactly the non-streamed answer (found by this
-    test: stops "a" and " aa" on " aa" arriving as " ", "a", "a" once sent " " where the whole text sends "")."""
-    pieces, start = [], 0
-    for size in cuts:
-        pieces.append(text[start : start + size])
-        start += size
-    pieces.append(text[start:])
-    scanner, sent, stopped = StopScanner(stops), [], False
-    for piece in pieces:
-        out, stopped = scanner.feed(piece)
-        sent.append(out)
-        if stopped:
-            break
-    if not stopped:
-        rest, stopped = scanner.flush()
-        sent.append(rest)
-    assert ("".join(sent), stopped) == apply_stop(text, stops)
-
-
-def test_embeddings_are_served_while_a_generation_runs() -> None:
-    """Embeddings and generation hold separate engine locks: /v1/embeddings and /v1/recommend never queue behind a
-    long completion on the same replica."""
-    from recfound.serving.batching import Job, embed_grouped, generate_grouped
-    from recfound.serving.live import LiveVersion
-    from recfound.serving.metrics import ServingMetrics
-
-    engine, metrics = _GateEngine(), ServingMetrics()
-    live = LiveVersion("v1", engine, None, {"q2i": {"query": "Find the item"}}, 10)
-    generation = threading.Thread(target=generate_grouped, args=([Job(live, "q2i", ["a long one"], 3, 512)], metrics))
-    generation.start()
-    assert engine.generating.wait(30)
-    embedded = threading.Thread(
-        target=embed_grouped, args=([Job(live, "q2i", ["a query"], 2, lengths=(4,))], metrics, 4096)
-    )
-    embedded.start()
-    embedded.join(10)
-    finished_first = not embedded.is_alive()
-    engine.release.set()
-    generation.join(30)
-    assert finished_first, "the embedding waited for the generation to finish"
-    assert engine.calls == 1
-
-
-def test_latest_is_pinned_when_the_app_is_deployed(tmp_path: Path) -> None:
-    """A replica that starts after a publish (autoscaling, a restart) serves the deployed version, not the new one."""
-    import asyncio
-
-    from recfound.serving.app import build_app
-    from recfound.serving.model import ModelReplica
-
-    registry, data = str(tmp_path / "registry"), make_dataset(tmp_path / "data")
-    publish_fake(make_artifact(tmp_path / "m1"), data, registry)
-    args = build_app({"registry": registry})._bound_deployment.init_args
-    publish_fake(make_artifact(tmp_path / "m2", dim=32), data, registry)  # v2 is now the registry's latest
-    replica = ModelReplica(*args)
-    asyncio.run(replica.reconfigure({"version": "latest"}))
-    assert replica._live.version == "v1"
-    redeployed = build_app({"registry": registry})._bound_deployment.init_args
-    assert redeployed[3] == "v2"  # a new deploy pins the new latest (the fourth argument, ``pinned``)

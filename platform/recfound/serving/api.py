@@ -23,11 +23,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from recfound.serving.auth import TokenSource, authorized
 from recfound.serving.errors import ApiError, ErrorType
 from recfound.serving.limits import Limits
+from recfound.serving.proxy import HttpMiddleware
 from recfound.serving.responses import VERSION_HEADER
 
 log = logging.getLogger("ray.serve")
@@ -136,20 +137,14 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body over {limit} bytes (limits.max_body_bytes)", None, TOO_LARGE)
 
 
-class BodyLimit:
+class BodyLimit(HttpMiddleware):
     """``Limits.max_body_bytes`` on every request: a Content-Length over it is answered 413 before any byte is read;
     a chunked upload is cut off by Starlette's body limit as soon as the bytes read pass it (its 413 reaches
     ``_http_error`` through FastAPI's body reading), so an oversized body never reaches JSON parsing. (FastAPI's own
     ``max_body_size`` is fixed on each route when it is declared, before the Serve config is known; Starlette's
     answers a too-long Content-Length in plain text, hence the first check here.)"""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = _limits().max_body_bytes
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

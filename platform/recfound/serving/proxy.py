@@ -67,8 +67,10 @@ def serve_error(status: int, text: str) -> ApiError:
     return ApiError(status, text or "Serve could not answer", None, code, error_type)
 
 
-class ProxyErrors:
-    """ASGI middleware around Serve's proxy app (see the module docstring)."""
+class HttpMiddleware:
+    """An ASGI middleware that acts on HTTP requests only (``http``) and passes every other scope (lifespan,
+    websocket) to the app untouched: the opening ``ProxyErrors`` and api.py's ``BodyLimit`` share. It lives here,
+    not in api.py, because Serve's proxies import this module, and importing api.py would build the API app there."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -77,6 +79,17 @@ class ProxyErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The middleware's work on one HTTP request."""
+        raise NotImplementedError
+
+
+class ProxyErrors(HttpMiddleware):
+    """ASGI middleware around Serve's proxy app (see the module docstring)."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = _ReplayableBody(receive)
         for attempt in range(1, ATTEMPTS + 1):
             reply = _Reply(send)
