@@ -138,6 +138,30 @@ def test_choice_scores_are_each_pairs_own_mean_log_likelihood(grm):
             torch.testing.assert_close(scores[i, j], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_choice_scores_run_each_prompt_once_and_equal_separate_sequences(grm):
+    """Prompts of different lengths share one pass per batch and each choice continues from the cache; a prompt cut
+    differently for each choice (here: too long for the budget) falls back to separate sequences. Either way every
+    score equals the (prompt, choice) pair scored alone."""
+    grm.backbone = grm.backbone.model_copy(update={"max_generative_len": 80})
+    long = "Is this a match? " + "listing words " * 40
+    prompts = ["Rate the review: great mug, love it", long, "Is this a match?", "Rate: ok"]
+    choices = ["positive", "no", "very negative"]
+    passes: list[int] = []
+    hook = grm.tuner.model.base_model.register_forward_hook(lambda m, a, k, out: passes.append(1), with_kwargs=True)
+    try:
+        scores = grm.choice_scores(prompts, choices, "sentiment_analysis", batch_size=3)
+    finally:
+        hook.remove()
+    # batch 1: two shared prompts (1 prompt pass + 3 choice passes) and the long one (3 pairs: 1 pass); batch 2: one
+    # shared prompt (1 + 3). Separately, 12 pairs would take 4 passes of whole prompts.
+    assert len(passes) == 4 + 1 + 4
+    for i, prompt in enumerate(prompts):
+        for j, choice in enumerate(choices):
+            alone = encode_generative(grm.tokenizer, [prompt], [choice], 80)
+            expected = -grm.lm_loss(alone, grm.task_ids(["sentiment_analysis"]))
+            torch.testing.assert_close(scores[i, j], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_save_and_reload_reproduces_embeddings_and_losses(grm, tmp_path):
     grm.save_pretrained(str(tmp_path))
     loaded = GRM.from_pretrained(str(tmp_path)).eval()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from recfound.model.backbone import BackboneConfig, EmbeddingAttention, load_backbone
@@ -222,15 +222,90 @@ class GRM(nn.Module):
     ) -> torch.Tensor:
         """(prompts, choices) mean log-likelihood per token of each choice as the whole response (eos included).
 
-        Per-token means, as lm-eval-harness normalises: a sum would favour the shortest choice. Every (prompt,
-        choice) pair is one sequence, the prompt repeated, ``batch_size`` pairs per forward pass: a request's
-        prompts x choices can be large, and memory must not grow with it.
+        Per-token means, as lm-eval-harness normalises: a sum would favour the shortest choice. Each prompt runs
+        through the decoder once and every choice continues from its cached keys and values, so k choices cost one
+        prompt pass plus k passes of a few tokens instead of k full passes (sequential recommendation has 20
+        options). ``batch_size`` prompts per pass, so memory does not grow with a request's size. A prompt whose
+        tokens differ between its choices (cut to fit a long choice, or a token spanning prompt and answer) is
+        scored as separate (prompt, choice) sequences, so the scores are the same either way.
         """
-        pairs = [(p, c) for p in prompts for c in choices]
-        scores = [self._pair_scores(pairs[i : i + batch_size], task) for i in range(0, len(pairs), batch_size)]
-        return torch.cat(scores).view(len(prompts), len(choices))
+        chunks = [
+            self._shared_prompt_scores(prompts[i : i + batch_size], choices, task, batch_size)
+            for i in range(0, len(prompts), batch_size)
+        ]
+        return torch.cat(chunks) if chunks else torch.zeros(0, len(choices))
+
+    def _shared_prompt_scores(
+        self, prompts: Sequence[str], choices: Sequence[str], task: str, batch_size: int
+    ) -> torch.Tensor:
+        k = len(choices)
+        enc = encode_generative(
+            self.tokenizer,
+            [p for p in prompts for _ in choices],
+            list(choices) * len(prompts),
+            self.backbone.max_generative_len,
+        )
+        heads, tails = [], []
+        for ids, labels, mask in zip(enc["input_ids"].tolist(), enc["labels"].tolist(), enc["attention_mask"].tolist()):
+            n = sum(mask)
+            start = next((t for t in range(n) if labels[t] != IGNORE_INDEX), n)
+            heads.append(ids[:start])
+            tails.append(ids[start:n])
+        rows = [(heads[i * k : (i + 1) * k], tails[i * k : (i + 1) * k]) for i in range(len(prompts))]
+        shared = [i for i, (h, t) in enumerate(rows) if all(x == h[0] for x in h) and all(t)]
+        apart = [i for i in range(len(prompts)) if i not in set(shared)]
+        scores = torch.empty(len(prompts), k)
+        if shared:
+            scores[shared] = self._cached_scores([rows[i][0][0] for i in shared], [rows[i][1] for i in shared], task)
+        if apart:
+            pairs = [(prompts[i], c) for i in apart for c in choices]
+            parts = [self._pair_scores(pairs[j : j + batch_size], task) for j in range(0, len(pairs), batch_size)]
+            scores[apart] = torch.cat(parts).view(len(apart), k)
+        return scores
+
+    def _cached_scores(self, heads: list[list[int]], tails: list[list[list[int]]], task: str) -> torch.Tensor:
+        """(prompts, choices) scores from one left-padded pass over the prompt tokens ``heads``, then one short
+        pass per choice over its tokens ``tails[i][j]`` on top of the cache, cropped back after each."""
+        pad, width = self.tokenizer.pad_token_id, max(len(h) for h in heads)
+        ids = self._tensor(torch.tensor([[pad] * (width - len(h)) + h for h in heads]))
+        attention = self._tensor(torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads]))
+        task_ids = self.task_ids([task] * len(heads))
+        decoder, lm_head = self.tuner.model.base_model, self.tuner.model.get_output_embeddings()
+        embeds, attention, _ = self._inputs(ids, attention, task_ids)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=decoder.config)
+        scores = torch.empty(len(heads), len(tails[0]))
+        with self.tuner.route(task_ids, Mode.GENERATIVE):
+            out = decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
+            first = F.log_softmax(lm_head(out.last_hidden_state[:, -1]).float(), -1)
+            for j in range(scores.shape[1]):
+                rows = [tail[j] for tail in tails]
+                m = max(len(r) for r in rows)
+                tokens = self._tensor(torch.tensor([r + [pad] * (m - len(r)) for r in rows]))
+                mask = self._tensor(torch.tensor([[1] * len(r) + [0] * (m - len(r)) for r in rows]))
+                total = first.gather(1, tokens[:, :1]).squeeze(1)
+                if m > 1:
+                    step = decoder(
+                        inputs_embeds=self.tuner.model.get_input_embeddings()(tokens[:, :-1]),
+                        attention_mask=torch.cat([attention, mask[:, :-1]], 1),
+                        position_ids=positions[:, -1:] + 1 + torch.arange(m - 1, device=positions.device),
+                        cache=cache,
+                        use_cache=True,
+                    )
+                    logp = F.log_softmax(lm_head(step.last_hidden_state).float(), -1)
+                    total = total + (logp.gather(-1, tokens[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(1)
+                    cache.crop(-(m - 1))
+                scores[:, j] = (total / mask.sum(1)).cpu()
+        return scores
 
     def _pair_scores(self, pairs: Sequence[tuple[str, str]], task: str) -> torch.Tensor:
+        """Scores of (prompt, choice) pairs each run as its own sequence (the reference the cached path equals)."""
         batch = encode_generative(
             self.tokenizer, [p for p, _ in pairs], [c for _, c in pairs], self.backbone.max_generative_len
         )
