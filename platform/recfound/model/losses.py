@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, field_validator
+from torch.distributed._functional_collectives import all_gather_single
 
 from recfound.config import Config
 from recfound.tasks import EMBEDDING_TASKS
@@ -97,7 +98,8 @@ def contrastive_loss(
     queries (B, D); passages (B, 1 + K, D) with each query's positive first and its K hard negatives after.
     Every passage in the batch that is not the query's own positive is a negative (in-batch negatives); when
     torch.distributed is initialised with ``cross_device``, so is every passage on every other rank. The gather
-    keeps gradients (``torch.distributed.nn.functional.all_gather``) and needs the same B and K on all ranks.
+    keeps gradients (``all_gather_single``, whose backward sums each rank's gradient back to the owner) and needs
+    the same B and K on all ranks.
 
     With ``keys``, a candidate that is really a positive of the query is left out of its denominator (as
     GritLM and sentence-transformers do): the query's positive item showing up elsewhere in the batch, or the
@@ -114,9 +116,7 @@ def contrastive_loss(
     distributed = cross_device and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     offset = 0
     if distributed:
-        from torch.distributed.nn.functional import all_gather
-
-        candidates = torch.cat(all_gather(candidates), dim=0)
+        candidates = all_gather_single(candidates.contiguous(), 0, dist.group.WORLD)
         offset = dist.get_rank() * batch * group
     scores = queries.float() @ candidates.float().T / temperature
     if log_q is not None:
