@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
+import ray
 
 from recfound.data.builder import BuildConfig, build
 from recfound.data.synthetic import SyntheticConfig
@@ -26,6 +30,23 @@ SMALL = SyntheticConfig(users=80, items=40, queries=30)
 def small_build(out: Path, seed: int = 0, **overrides) -> dict:
     """A synthetic build small enough to repeat in a test (about 0.5 s)."""
     return build(BuildConfig(out=str(out), seed=seed, synthetic=SMALL, **overrides))
+
+
+@contextlib.contextmanager
+def ray_seeing_memory(prefix: str) -> Iterator[None]:
+    """A local Ray whose workers start with a copy of the ``memory://`` files under ``prefix``: the store is one
+    process's, and the build's read tasks run in workers, as on a cluster whose nodes all see one bucket."""
+    fs = fsspec.filesystem("memory")
+    files = {path: fs.cat(path) for path in fs.find(prefix)}
+
+    def hook() -> None:  # nested, so Ray ships it by value: workers cannot import the tests
+        fsspec.filesystem("memory").pipe(files)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"worker_process_setup_hook": hook})
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def read_task(out: Path, task: str, split: str) -> list[dict]:

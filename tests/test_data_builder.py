@@ -12,7 +12,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import SMALL, assert_no_leakage, read_task, small_build, write_lines
+from data_fixtures import SMALL, assert_no_leakage, ray_seeing_memory, read_task, small_build, write_lines
 
 from recfound.data.builder import BuildConfig, build
 from recfound.data.sources import DataError
@@ -164,8 +164,9 @@ def test_memory_filesystem_build_matches_local(tmp_path):
         for key, url in raw.items():
             local[key] = str(tmp_path / url.rsplit("/", 1)[1])
             Path(local[key]).write_bytes(fsspec.open(url, "rb").open().read())
-        build(BuildConfig(out="memory://recfound-test/out", **raw))
-        build(BuildConfig(out=str(tmp_path / "out"), **local))
+        with ray_seeing_memory("/recfound-test/raw"):
+            build(BuildConfig(out="memory://recfound-test/out", **raw))
+            build(BuildConfig(out=str(tmp_path / "out"), **local))
         fs = fsspec.filesystem("memory")
         manifest = json.loads(fs.cat("/recfound-test/out/manifest.json"))
         assert [s["url"] for s in manifest["sources"]] == list(raw.values())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from data_fixtures import JOB, write_lines
+from data_fixtures import JOB, ray_seeing_memory, write_lines
 from pydantic import ValidationError
 
 from recfound.data.builder import BuildConfig, build
@@ -93,7 +93,8 @@ def test_a_memory_glob_builds_like_the_local_dump(dump, sharded_build):
             reviews="memory://recfound-inputs/reviews/*.json.gz",
             meta="memory://recfound-inputs/meta",
         )
-        manifest = build(cfg)
+        with ray_seeing_memory("/recfound-inputs"):
+            manifest = build(cfg)
         assert [s["url"] for s in manifest["sources"]][:3] == urls
         out, _ = sharded_build
         for name, data in _parquet(out).items():

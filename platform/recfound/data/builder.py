@@ -35,6 +35,7 @@ from recfound.data.item_tasks import (
 )
 from recfound.data.loading import load
 from recfound.data.qa import build_answer_generation, build_answerability_prediction, qa_counts
+from recfound.data.reading import local_ray
 from recfound.data.rows import EmbeddingRow, Row, Sample, TaskUnavailable
 from recfound.data.sources import BadRowPolicy, BadRows, DataError
 from recfound.data.synthetic import SyntheticConfig, write_catalogue
@@ -237,7 +238,10 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     else:
         urls = _inputs(cfg)
     try:
-        loaded = load(urls, bad, cfg.kcore) if urls else None
+        loaded = None
+        if urls:
+            with local_ray():
+                loaded = load(urls, bad, cfg.kcore)
         extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
     finally:  # also when reading fails: the rows that stopped the build are the ones to look at
         _write_quarantine(bad)

@@ -34,10 +34,14 @@ class DataError(ValueError):
     """An input that cannot be used; the message names the file, the line (or row) and the field."""
 
     def __init__(self, url: str, reason: str, line: int | None = None, field: str | None = None, unit: str = "line"):
-        self.url, self.reason, self.line, self.field = url, reason, line, field
+        self.url, self.reason, self.line, self.field, self.unit = url, reason, line, field, unit
         where = url if line is None else f"{url} {unit} {line}"
         what = f"field {field!r}: " if field else ""
         super().__init__(f"{where}: {what}{reason}")
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, int | None, str | None, str]]:
+        """Rebuilt from its parts when it crosses from a Ray read task to the driver (the message alone is not)."""
+        return DataError, (self.url, self.reason, self.line, self.field, self.unit)
 
     def record(self) -> dict[str, Any]:
         return {"file": self.url, "line": self.line, "field": self.field, "reason": self.reason}
@@ -281,45 +285,73 @@ def _detect(fields: Fields, tables: dict[Schema, dict[str, str]]) -> Schema:
     raise fields.error(tables[Schema.AMAZON_2018]["item"], f"unrecognised format: no item id, expected {expected}")
 
 
-def _lines_as(
-    files: Sequence[str], bad: BadRows, tables: dict[Schema, dict[str, str]]
-) -> Iterator[tuple[Schema, Fields]]:
-    """The files' rows in turn, as if concatenated. Each file's first usable line fixes that file's schema and its
-    later lines must follow it: a comma list may mix a 2018 file with a 2023 one, as separate builds always could."""
-    for url in files:
-        schema: Schema | None = None
-        for fields in _json_rows(url, bad):
-            try:
-                schema = schema or _detect(fields, tables)
-            except DataError as err:
-                bad.report(err)
-                continue
-            yield schema, fields
+def _file_lines(url: str, bad: BadRows, tables: dict[Schema, dict[str, str]]) -> Iterator[tuple[Schema, Fields]]:
+    """One file's rows. Its first usable line fixes the file's schema and its later lines must follow it: a comma
+    list may mix a 2018 file with a 2023 one, as separate builds always could."""
+    schema: Schema | None = None
+    for fields in _json_rows(url, bad):
+        try:
+            schema = schema or _detect(fields, tables)
+        except DataError as err:
+            bad.report(err)
+            continue
+        yield schema, fields
+
+
+def _review(schema: Schema, fields: Fields) -> Interaction:
+    names = REVIEW_FIELDS[schema]
+    rating = fields.number(names["rating"])
+    if not 0 <= rating <= 5:
+        raise fields.error(names["rating"], f"rating {rating} outside 0..5")
+    return Interaction(
+        user=fields.text(names["user"], required=True),
+        item=fields.text(names["item"], required=True),
+        timestamp=fields.timestamp(names["time"], 1000 if schema is Schema.AMAZON_2023 else 1),
+        rating=rating,
+        summary=fields.text(names["summary"]),
+        text=fields.text(names["text"]),
+    )
+
+
+def _item(schema: Schema, fields: Fields) -> Item:
+    names = META_FIELDS[schema]
+    item_id = fields.text(names["item"], required=True)
+    categories = fields.strings(names["categories"]) or fields.strings(names["main"])  # checked in this order
+    return Item(
+        item_id=item_id,
+        title=fields.text("title"),
+        description=fields.text("description", paragraphs=True),
+        categories=categories,
+        brand=fields.text(names["brand"]),
+        features=fields.strings(names["features"]),
+        also_buy=fields.strings("also_buy"),
+        also_view=fields.strings("also_view"),
+    )
+
+
+def reviews_in(url: str, bad: BadRows) -> Iterator[tuple[int, Interaction]]:
+    """(line, review) for each well-formed review of one file, in file order: the unit a parallel read task
+    streams, and the line keeps the file order that breaks timestamp ties."""
+    for schema, fields in _file_lines(url, bad, REVIEW_FIELDS):
+        try:
+            yield fields.line, _review(schema, fields)
+        except DataError as err:
+            bad.report(err)
+
+
+def items_in(url: str, bad: BadRows) -> Iterator[tuple[int, Item]]:
+    """(line, item) for each well-formed metadata row of one file, repeats included (the first one wins later)."""
+    for schema, fields in _file_lines(url, bad, META_FIELDS):
+        try:
+            yield fields.line, _item(schema, fields)
+        except DataError as err:
+            bad.report(err)
 
 
 def read_reviews(urls: Inputs, bad: BadRows) -> list[Interaction]:
-    """All well-formed reviews in file order, files in the order given (order breaks timestamp ties, so it must
-    stay stable)."""
+    """All well-formed reviews of the files in turn, as if concatenated (each keeps its own name and lines)."""
     files = as_files(urls)
-    out = []
-    for schema, fields in _lines_as(files, bad, REVIEW_FIELDS):
-        names = REVIEW_FIELDS[schema]
-        try:
-            rating = fields.number(names["rating"])
-            if not 0 <= rating <= 5:
-                raise fields.error(names["rating"], f"rating {rating} outside 0..5")
-            out.append(
-                Interaction(
-                    user=fields.text(names["user"], required=True),
-                    item=fields.text(names["item"], required=True),
-                    timestamp=fields.timestamp(names["time"], 1000 if schema is Schema.AMAZON_2023 else 1),
-                    rating=rating,
-                    summary=fields.text(names["summary"]),
-                    text=fields.text(names["text"]),
-                )
-            )
-        except DataError as err:
-            bad.report(err)
+    out = [review for url in files for _, review in reviews_in(url, bad)]
     if not out:
         raise DataError(named(files), "no usable review rows")
     return out
@@ -331,28 +363,10 @@ def read_meta(urls: Inputs, bad: BadRows) -> tuple[dict[str, Item], int]:
     files = as_files(urls)
     items: dict[str, Item] = {}
     repeats = 0
-    for schema, fields in _lines_as(files, bad, META_FIELDS):
-        names = META_FIELDS[schema]
-        try:
-            item_id = fields.text(names["item"], required=True)
-            categories = fields.strings(names["categories"]) or fields.strings(names["main"])
-            item = Item(
-                item_id=item_id,
-                title=fields.text("title"),
-                description=fields.text("description", paragraphs=True),
-                categories=categories,
-                brand=fields.text(names["brand"]),
-                features=fields.strings(names["features"]),
-                also_buy=fields.strings("also_buy"),
-                also_view=fields.strings("also_view"),
-            )
-        except DataError as err:
-            bad.report(err)
-            continue
-        if item_id in items:
-            repeats += 1
-        else:
-            items[item_id] = item
+    for url in files:
+        for _, item in items_in(url, bad):
+            repeats += item.item_id in items
+            items.setdefault(item.item_id, item)
     if not items:
         raise DataError(named(files), "no usable metadata rows")
     return items, repeats

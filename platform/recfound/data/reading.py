@@ -1,0 +1,177 @@
+"""Raw JSON-lines files -> Ray datasets: one streaming read task per file, parsed by ``sources.py``'s parsers.
+
+A file is one task because its first usable line fixes its schema and its line numbers name its bad rows; files
+are read in parallel. Under ``on_bad_rows=error`` a task raises the first bad row it meets (the build fails fast,
+naming file, line and field); under ``skip`` it streams the bad rows beside the good ones, and the driver applies
+``max_bad_fraction`` per file once every file is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+import recfound
+from recfound.data.sources import BadRowPolicy, BadRows, DataError, Item, items_in, reviews_in
+
+ROW, BAD, LINES = "row", "bad", "lines"
+"""Row kinds in a read: a record; a bad row (its quarantine record as JSON); a file's line count (in ``line``)."""
+BLOCK_ROWS = 4096
+"""Rows per streamed block: small enough to keep a read task's memory flat, big enough for Arrow to pay off."""
+ROWS_PER_PARTITION = 250_000
+"""Rows per shuffle partition of a group-by (see ``partitions``)."""
+_TAIL = [("file_index", pa.int32()), ("line", pa.int64()), ("kind", pa.string()), ("bad", pa.string())]
+_TEXTS = pa.list_(pa.string())
+REVIEW_SCHEMA = pa.schema(
+    [
+        ("user", pa.string()),
+        ("item", pa.string()),
+        ("timestamp", pa.int64()),
+        ("rating", pa.float64()),
+        ("summary", pa.string()),
+        ("text", pa.string()),
+        *_TAIL,
+    ]
+)
+META_SCHEMA = pa.schema(
+    [(f.name, _TEXTS if f.type == "tuple[str, ...]" else pa.string()) for f in fields(Item)] + _TAIL
+)
+ORDER = [("file_index", "ascending"), ("line", "ascending")]
+"""Input order: file, then line. It breaks timestamp ties and decides which repeated metadata row wins."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """How one kind of input file is parsed (a per-file generator of (line, record)) and stored."""
+
+    parse: Callable[[str, BadRows], Iterator[tuple[int, Any]]]
+    schema: pa.Schema
+
+
+ROLES = {"reviews": Role(reviews_in, REVIEW_SCHEMA), "meta": Role(items_in, META_SCHEMA)}
+
+
+def _record(
+    index: int, line: int, kind: str, values: dict[str, Any] | None = None, bad: str | None = None
+) -> dict[str, Any]:
+    """One row of a read block; the columns a kind does not use are null."""
+    return {**(values or {}), "file_index": index, "line": line, "kind": kind, "bad": bad}
+
+
+def _read_file(index: int, url: str, role: str, policy: BadRowPolicy) -> Iterator[pa.Table]:
+    """One file as blocks of records, then its bad rows (under skip) and its count of non-blank lines."""
+    bad = BadRows(policy)  # max_fraction 1: the driver applies the real limit, once the quarantine is complete
+    spec, rows, lines = ROLES[role], [], 0
+    for line, record in spec.parse(url, bad):
+        rows.append(_record(index, line, ROW, asdict(record)))
+        if len(rows) + len(bad.rows) >= BLOCK_ROWS:
+            lines += len(rows) + len(bad.rows)
+            yield pa.Table.from_pylist(rows + _bad(index, bad), schema=spec.schema)
+            rows = []
+    lines += len(rows) + len(bad.rows)
+    yield pa.Table.from_pylist([*rows, *_bad(index, bad), _record(index, lines, LINES)], schema=spec.schema)
+
+
+def _bad(index: int, bad: BadRows) -> list[dict[str, Any]]:
+    """The bad rows collected since the last block, handed on (a damaged file must not grow a task's memory)."""
+    out = [_record(index, row["line"], BAD, bad=json.dumps(row)) for row in bad.rows]
+    bad.rows.clear()
+    return out
+
+
+class JsonLines(Datasource):
+    """Gzip or plain JSON lines through fsspec (local, s3://, gs://), one read task per file."""
+
+    def __init__(self, files: Sequence[str], role: str, policy: BadRowPolicy):
+        self.files, self.role, self.policy = list(files), role, policy
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        return [
+            ReadTask(
+                partial(_read_file, index, url, self.role, self.policy),
+                BlockMetadata(num_rows=None, size_bytes=None, input_files=[url], exec_stats=None),
+                schema=ROLES[self.role].schema,
+            )
+            for index, url in enumerate(self.files)
+        ]
+
+
+def _of_kind(batch: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["kind"], pa.array(kinds)))
+
+
+def of_kind(ds: ray.data.Dataset, *kinds: str) -> ray.data.Dataset:
+    return ds.map_batches(_of_kind, fn_kwargs={"kinds": kinds}, batch_format="pyarrow", batch_size=None)
+
+
+def read_role(files: Sequence[str], role: str, bad: BadRows) -> tuple[ray.data.Dataset, int]:
+    """The well-formed records of ``files`` (materialized: later stages pass over them more than once) and how
+    many there are; the bad rows join ``bad`` in input order, and a file past ``max_bad_fraction`` stops the
+    build."""
+    source = JsonLines(files, role, bad.policy)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(files)).materialize()  # a task per file
+    side = of_kind(ds, BAD, LINES).take_all()
+    side.sort(key=lambda r: (r["file_index"], r["kind"] == LINES, r["line"]))
+    lines = {r["file_index"]: r["line"] for r in side if r["kind"] == LINES}
+    bad.rows += [json.loads(r["bad"]) for r in side if r["kind"] == BAD]
+    for index, url in enumerate(files):
+        bad.check(url, lines[index])
+    return of_kind(ds, ROW), sum(lines.values()) - sum(r["kind"] == BAD for r in side)
+
+
+def partitions(rows: int) -> int:
+    """Shuffle partitions for a group-by over ``rows``: one per ``ROWS_PER_PARTITION`` so a partition's memory is
+    bounded, and a small slice is not spread over 200 partitions of start-up cost."""
+    return max(1, rows // ROWS_PER_PARTITION)
+
+
+def item(row: dict[str, Any]) -> Item:
+    """A metadata row back as the Item the catalogue is built from (Arrow lists become tuples)."""
+    return Item(*(tuple(v) if isinstance(v, list) else v for v in (row[f.name] for f in fields(Item))))
+
+
+@contextlib.contextmanager
+def ray_errors() -> Iterator[None]:
+    """A DataError raised in a read or map task, re-raised as itself: the message names file, line and field, not
+    the worker's traceback."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, DataError):
+            raise err.cause from None
+        raise
+
+
+@contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    """The Ray the pipeline runs on: the caller's (a training job, ``ray job submit``'s cluster) when one is up,
+    else a local one for this build only, shut down after it so the caller can still start its own."""
+    if ray.is_initialized():
+        yield
+        return
+    runtime_env = {}
+    if os.environ.get("RAY_ADDRESS"):  # a cluster: its workers import recfound from the shipped sources
+        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
+    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
