@@ -26,6 +26,18 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def shared_ray() -> Iterator[None]:
+    """One local Ray for every build in a module: a build outside a running Ray starts and stops its own, seconds
+    each on 2 cores. Per module, not per session: other modules start Ray with their own resources (num_cpus, a
+    worker setup hook) and stop it, and an instance left running would make their ``ray.init`` fail. A Ray already
+    running is borrowed and left running."""
+    from recfound.data.reading import local_ray
+
+    with local_ray():
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """Tiny-model tests run several times faster on the 2 shared CI cores without intra-op threads."""

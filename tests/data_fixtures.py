@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import ray
 
 from recfound.data.builder import BuildConfig, build
+from recfound.data.reading import start_ray
 from recfound.data.synthetic import SyntheticConfig
 from recfound.data.templates import LETTERS
 
@@ -42,11 +43,15 @@ def ray_seeing_memory(prefix: str) -> Iterator[None]:
     def hook() -> None:  # nested, so Ray ships it by value: workers cannot import the tests
         fsspec.filesystem("memory").pipe(files)
 
+    shared = ray.is_initialized()  # a module's shared Ray: its workers started without the files
+    ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"worker_process_setup_hook": hook})
     try:
         yield
     finally:
         ray.shutdown()
+        if shared:  # back for the module's other builds
+            start_ray()
 
 
 def read_task(out: Path, task: str, split: str) -> list[dict]:

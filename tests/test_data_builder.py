@@ -29,6 +29,8 @@ from recfound.tasks import (
     SPLITS,
 )
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
+
 QA = {"answerability_prediction", "answer_generation"}
 
 

@@ -20,6 +20,8 @@ from recfound.data.sources import BadRows, DataError, read_reviews
 from recfound.data.synthetic_dump import DumpConfig, write_dump
 from recfound.io import NoInputFiles, expand, sha256
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
+
 DUMP = DumpConfig(reviews=2000, shards=3, items=100)
 
 

@@ -12,6 +12,8 @@ from recfound.data.builder import BuildConfig, build
 from recfound.data.sources import DataError
 from recfound.data.templates import NO, YES
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
+
 REVIEWS = [review(f"u{u}", f"p{i}", 1000 * u + i, summary=f"good p{i}") for u in range(1, 5) for i in range(1, 4)]
 MCAULEY_SINGLE = {
     "questionType": "yes/no",

@@ -167,11 +167,17 @@ def local_ray() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    runtime_env = {}
-    if os.environ.get("RAY_ADDRESS"):  # a cluster: its workers import recfound from the shipped sources
-        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
-    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_ray()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_ray() -> None:
+    """``ray.init`` as a build without a running Ray calls it: the local instance, or the cluster ``RAY_ADDRESS``
+    names (whose workers import recfound from the shipped sources)."""
+    runtime_env = {}
+    if os.environ.get("RAY_ADDRESS"):
+        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
+    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
