@@ -4,6 +4,7 @@ k-core, the per-user split with time ties broken by input order (file, then line
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +12,8 @@ from data_fixtures import review, write_lines
 
 from recfound.data.builder import BuildConfig, build
 from recfound.data.sources import DataError
+
+pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
 
 FIRST = [
     review("u1", "i1", 1),
@@ -44,26 +47,33 @@ def tiny(tmp_path_factory) -> str:
     return f"{second},{first}"  # a comma list, read in sorted order: a.json first
 
 
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory, tiny) -> tuple[Path, dict]:
+    """The hand-made input built once, for the expected rows and as the first of the two determinism builds."""
+    out = tmp_path_factory.mktemp("tiny-build")
+    return out, build(BuildConfig(out=str(out), reviews=tiny, kcore=2))
+
+
 def _interactions(out) -> set[tuple]:
     rows = pq.read_table(out / "interactions.parquet").to_pylist()
     return {(r["user"], r["item"], r["timestamp"], r["split"]) for r in rows}
 
 
-def test_dedupe_kcore_and_split_give_the_rows_worked_out_by_hand(tmp_path, tiny):
-    manifest = build(BuildConfig(out=str(tmp_path / "out"), reviews=tiny, kcore=2))
-    assert _interactions(tmp_path / "out") == EXPECTED
+def test_dedupe_kcore_and_split_give_the_rows_worked_out_by_hand(tiny_build):
+    out, manifest = tiny_build
+    assert _interactions(out) == EXPECTED
     assert manifest["filtered"]["reviews_read"] == 10
     assert manifest["filtered"]["duplicate_interactions"] == 1
     assert manifest["filtered"]["kcore_removed_interactions"] == 3
     assert manifest["users"] == 2 and manifest["interactions"] == 6
 
 
-def test_two_builds_write_the_same_bytes(tmp_path, tiny):
-    for name in ("a", "b"):
-        build(BuildConfig(out=str(tmp_path / name), reviews=tiny, kcore=2))
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
+def test_two_builds_write_the_same_bytes(tmp_path, tiny, tiny_build):
+    a, _ = tiny_build
+    build(BuildConfig(out=str(tmp_path / "b"), reviews=tiny, kcore=2))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.parquet"))
     assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.parquet"))
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert all((a / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
 
 
 def test_a_bad_line_in_a_read_task_reaches_the_caller_as_a_data_error(tmp_path, tiny):
