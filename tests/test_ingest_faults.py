@@ -24,6 +24,7 @@ from recfound.data.gritlm import read_gritlm
 from recfound.data.sources import BadRows, DataError, read_meta, read_reviews
 from recfound.data.synthetic import write_catalogue
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
 FUZZ = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 GRITLM_ROWS = [
     {
