@@ -4,6 +4,10 @@ A file is one task because its first usable line fixes its schema and its line n
 are read in parallel. Under ``on_bad_rows=error`` a task raises the first bad row it meets (the build fails fast,
 naming file, line and field); under ``skip`` it streams the bad rows beside the good ones, and the driver applies
 ``max_bad_fraction`` per file once every file is read.
+
+Each task also ends with its file's distinct ids (reviews: items; metadata: item ids), so what the driver needs
+before the next stage (bad rows, line counts, the reviewed items, how many metadata ids repeat) comes back in one
+small pass instead of one Ray Data execution each: on 2 cores every execution costs tenths of a second.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.block import BlockMetadata
+from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasource, ReadTask
 
 import recfound
 from recfound.data.sources import BadRowPolicy, BadRows, DataError, Item, items_in, reviews_in
 
-ROW, BAD, LINES = "row", "bad", "lines"
-"""Row kinds in a read: a record; a bad row (its quarantine record as JSON); a file's line count (in ``line``)."""
+ROW, BAD, LINES, IDS = "row", "bad", "lines", "ids"
+"""Row kinds in a read: a record; a bad row (its quarantine record as JSON); a file's line count (in ``line``); one
+of the file's distinct ids (in the role's id column)."""
 BLOCK_ROWS = 4096
 """Rows per streamed block: small enough to keep a read task's memory flat, big enough for Arrow to pay off."""
 ROWS_PER_PARTITION = 250_000
@@ -59,9 +65,11 @@ class Role:
 
     parse: Callable[[str, BadRows], Iterator[tuple[int, Any]]]
     schema: pa.Schema
+    key: str
+    """The id column whose distinct values a read reports (IDS rows)."""
 
 
-ROLES = {"reviews": Role(reviews_in, REVIEW_SCHEMA), "meta": Role(items_in, META_SCHEMA)}
+ROLES = {"reviews": Role(reviews_in, REVIEW_SCHEMA, "item"), "meta": Role(items_in, META_SCHEMA, "item_id")}
 
 
 def _record(
@@ -72,17 +80,25 @@ def _record(
 
 
 def _read_file(index: int, url: str, role: str, policy: BadRowPolicy) -> Iterator[pa.Table]:
-    """One file as blocks of records, then its bad rows (under skip) and its count of non-blank lines."""
+    """One file as blocks of records, then its bad rows (under skip), its count of non-blank lines and its distinct
+    ids."""
     bad = BadRows(policy)  # max_fraction 1: the driver applies the real limit, once the quarantine is complete
-    spec, rows, lines = ROLES[role], [], 0
+    spec, rows, lines, ids = ROLES[role], [], 0, set()
     for line, record in spec.parse(url, bad):
-        rows.append(_record(index, line, ROW, asdict(record)))
+        values = asdict(record)
+        ids.add(values[spec.key])
+        rows.append(_record(index, line, ROW, values))
         if len(rows) + len(bad.rows) >= BLOCK_ROWS:
             lines += len(rows) + len(bad.rows)
             yield pa.Table.from_pylist(rows + _bad(index, bad), schema=spec.schema)
             rows = []
     lines += len(rows) + len(bad.rows)
     yield pa.Table.from_pylist([*rows, *_bad(index, bad), _record(index, lines, LINES)], schema=spec.schema)
+    ids_column = pa.array(sorted(ids), pa.string())
+    tail = {name: pa.nulls(len(ids_column), spec.schema.field(name).type) for name in spec.schema.names}
+    tail.update({spec.key: ids_column, "file_index": pa.array([index] * len(ids_column), pa.int32())})
+    tail.update({"line": pa.array([0] * len(ids_column), pa.int64()), "kind": pa.array([IDS] * len(ids_column))})
+    yield pa.table(tail, schema=spec.schema)
 
 
 def _bad(index: int, bad: BadRows) -> list[dict[str, Any]]:
@@ -122,19 +138,44 @@ def of_kind(ds: ray.data.Dataset, *kinds: str) -> ray.data.Dataset:
     return ds.map_batches(_of_kind, fn_kwargs={"kinds": kinds}, batch_format="pyarrow", batch_size=None)
 
 
-def read_role(files: Sequence[str], role: str, bad: BadRows) -> tuple[ray.data.Dataset, int]:
-    """The well-formed records of ``files`` (materialized: later stages pass over them more than once) and how
-    many there are; the bad rows join ``bad`` in input order, and a file past ``max_bad_fraction`` stops the
-    build."""
-    source = JsonLines(files, role, bad.policy)
-    ds = ray.data.read_datasource(source, override_num_blocks=len(files)).materialize()  # a task per file
-    side = of_kind(ds, BAD, LINES).take_all()
+def _read(files: Sequence[str], role: str, bad: BadRows) -> ray.data.Dataset:
+    return ray.data.read_datasource(JsonLines(files, role, bad.policy), override_num_blocks=len(files))  # per file
+
+
+def _account(side: list[dict[str, Any]], files: Sequence[str], role: str, bad: BadRows) -> tuple[int, list[str]]:
+    """The bad rows join ``bad`` in input order and a file past ``max_bad_fraction`` stops the build; returns how
+    many well-formed records the files hold and their distinct ids, sorted."""
     side.sort(key=lambda r: (r["file_index"], r["kind"] == LINES, r["line"]))
     lines = {r["file_index"]: r["line"] for r in side if r["kind"] == LINES}
     bad.rows += [json.loads(r["bad"]) for r in side if r["kind"] == BAD]
     for index, url in enumerate(files):
         bad.check(url, lines[index])
-    return of_kind(ds, ROW), sum(lines.values()) - sum(r["kind"] == BAD for r in side)
+    ids = sorted({r[ROLES[role].key] for r in side if r["kind"] == IDS})
+    return sum(lines.values()) - sum(r["kind"] == BAD for r in side), ids
+
+
+def read_role(files: Sequence[str], role: str, bad: BadRows) -> tuple[ray.data.Dataset, int, list[str]]:
+    """The well-formed records of ``files`` (materialized: later stages pass over them more than once), how many
+    there are and their distinct ids."""
+    ds = _read(files, role, bad).materialize()
+    count, ids = _account(of_kind(ds, BAD, LINES, IDS).take_all(), files, role, bad)
+    return of_kind(ds, ROW), count, ids
+
+
+def _wanted(batch: pa.Table, key: str, ids: pa.Array) -> pa.Table:
+    return batch.filter(pc.or_(pc.not_equal(batch["kind"], ROW), pc.is_in(batch[key], ids)))
+
+
+def read_wanted(
+    files: Sequence[str], role: str, bad: BadRows, wanted: Sequence[str]
+) -> tuple[list[dict[str, Any]], int, list[str]]:
+    """As ``read_role``, in one pass that brings back only the records whose id is ``wanted`` (metadata: the
+    reviewed items; a dump describes many more)."""
+    key = ROLES[role].key
+    fn_kwargs = {"key": key, "ids": pa.array(wanted, pa.string())}
+    rows = _read(files, role, bad).map_batches(_wanted, fn_kwargs=fn_kwargs, batch_format="pyarrow").take_all()
+    count, ids = _account([r for r in rows if r["kind"] != ROW], files, role, bad)
+    return [r for r in rows if r["kind"] == ROW], count, ids
 
 
 def partitions(rows: int) -> int:
@@ -158,6 +199,21 @@ def ray_errors() -> Iterator[None]:
         if isinstance(err.cause, DataError):
             raise err.cause from None
         raise
+
+
+@contextlib.contextmanager
+def sort_shuffles() -> Iterator[None]:
+    """The pipeline's group-bys as sort-based shuffles (tasks) instead of Ray 2.60's default hash shuffle (actors
+    started per shuffle). Measured on the synthetic default build, Ray already up, 2 loaded cores: 2.5 s a build
+    instead of 6 to 34 s, and 1.6 GiB peak resident memory (driver and Ray) instead of 2.0. The caller's strategy
+    is restored after: a training job's own Ray Data keeps its default."""
+    context = ray.data.DataContext.get_current()
+    before = context.shuffle_strategy
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = before
 
 
 @contextlib.contextmanager
