@@ -1,7 +1,10 @@
 """Hostile input: every malformed line or file is a DataError (or, under skip, a quarantined row), never a crash.
 
 Targeted cases first (non-finite and huge numbers, nesting past the parser's recursion limit, lone surrogates,
-corrupted gzip, the bad-fraction limit), then property tests that fuzz whole builds.
+corrupted gzip, the bad-fraction limit), then property tests. The fuzzing is exhaustive where it is cheap, at the
+row level: every reader, called in process on fuzzed lines and corrupted gzip bytes, under both policies. A few
+whole Ray builds (fixed seed) then check that the build agrees with those readers: the same error, naming the same
+file, line and field; under skip the same quarantine and every other row read.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from recfound.data.esci import read_queries
 from recfound.data.gritlm import read_gritlm
 from recfound.data.sources import BadRows, DataError, read_meta, read_reviews
 from recfound.data.synthetic import write_catalogue
+from recfound.io import iter_lines
 
-pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
-FUZZ = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+ROW_FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+"""Row level: a fuzzed file is parsed in process in milliseconds."""
+BUILD_FUZZ = settings(
+    max_examples=3, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+"""Whole builds: seconds each on a local Ray, so a few examples from a fixed seed."""
 GRITLM_ROWS = [
     {
         "query": ["Represent the user", "a; b"],
@@ -166,6 +174,7 @@ def raw(tmp_path_factory) -> dict[str, str]:
     return urls
 
 
+@pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
 def test_bad_fraction_limit_stops_the_build_and_keeps_the_quarantine(tmp_path, raw):
     lines = gzip.decompress(Path(raw["reviews"]).read_bytes()).decode().splitlines()
     reviews = write_lines(tmp_path / "reviews.json.gz", ["{broken", *lines, "[]"], compress=True)
@@ -180,7 +189,7 @@ def test_bad_fraction_limit_stops_the_build_and_keeps_the_quarantine(tmp_path, r
         BuildConfig(max_bad_fraction=1.5)
 
 
-# --- property tests: whole builds over fuzzed lines and corrupted gzip bytes ------------------------------------
+# --- property tests: fuzzed lines and corrupted gzip bytes, row level, then a few whole builds --------------------
 
 SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
 TEXT = st.text(st.characters() | SURROGATES, max_size=6)
@@ -189,6 +198,15 @@ JUNK = st.recursive(
     SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(TEXT, kids, max_size=3), max_leaves=6
 )
 DEEP = "\x00deep"  # replaced by nesting deeper than json.dumps could write
+READERS = {
+    "reviews": read_reviews,
+    "meta": read_meta,
+    "queries": read_queries,
+    "gritlm": lambda url, bad: read_gritlm(url, bad, seed=0, holdout=0.1),
+}
+"""Every line reader a build uses, in the order a build reads (reviews and meta in Ray read tasks)."""
+COUNTED = {"reviews": len, "meta": lambda out: len(out[0]) + out[1]}
+"""Records a reader returned, for the readers that keep every good line (meta: items plus repeats)."""
 
 
 def _render(row: dict, depth: int) -> str:
@@ -212,39 +230,103 @@ def _lines(url: str) -> list[str]:
     return (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode().splitlines()
 
 
-def _build_or_data_error(**config) -> None:
-    """The property: a build either finishes or raises DataError; any other exception fails the test."""
-    with tempfile.TemporaryDirectory() as out:
-        try:
-            build(BuildConfig(out=out, **config))
-        except DataError:
-            pass
+def _fuzzed_file(data: st.DataObject, url: str, folder: str, min_size: int = 0) -> str:
+    """``url``'s lines with up to three fuzzed lines inserted, written under ``folder`` (gzip if it was)."""
+    lines = _lines(url)
+    template = json.loads(data.draw(st.sampled_from(lines[:3]), label=f"{Path(url).name} template"))
+    inserts = st.lists(st.tuples(st.integers(0, len(lines)), fuzzed_lines(template)), min_size=min_size, max_size=3)
+    for at, line in data.draw(inserts, label=Path(url).name):
+        lines.insert(at, line)
+    return write_lines(Path(folder) / Path(url).name, lines, compress=url.endswith(".gz"))
 
 
-@FUZZ
-@given(data=st.data(), policy=st.sampled_from(["error", "skip"]))
-def test_fuzzed_lines_build_or_raise_data_error(raw, data, policy):
-    with tempfile.TemporaryDirectory() as tmp:
-        urls = {}
-        for role, url in raw.items():
-            lines = _lines(url)
-            template = json.loads(data.draw(st.sampled_from(lines[:3]), label=f"{role} template"))
-            for at, line in data.draw(
-                st.lists(st.tuples(st.integers(0, len(lines)), fuzzed_lines(template)), max_size=3), label=role
-            ):
-                lines.insert(at, line)
-            urls[role] = write_lines(Path(tmp) / Path(url).name, lines, compress=url.endswith(".gz"))
-        _build_or_data_error(**urls, on_bad_rows=policy, max_bad_fraction=1.0)
-
-
-@FUZZ
-@given(data=st.data(), role=st.sampled_from(["reviews", "meta"]), policy=st.sampled_from(["error", "skip"]))
-def test_corrupted_gzip_bytes_build_or_raise_data_error(raw, data, role, policy):
-    whole = bytearray(Path(raw[role]).read_bytes())
-    position = st.integers(0, 20) | st.integers(0, len(whole) - 1)  # the header is small: aim at it too
+def _corrupted_file(data: st.DataObject, url: str, folder: str) -> str:
+    """``url``'s gzip bytes with 1-4 bytes flipped (the small header aimed at too)."""
+    whole = bytearray(Path(url).read_bytes())
+    position = st.integers(0, 20) | st.integers(0, len(whole) - 1)
     for at, mask in data.draw(st.lists(st.tuples(position, st.integers(1, 255)), min_size=1, max_size=4)):
         whole[at] ^= mask
+    corrupted = Path(folder) / Path(url).name
+    corrupted.write_bytes(bytes(whole))
+    return str(corrupted)
+
+
+def _read(role: str, url: str, bad: BadRows) -> tuple[object, DataError | None]:
+    """A reader's records or its DataError; any other exception fails the test."""
+    try:
+        return READERS[role](url, bad), None
+    except DataError as err:
+        return None, err
+
+
+def _policies_agree(role: str, url: str) -> tuple[object, BadRows, DataError | None, DataError | None]:
+    """The row-level property. Under skip every bad row is quarantined, naming this file and a line of it, and the
+    others are read; under error the reader stops at the first of them with the same words (file, line, field,
+    reason); with none, both policies end alike. Returns skip's records, bad rows and error, and error's error."""
+    bad = BadRows("skip")
+    out, skipped = _read(role, url, bad)
+    _, strict = _read(role, url, BadRows())
+    assert all(r["file"] == url for r in bad.rows)
+    if bad.rows:
+        first = bad.rows[0]
+        assert strict is not None and str(strict) == str(DataError(url, first["reason"], first["line"], first["field"]))
+    else:
+        assert str(strict) == str(skipped)
+    if skipped is None and role in COUNTED and not url.endswith(".gz"):  # a corrupted gzip's lines cannot be listed
+        numbers = [n for n, _ in iter_lines(url)]
+        assert {r["line"] for r in bad.rows} <= set(numbers)
+        assert COUNTED[role](out) + len(bad.rows) == len(numbers)
+    return out, bad, skipped, strict
+
+
+@ROW_FUZZ
+@given(data=st.data(), role=st.sampled_from(sorted(READERS)))
+def test_fuzzed_lines_are_records_or_named_bad_rows(raw, data, role):
     with tempfile.TemporaryDirectory() as tmp:
-        corrupted = Path(tmp) / Path(raw[role]).name
-        corrupted.write_bytes(bytes(whole))
-        _build_or_data_error(**{**raw, role: str(corrupted)}, on_bad_rows=policy)
+        _policies_agree(role, _fuzzed_file(data, raw[role], tmp))
+
+
+@ROW_FUZZ
+@given(data=st.data(), role=st.sampled_from(["reviews", "meta"]))
+def test_corrupted_gzip_bytes_are_records_or_data_errors(raw, data, role):
+    with tempfile.TemporaryDirectory() as tmp:
+        _policies_agree(role, _corrupted_file(data, raw[role], tmp))
+
+
+def _build_agrees_with_readers(urls: dict[str, str], policy: str, folder: str) -> None:
+    """The whole-build property: a build (Ray read tasks for reviews and meta) raises the error the readers raise
+    first, in its reading order, as a DataError with the same words; under skip, one that finishes quarantines
+    the readers' bad rows, in order, and reads every other review."""
+    expected, quarantine, reviews = None, [], 0
+    for role in READERS:
+        out, bad, skipped, strict = _policies_agree(role, urls[role])
+        expected = expected or (strict if policy == "error" else skipped)
+        quarantine += bad.rows
+        reviews = len(out or ()) if role == "reviews" else reviews
+    out = Path(folder) / "out"
+    try:
+        manifest, err = build(BuildConfig(out=str(out), on_bad_rows=policy, max_bad_fraction=1.0, **urls)), None
+    except DataError as raised:
+        manifest, err = None, raised
+    if expected is not None:
+        assert type(err) is DataError and str(err) == str(expected)
+    elif policy == "skip" and manifest is not None:
+        assert [json.loads(r) for r in (out / "quarantine.jsonl").read_text().splitlines()] == quarantine
+        assert manifest["filtered"]["reviews_read"] == reviews
+
+
+@pytest.mark.usefixtures("shared_ray")
+@BUILD_FUZZ
+@given(data=st.data(), policy=st.sampled_from(["error", "skip"]))
+def test_fuzzed_lines_build_as_the_readers_read_them(raw, data, policy):
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = {role: _fuzzed_file(data, url, tmp, min_size=role in ("reviews", "meta")) for role, url in raw.items()}
+        _build_agrees_with_readers(urls, policy, tmp)
+
+
+@pytest.mark.usefixtures("shared_ray")
+@BUILD_FUZZ
+@given(data=st.data(), role=st.sampled_from(["reviews", "meta"]), policy=st.sampled_from(["error", "skip"]))
+def test_corrupted_gzip_bytes_build_as_the_readers_read_them(raw, data, role, policy):
+    with tempfile.TemporaryDirectory() as tmp:
+        _build_agrees_with_readers({**raw, role: _corrupted_file(data, raw[role], tmp)}, policy, tmp)
