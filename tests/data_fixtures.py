@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import ray
 
 from recfound.data.builder import BuildConfig, build
-from recfound.data.reading import start_ray
 from recfound.data.synthetic import SyntheticConfig
 from recfound.data.templates import LETTERS
 
@@ -36,7 +35,9 @@ def small_build(out: Path, seed: int = 0, **overrides) -> dict:
 @contextlib.contextmanager
 def ray_seeing_memory(prefix: str) -> Iterator[None]:
     """A local Ray whose workers start with a copy of the ``memory://`` files under ``prefix``: the store is one
-    process's, and the build's read tasks run in workers, as on a cluster whose nodes all see one bucket."""
+    process's, and the build's read tasks run in workers, as on a cluster whose nodes all see one bucket. A module's
+    shared Ray is replaced by this one, which then serves the module's other builds (its workers' copies are
+    harmless to them) and is stopped with the module: one Ray start fewer than starting the shared one again."""
     fs = fsspec.filesystem("memory")
     files = {path: fs.cat(path) for path in fs.find(prefix)}
 
@@ -49,9 +50,8 @@ def ray_seeing_memory(prefix: str) -> Iterator[None]:
     try:
         yield
     finally:
-        ray.shutdown()
-        if shared:  # back for the module's other builds
-            start_ray()
+        if not shared:
+            ray.shutdown()
 
 
 def read_task(out: Path, task: str, split: str) -> list[dict]:
