@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import re
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pyarrow.parquet as pq
 import ray
 
 from recfound.data.builder import BuildConfig, build
+from recfound.data.catalogue import variant_aliases
+from recfound.data.sources import BadRows, Inputs, as_files, read_meta, read_reviews
 from recfound.data.synthetic import SyntheticConfig
 from recfound.data.templates import LETTERS
 
@@ -52,6 +55,35 @@ def ray_seeing_memory(prefix: str) -> Iterator[None]:
     finally:
         if not shared:
             ray.shutdown()
+
+
+def in_memory_interactions(reviews: Inputs, meta: Inputs, k: int) -> set[tuple]:
+    """(user, item, timestamp, split) of the interactions main's in-memory builder (before the Ray Data pipeline)
+    kept, by its own steps: variants merged, each user's first interaction with an item (a stable sort by time, so
+    input order breaks ties), cascading k-core, leave-last-out per user."""
+    reviews = read_reviews(as_files(reviews), BadRows())
+    items, _ = read_meta(as_files(meta), BadRows())
+    aliases = variant_aliases((r.item for r in reviews), items)
+    seen, rows = set(), []
+    for r in sorted(reviews, key=lambda r: r.timestamp):
+        item = aliases.get(r.item, r.item)
+        if (r.user, item) not in seen:
+            seen.add((r.user, item))
+            rows.append((r.user, item, r.timestamp))
+    while True:
+        users, degrees = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
+        kept = [r for r in rows if users[r[0]] >= k and degrees[r[1]] >= k]
+        if len(kept) == len(rows):
+            break
+        rows = kept
+    by_user = defaultdict(list)
+    for r in rows:  # already in time order
+        by_user[r[0]].append(r)
+    return {
+        (*r, split)
+        for timeline in by_user.values()
+        for r, split in zip(timeline, ["train"] * max(len(timeline) - 2, 0) + ["valid", "test"][-len(timeline) :])
+    }
 
 
 def read_task(out: Path, task: str, split: str) -> list[dict]:

@@ -6,18 +6,24 @@ import csv
 import gzip
 import json
 import re
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import SMALL, assert_no_leakage, ray_seeing_memory, read_task, small_build, write_lines
+from data_fixtures import (
+    SMALL,
+    assert_no_leakage,
+    in_memory_interactions,
+    ray_seeing_memory,
+    read_task,
+    small_build,
+    write_lines,
+)
 
 from recfound.data.builder import BuildConfig, build
-from recfound.data.catalogue import variant_aliases
-from recfound.data.sources import BadRows, DataError, read_meta, read_reviews
+from recfound.data.sources import DataError
 from recfound.data.synthetic import write_catalogue
 from recfound.data.templates import TEMPLATE_VERSION, history_text, ranking_input, with_candidate
 from recfound.io import sha256
@@ -67,41 +73,14 @@ def test_default_build_has_every_supported_task_with_contract_columns(default_bu
     assert len(ids) == len(set(ids))
 
 
-def _in_memory_interactions(raw: Path, k: int) -> set[tuple]:
-    """The interactions main's in-memory builder (before the Ray Data pipeline) kept, by its own code: variants
-    merged, each user's first interaction with an item (a stable sort by time, so input order breaks ties),
-    cascading k-core, leave-last-out per user."""
-    reviews = read_reviews(str(raw / "reviews_Synthetic_5.json.gz"), BadRows())
-    meta, _ = read_meta(str(raw / "meta_Synthetic.json.gz"), BadRows())
-    aliases = variant_aliases((r.item for r in reviews), meta)
-    seen, rows = set(), []
-    for r in sorted(reviews, key=lambda r: r.timestamp):
-        item = aliases.get(r.item, r.item)
-        if (r.user, item) not in seen:
-            seen.add((r.user, item))
-            rows.append((r.user, item, r.timestamp))
-    while True:
-        users, items = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
-        kept = [r for r in rows if users[r[0]] >= k and items[r[1]] >= k]
-        if len(kept) == len(rows):
-            break
-        rows = kept
-    by_user = defaultdict(list)
-    for r in rows:  # already in time order
-        by_user[r[0]].append(r)
-    return {
-        (*r, split)
-        for timeline in by_user.values()
-        for r, split in zip(timeline, ["train"] * max(len(timeline) - 2, 0) + ["valid", "test"][-len(timeline) :])
-    }
-
-
 def test_the_pipeline_keeps_the_interactions_the_in_memory_builder_kept(default_build):
     out, manifest = default_build
     rows = pq.read_table(out / "interactions.parquet").to_pylist()
     built = {(r["user"], r["item"], r["timestamp"], r["split"]) for r in rows}
     assert len(built) == len(rows) == manifest["interactions"]
-    assert built == _in_memory_interactions(out / "raw", manifest["config"]["kcore"])
+    raw = out / "raw"
+    expected = in_memory_interactions(str(raw / "reviews_Synthetic_5.json.gz"), str(raw / "meta_Synthetic.json.gz"), 5)
+    assert manifest["config"]["kcore"] == 5 and built == expected
 
 
 def test_manifest_records_provenance(default_build):

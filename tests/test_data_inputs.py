@@ -11,8 +11,9 @@ import tracemalloc
 from pathlib import Path
 
 import fsspec
+import pyarrow.parquet as pq
 import pytest
-from data_fixtures import JOB, ray_seeing_memory, write_lines
+from data_fixtures import JOB, in_memory_interactions, ray_seeing_memory, write_lines
 from pydantic import ValidationError
 
 from recfound.data.builder import BuildConfig, build
@@ -63,6 +64,17 @@ def test_shards_build_exactly_like_their_concatenation(tmp_path, dump, sharded_b
         {"role": role, "url": url, "sha256": sha256(url)} for role in ("reviews", "meta") for url in expand(dump[role])
     ]
     assert manifest["config"]["reviews"] == dump["reviews"]  # the spec as given; the files are in sources
+
+
+def test_the_pipeline_keeps_the_interactions_the_in_memory_builder_kept(dump, sharded_build):
+    """On shards with the real dumps' quirks (repeated reviews, item variants, repeated metadata) and a k-core that
+    cascades: the rows main's in-memory builder kept."""
+    out, manifest = sharded_build
+    rows = pq.read_table(out / "interactions.parquet").to_pylist()
+    built = {(r["user"], r["item"], r["timestamp"], r["split"]) for r in rows}
+    filtered = manifest["filtered"]
+    assert min(filtered[k] for k in ("merged_item_variants", "duplicate_interactions", "duplicate_meta_rows")) > 0
+    assert len(built) == len(rows) and built == in_memory_interactions(expand(dump["reviews"]), expand(dump["meta"]), 5)
 
 
 def test_a_directory_a_glob_and_a_comma_list_name_the_same_files(tmp_path):
