@@ -1,8 +1,9 @@
 """The reviews' Ray Data stages between reading and the driver: item variants merged, each user's first interaction
 with an item kept, then the iterated k-core.
 
-Few executions by design: each group-by shuffle starts its own tasks (seconds on a loaded 2-core machine, where
-the test suite runs ~50 builds), so the stages are arranged to need as few as the result allows:
+Few executions by design: each Ray Data execution, a shuffle most, costs tenths of a second to seconds on a loaded
+2-core machine, where the test suite runs ~50 builds, so the stages are arranged to need as few as the result
+allows:
 
 - de-duplication is one group-by on the user (a repeat is a repeat of one user's), which also merges variants;
 - the k-core is found on the (user, item) projection, materialised once: each round is one group-by counting

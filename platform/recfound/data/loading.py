@@ -37,8 +37,9 @@ class Loaded:
 
 def _read_meta(files: Sequence[str], bad: BadRows, reviewed: list[str]) -> tuple[dict[str, Item], int]:
     """The reviewed items' metadata (a repeated id keeps its first row in input order, across files too) and how
-    many repeated rows the whole metadata held. Only the reviewed items' rows reach the driver, and their repeats
-    are resolved here: a group-by would shuffle the whole dump for them."""
+    many repeated rows the whole metadata held. Only the reviewed items' rows reach the driver, with each file's
+    distinct ids for the count (short strings), and the repeats are resolved here: a group-by would shuffle the
+    whole dump for them."""
     rows, count, ids = read_wanted(files, "meta", bad, reviewed)
     if not count:
         raise DataError(named(files), "no usable metadata rows")

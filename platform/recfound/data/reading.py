@@ -180,7 +180,9 @@ def read_wanted(
 
 def partitions(rows: int) -> int:
     """Shuffle partitions for a group-by over ``rows``: one per ``ROWS_PER_PARTITION`` so a partition's memory is
-    bounded, and a small slice is not spread over 200 partitions of start-up cost."""
+    bounded, and a small slice is not spread over 200 partitions of start-up cost. Hash shuffles only: the
+    sort-based ones the pipeline runs (``sort_shuffles``) make as many partitions as their input has blocks, of
+    sampled ranges holding about a block's rows each."""
     return max(1, rows // ROWS_PER_PARTITION)
 
 
