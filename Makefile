@@ -37,7 +37,8 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-## test-fast: everything but the `slow` tests (no Ray cluster, no pretrained weights); under 3 minutes on 2 cores
+## test-fast: everything but the `slow` tests (no training or Serve on Ray, no job subprocess that starts its own Ray, no
+##   pretrained weights; data builds share one local Ray per test module); under 3 minutes on 2 cores
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

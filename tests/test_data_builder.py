@@ -177,6 +177,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert other.keys() == _files(tmp_path / "a").keys() and other != _files(tmp_path / "a")
 
 
+@pytest.mark.slow  # starts a second local Ray whose workers see the memory:// files: not in `make test-fast`
 def test_memory_filesystem_build_matches_local(tmp_path):
     raw = write_catalogue(SMALL, "memory://recfound-test/raw")
     try:

@@ -42,6 +42,7 @@ def test_help_documents_every_key():
     assert "reviews=" in result.stdout and "manifest.json" in result.stdout
 
 
+@pytest.mark.slow  # the job starts its own local Ray for the build: not in `make test-fast`
 @pytest.mark.skipif(
     not MAGAZINE_REVIEWS.exists(), reason=f"real Amazon 2018 slice not found at {MAGAZINE_REVIEWS.parent}"
 )
@@ -80,6 +81,7 @@ def test_real_magazine_slice_with_esci(tmp_path):
     assert_no_leakage(out)
 
 
+@pytest.mark.slow  # the job starts its own local Ray for the build: not in `make test-fast`
 def test_no_arguments_builds_the_synthetic_default(tmp_path):
     result = run_job(cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -91,6 +93,7 @@ def test_no_arguments_builds_the_synthetic_default(tmp_path):
     assert _rows_per_second(result.stdout) > 0
 
 
+@pytest.mark.slow  # the job starts its own local Ray for the build: not in `make test-fast`
 def test_bad_input_exits_non_zero_naming_file_line_and_field(tmp_path):
     rows = [review("u1", "i1", 1), {"reviewerID": "u1", "asin": "i2", "overall": "abc", "unixReviewTime": 2}]
     url = write_lines(tmp_path / "reviews.json", rows)

@@ -94,6 +94,7 @@ def test_a_directory_a_glob_and_a_comma_list_name_the_same_files(tmp_path):
     assert expand(files[0]) == [files[0]]
 
 
+@pytest.mark.slow  # a second local Ray (memory:// workers or the job's own): not in `make test-fast`
 def test_a_memory_glob_builds_like_the_local_dump(dump, sharded_build):
     fs = fsspec.filesystem("memory")
     try:
@@ -227,6 +228,7 @@ def test_the_dump_writer_streams(tmp_path):
     assert large_peak < 1.2 * small_peak, (small_peak, large_peak)
 
 
+@pytest.mark.slow  # a second local Ray (memory:// workers or the job's own): not in `make test-fast`
 def test_synthetic_dump_cli_writes_a_dump_that_builds_from_its_folders(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=120)
