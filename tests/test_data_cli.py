@@ -91,6 +91,9 @@ def test_no_arguments_builds_the_synthetic_default(tmp_path):
     # every task but the two QA ones, which need qa= (the synthetic catalogue has no questions)
     assert set(manifest["tasks"]) == set(ALL_TASKS) - {"answerability_prediction", "answer_generation"}
     assert _rows_per_second(result.stdout) > 0
+    # a quiet console: Ray's own notices and Ray Data's execution plans and progress stay in Ray's log files
+    chatter = [line for line in result.stderr.splitlines() if re.search(r"\s(INFO|WARNING)\s", line)]
+    assert not chatter, chatter[:3]
 
 
 @pytest.mark.slow  # the job starts its own local Ray for the build: not in `make test-fast`

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -238,4 +239,16 @@ def start_ray() -> None:
     runtime_env = {}
     if os.environ.get("RAY_ADDRESS"):
         runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
-    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    _quiet_data_console()
+
+
+def _quiet_data_console() -> None:
+    """A build's terminal shows its own table and errors: Ray Data's execution plans and progress lines (INFO on
+    the ``ray.data`` logger's console handler) still go to ``ray-data.log`` in the session's logs, not the
+    terminal. Only a build that starts its own Ray does this; a caller's Ray keeps its caller's console."""
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)
