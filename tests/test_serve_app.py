@@ -8,12 +8,14 @@ checked in tests/test_serve_app_errors.py, against an app of its own.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import pytest
@@ -282,6 +284,43 @@ def test_overload_answers_fast_503s_and_slow_requests_504(app: dict[str, Any]) -
     time.sleep(SLOW_S)  # the abandoned generations finish in their threads
     resp = post(app, f"{PREFIX}/v1/completions", {"model": "recfound-gen", "prompt": "hello", "max_tokens": 4})
     assert resp.status_code == 200, resp.text
+
+
+QUEUED_CLIENTS = 200
+"""Closed-loop clients of the queue test: three times the shipped Model's max_ongoing_requests (64), so most of
+their requests wait in its queue at the proxy."""
+QUEUE_WINDOW_S = 8.0
+
+
+def test_a_queue_at_the_proxy_drains_at_the_replicas_pace(app: dict[str, Any]) -> None:
+    """Requests beyond the Model's max_ongoing_requests wait in its queue at the proxy and must reach the replica as
+    its slots free. Ray 2.60's router backs off between routing attempts while a queue persists, up to
+    ``request_router_config.max_backoff_s`` (Ray's default 0.5 s): with that default, 1,000 closed-loop clients got
+    4 answers/s from an idle replica, and a trivial 5 ms deployment answered 300 clients slower than one (69 vs
+    97/s). Side by side: many clients get answers faster than one client alone (measured here: 3.3-3.5x with the
+    shipped config, 0.49x with Ray's default)."""
+    body = {"model": "recfound-q2i", "input": "queued request"}
+
+    async def answers_per_s(clients: int) -> float:
+        answered = 0
+        stop = time.perf_counter() + QUEUE_WINDOW_S
+
+        async def client(http: aiohttp.ClientSession) -> None:
+            nonlocal answered
+            while time.perf_counter() < stop:
+                async with http.post(f"{app['url']}/v1/embeddings", json=body, headers=AUTH) as resp:
+                    assert resp.status == 200, await resp.text()
+                    await resp.read()
+                answered += 1
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+        return answered / QUEUE_WINDOW_S
+
+    alone = asyncio.run(answers_per_s(1))
+    queued = asyncio.run(answers_per_s(QUEUED_CLIENTS))
+    print(f"answers/s: 1 client {alone:.1f}, {QUEUED_CLIENTS} clients {queued:.1f}")
+    assert queued > 1.5 * alone, f"{QUEUED_CLIENTS} clients got {queued:.1f} answers/s, one client alone {alone:.1f}"
 
 
 def test_the_real_engine_under_serve_answers_as_it_does_in_process(app: dict[str, Any], client: OpenAI) -> None:

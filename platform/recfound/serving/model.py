@@ -8,7 +8,7 @@ always answered. A version that fails to verify or load is refused and the live 
 
 Overload is refused before the replica: Serve's router sends a replica at most ``max_ongoing_requests`` and holds
 ``max_queued_requests`` more; beyond that the proxy answers 503 at once (serving/proxy.py puts it in OpenAI's
-error schema).
+error schema). The queued ones reach the replica as its slots free (``ROUTER_BACKOFF``).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures of the ingress class at runtime.
@@ -219,9 +219,18 @@ class ModelReplica(Inference):
         return versioned(out, out.version)
 
 
-Model = serve.deployment(name=MODEL_DEPLOYMENT, user_config=ModelUserConfig().model_dump(), max_ongoing_requests=64)(
-    serve.ingress(api)(ModelReplica)
-)
+ROUTER_BACKOFF = {"initial_backoff_s": 0.001, "max_backoff_s": 0.005}
+"""How long the proxy's router waits between attempts to route a queued request. Ray's default (0.025 s doubling to
+0.5 s) starves the replica while a queue persists: 1,000 closed-loop clients got 4 answers/s from an idle replica
+(99/s with 0.02 s, 87/s with 0.002 s: then the 2 cores are the bound). Smaller: queued requests reach a freed slot
+sooner; each wait of a saturated replica costs one queue-length probe of it."""
+
+Model = serve.deployment(
+    name=MODEL_DEPLOYMENT,
+    user_config=ModelUserConfig().model_dump(),
+    max_ongoing_requests=64,
+    request_router_config=ROUTER_BACKOFF,
+)(serve.ingress(api)(ModelReplica))
 
 
 def _proxy_host() -> str | None:
