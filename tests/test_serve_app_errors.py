@@ -164,6 +164,14 @@ BAD_REQUESTS = [
         "too_many_inputs",
         "41 messages; at most 32",
     ),
+    (  # counted before the messages are validated: the cap, not the first bad message, is what the client learns
+        "/v1/chat/completions",
+        {"model": "recfound-gen", "messages": [{"role": "robot"}] * 2_000},
+        TOKEN,
+        400,
+        "too_many_inputs",
+        "2000 messages; at most 32",
+    ),
     (
         "/v1/chat/completions",
         {"model": "recfound-gen", "messages": [{"role": "user", "content": "y" * 5000}]},

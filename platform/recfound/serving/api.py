@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from recfound.serving.auth import TokenSource, authorized
 from recfound.serving.errors import ApiError, ErrorType
-from recfound.serving.limits import Limits
+from recfound.serving.limits import Limits, configure_limits, configured_limits
 from recfound.serving.proxy import HttpMiddleware
 from recfound.serving.responses import VERSION_HEADER
 
@@ -43,10 +43,9 @@ api = FastAPI(title="recfound", description="RecFound embeddings, generation and
 
 
 class _Settings:
-    """The limits and token source of the replica's app, set once by the Model replica as it starts (``configure``).
-    Not in ``api.state``: Serve runs a copy of ``api`` that ``serve.ingress`` froze when the class was decorated."""
+    """The token source of the replica's app, set once by the Model replica as it starts (``configure``). Not in
+    ``api.state``: Serve runs a copy of ``api`` that ``serve.ingress`` froze when the class was decorated."""
 
-    limits: Limits | None = None
     token: TokenSource | None = None
 
 
@@ -54,14 +53,8 @@ _settings = _Settings()
 
 
 def configure(limits: Limits, token: TokenSource) -> None:
-    _settings.limits, _settings.token = limits, token
-
-
-def _limits() -> Limits:
-    """The configured limits; unconfigured, every request fails (a 500) rather than run unbounded."""
-    if _settings.limits is None:
-        raise RuntimeError("the API is not configured: serve it from the Model deployment")
-    return _settings.limits
+    configure_limits(limits)
+    _settings.token = token
 
 
 def _token() -> str | None:
@@ -99,7 +92,7 @@ async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
 async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
     error_type = ErrorType.NOT_FOUND if err.status_code == 404 else ErrorType.INVALID_REQUEST
     if err.status_code == 413:  # BodyLimit's, raised while the route reads a chunked body
-        return _error(_too_large(_limits().max_body_bytes))
+        return _error(_too_large(configured_limits().max_body_bytes))
     return _error(ApiError(err.status_code, str(err.detail), None, None, error_type))
 
 
@@ -145,7 +138,7 @@ class BodyLimit(HttpMiddleware):
     answers a too-long Content-Length in plain text, hence the first check here.)"""
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = _limits().max_body_bytes
+        limit = configured_limits().max_body_bytes
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await _error(_too_large(limit))(scope, receive, send)

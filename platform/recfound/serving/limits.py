@@ -4,6 +4,8 @@ refused, so no single request can cost unbounded model time or memory.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from recfound.config import Config
@@ -47,3 +49,31 @@ def check_chars(texts: list[str], limits: Limits, param: str) -> None:
             raise ApiError(
                 400, f"{param}[{i}] has {len(text)} characters; at most {limits.max_chars}", param, "string_too_long"
             )
+
+
+class _Configured:
+    """The limits of this process's API, set once by the Model replica as it starts (``configure_limits``). Module
+    level, not ``api.state``: the request schemas check counts while FastAPI validates a body, before any route (or
+    request state) is reached."""
+
+    limits: Limits | None = None
+
+
+_configured = _Configured()
+
+
+def configure_limits(limits: Limits) -> None:
+    _configured.limits = limits
+
+
+def configured_limits() -> Limits:
+    """The replica's limits; the documented defaults in a process that is not a replica (a test, a client)."""
+    return _configured.limits or Limits()
+
+
+def check_count(value: Any, cap: int, param: str, noun: str) -> None:
+    """Refuse a list longer than ``cap`` by its length alone. Run before the list's elements are validated, so a
+    request carrying 100k inputs or 10k chat messages costs a ``len``, not 100k validations (25 ms of the replica's
+    event loop for 10k messages)."""
+    if isinstance(value, list) and len(value) > cap:
+        raise ApiError(400, f"{len(value)} {noun}; at most {cap}", param, "too_many_inputs")

@@ -10,13 +10,14 @@ formats are serving/responses.py's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recfound.serving.errors import ApiError
-from recfound.serving.limits import Limits, check_chars
+from recfound.serving.limits import Limits, check_chars, check_count, configured_limits
 from recfound.tasks import EMBEDDING_TASKS, GENERATIVE_TASKS
 
 MODEL_PREFIX = "recfound-"
@@ -68,11 +69,32 @@ def _model_field(names: list[str]) -> Any:
     return Field(json_schema_extra={"enum": names})
 
 
-class _OpenAIRequest(BaseModel):
+Cap = Callable[[Limits], int]
+
+
+class _Counted(BaseModel):
+    """A request whose list fields (``COUNTS``: field -> (noun, its cap)) are refused by their length before their
+    elements are validated: bounded work however long the list a client sends."""
+
+    COUNTS: ClassVar[dict[str, tuple[str, Cap]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _counts_within_limits(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            limits = configured_limits()
+            for field, (noun, cap) in cls.COUNTS.items():
+                check_count(data.get(field), cap(limits), field, noun)
+        return data
+
+
+class _OpenAIRequest(_Counted):
     model_config = ConfigDict(extra="ignore")
 
 
 class EmbeddingRequest(_OpenAIRequest):
+    COUNTS = {"input": ("inputs", lambda limits: limits.max_inputs)}
+
     model: str = _model_field(EMBEDDING_MODELS)
     input: str | list[str]
     encoding_format: EncodingFormat = "float"
@@ -82,10 +104,6 @@ class EmbeddingRequest(_OpenAIRequest):
         texts = [self.input] if isinstance(self.input, str) else self.input
         if not texts:
             raise ApiError(400, "input is empty: send a string or a non-empty list of strings", "input", "empty_input")
-        if len(texts) > limits.max_inputs:
-            raise ApiError(
-                400, f"{len(texts)} inputs; at most {limits.max_inputs} per request", "input", "too_many_inputs"
-            )
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ApiError(400, f"input[{i}] is an empty string", "input", "empty_input")
@@ -94,6 +112,11 @@ class EmbeddingRequest(_OpenAIRequest):
 
 
 class _GenerationRequest(_OpenAIRequest):
+    COUNTS = {
+        "stop": ("stop strings", lambda limits: limits.max_stops),
+        "guided_choice": ("guided choices", lambda limits: limits.max_inputs),
+    }
+
     model: str = _model_field(GENERATIVE_MODELS)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -118,11 +141,11 @@ class _GenerationRequest(_OpenAIRequest):
         return wanted
 
     def choices(self, limits: Limits) -> list[str] | None:
-        """``guided_choice`` checked: non-empty, distinct, non-blank strings, at most ``max_inputs`` of them."""
+        """``guided_choice`` checked: non-empty, distinct, non-blank strings (at most ``max_inputs``: ``COUNTS``)."""
         if self.guided_choice is None:
             return None
         choices = self.guided_choice
-        if not choices or len(choices) > limits.max_inputs:
+        if not choices:
             raise ApiError(
                 400,
                 f"guided_choice has {len(choices)} choices; send 1 to {limits.max_inputs}",
@@ -136,23 +159,19 @@ class _GenerationRequest(_OpenAIRequest):
 
     def stops(self, limits: Limits) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
-        if len(stops) > limits.max_stops:
-            raise ApiError(400, f"{len(stops)} stop strings; at most {limits.max_stops}", "stop", "too_many_inputs")
         check_chars(stops, limits, "stop")
         return stops
 
 
 class CompletionRequest(_GenerationRequest):
+    COUNTS = _GenerationRequest.COUNTS | {"prompt": ("prompts", lambda limits: limits.max_inputs)}
+
     prompt: str | list[str]
 
     def prompts(self, limits: Limits) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts or not all(p.strip() for p in prompts):
             raise ApiError(400, "prompt is empty", "prompt", "empty_input")
-        if len(prompts) > limits.max_inputs:
-            raise ApiError(
-                400, f"{len(prompts)} prompts; at most {limits.max_inputs} per request", "prompt", "too_many_inputs"
-            )
         check_chars(prompts, limits, "prompt")
         return prompts
 
@@ -171,15 +190,13 @@ class Message(BaseModel):
 
 
 class ChatRequest(_GenerationRequest):
+    COUNTS = _GenerationRequest.COUNTS | {"messages": ("messages", lambda limits: limits.max_messages)}
+
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1)
 
     def prompt(self, limits: Limits) -> str:
         """System/developer messages then the user turn, as one prompt: the model was trained single-turn."""
-        if len(self.messages) > limits.max_messages:
-            raise ApiError(
-                400, f"{len(self.messages)} messages; at most {limits.max_messages}", "messages", "too_many_inputs"
-            )
         check_chars([m.text() for m in self.messages], limits, "messages")
         if not self.messages or self.messages[-1].role != "user":
             raise ApiError(400, "messages must end with a user message", "messages", "invalid_value")
@@ -202,11 +219,12 @@ class ChatRequest(_GenerationRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
-class _ItemQuery(BaseModel):
+class _ItemQuery(_Counted):
     """The query side of /v1/recommend and /v1/rank: u2i ``history`` (item ids, oldest first); q2i ``query``; i2i
     ``item_id``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    COUNTS = {"history": ("history items", lambda limits: limits.max_history)}
 
     task: Literal["u2i", "q2i", "i2i"]
     history: list[str] | None = None
@@ -218,10 +236,6 @@ class _ItemQuery(BaseModel):
         value = getattr(self, needed)
         if not value or (isinstance(value, str) and not value.strip()):
             raise ApiError(400, f"task {self.task} needs a non-empty {needed!r}", needed, "empty_input")
-        if self.history and len(self.history) > limits.max_history:
-            raise ApiError(
-                400, f"{len(self.history)} history items; at most {limits.max_history}", "history", "too_many_inputs"
-            )
         check_chars([value] if isinstance(value, str) else value, limits, needed)
 
 
@@ -249,6 +263,8 @@ class Scorer(str, Enum):
 class RankRequest(_ItemQuery):
     """Every candidate once, best first."""
 
+    COUNTS = _ItemQuery.COUNTS | {"candidates": ("candidates", lambda limits: limits.max_candidates)}
+
     candidates: list[str]
     scorer: Scorer = Field(Scorer.EMBEDDING, strict=False)  # strict=False: the JSON string names the member
 
@@ -256,13 +272,6 @@ class RankRequest(_ItemQuery):
         super().check(limits)
         if not self.candidates:
             raise ApiError(400, "candidates is empty", "candidates", "empty_input")
-        if len(self.candidates) > limits.max_candidates:
-            raise ApiError(
-                400,
-                f"{len(self.candidates)} candidates; at most {limits.max_candidates}",
-                "candidates",
-                "too_many_inputs",
-            )
         if len(set(self.candidates)) < len(self.candidates):
             raise ApiError(400, "candidates must be distinct item ids", "candidates", "invalid_value")
         if self.scorer is Scorer.GENERATIVE and self.task == "i2i":
