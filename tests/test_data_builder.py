@@ -274,3 +274,25 @@ def test_gritlm_only_build(tmp_path):
     items = pq.read_table(tmp_path / "out" / "items.parquet").to_pylist()
     assert {i["text"] for i in items} == {f"item {i}" for i in range(20)} | {"other"}
     assert "no reviews given" in manifest["skipped_tasks"]["i2i"]
+
+
+def test_each_task_is_written_before_the_next_is_built(tmp_path, monkeypatch):
+    """A build holds one task's rows at a time: their sum over 15 tasks grows with the dump (issue 16's memory)."""
+    from recfound.data import builder
+
+    events: list[tuple[str, str]] = []
+    for task, make in list(builder.BUILDERS.items()):
+        monkeypatch.setitem(builder.BUILDERS, task, lambda ctx, t=task, f=make: events.append(("build", t)) or f(ctx))
+    write = builder.write_parquet
+
+    def recording_write(url: str, *args, **kwargs) -> None:
+        if "/tasks/" in url:
+            events.append(("write", url.split("/tasks/")[1].split("/")[0]))
+        write(url, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "write_parquet", recording_write)
+    manifest = small_build(tmp_path)
+    built = [t for kind, t in events if kind == "build" and t in manifest["tasks"]]
+    assert built == list(manifest["tasks"])
+    for task, following in zip(built, built[1:]):
+        assert events.index(("write", task)) < events.index(("build", following)), (task, following, events)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -36,7 +37,7 @@ from recfound.data.item_tasks import (
 from recfound.data.loading import load
 from recfound.data.qa import build_answer_generation, build_answerability_prediction, qa_counts
 from recfound.data.reading import local_ray
-from recfound.data.rows import EmbeddingRow, Row, Sample, TaskUnavailable
+from recfound.data.rows import EmbeddingRow, Sample, TaskUnavailable
 from recfound.data.sources import BadRowPolicy, BadRows, DataError
 from recfound.data.synthetic import SyntheticConfig, write_catalogue
 from recfound.data.tables import (
@@ -177,12 +178,24 @@ def _sources(cfg: BuildConfig, urls: dict[str, list[str]]) -> list[dict[str, str
     return [{"role": role, "url": url, "sha256": sha256(url)} for role, url in files]
 
 
-def _build_tasks(
-    requested: list[str] | None, ctx: Context | None, extra: dict[str, list[Sample]], cfg: BuildConfig
-) -> tuple[dict[str, dict[str, list[Row]]], dict[str, str]]:
-    """Rows per task and split, and the reason for each task left out (an error if it was asked for)."""
-    built: dict[str, dict[str, list[Row]]] = {}
-    skipped: dict[str, str] = {}
+@dataclass
+class Written:
+    """What writing the task tables leaves for the item table and the manifest, once their rows are gone."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Rows per task and split."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Why each task was left out."""
+    texts: dict[str, str] = field(default_factory=dict)
+    """Item id -> text of every item an embedding row names (GritLM rows name items only by their text)."""
+
+
+def _write_tasks(
+    requested: list[str] | None, ctx: Context | None, extra: dict[str, list[Sample]], cfg: BuildConfig, out: str
+) -> Written:
+    """Build each task and write its splits before the next is built, so a build holds one task's rows at a time
+    (their sum grows with the dump); the reason for each task left out is kept (an error if it was asked for)."""
+    written = Written()
     for task in requested or ALL_TASKS:
         samples: list[Sample] = []
         reason = "no reviews given and no gritlm= rows for it"
@@ -197,24 +210,17 @@ def _build_tasks(
             if requested:
                 raise DataError("tasks", f"task {task!r} was requested but cannot be built: {reason}")
             log.info("skipping %s: %s", task, reason)
-            skipped[task] = reason
+            written.skipped[task] = reason
             continue
-        built[task] = {
-            split: cap([row for s, row in samples if s == split], cfg.max_rows_per_task, cfg.seed, f"{task}:{split}")
-            for split in SPLITS
-        }
-    return built, skipped
-
-
-def _texts(built: dict[str, dict[str, list[Row]]]) -> dict[str, str]:
-    """Item id -> text of every item an embedding row names (GritLM rows name items only by their text)."""
-    texts: dict[str, str] = {}
-    for splits in built.values():
-        for rows in splits.values():
+        written.counts[task] = {}
+        for split in SPLITS:
+            rows = cap([row for s, row in samples if s == split], cfg.max_rows_per_task, cfg.seed, f"{task}:{split}")
+            write_parquet(f"{out}/{task_path(task, split)}", task_columns(task, split, rows), SCHEMAS[mode_of(task)])
+            written.counts[task][split] = len(rows)
             for row in rows:
                 if isinstance(row, EmbeddingRow):
-                    texts.update(zip((row.pos_item, *row.neg_items), (row.pos, *row.neg), strict=True))
-    return texts
+                    written.texts.update(zip((row.pos_item, *row.neg_items), (row.pos, *row.neg), strict=True))
+    return written
 
 
 def _write_quarantine(bad: BadRows) -> None:
@@ -259,24 +265,19 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             sr_options=cfg.sr_options,
             holdout=cfg.holdout,
         )
-    built, skipped = _build_tasks(requested, ctx, extra, cfg)
-    if not built:
-        raise DataError(out, "no task could be built from the given sources: " + json.dumps(skipped))
-
-    for task, splits in built.items():
-        for split, rows in splits.items():
-            write_parquet(f"{out}/{task_path(task, split)}", task_columns(task, split, rows), SCHEMAS[mode_of(task)])
-    texts = _texts(built)
+    written = _write_tasks(requested, ctx, extra, cfg, out)
+    if not written.counts:
+        raise DataError(out, "no task could be built from the given sources: " + json.dumps(written.skipped))
     catalogue = ctx.catalogue if ctx else {}
     timelines = ctx.timelines if ctx else {}
-    write_parquet(f"{out}/{ITEMS}", item_columns(catalogue, texts), ITEM_SCHEMA)
+    write_parquet(f"{out}/{ITEMS}", item_columns(catalogue, written.texts), ITEM_SCHEMA)
     write_parquet(f"{out}/{INTERACTIONS}", interaction_columns(timelines), INTERACTION_SCHEMA)
 
-    counts = {task: {split: len(rows) for split, rows in splits.items()} for task, splits in built.items()}
+    counts = written.counts
     manifest: dict[str, Any] = {
         "tasks": counts,
         "rows": {split: sum(c[split] for c in counts.values()) for split in SPLITS},
-        "items": len(set(catalogue) | set(texts)),
+        "items": len(set(catalogue) | set(written.texts)),
         "users": len(timelines),
         "interactions": sum(len(t) for t in timelines.values()),
         "sources": _sources(cfg, urls),
@@ -284,12 +285,12 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json"),
         "template_version": TEMPLATE_VERSION,
-        "skipped_tasks": skipped,
+        "skipped_tasks": written.skipped,
         "quarantined": {"total": len(bad.rows), "by_file": bad.counts(), "policy": cfg.on_bad_rows},
         "filtered": loaded.counts if loaded else {},
         "recfound_version": __version__,
     }
-    if "q2i" in built and ctx is not None:
+    if "q2i" in counts and ctx is not None:
         pseudo, why = q2i_mode(ctx)
         manifest["q2i"] = {"pseudo_queries": pseudo, "reason": why}
     if ctx is not None and ctx.questions:
