@@ -175,6 +175,9 @@ def test_serve(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
     levels = {f"{e}_serve_vs_direct_c{c}" for e in ("embeddings", "completions") for c in (1, 2)}
     _assert_report(report | {"targets": [t for t in report["targets"] if t["key"].endswith("c1")]}, levels)
     assert "embeddings_added_p50_ms_c1" in report["figures"]
+    first = report["figures"]["first_token_p50_ms"]
+    assert set(first) == {"engine stream, in process", "HTTP stream: true"} and all(ms > 0 for ms in first.values())
+    assert report["ratios"]["stream_first_token_vs_bound"] > 0
 
 
 def test_quality_verdicts_compare_each_model_with_each_baseline() -> None:
