@@ -214,7 +214,7 @@ def test_runtime_env_pins_match_pyproject_and_merge_with_the_driver() -> None:
     assert _requirement("ray", packages) == _requirement("ray", project["dependencies"])
     assert "py_modules" not in env, "jobs/train.py's ray.init sets py_modules; a second one fails the merge"
     # Exactly what `ray job submit --working-dir . --runtime-env <file>` builds, then what the driver's ray.init
-    # merges into it (run.py: py_modules=[recfound]); Ray returns None on a conflict.
+    # merges into it (ray_start.py: py_modules=[recfound]); Ray returns None on a conflict.
     job_env = parse_runtime_env_args(runtime_env=str(RUNTIME_ENV), working_dir=".")
     merged = _merge_runtime_env(RuntimeEnv(**job_env), RuntimeEnv(py_modules=[str(ROOT / "platform" / "recfound")]))
     assert merged is not None and merged["working_dir"] == "." and merged["pip"]["packages"] == packages

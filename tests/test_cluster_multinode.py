@@ -5,7 +5,7 @@ fresh ports, token auth; at teardown every process of every node is SIGKILLed by
 and drive them the way docs/cluster.md does: `ray job submit --working-dir <a copy of jobs/,
 platform/ and configs/> -- python jobs/train.py ...`. The cluster's processes cannot import the editable install
 of recfound (a sitecustomize drops its path entry), so the job only works if the package travels with it: the
-driver from the working dir, the Train workers from the runtime_env py_modules that run.py's `_init_ray` adds.
+driver from the working dir, the Train workers from the runtime_env py_modules that recfound/ray_start.py adds.
 
 Layout: the head has 3 logical CPUs and the other node 2, and each Train worker asks for 2 (`cpus_per_worker=2`),
 so no node fits both workers: one lands on each node, and the head keeps 1 CPU for Ray Data's tokenisation tasks.

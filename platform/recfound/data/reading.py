@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -30,8 +28,8 @@ from ray.data.block import BlockMetadata
 from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasource, ReadTask
 
-import recfound
 from recfound.data.sources import BadRowPolicy, BadRows, DataError, Item, items_in, reviews_in
+from recfound.ray_start import start_ray
 
 ROW, BAD, LINES, IDS = "row", "bad", "lines", "ids"
 """Row kinds in a read: a record; a bad row (its quarantine record as JSON); a file's line count (in ``line``); one
@@ -226,21 +224,12 @@ def local_ray() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    start_ray()
+    start_ray(dashboard=False, echo=False)
+    _quiet_data_console()
     try:
         yield
     finally:
         ray.shutdown()
-
-
-def start_ray() -> None:
-    """``ray.init`` as a build without a running Ray calls it: the local instance, or the cluster ``RAY_ADDRESS``
-    names (whose workers import recfound from the shipped sources)."""
-    runtime_env = {}
-    if os.environ.get("RAY_ADDRESS"):
-        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
-    ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    _quiet_data_console()
 
 
 def _quiet_data_console() -> None:

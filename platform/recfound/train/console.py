@@ -22,9 +22,6 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-# Ray's console level for the libraries with a documented one: warnings go to the log files only.
-RAY_CONSOLE_LEVEL = "ERROR"
-
 # Ray 2.60's informational lines that arrive at the driver as worker output, by their source.
 RAY_NOISE = (
     r"Starting execution of Dataset ",  # Ray Data, per dataset and worker

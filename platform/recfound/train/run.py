@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-import recfound
 from recfound.artifacts import TENSORBOARD_DIR
 from recfound.io import exists, read_json
+from recfound.ray_start import RAY_CONSOLE_LEVEL, start_ray
 from recfound.tasks import DATASET_MANIFEST, Mode, mode_of
 from recfound.train.config import TrainConfig
-from recfound.train.console import RAY_CONSOLE_LEVEL, worker_env_vars
+from recfound.train.console import worker_env_vars
 from recfound.train.popularity import ItemPrior
 from recfound.train.streams import small_tasks
 
@@ -120,19 +120,11 @@ def _init_ray(cfg: TrainConfig) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env: dict[str, object] = {"env_vars": worker_env_vars()}
-    if os.environ.get("RAY_ADDRESS"):
-        # On a cluster (ray job submit): ship the library to every worker, installed there or not.
-        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
-        context = ray.init(runtime_env=runtime_env, logging_level=RAY_CONSOLE_LEVEL)
-    else:
-        # A local Ray gets enough logical CPUs for the workers plus one for Ray Data's tokenisation tasks, and the
-        # dashboard (where available): Ray Train's placement-group cleaner polls the state API it serves, and
-        # without it logs a warning every few seconds (start-up time measured the same with and without).
-        needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
-        context = ray.init(
-            num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env, logging_level=RAY_CONSOLE_LEVEL
-        )
+    # A local Ray gets enough logical CPUs for the workers plus one for Ray Data's tokenisation tasks, and the
+    # dashboard (where available): Ray Train's placement-group cleaner polls the state API it serves, and without it
+    # logs a warning every few seconds (start-up time measured the same with and without).
+    needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
+    context = start_ray(env_vars=worker_env_vars(), num_cpus=max(os.cpu_count() or 1, needed), echo=True)
     dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
     print(f"ray: logs in {context.address_info['session_dir']}/logs{dashboard}", flush=True)
 

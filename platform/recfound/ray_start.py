@@ -1,0 +1,39 @@
+"""Starting Ray the one way every recfound job does (training, dataset builds): joined through ``RAY_ADDRESS`` (a
+cluster, ``ray job submit``) the library is shipped to every worker, installed there or not; otherwise a local
+instance starts with the CPUs the job asks for. The driver's own Ray notices go to Ray's log files.
+
+Ray is imported when a job starts it, not with this module: train/console.py's settings must reach the environment
+before Ray reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import recfound
+
+RAY_CONSOLE_LEVEL = "ERROR"
+"""Ray's console level for the libraries with a documented one: warnings go to the log files only."""
+
+
+def start_ray(
+    *, env_vars: dict[str, str] | None = None, num_cpus: int | None = None, dashboard: bool | None = None, echo: bool
+) -> Any:
+    """``ray.init`` for a job; returns its context. ``num_cpus`` and ``dashboard`` apply to a local instance only (a
+    cluster has its own); ``echo``: whether the workers' output is echoed to the driver (a build prints its own
+    table; a training run shows its workers' progress lines)."""
+    import ray
+
+    runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
+    if os.environ.get("RAY_ADDRESS"):
+        runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
+        return ray.init(runtime_env=runtime_env, log_to_driver=echo, logging_level=RAY_CONSOLE_LEVEL)
+    return ray.init(
+        num_cpus=num_cpus,
+        runtime_env=runtime_env,
+        include_dashboard=dashboard,
+        log_to_driver=echo,
+        logging_level=RAY_CONSOLE_LEVEL,
+    )
