@@ -4,12 +4,13 @@ even when the elements are bad too."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from recfound.serving.errors import ApiError
-from recfound.serving.limits import Limits, configure_limits
+from recfound.serving.limits import Limits, configure_limits, configured_limits
 from recfound.serving.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, RankRequest, RecommendRequest
 
 LIMITS = Limits(max_inputs=3, max_messages=2, max_stops=1, max_history=2, max_candidates=2)
@@ -43,8 +44,12 @@ OVER = [
 
 
 @pytest.fixture(autouse=True)
-def small_limits() -> None:
+def small_limits() -> Iterator[None]:
+    """This module's caps, then the process's own again: later tests construct requests too."""
+    before = configured_limits()
     configure_limits(LIMITS)
+    yield
+    configure_limits(before)
 
 
 @pytest.mark.parametrize(("schema", "body", "param", "message"), OVER)
