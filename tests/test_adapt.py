@@ -189,7 +189,7 @@ def test_bad_input_is_refused_before_training(merged, synthetic_dataset, tmp_pat
 def test_cli_help_errors_and_run(merged: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
     job = [sys.executable, str(REPO / "jobs" / "adapt.py")]
     shown = subprocess.run([*job, "--help"], capture_output=True, text=True, check=True).stdout
-    for key in ("model", "data", "tasks", "out", "method", "prompt_tokens", "steps", "rows", "seed"):
+    for key in ("model", "data", "tasks", "out", "method", "prompt_tokens", "steps", "rows", "seed", "log_every"):
         assert f"  {key} (" in shown
     assert "task_embedding|prompt" in shown
     base = [f"model={merged}", f"data={synthetic_dataset}", f"out={tmp_path / 'o'}"]
@@ -198,11 +198,14 @@ def test_cli_help_errors_and_run(merged: Path, synthetic_dataset: Path, tmp_path
     bad = subprocess.run([*job, *base, "tasks=answer_generation"], check=False, capture_output=True, text=True)
     assert bad.returncode == 1 and "error: data=" in bad.stderr and "no train split" in bad.stderr
     done = subprocess.run(
-        [*job, *base, "tasks=item_profile", "steps=2", "rows=20", "valid_rows=8"],
+        [*job, *base, "tasks=item_profile", "steps=2", "rows=20", "valid_rows=8", "log_every=1"],
         capture_output=True,
         text=True,
         check=True,
     )
+    progress = [line for line in done.stderr.splitlines() if line.startswith("adapt step ")]
+    assert [line.split()[2] for line in progress] == ["1/2", "2/2"]
+    assert all("loss " in line and " tokens/s" in line and "left" in line for line in progress)
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == str(tmp_path / "o") and "adapter parameters" in lines[-2]
     assert _manifest(tmp_path / "o")["train_rows"] == {"item_profile": 20}

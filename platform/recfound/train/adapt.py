@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import time
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -53,7 +55,7 @@ from recfound.train.objective import JointObjective
 from recfound.train.optim import OptimConfig
 from recfound.train.step import train_step
 from recfound.train.streams import MemoryShard, TaskStream
-from recfound.train.telemetry import StepCost
+from recfound.train.telemetry import StepCost, clock_text
 
 
 class AdaptMethod(str, Enum):
@@ -97,6 +99,8 @@ class AdaptConfig(Config):
     """Valid rows per task whose loss is measured before and after (recorded in the manifest)."""
     seed: int = 0
     """Seeds the soft-prompt init, the row sample, the shuffling and dropout: same inputs and seed, same artifact."""
+    log_every: int = Field(10, ge=1)
+    """Print a progress line (step, mean task loss, tokens/s, time left) to stderr every this many steps."""
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -167,6 +171,7 @@ def _train(
     samplers = {mode: Sampler([t for t in cfg.tasks if mode_of(t) is mode], n) for mode, n in sizes.items()}
     even, history = dict.fromkeys(cfg.tasks, 1.0), []
     objective.train()
+    start, tokens = time.perf_counter(), 0
     for step in range(1, cfg.steps + 1):
         counts = {mode: s.counts(even) for mode, s in samplers.items()}
         done = train_step(
@@ -183,7 +188,20 @@ def _train(
         if done.non_finite:
             raise AdaptError(f"step {step}: the loss of {done.non_finite} is {done.losses[done.non_finite]}")
         history.append(round(sum(done.losses.values()) / len(done.losses), 6))
+        tokens += done.tokens
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            _progress(step, cfg.steps, history[-1], tokens, time.perf_counter() - start)
     return history
+
+
+def _progress(step: int, steps: int, loss: float, tokens: int, seconds: float) -> None:
+    """One stderr line: a few hundred SmolLM2 steps on a CPU take tens of minutes, too long to run silent."""
+    left = clock_text(seconds / step * (steps - step))
+    print(
+        f"adapt step {step}/{steps}  loss {loss:.4f}  {tokens / seconds:,.0f} tokens/s  {left} left",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _read_source(root: Path) -> TMoLEConfig:
