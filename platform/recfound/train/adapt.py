@@ -152,7 +152,7 @@ def adapt(cfg: AdaptConfig) -> Path:
         "train_rows": {t: len(rows) for t, rows in train.items()},
         "valid_loss": {t: {"before": before[t], "after": after[t]} for t in cfg.tasks},
         "train_loss": history,
-        "parameters": cfg.model_dump(mode="json", exclude={"model", "data", "out", "tasks", "method"}),
+        "parameters": cfg.model_dump(mode="json", exclude={"model", "data", "out", "tasks", "method", "log_every"}),
         "source": {"model": str(source.resolve()), "manifest_sha256": sha256(str(source / MANIFEST)), "data": cfg.data},
     }
     _write(grm, out, report)
