@@ -41,7 +41,9 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(merged: Path, data: Path, out: Path, **overrides) -> AdaptConfig:
-    return AdaptConfig(model=str(merged), data=str(data), out=str(out), steps=STEPS, valid_rows=32, **overrides)
+    return AdaptConfig(
+        **{"model": str(merged), "data": str(data), "out": str(out), "steps": STEPS, "valid_rows": 32} | overrides
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,12 @@ def adapted(merged: Path, synthetic_dataset: Path, tmp_path_factory: pytest.Temp
 def prompted(merged: Path, synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prompted") / "out"
     return adapt(_config(merged, synthetic_dataset, out, tasks="item_profile", method="prompt", prompt_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def experted(merged: Path, synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("experted") / "out"
+    return adapt(_config(merged, synthetic_dataset, out, tasks="item_profile", method="expert"))
 
 
 def _manifest(path: Path) -> dict:
@@ -93,6 +101,55 @@ def test_the_optimizer_gets_only_task_rows_and_prompts(merged: Path, synthetic_d
     assert trained == {"tuner.tmole_task_table.default.weight", "tuner.tmole_soft_prompt.default.item_profile"}
     assert {id(p) for p in model.params} == {id(p) for p in model.grm.parameters() if p.requires_grad}
     assert model.count == TASK_DIM + 2 * model.grm.tuner.model.config.hidden_size
+
+
+def test_an_expert_adaptation_adds_a_private_expert_and_moves_nothing_shared(merged: Path, experted: Path) -> None:
+    source, result = read_adapter_weights(str(merged / "adapter")), read_adapter_weights(str(experted / "adapter"))
+    config = read_adapter_config(str(experted / "adapter"))
+    assert config.task_experts == {"item_profile": 1} and config.tasks == [*TASKS, "item_profile"]
+    private = result.keys() - source.keys()
+    assert private and all(k.endswith(("tmole_task_A.item_profile", "tmole_task_B.item_profile")) for k in private)
+    assert all(result[k].abs().sum() > 0 for k in private if "tmole_task_B" in k)  # B starts at 0 and trained
+    for key in source.keys() - {TASK_TABLE_KEY}:
+        assert _same_bytes(result[key], source[key]), key
+    assert _same_bytes(result[TASK_TABLE_KEY][: len(TASKS)], source[TASK_TABLE_KEY])
+    manifest = _manifest(experted)
+    assert manifest["trained_parameters"] == TASK_DIM + sum(result[k].numel() for k in private)
+    assert manifest["changed_tasks"] == ["item_profile"] and manifest["parameters"]["lr"] == 1e-3
+    assert manifest["valid_loss"]["item_profile"]["after"] < manifest["valid_loss"]["item_profile"]["before"]
+
+
+def test_an_expert_adapted_task_folds_and_serves_and_the_others_serve_as_before(
+    merged, experted, synthetic_dataset, tmp_path, one_thread
+) -> None:
+    source, served = (_serve(m, synthetic_dataset, tmp_path / name) for m, name in ((merged, "r0"), (experted, "r1")))
+    direct = GRM.from_pretrained(str(experted / "adapter")).eval()
+    with torch.no_grad():
+        expected = direct.generate(PROMPTS, "item_profile", max_new_tokens=6)
+        plain = direct.merge_task("item_profile")  # the private expert folds into W0 like the shared ones
+        batch = direct.tokenizer(PROMPTS[:1], return_tensors="pt")
+        routed = direct.tuner(**batch, task_ids=direct.task_ids(["item_profile"])).logits
+        torch.testing.assert_close(plain(**batch).logits, routed, atol=1e-5, rtol=1e-5)
+    assert served.generate("item_profile", PROMPTS, max_tokens=6, temperature=0.0) == expected
+    assert served.generate("sentiment_analysis", PROMPTS, 6, 0.0) == source.generate(
+        "sentiment_analysis", PROMPTS, 6, 0.0
+    )
+
+
+def test_full_adaptation_is_the_reference_that_moves_every_expert(
+    merged: Path, synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    full = adapt(_config(merged, synthetic_dataset, tmp_path / "full", tasks="item_profile", method="full", steps=3))
+    source, result = read_adapter_weights(str(merged / "adapter")), read_adapter_weights(str(full / "adapter"))
+    assert result.keys() == source.keys()
+    moved = {k for k in source if k != TASK_TABLE_KEY and not _same_bytes(result[k], source[k])}
+    assert moved == {
+        k for k in source if k.endswith(("tmole_A", "tmole_B", "tmole_router.weight", "tmole_router.bias"))
+    }
+    manifest = _manifest(full)
+    assert manifest["changed_tasks"] == [*TASKS, "item_profile"] and manifest["parameters"]["lr"] == 5e-4
+    experts = sum(t.numel() for k, t in source.items() if k != TASK_TABLE_KEY)
+    assert manifest["trained_parameters"] == experts + TASK_DIM  # every expert and router, and the new task's row
 
 
 def test_trained_share_is_reported_and_small(merged: Path, adapted: Path, prompted: Path) -> None:

@@ -201,6 +201,46 @@ def test_merge_task_gives_a_plain_model_with_the_same_outputs(task, mode):
     torch.testing.assert_close(_logits(tuner, ids(task, task), mode), expected, atol=0, rtol=0)  # tuner untouched
 
 
+def test_a_private_task_expert_moves_only_its_own_tasks_samples_and_folds_like_the_shared_ones(tmp_path):
+    """The same seed with and without answer_generation's private expert (perturbed like the others): rows of other
+    tasks in the same batch compute exactly what they did, the owner's rows differ, and its folded, merged and
+    reloaded forms all agree with the per-sample sum."""
+    plain, private = make(seed=3), make(seed=3, task_experts={"answer_generation": 2})
+    assert {k for k in private.trainable_state_dict()} - set(plain.trainable_state_dict()) == {
+        f"{name}.tmole_task_{side}.answer_generation" for name, _ in private._layers() for side in "AB"
+    }
+    shared = {k: v for k, v in private.trainable_state_dict().items() if ".tmole_task_" not in k}
+    plain.load_trainable_state_dict(shared)  # the same shared experts, routers and table in both
+    mixed = ids("answer_generation", "query_rewriting")
+    with torch.enable_grad():
+        without, with_private = _logits(plain.eval(), mixed).detach(), _logits(private.eval(), mixed).detach()
+    assert torch.equal(with_private[1], without[1])
+    assert not torch.allclose(with_private[0], without[0])
+    own = ids("answer_generation", "answer_generation")
+    with torch.enable_grad():
+        expected = _logits(private, own).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(private, own), expected, **TOL)  # the folded single-task path
+    torch.testing.assert_close(private.merge_task("answer_generation")(input_ids=TOKENS).logits, expected, **TOL)
+    private.save_pretrained(str(tmp_path))
+    reloaded = TMoLEModel.from_pretrained(load_backbone(BackboneConfig())[0], str(tmp_path)).eval()
+    with torch.enable_grad():
+        torch.testing.assert_close(_logits(reloaded, own).detach(), expected, atol=0, rtol=0)
+    (grads,) = torch.autograd.grad(
+        _logits(private.train(), ids("query_rewriting")[:1].expand(2)).sum(),
+        private.task_expert_parameters("answer_generation")[1],
+        allow_unused=True,
+    )
+    assert grads is None  # another task's batch never reaches the private expert
+
+
+def test_task_experts_must_name_tasks_with_a_positive_rank():
+    with pytest.raises(ValueError, match="task_experts"):
+        TMoLEConfig(task_experts={"answer_generation": 0})
+    with pytest.raises(ValueError, match="task_experts"):
+        TMoLEConfig(tasks=["u2i"], task_experts={"i2i": 1})
+
+
 def test_gradient_checkpointing_replays_with_the_forward_routing():
     plain, checkpointed = make(seed=1, dropout=0.0), make(seed=1, dropout=0.0)
     checkpointed.enable_gradient_checkpointing()

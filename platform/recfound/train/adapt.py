@@ -2,7 +2,10 @@
 
 Every TMoLE expert, router and the backbone stay frozen; what trains is each adapted task's task-table row (the
 routers' input: the task picks its own mix of the frozen experts) and, with ``method=prompt``, a few soft-prompt
-vectors before its inputs (M6-Rec's prompt tuning). A task the model lacks gets a new row, started at the mean of
+vectors before its inputs (M6-Rec's prompt tuning), or with ``method=expert`` a private low-rank expert of the task's
+own in every adapted linear (about rank / (num_experts * r) of the adapter: 1 % at rank 1 of 6 rank-16 experts).
+``method=full`` is the reference they are measured against: every expert and router trains on the task's rows too,
+so the model's other tasks change with it. A task the model lacks gets a new row, started at the mean of
 its mode's rows (an "average" task the routers know, not a random point); a task it has (an existing task on a new
 domain's data) continues from its own row, which the output replaces; the source artifact stays as it was.
 
@@ -45,7 +48,7 @@ from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
 from recfound.model.losses import LossConfig
 from recfound.model.tmole import TMoLEConfig, read_adapter_config, read_adapter_weights
-from recfound.model.tmole.model import SOFT_PROMPT_PREFIX, TASK_TABLE_KEY
+from recfound.model.tmole.model import TASK_TABLE_KEY
 from recfound.tasks import Mode, mode_of, task_path
 from recfound.train.batches import Rows, collate, tokenize_table
 from recfound.train.config import TrainConfig
@@ -61,6 +64,13 @@ from recfound.train.telemetry import StepCost, clock_text
 class AdaptMethod(str, Enum):
     TASK_EMBEDDING = "task_embedding"
     PROMPT = "prompt"
+    EXPERT = "expert"
+    FULL = "full"
+
+    @property
+    def default_lr(self) -> float:
+        """A few vectors take a high rate; LoRA weights the recipe's (configs/quality.yaml), a fresh expert twice it."""
+        return {AdaptMethod.EXPERT: 1e-3, AdaptMethod.FULL: 5e-4}.get(self, 1e-2)
 
 
 class AdaptError(ValueError):
@@ -81,14 +91,19 @@ class AdaptConfig(Config):
     """Output directory; replaced if it holds an earlier adaptation, refused if it holds anything else."""
     method: AdaptMethod = AdaptMethod.TASK_EMBEDDING
     """task_embedding: train each task's task-table row only (task_dim parameters per task). prompt: also
-    prompt_tokens soft-prompt vectors per task in front of its inputs (hidden size each): more capacity, more
-    parameters, and the task can no longer be exported as a folded plain model."""
+    prompt_tokens soft-prompt vectors per task in front of its inputs (hidden size each): more capacity, and the
+    task can no longer be exported as a folded plain model. expert: the row and a private LoRA expert of rank
+    expert_rank in every adapted linear (about 1 % of the adapter at rank 1; it folds and exports like the others).
+    full: the reference, every expert and router trains too (the whole adapter; the other tasks change)."""
     prompt_tokens: int = Field(4, ge=1)
     """method=prompt: soft-prompt vectors per adapted task."""
+    expert_rank: int = Field(1, ge=1)
+    """method=expert: rank of each adapted task's private expert; parameters grow linearly with it."""
     steps: int = Field(100, ge=1)
     """Optimizer steps (AdamW, 3 % warmup, linear decay to 0 at the last step)."""
-    lr: float = Field(1e-2, gt=0)
-    """Peak learning rate. Only a few vectors train, so it is higher than full TMoLE training's."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate; empty: 1e-2 for task_embedding and prompt (a few vectors move), 1e-3 for expert (a fresh
+    LoRA), 5e-4 for full (the quality recipe's rate for trained experts)."""
     embedding_batch: int = Field(16, ge=1)
     """Embedding queries per step, split evenly over the adapted embedding tasks (in-batch negatives come from it)."""
     generative_batch: int = Field(8, ge=1)
@@ -119,7 +134,7 @@ class Trainable:
 
     grm: GRM
     params: list[torch.nn.Parameter]
-    count: int  # task_dim per adapted task, plus its soft-prompt vectors with method=prompt
+    count: int  # task_dim per adapted task, plus what the method adds (prompts, private experts, every expert)
 
 
 def adapt(cfg: AdaptConfig) -> Path:
@@ -138,7 +153,8 @@ def adapt(cfg: AdaptConfig) -> Path:
     valid_rows = {t: tokenize_table(rows, backbone, t) for t, rows in valid.items()}
     objective = JointObjective(grm, LossConfig())  # the trainer's default InfoNCE temperature and weights
     before = _valid_losses(objective, valid_rows, cfg)
-    history = _train(objective, model.params, train_rows, cfg)
+    lr = cfg.lr or cfg.method.default_lr
+    history = _train(objective, model.params, train_rows, cfg, lr)
     after = _valid_losses(objective, valid_rows, cfg)
     adapter_parameters = sum(t.numel() for t in base.values())
     report = {
@@ -152,7 +168,9 @@ def adapt(cfg: AdaptConfig) -> Path:
         "train_rows": {t: len(rows) for t, rows in train.items()},
         "valid_loss": {t: {"before": before[t], "after": after[t]} for t in cfg.tasks},
         "train_loss": history,
-        "parameters": cfg.model_dump(mode="json", exclude={"model", "data", "out", "tasks", "method", "log_every"}),
+        "changed_tasks": grm.tuner.adapter_config.tasks if cfg.method is AdaptMethod.FULL else cfg.tasks,
+        "parameters": cfg.model_dump(mode="json", exclude={"model", "data", "out", "tasks", "method", "log_every"})
+        | {"lr": lr},
         "source": {"model": str(source.resolve()), "manifest_sha256": sha256(str(source / MANIFEST)), "data": cfg.data},
     }
     _write(grm, out, report)
@@ -160,11 +178,11 @@ def adapt(cfg: AdaptConfig) -> Path:
 
 
 def _train(
-    objective: JointObjective, params: list[torch.nn.Parameter], rows: dict[str, Rows], cfg: AdaptConfig
+    objective: JointObjective, params: list[torch.nn.Parameter], rows: dict[str, Rows], cfg: AdaptConfig, lr: float
 ) -> list[float]:
-    """``cfg.steps`` of the trainer's own ``train_step``, each mode's batch split evenly over its adapted tasks;
-    returns each step's mean task loss."""
-    run = TrainConfig(max_steps=cfg.steps, optim=OptimConfig(lr=cfg.lr), seed=cfg.seed)
+    """``cfg.steps`` of the trainer's own ``train_step`` at peak rate ``lr``, each mode's batch split evenly over
+    its adapted tasks; returns each step's mean task loss."""
+    run = TrainConfig(max_steps=cfg.steps, optim=OptimConfig(lr=lr), seed=cfg.seed)
     engine, cost = TorchEngine(objective, params, run), StepCost.of(objective.grm.tuner.model)
     streams = {t: TaskStream(MemoryShard(r), seed=cfg.seed, shuffle_window=len(r["task"])) for t, r in rows.items()}
     sizes = {Mode.EMBEDDING: cfg.embedding_batch, Mode.GENERATIVE: cfg.generative_batch}
@@ -233,18 +251,21 @@ def _read_rows(data: str, task: str, split: str, limit: int | None, seed: int | 
 
 
 def trainable_model(config: TMoLEConfig, base: dict[str, torch.Tensor], cfg: AdaptConfig) -> Trainable:
-    """The source model with the adapted tasks' rows (and prompts) added, everything else frozen."""
+    """The source model with the adapted tasks' rows (and prompts or private experts) added; what the method does
+    not train is frozen."""
     new = [t for t in cfg.tasks if t not in config.tasks]
-    prompts = dict(config.soft_prompts)
+    prompts, experts = dict(config.soft_prompts), dict(config.task_experts)  # earlier ones keep their size
     if cfg.method is AdaptMethod.PROMPT:
-        prompts |= {t: cfg.prompt_tokens for t in cfg.tasks if t not in prompts}  # an earlier prompt keeps its size
-    extended = dataclasses.replace(config, tasks=[*config.tasks, *new], soft_prompts=prompts)
-    torch.manual_seed(cfg.seed)  # the soft prompts' initial draw
+        prompts |= {t: cfg.prompt_tokens for t in cfg.tasks if t not in prompts}
+    if cfg.method is AdaptMethod.EXPERT:
+        experts |= {t: cfg.expert_rank for t in cfg.tasks if t not in experts}
+    extended = dataclasses.replace(config, tasks=[*config.tasks, *new], soft_prompts=prompts, task_experts=experts)
+    torch.manual_seed(cfg.seed)  # the soft prompts' and private experts' initial draw
     assert extended.backbone is not None  # _read_source checked it
     grm = GRM.build(BackboneConfig.model_validate(extended.backbone), extended)
     fresh = grm.tuner.trainable_state_dict()
     table = base[TASK_TABLE_KEY]
-    state = {k: v for k, v in fresh.items() if k.startswith(SOFT_PROMPT_PREFIX)} | base
+    state = {k: v for k, v in fresh.items() if k not in base} | base  # new prompts and experts start fresh
     state[TASK_TABLE_KEY] = torch.cat([table, *(_start_row(table, config.tasks, t)[None] for t in new)])
     grm.tuner.load_trainable_state_dict(state, source=f"{cfg.model}/{ADAPTER_DIR}")
     grm.requires_grad_(False)
@@ -254,7 +275,13 @@ def trainable_model(config: TMoLEConfig, base: dict[str, torch.Tensor], cfg: Ada
     weight.register_hook(lambda grad: grad * keep.to(grad))  # the other tasks' rows never move
     params = [weight]
     if cfg.method is AdaptMethod.PROMPT:
-        params += [grm.tuner.soft_prompts[t].requires_grad_(True) for t in cfg.tasks]
+        params += [grm.tuner.soft_prompts[t] for t in cfg.tasks]
+    if cfg.method is AdaptMethod.EXPERT:
+        params += [p for t in cfg.tasks for p in grm.tuner.task_expert_parameters(t)]
+    if cfg.method is AdaptMethod.FULL:
+        params += grm.tuner.expert_parameters()
+    for p in params[1:]:
+        p.requires_grad_(True)
     count = len(cfg.tasks) * extended.task_dim + sum(p.numel() for p in params[1:])
     return Trainable(grm, params, count)
 

@@ -24,7 +24,7 @@ HYPERPARAMETERS = (
     "layers_to_transform",
 )
 """The fields a training config sets (``model.adapter``); the others are filled in by whoever builds the adapter
-(``tasks``, ``backbone``) or adapts it (``soft_prompts``, jobs/adapt.py)."""
+(``tasks``, ``backbone``) or adapts it (``soft_prompts``, ``task_experts``, jobs/adapt.py)."""
 
 
 class ExpertGroups(str, Enum):
@@ -105,6 +105,13 @@ class TMoLEConfig(PeftConfig):
             "token embeddings (M6-Rec's prompt tuning; written by jobs/adapt.py method=prompt)."
         },
     )
+    task_experts: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Tasks with a private LoRA expert of their own (task -> rank) in every adapted linear, added "
+            "ungated to that task's samples only (written by jobs/adapt.py method=expert)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,6 +131,9 @@ class TMoLEConfig(PeftConfig):
         wrong = {t: n for t, n in self.soft_prompts.items() if t not in self.tasks or n < 1}
         if wrong:
             raise ValueError(f"soft_prompts {wrong}: each must name a task of {self.tasks} with at least 1 vector")
+        wrong = {t: r for t, r in self.task_experts.items() if t not in self.tasks or r < 1}
+        if wrong:
+            raise ValueError(f"task_experts {wrong}: each must name a task of {self.tasks} with a rank of at least 1")
         if not isinstance(self.target_modules, str):
             self.target_modules = sorted(self.target_modules)
         if self.layers_to_transform is not None:

@@ -3,6 +3,10 @@
 h = W0 x + sum_i g_i(task) * (alpha / r) * B_i A_i dropout(x), with g = softmax(router(task_emb) + mode mask).
 All experts run as two matmuls: A stacked to (E*r, in), B concatenated to (out, E*r), the per-sample gates
 scaling the E*r intermediate features in between; no Python loop over experts.
+
+A task may also own a private expert (``TMoLEConfig.task_experts``, written by jobs/adapt.py method=expert): one more
+LoRA of its own rank, added (alpha / r) B_t A_t x, ungated, to that task's samples only; the shared experts never see
+it, so adding one changes no other task.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from recfound.model.tmole.routing import Routing, current_routing
 class TMoLELayer(BaseTunerLayer):
     """peft tuner-layer mixin: per-adapter experts and router, keyed by adapter name like every peft layer."""
 
-    adapter_layer_names = ("tmole_A", "tmole_B", "tmole_router")
+    adapter_layer_names = ("tmole_A", "tmole_B", "tmole_router", "tmole_task_A", "tmole_task_B")
     other_param_names = ("r", "scaling")
     # Folded weights kept per layer (oldest evicted first); each costs one copy of the base weight.
     max_folded_tasks = 4
@@ -36,6 +40,10 @@ class TMoLELayer(BaseTunerLayer):
         self.tmole_B = nn.ParameterDict()
         self.tmole_router = nn.ModuleDict()
         self.tmole_dropout = nn.ModuleDict()
+        # adapter -> task name -> (r_t, in) / (out, r_t); task_index maps each name to its task-table row.
+        self.tmole_task_A = nn.ModuleDict()
+        self.tmole_task_B = nn.ModuleDict()
+        self.task_index: dict[str, dict[str, int]] = {}
         self._folded: dict[int, tuple[Hashable, torch.Tensor]] = {}
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
@@ -50,6 +58,14 @@ class TMoLELayer(BaseTunerLayer):
         self.tmole_B[adapter_name] = nn.Parameter(torch.zeros(experts, self.out_features, r))
         self.tmole_router[adapter_name] = nn.Linear(config.task_dim, experts)
         self.tmole_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        experts_of = config.task_experts.items()
+        self.tmole_task_A[adapter_name] = nn.ParameterDict(
+            {t: nn.Parameter(torch.empty(rank, self.in_features)) for t, rank in experts_of}
+        )
+        self.tmole_task_B[adapter_name] = nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(self.out_features, rank)) for t, rank in experts_of}
+        )
+        self.task_index[adapter_name] = {t: config.tasks.index(t) for t in config.task_experts}
         self._reset(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -58,6 +74,8 @@ class TMoLELayer(BaseTunerLayer):
     def _reset(self, adapter_name: str) -> None:
         # Each expert is an independent LoRA: A like nn.Linear's default init, B zero so training starts at W0.
         for a in self.tmole_A[adapter_name]:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for a in self.tmole_task_A[adapter_name].values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         router = self.tmole_router[adapter_name]
         nn.init.normal_(router.weight)
@@ -70,10 +88,17 @@ class TMoLELayer(BaseTunerLayer):
         return torch.softmax(logits + routing.logit_mask.to(logits.device), dim=-1)
 
     def delta_weight(self, adapter_name: str, routing: Routing) -> torch.Tensor:
-        """(out, in) sum_i g_i (alpha/r) B_i A_i for the first routing row (a single-task batch)."""
+        """(out, in) sum_i g_i (alpha/r) B_i A_i for the first routing row (a single-task batch), plus that task's
+        private expert when it has one."""
         gates = self.gates(adapter_name, routing)[0] * self.scaling[adapter_name]
         a, b = self.tmole_A[adapter_name], self.tmole_B[adapter_name]
-        return torch.einsum("e,eor,eri->oi", gates.to(a.dtype), b, a)
+        delta = torch.einsum("e,eor,eri->oi", gates.to(a.dtype), b, a)
+        task = int(routing.task_ids.reshape(-1)[0])
+        for name, index in self.task_index[adapter_name].items():
+            if index == task:
+                private = self.tmole_task_B[adapter_name][name] @ self.tmole_task_A[adapter_name][name]
+                delta = delta + self.scaling[adapter_name] * private
+        return delta
 
     def clear_folded(self) -> None:
         self._folded.clear()
@@ -99,7 +124,10 @@ class Linear(nn.Module, TMoLELayer):
         if routing.fold_task is not None:
             base = self.get_base_layer()
             return F.linear(x, self._folded_weight(adapter, routing), base.bias)
-        return self.base_layer(x, *args, **kwargs) + self._experts(x, adapter, routing).to(x.dtype)
+        delta = self._experts(x, adapter, routing)
+        if self.task_index[adapter]:
+            delta = delta + self._task_experts(x, adapter, routing)
+        return self.base_layer(x, *args, **kwargs) + delta.to(x.dtype)
 
     def _single_active_adapter(self) -> str:
         (adapter,) = self.active_adapters  # routing state is per adapter; mixing adapters is not defined
@@ -112,6 +140,21 @@ class Linear(nn.Module, TMoLELayer):
         scale = (self.gates(adapter, routing) * self.scaling[adapter]).repeat_interleave(r, dim=-1)
         scale = scale.reshape(scale.shape[0], *([1] * (hidden.dim() - 2)), experts * r)
         return F.linear(hidden * scale.to(hidden.dtype), b.permute(1, 0, 2).reshape(self.out_features, experts * r))
+
+    def _task_experts(self, x: torch.Tensor, adapter: str, routing: Routing) -> torch.Tensor:
+        """Each private expert's (alpha/r) B_t A_t x on its own task's samples, zero on the others; experts of tasks
+        absent from the batch cost nothing."""
+        ids = routing.task_ids.reshape(-1).to(x.device)
+        out = torch.zeros((), device=x.device, dtype=self.tmole_A[adapter].dtype)
+        dropped = self.tmole_dropout[adapter](x.to(out.dtype))
+        for name, index in self.task_index[adapter].items():
+            mine = ids == index
+            if not bool(mine.any()):
+                continue
+            a, b = self.tmole_task_A[adapter][name], self.tmole_task_B[adapter][name]
+            mask = mine.reshape(-1, *([1] * (x.dim() - 1))).to(out.dtype) * self.scaling[adapter]
+            out = out + F.linear(F.linear(dropped, a), b) * mask
+        return out
 
     @torch.no_grad()
     def _folded_weight(self, adapter: str, routing: Routing) -> torch.Tensor:

@@ -45,6 +45,7 @@ LAYOUT_FIELDS = (
     "groups",
     "task_dim",
     "soft_prompts",
+    "task_experts",
 )
 
 
@@ -149,8 +150,12 @@ class TMoLEModel(BaseTuner):
         mask = config.logit_mask(mode).to(table.weight.device)
         if len(set(ids)) == 1 and not self.training and not torch.is_grad_enabled():
             task = ids[0]
-            return Routing(table.weight[task : task + 1], mask, fold_task=task, fold_key=(mode, self._fingerprint()))
-        return Routing(table(task_ids.reshape(-1).to(table.weight.device)), mask)
+            first = torch.tensor([task], device=table.weight.device)
+            return Routing(
+                table.weight[task : task + 1], first, mask, fold_task=task, fold_key=(mode, self._fingerprint())
+            )
+        flat = task_ids.reshape(-1).to(table.weight.device)
+        return Routing(table(flat), flat, mask)
 
     @contextmanager
     def route(self, task_ids: torch.Tensor, mode: Mode) -> Iterator[None]:
@@ -174,6 +179,25 @@ class TMoLEModel(BaseTuner):
         with torch.enable_grad():  # never the single-row fold routing: one gate row per sample
             routing = self.routing(task_ids, mode)
         return {name: m.gates(self._adapter, routing) for name, m in self._layers()}
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Every layer's shared experts and router: what full TMoLE training moves besides the task table."""
+        adapter = self._adapter
+        return [
+            p
+            for _, layer in self._layers()
+            for p in (layer.tmole_A[adapter], layer.tmole_B[adapter], *layer.tmole_router[adapter].parameters())
+        ]
+
+    def task_expert_parameters(self, task: str) -> list[nn.Parameter]:
+        """Every layer's private expert of ``task`` (A and B); empty when the task has none."""
+        adapter = self._adapter
+        return [
+            p
+            for _, layer in self._layers()
+            if task in layer.tmole_task_A[adapter]
+            for p in (layer.tmole_task_A[adapter][task], layer.tmole_task_B[adapter][task])
+        ]
 
     def _layers(self) -> Iterator[tuple[str, Linear]]:
         for name, module in self.model.named_modules():
@@ -201,7 +225,8 @@ class TMoLEModel(BaseTuner):
         """Experts, routers and task table of the active adapter, as detached tensors sharing storage.
 
         Keys are stable across runs of the same config: ``<linear>.tmole_A`` (E, r, in), ``<linear>.tmole_B``
-        (E, out, r), ``<linear>.tmole_router.weight`` / ``.bias``, and ``tmole_task_table.weight``.
+        (E, out, r), ``<linear>.tmole_router.weight`` / ``.bias``, ``tmole_task_table.weight``, and for a task with a
+        private expert ``<linear>.tmole_task_A.<task>`` (r_t, in) / ``<linear>.tmole_task_B.<task>`` (out, r_t).
         """
         adapter = self._adapter
         state = {TASK_TABLE_KEY: self.task_table.weight.detach()}
@@ -211,6 +236,9 @@ class TMoLEModel(BaseTuner):
             router = layer.tmole_router[adapter]
             state[f"{name}.tmole_router.weight"] = router.weight.detach()
             state[f"{name}.tmole_router.bias"] = router.bias.detach()
+            for task, a in layer.tmole_task_A[adapter].items():
+                state[f"{name}.tmole_task_A.{task}"] = a.detach()
+                state[f"{name}.tmole_task_B.{task}"] = layer.tmole_task_B[adapter][task].detach()
         for task, vectors in self.soft_prompts.items():
             state[SOFT_PROMPT_PREFIX + task] = vectors.detach()
         return state

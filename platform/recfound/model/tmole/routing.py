@@ -24,12 +24,14 @@ class Routing:
     """Router inputs of one forward.
 
     task_emb: (B, task_dim) task-table rows, or (1, task_dim) when the whole batch is one task (broadcasts, so
-    beam search may grow the batch). logit_mask: (E,) 0 / -inf removing the other mode's expert group.
+    beam search may grow the batch). task_ids: (B,) or (1,) the rows' task indexes (private experts pick their
+    samples by them). logit_mask: (E,) 0 / -inf removing the other mode's expert group.
     fold_task / fold_key: set only for single-task inference; layers may then use a cached folded weight, valid
     while fold_key (a fingerprint of all weights) is unchanged.
     """
 
     task_emb: torch.Tensor
+    task_ids: torch.Tensor
     logit_mask: torch.Tensor
     fold_task: int | None = None
     fold_key: Hashable = None
