@@ -1,4 +1,5 @@
-"""Adapt a merged model to a new task or domain by training ~1 % of its adapter: task-table rows (+ soft prompts)."""
+"""Adapt a merged model to a new task or domain by training ~1 % of its adapter: task-table rows (+ soft prompts or a
+private expert)."""
 
 import json
 import sys
@@ -11,10 +12,12 @@ from recfound.train.adapt import AdaptConfig, adapt  # noqa: E402
 
 USAGE = """
     python jobs/adapt.py model=<merged dir> data=<dataset dir> tasks=<task>[,<task>...] out=<dir>
-                         [method=task_embedding|prompt] [steps=100] [rows=<few-shot train rows per task>]
+                         [method=task_embedding|prompt|expert|full] [steps=100] [rows=<few-shot train rows per task>]
 
     Freezes every TMoLE expert, router and the backbone and trains only each task's task-table row (the routers'
-    input) and, with method=prompt, prompt_tokens soft-prompt vectors in front of its inputs. A task the model lacks
+    input) and, with method=prompt, prompt_tokens soft-prompt vectors in front of its inputs, or with method=expert
+    a private rank-expert_rank LoRA expert of the task in every adapted linear. method=full trains every expert and
+    router too (the reference the others are measured against; the model's other tasks change). A task the model lacks
     gets a new row; a task it has continues from its own row on this data. Writes a merged-model artifact (adapter/,
     tokenizer/, manifest.json with SHA-256 per file, the adapted tasks, method, trained-parameter count and share,
     valid loss before and after) that jobs/publish.py and jobs/evaluate.py take as they take jobs/merge.py's.

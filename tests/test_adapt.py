@@ -248,7 +248,7 @@ def test_cli_help_errors_and_run(merged: Path, synthetic_dataset: Path, tmp_path
     shown = subprocess.run([*job, "--help"], capture_output=True, text=True, check=True).stdout
     for key in ("model", "data", "tasks", "out", "method", "prompt_tokens", "steps", "rows", "seed", "log_every"):
         assert f"  {key} (" in shown
-    assert "task_embedding|prompt" in shown
+    assert "task_embedding|prompt|expert|full" in shown
     base = [f"model={merged}", f"data={synthetic_dataset}", f"out={tmp_path / 'o'}"]
     bad = subprocess.run([*job, *base, "tasks=i2i", "method=lora"], check=False, capture_output=True, text=True)
     assert bad.returncode != 0 and "method" in bad.stderr and not (tmp_path / "o").exists()
