@@ -44,6 +44,17 @@ def test_batch_that_cannot_be_met_is_rejected(synthetic_dataset: Path, tmp_path:
         plan(cfg)
 
 
+def test_a_batch_for_a_mode_no_task_has_names_the_key_that_turns_it_off(
+    synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    """A recipe's embedding batch with a generative-only task list (e.g. quality.yaml with tasks=[...]) is refused
+    before Ray starts, and the error says how to run it."""
+    with pytest.raises(
+        RunError, match=r"none of the tasks \['sentiment_analysis'\] is an embedding task.*batch.embedding=0"
+    ):
+        plan(_cfg(synthetic_dataset, tmp_path, tasks=["sentiment_analysis"]))
+
+
 def test_unwritable_storage_and_missing_dataset(synthetic_dataset: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -102,7 +102,11 @@ def plan(cfg: TrainConfig) -> Plan:
     for mode, size in ((Mode.EMBEDDING, cfg.batch.embedding), (Mode.GENERATIVE, cfg.batch.generative)):
         available = sum(n for t, n in rows.items() if mode_of(t) is mode)
         if size and not available:
-            raise RunError(f"batch.{mode.value}={size} but none of the tasks {tasks} is a {mode.value} task")
+            article = "an" if mode is Mode.EMBEDDING else "a"
+            raise RunError(
+                f"batch.{mode.value}={size} but none of the tasks {tasks} is {article} {mode.value} task with train "
+                f"rows; set batch.{mode.value}=0 to train without one"
+            )
         if available and size * cfg.num_workers > available:
             raise RunError(
                 f"batch.{mode.value}={size} per worker x {cfg.num_workers} workers cannot be met by "
