@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -276,23 +277,67 @@ def test_gritlm_only_build(tmp_path):
     assert "no reviews given" in manifest["skipped_tasks"]["i2i"]
 
 
-def test_each_task_is_written_before_the_next_is_built(tmp_path, monkeypatch):
-    """A build holds one task's rows at a time: their sum over 15 tasks grows with the dump (issue 16's memory)."""
-    from recfound.data import builder
+def test_users_stream_one_at_a_time_and_other_tasks_are_written_before_the_next_is_built(tmp_path, monkeypatch):
+    """The driver holds one user's timeline (the per-user tasks are templated as the kept reviews stream past, users
+    ascending, each timeline whole) and one other task's rows at a time: their sum grows with the dump (issue 16)."""
+    from recfound.data import builder, tables
 
-    events: list[tuple[str, str]] = []
+    events: list[tuple] = []
+    for task, make in list(builder.USER_BUILDERS.items()):
+
+        def per_user(ctx, user, timeline, t=task, f=make):
+            events.append(("user", t, user, len(timeline)))
+            return f(ctx, user, timeline)
+
+        monkeypatch.setitem(builder.USER_BUILDERS, task, per_user)
     for task, make in list(builder.BUILDERS.items()):
         monkeypatch.setitem(builder.BUILDERS, task, lambda ctx, t=task, f=make: events.append(("build", t)) or f(ctx))
-    write = builder.write_parquet
-
-    def recording_write(url: str, *args, **kwargs) -> None:
-        if "/tasks/" in url:
-            events.append(("write", url.split("/tasks/")[1].split("/")[0]))
-        write(url, *args, **kwargs)
-
-    monkeypatch.setattr(builder, "write_parquet", recording_write)
+    close = tables.TaskFiles.close
+    monkeypatch.setattr(tables.TaskFiles, "close", lambda self: events.append(("close", self.task)) or close(self))
     manifest = small_build(tmp_path)
-    built = [t for kind, t in events if kind == "build" and t in manifest["tasks"]]
-    assert built == list(manifest["tasks"])
+
+    seen = [(user, task) for kind, task, *rest in events if kind == "user" for user in rest[:1]]
+    users = [user for user, task in seen if task == "u2i"]
+    assert users == sorted(set(users)) and len(users) == manifest["users"]
+    assert seen == [(user, task) for user in users for task in builder.USER_BUILDERS]  # a user's tasks together
+    interactions = pq.read_table(tmp_path / "interactions.parquet", columns=["user"]).column("user").to_pylist()
+    assert {e[2]: e[3] for e in events if e[0] == "user"} == Counter(interactions)  # each timeline whole
+    built = [t for kind, t, *_ in events if kind == "build" and t in manifest["tasks"]]
+    assert built == [t for t in manifest["tasks"] if t in builder.BUILDERS]
     for task, following in zip(built, built[1:]):
-        assert events.index(("write", task)) < events.index(("build", following)), (task, following, events)
+        assert events.index(("close", task)) < events.index(("build", following)), (task, following, events)
+
+
+def _rows(out: Path, task: str, split: str) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "id"} for row in read_task(out, task, split)]
+
+
+def test_rows_are_written_in_row_groups_as_they_are_made(tmp_path, monkeypatch):
+    """With a small row-group budget every file is written in pieces during the pass, and reads back the same."""
+    from recfound.data import tables
+
+    whole = small_build(tmp_path / "whole")
+    monkeypatch.setattr(tables, "ROW_GROUP_BYTES", 2_000)
+    pieces = small_build(tmp_path / "pieces")
+    assert pieces["tasks"] == whole["tasks"]
+    assert pq.ParquetFile(tmp_path / "pieces" / "tasks" / "u2i" / "train.parquet").num_row_groups > 1
+    assert pq.ParquetFile(tmp_path / "pieces" / "interactions.parquet").num_row_groups > 1
+    for path in sorted((tmp_path / "whole").rglob("*.parquet")):
+        twin = tmp_path / "pieces" / path.relative_to(tmp_path / "whole")
+        assert pq.read_table(path).to_pylist() == pq.read_table(twin).to_pylist(), path
+
+
+def test_a_cap_keeps_a_seeded_sample_of_each_split_in_order(tmp_path):
+    full = small_build(tmp_path / "full", tasks="u2i,user_profile")
+    capped = small_build(tmp_path / "capped", tasks="u2i,user_profile", max_rows_per_task=7)
+    for task in ("u2i", "user_profile"):
+        for split in SPLITS:
+            rows, kept = _rows(tmp_path / "full", task, split), _rows(tmp_path / "capped", task, split)
+            assert len(kept) == capped["tasks"][task][split] == min(7, full["tasks"][task][split])
+            positions = [rows.index(row) for row in kept]
+            assert positions == sorted(positions)  # a sample in the full split's order
+            ids = [r["id"] for r in read_task(tmp_path / "capped", task, split)]
+            assert ids == [f"{task}-{split}-{i:07d}" for i in range(len(kept))]
+    assert not list((tmp_path / "capped").rglob("*.uncapped"))
+    small_build(tmp_path / "again", tasks="u2i,user_profile", max_rows_per_task=7)
+    assert _files(tmp_path / "again") == _files(tmp_path / "capped")

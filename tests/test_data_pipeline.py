@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from data_fixtures import review, write_lines
 
 from recfound.data.builder import BuildConfig, build
 from recfound.data.sources import DataError
+from recfound.data.split import user_timelines
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
 
@@ -91,3 +93,25 @@ def test_a_bad_line_in_a_read_task_reaches_the_caller_as_a_data_error(tmp_path, 
     assert manifest["quarantined"]["by_file"] == {broken: 1} and manifest["filtered"]["reviews_read"] == 11
     quarantined = [json.loads(r) for r in (tmp_path / "skip" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["file"], q["line"], q["field"]) for q in quarantined] == [(broken, 2, "overall")]
+
+
+def _events(*rows: tuple[str, str, int]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {"user": u, "item": i, "timestamp": t, "rating": 5.0, "summary": "", "text": "", "file_index": 0, "line": n}
+            for n, (u, i, t) in enumerate(rows)
+        ]
+    )
+
+
+def test_user_timelines_join_a_user_across_batches_and_reject_users_out_of_order():
+    batches = [_events(("a", "i2", 2), ("a", "i1", 1)), _events(("a", "i3", 3), ("b", "i1", 1), ("b", "i2", 2))]
+    timelines = list(user_timelines(batches))
+    assert [(u, [(s, e.item) for s, e in t]) for u, t in timelines] == [
+        ("a", [("train", "i1"), ("valid", "i2"), ("test", "i3")]),
+        ("b", [("valid", "i1"), ("test", "i2")]),
+    ]
+    with pytest.raises(RuntimeError, match="out of user order"):
+        list(user_timelines([_events(("b", "i1", 1), ("a", "i1", 1))]))
+    with pytest.raises(RuntimeError, match="out of user order"):  # a user met again after another one
+        list(user_timelines([_events(("a", "i1", 1), ("b", "i1", 1)), _events(("a", "i2", 2))]))

@@ -1,10 +1,14 @@
 """Raw sources -> the multi-task dataset: ``tasks/<task>/<split>.parquet``, items, interactions, manifest.
 
-The manifest is written last and atomically: a directory without one is a build that did not finish.
+Tasks read from users' timelines are templated one user at a time as the kept reviews stream from Ray, each row
+written as it is made (``tables.TaskFiles``); the other tasks (items, queries, questions, relations) are built
+and written one task at a time. The manifest is written last and atomically: a directory without one is a build
+that did not finish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -18,14 +22,14 @@ from pydantic import Field, field_validator, model_validator
 from recfound import __version__
 from recfound.config import Config, InputFiles, comma_list
 from recfound.data.context import Context
-from recfound.data.embedding_tasks import build_i2i, build_q2i, build_u2i, q2i_mode
+from recfound.data.embedding_tasks import build_i2i, build_q2i, q2i_mode, q2i_rows, u2i_rows
 from recfound.data.generative_tasks import (
-    build_candidate_ranking,
-    build_explanation_generation,
     build_query_rewriting,
-    build_sentiment_analysis,
-    build_sequential_recommendation,
-    build_user_profile,
+    candidate_ranking_rows,
+    explanation_generation_rows,
+    sentiment_analysis_rows,
+    sequential_recommendation_rows,
+    user_profile_rows,
 )
 from recfound.data.gritlm import SPLIT_PLACEHOLDER, gritlm_urls, read_gritlm
 from recfound.data.item_tasks import (
@@ -34,46 +38,51 @@ from recfound.data.item_tasks import (
     build_product_matching,
     build_product_relation_prediction,
 )
-from recfound.data.loading import load
+from recfound.data.loading import Loaded, load
 from recfound.data.qa import build_answer_generation, build_answerability_prediction, qa_counts
-from recfound.data.reading import local_ray
-from recfound.data.rows import EmbeddingRow, Sample, TaskUnavailable
+from recfound.data.reading import local_ray, pipeline_context
+from recfound.data.rows import Sample, TaskUnavailable
 from recfound.data.sources import BadRowPolicy, BadRows, DataError
+from recfound.data.split import Timeline
 from recfound.data.synthetic import SyntheticConfig, write_catalogue
 from recfound.data.tables import (
     INTERACTION_SCHEMA,
     ITEM_SCHEMA,
-    SCHEMAS,
-    cap,
-    interaction_columns,
+    ParquetStream,
+    TaskFiles,
+    interaction_row,
     item_columns,
-    task_columns,
     write_parquet,
 )
 from recfound.data.templates import TEMPLATE_VERSION
 from recfound.io import exists, expand, sha256, write_json
-from recfound.tasks import ALL_TASKS, DATASET_MANIFEST, INTERACTIONS, ITEMS, QUARANTINE, SPLITS, mode_of, task_path
+from recfound.tasks import ALL_TASKS, DATASET_MANIFEST, INTERACTIONS, ITEMS, QUARANTINE, SPLITS
 
 log = logging.getLogger(__name__)
 
+USER_BUILDERS: dict[str, Callable[[Context, str, Timeline], list[Sample]]] = {
+    "u2i": u2i_rows,
+    "q2i": q2i_rows,
+    "sequential_recommendation": sequential_recommendation_rows,
+    "sentiment_analysis": sentiment_analysis_rows,
+    "user_profile": user_profile_rows,
+    "explanation_generation": explanation_generation_rows,
+    "candidate_ranking": candidate_ranking_rows,
+}
+"""Tasks templated from one user's timeline at a time, as the kept reviews stream past."""
 BUILDERS: dict[str, Callable[[Context], list[Sample]]] = {
-    "u2i": build_u2i,
     "q2i": build_q2i,
     "i2i": build_i2i,
     "query_rewriting": build_query_rewriting,
-    "sequential_recommendation": build_sequential_recommendation,
     "product_relation_prediction": build_product_relation_prediction,
-    "sentiment_analysis": build_sentiment_analysis,
     "attribute_value_extraction": build_attribute_value_extraction,
     "product_matching": build_product_matching,
-    "user_profile": build_user_profile,
     "item_profile": build_item_profile,
     "answerability_prediction": build_answerability_prediction,
     "answer_generation": build_answer_generation,
-    "explanation_generation": build_explanation_generation,
-    "candidate_ranking": build_candidate_ranking,
 }
-assert tuple(BUILDERS) == ALL_TASKS
+"""Tasks built whole from the catalogue, queries, questions and what crosses users (q2i: from a query log)."""
+assert set(BUILDERS) | set(USER_BUILDERS) == set(ALL_TASKS)
 
 
 class BuildConfig(Config):
@@ -190,36 +199,58 @@ class Written:
     """Item id -> text of every item an embedding row names (GritLM rows name items only by their text)."""
 
 
+def _write_user_rows(loaded: Loaded, ctx: Context, files: dict[str, TaskFiles], out: str) -> None:
+    """One pass over the kept reviews, one user at a time: the user's interactions and rows of every per-user task
+    are written as they are made, so the driver holds one timeline and a row group per open file."""
+    interactions = ParquetStream(f"{out}/{INTERACTIONS}", INTERACTION_SCHEMA)
+    tasks = [task for task in files if task in USER_BUILDERS]
+    for user, timeline in loaded.timelines():
+        for split, event in timeline:
+            interactions.add(interaction_row(user, split, event))
+        for task in tasks:
+            for split, row in USER_BUILDERS[task](ctx, user, timeline):
+                files[task].add(split, row)
+    interactions.close()
+
+
 def _write_tasks(
-    requested: list[str] | None, ctx: Context | None, extra: dict[str, list[Sample]], cfg: BuildConfig, out: str
+    requested: list[str] | None,
+    loaded: Loaded | None,
+    ctx: Context | None,
+    extra: dict[str, list[Sample]],
+    cfg: BuildConfig,
+    out: str,
 ) -> Written:
-    """Build each task and write its splits before the next is built, so a build holds one task's rows at a time
-    (their sum grows with the dump); the reason for each task left out is kept (an error if it was asked for)."""
+    """Stream the per-user tasks' rows, then build each other task and write it before the next is built, so a
+    build holds one such task's rows at a time (their sum grows with the dump); the reason for each task left out
+    is kept (an error if it was asked for)."""
+    files = {task: TaskFiles(out, task, cfg.max_rows_per_task, cfg.seed) for task in requested or ALL_TASKS}
+    if loaded is not None and ctx is not None:
+        _write_user_rows(loaded, ctx, files, out)
+    else:
+        ParquetStream(f"{out}/{INTERACTIONS}", INTERACTION_SCHEMA).close()
     written = Written()
-    for task in requested or ALL_TASKS:
-        samples: list[Sample] = []
+    for task, task_files in files.items():
         reason = "no reviews given and no gritlm= rows for it"
         if ctx is not None:
+            reason = "the sources yield no rows for it"
             try:
-                samples = BUILDERS[task](ctx)
-                reason = "the sources yield no rows for it"
+                samples = BUILDERS[task](ctx) if task in BUILDERS else []
             except TaskUnavailable as why:
-                reason = str(why)
-        samples += extra.get(task, [])
-        if not samples:
+                samples, reason = [], str(why)
+            for split, row in samples:
+                task_files.add(split, row)
+        for split, row in extra.get(task, []):
+            task_files.add(split, row)
+        counts = task_files.close()
+        if not counts:
             if requested:
                 raise DataError("tasks", f"task {task!r} was requested but cannot be built: {reason}")
             log.info("skipping %s: %s", task, reason)
             written.skipped[task] = reason
             continue
-        written.counts[task] = {}
-        for split in SPLITS:
-            rows = cap([row for s, row in samples if s == split], cfg.max_rows_per_task, cfg.seed, f"{task}:{split}")
-            write_parquet(f"{out}/{task_path(task, split)}", task_columns(task, split, rows), SCHEMAS[mode_of(task)])
-            written.counts[task][split] = len(rows)
-            for row in rows:
-                if isinstance(row, EmbeddingRow):
-                    written.texts.update(zip((row.pos_item, *row.neg_items), (row.pos, *row.neg), strict=True))
+        written.counts[task] = counts
+        written.texts.update(task_files.texts)
     return written
 
 
@@ -230,6 +261,25 @@ def _write_quarantine(bad: BadRows) -> None:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # reading may fail before any output exists
         with fsspec.open(bad.quarantine, "w") as handle:
             handle.writelines(json.dumps(row, sort_keys=True) + "\n" for row in bad.rows)
+
+
+def _context(cfg: BuildConfig, loaded: Loaded | None, synthetic: bool) -> Context | None:
+    if loaded is None:
+        return None
+    ctx = Context(
+        seed=cfg.seed,
+        catalogue=loaded.catalogue,
+        behaviour=loaded.behaviour,
+        judgements=loaded.judgements,
+        questions=loaded.questions,
+        source="synthetic" if synthetic else "amazon_reviews",
+        num_negatives=cfg.num_negatives,
+        max_history=cfg.max_history,
+        sr_options=cfg.sr_options,
+        holdout=cfg.holdout,
+    )
+    ctx.pseudo_queries = q2i_mode(ctx)[0]
+    return ctx
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
@@ -244,42 +294,25 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     else:
         urls = _inputs(cfg)
     try:
-        loaded = None
-        if urls:
-            with local_ray():
-                loaded = load(urls, bad, cfg.kcore)
-        extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
+        with local_ray() if urls else contextlib.nullcontext(), pipeline_context():
+            loaded = load(urls, bad, cfg.kcore) if urls else None
+            extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
+            ctx = _context(cfg, loaded, synthetic)
+            written = _write_tasks(requested, loaded, ctx, extra, cfg, out)
     finally:  # also when reading fails: the rows that stopped the build are the ones to look at
         _write_quarantine(bad)
-    ctx = None
-    if loaded is not None:
-        ctx = Context(
-            seed=cfg.seed,
-            catalogue=loaded.catalogue,
-            timelines=loaded.timelines,
-            judgements=loaded.judgements,
-            questions=loaded.questions,
-            source="synthetic" if synthetic else "amazon_reviews",
-            num_negatives=cfg.num_negatives,
-            max_history=cfg.max_history,
-            sr_options=cfg.sr_options,
-            holdout=cfg.holdout,
-        )
-    written = _write_tasks(requested, ctx, extra, cfg, out)
     if not written.counts:
         raise DataError(out, "no task could be built from the given sources: " + json.dumps(written.skipped))
     catalogue = ctx.catalogue if ctx else {}
-    timelines = ctx.timelines if ctx else {}
     write_parquet(f"{out}/{ITEMS}", item_columns(catalogue, written.texts), ITEM_SCHEMA)
-    write_parquet(f"{out}/{INTERACTIONS}", interaction_columns(timelines), INTERACTION_SCHEMA)
 
     counts = written.counts
     manifest: dict[str, Any] = {
         "tasks": counts,
         "rows": {split: sum(c[split] for c in counts.values()) for split in SPLITS},
         "items": len(set(catalogue) | set(written.texts)),
-        "users": len(timelines),
-        "interactions": sum(len(t) for t in timelines.values()),
+        "users": loaded.behaviour.users if loaded else 0,
+        "interactions": loaded.behaviour.interactions if loaded else 0,
         "sources": _sources(cfg, urls),
         "synthetic": synthetic,
         "seed": cfg.seed,

@@ -1,4 +1,4 @@
-"""Everything a task builder reads: the catalogue, the split user timelines, judgements and the knobs."""
+"""Everything a task builder reads besides one user's timeline: the catalogue, what crosses users, judgements, knobs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from recfound.data.behaviour import Behaviour
 from recfound.data.catalogue import CatalogueItem, NegativeSampler
 from recfound.data.esci import QueryJudgement
 from recfound.data.rows import Split
-from recfound.data.split import Timeline, hash_split
+from recfound.data.split import hash_split
 
 if TYPE_CHECKING:  # qa.py builds tasks from a Context
     from recfound.data.qa import Question
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # qa.py builds tasks from a Context
 class Context:
     seed: int
     catalogue: dict[str, CatalogueItem]
-    timelines: dict[str, Timeline]
+    behaviour: Behaviour = field(default_factory=Behaviour)
     judgements: Sequence[QueryJudgement] = ()
     questions: Sequence[Question] = ()
     source: str = "amazon_reviews"
@@ -29,24 +30,19 @@ class Context:
     max_history: int = 20
     sr_options: int = 10
     holdout: float = 0.1
+    pseudo_queries: bool = False
+    """q2i is templated from review summaries, per user (no usable query log: ``q2i_mode``)."""
     sampler: NegativeSampler = field(init=False)
-    _reviews: dict[str, list[str]] | None = field(init=False, default=None)
+    generic_summaries: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.sampler = NegativeSampler(self.catalogue)
+        self.generic_summaries = frozenset(self.behaviour.generic_summaries())
 
     def item_reviews(self, item: str) -> list[str]:
-        """Training-split review texts of ``item``, oldest first: what a prompt may quote without leaking a held-out
+        """Earliest training-split review texts of ``item``: what a prompt may quote without leaking a held-out
         interaction."""
-        if self._reviews is None:
-            self._reviews = {}
-            events = sorted(
-                (e for t in self.timelines.values() for s, e in t if s == "train" and e.text),
-                key=lambda e: (e.timestamp, e.user),
-            )
-            for event in events:
-                self._reviews.setdefault(event.item, []).append(event.text)
-        return self._reviews.get(item, [])
+        return self.behaviour.reviews_of(item)
 
     def rng(self, *key: object) -> random.Random:
         """A generator per row key: rows do not depend on build order, caps or which other tasks ran."""

@@ -9,18 +9,19 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
+from recfound.data.behaviour import normal_summary
 from recfound.data.context import Context
 from recfound.data.esci import Esci
 from recfound.data.rows import EmbeddingRow, Sample
+from recfound.data.split import Timeline
 from recfound.data.templates import ITEM_INSTRUCTIONS, QUERY_INSTRUCTIONS, history_text, pick
 
 # Clean negatives first: an irrelevant product is surely wrong, a substitute may satisfy the query.
 _HARDNESS = {Esci.IRRELEVANT: 0, Esci.COMPLEMENT: 1, Esci.SUBSTITUTE: 2}
 _STARS = re.compile(r"^\s*(one|two|three|four|five|[1-5])\s+stars?\b", re.IGNORECASE)
 PSEUDO_QUERY_MIN_RATING = 4  # a satisfied reviewer's summary names what they were looking for
-GENERIC_SUMMARY_ITEMS = 3
 
 
 def _row(
@@ -53,21 +54,19 @@ def _row(
     )
 
 
-def history(ctx: Context, user: str, end: int) -> str:
+def history(ctx: Context, timeline: Timeline, end: int) -> str:
     """Titles of the user's items before position ``end``, at most ``max_history``, oldest first."""
-    timeline = ctx.timelines[user]
     return history_text([ctx.catalogue[i.item].title for _, i in timeline[max(0, end - ctx.max_history) : end]])
 
 
-def build_u2i(ctx: Context) -> list[Sample]:
+def u2i_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     """One row per interaction after the first: history so far -> that item; its split is the target's."""
     out: list[Sample] = []
-    for user, timeline in ctx.timelines.items():
-        own = frozenset(i.item for _, i in timeline)
-        for t in range(1, len(timeline)):
-            split, target = timeline[t]
-            rng = ctx.rng("u2i", user, t)
-            out.append((split, _row(ctx, "u2i", rng, history(ctx, user, t), target.item, own, user, ctx.source)))
+    own = frozenset(i.item for _, i in timeline)
+    for t in range(1, len(timeline)):
+        split, target = timeline[t]
+        rng = ctx.rng("u2i", user, t)
+        out.append((split, _row(ctx, "u2i", rng, history(ctx, timeline, t), target.item, own, user, ctx.source)))
     return out
 
 
@@ -100,43 +99,36 @@ def q2i_mode(ctx: Context) -> tuple[bool, str]:
     )
 
 
-def _normal(summary: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", summary.lower()).split())
-
-
-def _generic_summaries(ctx: Context) -> set[str]:
-    """Summaries written about several different items ("Great product!") say nothing about any one of them."""
-    items_by_summary: dict[str, set[str]] = defaultdict(set)
-    for timeline in ctx.timelines.values():
-        for _, event in timeline:
-            items_by_summary[_normal(event.summary)].add(event.item)
-    return {s for s, items in items_by_summary.items() if len(items) >= GENERIC_SUMMARY_ITEMS}
-
-
-def _is_query_like(summary: str, generic: set[str]) -> bool:
-    return 2 <= len(summary.split()) <= 12 and not _STARS.match(summary) and _normal(summary) not in generic
+def _is_query_like(summary: str, generic: Set[str]) -> bool:
+    return 2 <= len(summary.split()) <= 12 and not _STARS.match(summary) and normal_summary(summary) not in generic
 
 
 def build_q2i(ctx: Context) -> list[Sample]:
-    """Query -> item. A query's rows share one split (by query hash) so no query is both trained and tested;
-    pseudo-queries keep their review's split so a held-out review's words are never trained on."""
-    pseudo, _ = q2i_mode(ctx)
+    """Query -> item from the ESCI judgements. A query's rows share one split (by query hash) so no query is both
+    trained and tested. Without usable judgements the rows are pseudo-queries, templated per user (q2i_rows)."""
     out: list[Sample] = []
-    if not pseudo:
-        for query, (positives, others) in esci_pairs(ctx).items():
-            split = ctx.split(f"query:{query}")
-            for positive in positives:
-                rng = ctx.rng("q2i", query, positive)
-                out.append((split, _row(ctx, "q2i", rng, query, positive, frozenset(positives), "", "esci", others)))
+    if ctx.pseudo_queries:
         return out
-    generic = _generic_summaries(ctx)
-    for user, timeline in ctx.timelines.items():
-        own = frozenset(i.item for _, i in timeline)
-        for t, (split, event) in enumerate(timeline):
-            if event.rating >= PSEUDO_QUERY_MIN_RATING and _is_query_like(event.summary, generic):
-                rng = ctx.rng("q2i", user, t)
-                source = f"{ctx.source}:review_summary"
-                out.append((split, _row(ctx, "q2i", rng, event.summary, event.item, own, "", source)))
+    for query, (positives, others) in esci_pairs(ctx).items():
+        split = ctx.split(f"query:{query}")
+        for positive in positives:
+            rng = ctx.rng("q2i", query, positive)
+            out.append((split, _row(ctx, "q2i", rng, query, positive, frozenset(positives), "", "esci", others)))
+    return out
+
+
+def q2i_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
+    """A satisfied reviewer's query-like summary -> the item, when no query log can be used; pseudo-queries keep
+    their review's split so a held-out review's words are never trained on."""
+    out: list[Sample] = []
+    if not ctx.pseudo_queries:
+        return out
+    own = frozenset(i.item for _, i in timeline)
+    for t, (split, event) in enumerate(timeline):
+        if event.rating >= PSEUDO_QUERY_MIN_RATING and _is_query_like(event.summary, ctx.generic_summaries):
+            rng = ctx.rng("q2i", user, t)
+            source = f"{ctx.source}:review_summary"
+            out.append((split, _row(ctx, "q2i", rng, event.summary, event.item, own, "", source)))
     return out
 
 
@@ -150,10 +142,8 @@ def related_pairs(ctx: Context) -> dict[tuple[str, str], str]:
         for item in ctx.catalogue.values():
             for other in getattr(item, relation):
                 pairs.setdefault((item.item_id, other), relation)
-    for timeline in ctx.timelines.values():
-        for (s1, a), (s2, b) in zip(timeline, timeline[1:], strict=False):
-            if s1 == s2 == "train":
-                pairs.setdefault((a.item, b.item), "next_item")
+    for pair in ctx.behaviour.next_items:
+        pairs.setdefault(pair, "next_item")
     return dict(sorted(pairs.items()))
 
 

@@ -14,6 +14,7 @@ from recfound.data.context import Context
 from recfound.data.embedding_tasks import history
 from recfound.data.esci import Esci
 from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
+from recfound.data.split import Timeline
 from recfound.data.templates import (
     INSTRUCTIONS,
     LETTERS,
@@ -37,25 +38,24 @@ RATING_TITLE = re.compile(r"^(one|two|three|four|five|[1-5])\s+stars?\.?$", re.I
 RANKING_NEGATIVES = 1  # "no" rows per "yes" row: balanced, so always answering "yes" (or "no") is worth nothing
 
 
-def build_sequential_recommendation(ctx: Context) -> list[Sample]:
+def sequential_recommendation_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     """History -> the letter of the next item among ``sr_options`` shuffled options (the rest are negatives)."""
     task = "sequential_recommendation"
     out: list[Sample] = []
-    for user, timeline in ctx.timelines.items():
-        own = frozenset(i.item for _, i in timeline)
-        for t in range(1, len(timeline)):
-            split, target = timeline[t]
-            rng = ctx.rng(task, user, t)
-            options = [target.item, *ctx.negatives(rng, target.item, own, min(ctx.sr_options, len(LETTERS)) - 1)]
-            rng.shuffle(options)
-            titles = lettered([ctx.catalogue[o].title for o in options])
-            prompt = alpaca(pick(rng, INSTRUCTIONS[task]), history(ctx, user, t), titles)
-            answer = LETTERS[options.index(target.item)]
-            out.append((split, GenerativeRow(prompt, answer, user, target.item, ctx.source)))
+    own = frozenset(i.item for _, i in timeline)
+    for t in range(1, len(timeline)):
+        split, target = timeline[t]
+        rng = ctx.rng(task, user, t)
+        options = [target.item, *ctx.negatives(rng, target.item, own, min(ctx.sr_options, len(LETTERS)) - 1)]
+        rng.shuffle(options)
+        titles = lettered([ctx.catalogue[o].title for o in options])
+        prompt = alpaca(pick(rng, INSTRUCTIONS[task]), history(ctx, timeline, t), titles)
+        answer = LETTERS[options.index(target.item)]
+        out.append((split, GenerativeRow(prompt, answer, user, target.item, ctx.source)))
     return out
 
 
-def build_candidate_ranking(ctx: Context) -> list[Sample]:
+def candidate_ranking_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     """History -> will the user buy this candidate next (M6-Rec's and P5's ranking as a yes/no question): per
     interaction after the first, "yes" for the item bought and "no" for ``RANKING_NEGATIVES`` items sampled
     (seeded per row, same category first) from the catalogue minus everything the user ever bought. Both rows
@@ -63,60 +63,57 @@ def build_candidate_ranking(ctx: Context) -> list[Sample]:
     never a candidate, a negative or a history entry in that user's training rows."""
     task = "candidate_ranking"
     out: list[Sample] = []
-    for user, timeline in ctx.timelines.items():
-        own = frozenset(i.item for _, i in timeline)
-        for t in range(1, len(timeline)):
-            split, target = timeline[t]
-            rng = ctx.rng(task, user, t)
-            instruction, past = pick(rng, INSTRUCTIONS[task]), history(ctx, user, t)
-            negatives = ctx.negatives(rng, target.item, own, RANKING_NEGATIVES)
-            for item, answer in [(target.item, YES), *((n, NO) for n in negatives)]:
-                prompt = alpaca(instruction, candidate_text(past, ctx.catalogue[item].title))
-                out.append((split, GenerativeRow(prompt, answer, user, item, ctx.source)))
+    own = frozenset(i.item for _, i in timeline)
+    for t in range(1, len(timeline)):
+        split, target = timeline[t]
+        rng = ctx.rng(task, user, t)
+        instruction, past = pick(rng, INSTRUCTIONS[task]), history(ctx, timeline, t)
+        negatives = ctx.negatives(rng, target.item, own, RANKING_NEGATIVES)
+        for item, answer in [(target.item, YES), *((n, NO) for n in negatives)]:
+            prompt = alpaca(instruction, candidate_text(past, ctx.catalogue[item].title))
+            out.append((split, GenerativeRow(prompt, answer, user, item, ctx.source)))
     return out
 
 
-def build_sentiment_analysis(ctx: Context) -> list[Sample]:
+def sentiment_analysis_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     """Review text -> one of five sentiments, read off the star rating the reviewer gave."""
     task = "sentiment_analysis"
     options = SENTIMENTS[::-1]  # listed from very positive to very negative
     out: list[Sample] = []
-    for user, timeline in ctx.timelines.items():
-        for t, (split, event) in enumerate(timeline):
-            body = " ".join(event.text.split()[:REVIEW_WORDS])
-            if not (body or event.summary):
-                continue
-            text = f"Review title: {event.summary}\nReview: {body}" if event.summary else f"Review: {body}"
-            label = SENTIMENTS[min(max(round(event.rating), 1), 5) - 1]
-            prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text, options)
-            out.append((split, GenerativeRow(prompt, label, user, event.item, ctx.source)))
+    for t, (split, event) in enumerate(timeline):
+        body = " ".join(event.text.split()[:REVIEW_WORDS])
+        if not (body or event.summary):
+            continue
+        text = f"Review title: {event.summary}\nReview: {body}" if event.summary else f"Review: {body}"
+        label = SENTIMENTS[min(max(round(event.rating), 1), 5) - 1]
+        prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text, options)
+        out.append((split, GenerativeRow(prompt, label, user, event.item, ctx.source)))
     return out
 
 
-def build_user_profile(ctx: Context) -> list[Sample]:
+def user_profile_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     """One row per user and split: the history up to that split's last interaction -> a profile written from
     the categories, brands, ratings and review summaries of exactly those interactions."""
     task = "user_profile"
     out: list[Sample] = []
-    for user, timeline in ctx.timelines.items():
-        for split in SPLITS:
-            ends = [t for t, (s, _) in enumerate(timeline) if s == split]
-            if not ends:
-                continue
-            events = [e for _, e in timeline[: ends[-1] + 1]][-ctx.max_history :]
-            items = [ctx.catalogue[e.item] for e in events]
-            lines = [f"{item.title} (rated {e.rating:g} of 5)" for item, e in zip(items, events, strict=True)]
-            categories = Counter(i.category for i in items if i.category)
-            brands = Counter(i.brand for i in items if i.brand)
-            quotes = list(dict.fromkeys(e.summary for e in reversed(events) if e.summary))[:PROFILE_QUOTES]
-            response = profile_text(
-                [c for c, _ in sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))[:3]],
-                [b for b, n in sorted(brands.items(), key=lambda kv: (-kv[1], kv[0]))[:2] if n > 1],
-                sum(e.rating for e in events) / len(events),
-                quotes,
-            )
-            prompt = alpaca(pick(ctx.rng(task, user, split), INSTRUCTIONS[task]), history_text(lines))
-            out.append((split, GenerativeRow(prompt, response, user, "", ctx.source)))
+    for split in SPLITS:
+        ends = [t for t, (s, _) in enumerate(timeline) if s == split]
+        if not ends:
+            continue
+        events = [e for _, e in timeline[: ends[-1] + 1]][-ctx.max_history :]
+        items = [ctx.catalogue[e.item] for e in events]
+        lines = [f"{item.title} (rated {e.rating:g} of 5)" for item, e in zip(items, events, strict=True)]
+        categories = Counter(i.category for i in items if i.category)
+        brands = Counter(i.brand for i in items if i.brand)
+        quotes = list(dict.fromkeys(e.summary for e in reversed(events) if e.summary))[:PROFILE_QUOTES]
+        response = profile_text(
+            [c for c, _ in sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))[:3]],
+            [b for b, n in sorted(brands.items(), key=lambda kv: (-kv[1], kv[0]))[:2] if n > 1],
+            sum(e.rating for e in events) / len(events),
+            quotes,
+        )
+        prompt = alpaca(pick(ctx.rng(task, user, split), INSTRUCTIONS[task]), history_text(lines))
+        out.append((split, GenerativeRow(prompt, response, user, "", ctx.source)))
     return out
 
 
@@ -152,20 +149,19 @@ def explanation(summary: str, text: str) -> str | None:
     return None
 
 
-def build_explanation_generation(ctx: Context) -> list[Sample]:
+def explanation_generation_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     """History before the interaction + the item -> why this user likes it: the review's title or first sentence
     (P5's explanation task), for reviews rated 4 or 5 (a low rating explains a dislike). Split follows the
     interaction's, and the history holds only earlier items, so a held-out review never leaks into a prompt."""
     task = "explanation_generation"
     out: list[Sample] = []
-    for user, timeline in ctx.timelines.items():
-        for t, (split, event) in enumerate(timeline):
-            reason = explanation(event.summary, event.text) if event.rating >= 4 else None
-            if reason is None:
-                continue
-            text = (
-                f"Purchase history:\n{history(ctx, user, t) or '(none)'}\n\nProduct: {ctx.catalogue[event.item].title}"
-            )
-            prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text)
-            out.append((split, GenerativeRow(prompt, reason, user, event.item, ctx.source)))
+    for t, (split, event) in enumerate(timeline):
+        reason = explanation(event.summary, event.text) if event.rating >= 4 else None
+        if reason is None:
+            continue
+        text = (
+            f"Purchase history:\n{history(ctx, timeline, t) or '(none)'}\n\nProduct: {ctx.catalogue[event.item].title}"
+        )
+        prompt = alpaca(pick(ctx.rng(task, user, t), INSTRUCTIONS[task]), text)
+        out.append((split, GenerativeRow(prompt, reason, user, event.item, ctx.source)))
     return out

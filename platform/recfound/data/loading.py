@@ -1,38 +1,52 @@
-"""Raw files -> the split user timelines and the catalogue every task builder reads.
+"""Raw files -> the catalogue every task builder reads and the k-core's reviews, streamed one user at a time.
 
 Reviews and metadata go through Ray Data (parallel streaming reads; de-duplication and the k-core as group-bys,
-``kcore.py``); what comes back to the driver is the k-core's timelines and the metadata of reviewed items, the
-context the task templates sample from (negatives, histories, relations), which they need whole.
+``kcore.py``). The driver never holds the kept reviews: it reads them twice, one user's timeline at a time (the
+de-duplication group-by delivers each user's rows together, users ascending), once here to gather what crosses
+users (``behaviour.py``) and once in the builder to template each user's rows; what it keeps is the metadata of
+reviewed items and the catalogue, which the templates sample from whole (negatives, histories, relations).
 
-A build makes 6 + r Ray Data executions for a k-core found in r rounds (the last one drops nothing; the synthetic
+A build makes 7 + r Ray Data executions for a k-core found in r rounds (the last one drops nothing; the synthetic
 default takes 4): the reviews' read, its side rows (bad rows, line counts, reviewed items), the metadata's read with
-its side rows, de-duplication, the k-core's projection, the r rounds and the gathering of the kept reviews. 1 + r
-of them shuffle.
+its side rows, de-duplication, the k-core's projection, the r rounds and the two passes over the kept reviews.
+1 + r of them shuffle. Run them under ``reading.pipeline_context``: the passes rely on its block order.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import ray.data
+
+from recfound.data.behaviour import Behaviour, gather
 from recfound.data.catalogue import CatalogueItem, build_catalogue, variant_aliases
 from recfound.data.esci import QueryJudgement, read_queries
 from recfound.data.kcore import dedupe, kcore_vertices, within
 from recfound.data.qa import Question, read_qa
-from recfound.data.reading import item, ray_errors, read_role, read_wanted, sort_shuffles
+from recfound.data.reading import item, ray_errors, read_role, read_wanted
 from recfound.data.sources import BadRows, DataError, Item, named
-from recfound.data.split import Timeline, timelines
+from recfound.data.split import Timeline, user_timelines
 
 
 @dataclass
 class Loaded:
     catalogue: dict[str, CatalogueItem]
-    timelines: dict[str, Timeline]
+    reviews: ray.data.Dataset
+    """The k-core's reviews, each user's rows together and users ascending (read them with ``timelines``)."""
+    behaviour: Behaviour
     judgements: list[QueryJudgement]
     questions: list[Question] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     """What was dropped or merged on the way, for the manifest: nothing disappears unrecorded."""
+
+    def timelines(self) -> Iterator[tuple[str, Timeline]]:
+        """Each user's split timeline in user order, streamed from Ray (one user's events in memory at a time)."""
+        return _timelines(self.reviews)
+
+
+def _timelines(reviews: ray.data.Dataset) -> Iterator[tuple[str, Timeline]]:
+    return user_timelines(reviews.iter_batches(batch_format="pyarrow", batch_size=None))
 
 
 def _read_meta(files: Sequence[str], bad: BadRows, reviewed: list[str]) -> tuple[dict[str, Item], int]:
@@ -52,7 +66,7 @@ def _read_meta(files: Sequence[str], bad: BadRows, reviewed: list[str]) -> tuple
 def load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int) -> Loaded:
     """Read reviews (plus meta, queries and qa when given), each role one or more files, merge item variants,
     dedupe, k-core, split."""
-    with ray_errors(), sort_shuffles():
+    with ray_errors():
         return _load(urls, bad, min_interactions)
 
 
@@ -67,18 +81,13 @@ def _load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int
     questions = [replace(q, item=aliases.get(q.item, q.item)) for q in questions]
     unique = dedupe(reviews, read, aliases)
     kept = within(unique, kcore_vertices(unique, min_interactions))
-    split = timelines(kept.iter_batches(batch_format="pyarrow", batch_size=None))
-    if not split:
+    behaviour = gather(_timelines(kept))
+    if not behaviour.users:
         raise DataError(
             named(urls["reviews"]), f"no interactions left after {min_interactions}-core filtering (lower kcore=)"
         )
-    kept_count = sum(len(t) for t in split.values())
-    summaries: dict[str, list[str]] = defaultdict(list)
-    for split_name, event in sorted((e for t in split.values() for e in t), key=lambda e: e[1].timestamp):
-        if split_name == "train" and event.summary:
-            summaries[event.item].append(event.summary)
-    items = {e.item for t in split.values() for _, e in t}
-    catalogue = build_catalogue(items, meta, summaries, judgements, aliases)
+    kept_count, items = behaviour.interactions, behaviour.items
+    catalogue = build_catalogue(items, meta, behaviour.summaries(), judgements, aliases)
     counts = {
         "reviews_read": read,
         "merged_item_variants": len(aliases),
@@ -88,4 +97,4 @@ def _load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int
         "items_without_meta": sum(1 for i in items if i not in meta),
         "query_judgements": len(judgements),
     }
-    return Loaded(catalogue, split, judgements, questions, counts)
+    return Loaded(catalogue, kept, behaviour, judgements, questions, counts)

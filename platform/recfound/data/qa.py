@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from recfound.data.behaviour import ITEM_REVIEWS
 from recfound.data.context import Context
 from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
 from recfound.data.sources import BadRows, DataError, Fields, Inputs, as_files, read_lines, show
 from recfound.data.templates import INSTRUCTIONS, NO, YES, alpaca, pick
 
-SNIPPETS = 5
-"""Review texts shown with a question: AmazonQA's snippets, or else the product's own training reviews."""
+SNIPPETS = ITEM_REVIEWS
+"""Review texts shown with a question: AmazonQA's snippets, or else the product's own earliest training reviews."""
 SNIPPET_WORDS = 60
 
 

@@ -203,18 +203,24 @@ def ray_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sort_shuffles() -> Iterator[None]:
-    """The pipeline's group-bys as sort-based shuffles (tasks) instead of Ray 2.60's default hash shuffle (actors
-    started per shuffle). Measured on the synthetic default build, Ray already up, 2 loaded cores: 2.5 s a build
-    instead of 6 to 34 s, and 1.6 GiB peak resident memory (driver and Ray) instead of 2.0. The caller's strategy
-    is restored after: a training job's own Ray Data keeps its default."""
+def pipeline_context() -> Iterator[None]:
+    """The build's Ray Data settings, restored after (a training job's own Ray Data keeps its defaults):
+
+    - group-bys as sort-based shuffles (tasks) instead of Ray 2.60's default hash shuffle (actors started per
+      shuffle). Measured on the synthetic default build, Ray already up, 2 loaded cores: 2.5 s a build instead of
+      6 to 34 s, and 1.6 GiB peak resident memory (driver and Ray) instead of 2.0;
+    - blocks delivered in order: a sort-based group-by's partitions hold ascending key ranges, so the
+      de-duplication's output reaches the driver one user after another in user order, which is what lets the
+      driver split and template one user's timeline at a time (``split.user_timelines`` checks it).
+    """
     context = ray.data.DataContext.get_current()
-    before = context.shuffle_strategy
+    before = context.shuffle_strategy, context.execution_options.preserve_order
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.execution_options.preserve_order = True
     try:
         yield
     finally:
-        context.shuffle_strategy = before
+        context.shuffle_strategy, context.execution_options.preserve_order = before
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ by time, then by input order (file, line), never by the order a shuffle delivers
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -34,13 +34,27 @@ def leave_last_out(events: list[Interaction]) -> Timeline:
     return list(zip(splits, events, strict=True))
 
 
-def timelines(batches: Iterable[pa.Table]) -> dict[str, Timeline]:
-    """The k-core's reviews gathered per user (users sorted) and split. Done here, not in a group-by: the driver
-    orders every user's events to hand the templates whole timelines anyway, and the split is a position in that
-    order, so a shuffle of every kept row would only deliver what this sort already knows."""
-    events: dict[str, list[tuple[int, int, int, Interaction]]] = {}
+def user_timelines(batches: Iterable[pa.Table]) -> Iterator[tuple[str, Timeline]]:
+    """Each user's split timeline, one user at a time in ascending user order, from batches in which each user's
+    rows are contiguous and users ascend (the de-duplication group-by's output, read in order). The driver holds one
+    user's events, not the dump's: what grows with the input stays in Ray's blocks."""
+    user: str | None = None
+    events: list[tuple[int, int, int, Interaction]] = []
     for batch in batches:
         for row in batch.to_pylist():
+            if row["user"] != user:
+                if user is not None:
+                    if row["user"] < user:
+                        raise RuntimeError(
+                            f"reviews reached the split out of user order: {row['user']!r} after {user!r}"
+                        )
+                    yield user, _split(events)
+                user, events = row["user"], []
             event = Interaction(row["user"], row["item"], row["timestamp"], row["rating"], row["summary"], row["text"])
-            events.setdefault(row["user"], []).append((row["timestamp"], row["file_index"], row["line"], event))
-    return {user: leave_last_out([e[3] for e in sorted(events[user], key=lambda e: e[:3])]) for user in sorted(events)}
+            events.append((row["timestamp"], row["file_index"], row["line"], event))
+    if user is not None:
+        yield user, _split(events)
+
+
+def _split(events: list[tuple[int, int, int, Interaction]]) -> Timeline:
+    return leave_last_out([e[3] for e in sorted(events, key=lambda e: e[:3])])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import heapq
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -11,9 +12,18 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from recfound.data.catalogue import CatalogueItem
-from recfound.data.rows import Row
-from recfound.data.split import Timeline
-from recfound.tasks import EMBEDDING_COLUMNS, GENERATIVE_COLUMNS, INTERACTION_COLUMNS, ITEM_COLUMNS, Mode, mode_of
+from recfound.data.rows import EmbeddingRow, Row
+from recfound.data.sources import Interaction
+from recfound.tasks import (
+    EMBEDDING_COLUMNS,
+    GENERATIVE_COLUMNS,
+    INTERACTION_COLUMNS,
+    ITEM_COLUMNS,
+    SPLITS,
+    Mode,
+    mode_of,
+    task_path,
+)
 
 _LISTS = {"neg", "neg_items"}
 SCHEMAS = {
@@ -42,22 +52,118 @@ def write_parquet(url: str, columns: dict[str, list], schema: pa.Schema) -> None
         pq.write_table(table, handle)
 
 
-def task_columns(task: str, split: str, rows: Sequence[Row]) -> dict[str, list]:
-    """Columns in row order; ids are ``task-split-index`` so they are unique across the whole dataset."""
-    names = SCHEMAS[mode_of(task)].names
-    columns: dict[str, list] = {"id": [f"{task}-{split}-{i:07d}" for i in range(len(rows))], "task": [task] * len(rows)}
-    for name in names[2:]:
-        values = [getattr(row, name) for row in rows]
-        columns[name] = [list(v) for v in values] if name in _LISTS else values
-    return columns
+ROW_GROUP_BYTES = 8 << 20
+"""Text held per file before it is written as a row group: a stream of any length needs about this much memory,
+and the many files of a build (every per-user task's splits are open at once) stay small together."""
 
 
-def cap(rows: list[Row], limit: int | None, seed: int, key: str) -> list[Row]:
-    """At most ``limit`` rows, chosen by seeded hash so the sample spreads over users and items, order kept."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{seed}:{key}:{i}".encode()).digest())
-    return [rows[i] for i in sorted(rank[:limit])]
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    return sum(map(len, value)) if isinstance(value, list) else 8
+
+
+class ParquetStream:
+    """One parquet file written a row group at a time as rows arrive; opened at the first row group, so a stream
+    closed without rows leaves no file unless ``close(empty=True)`` asks for one."""
+
+    def __init__(self, url: str, schema: pa.Schema):
+        self.url, self.schema, self.rows = url, schema, 0
+        self._buffer: list[dict[str, Any]] = []
+        self._bytes = 0
+        self._handle: Any = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        self.rows += 1
+        self._bytes += sum(map(_text_size, row.values()))
+        if self._bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._writer is None:
+            fs, path = url_to_fs(self.url)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self._handle = fsspec.open(self.url, "wb").open()
+            self._writer = pq.ParquetWriter(self._handle, self.schema)
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+        self._buffer, self._bytes = [], 0
+
+    def close(self, empty: bool = True) -> None:
+        """Write what is buffered and finish the file (an empty one when no row came and ``empty``)."""
+        if self._buffer or (empty and self._writer is None):
+            self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._handle.close()
+
+
+def task_row(task: str, split: str, index: int, row: Row) -> dict[str, Any]:
+    """A row's columns; ids are ``task-split-index`` so they are unique across the whole dataset."""
+    values = {name: getattr(row, name) for name in SCHEMAS[mode_of(task)].names[2:]}
+    values = {name: list(value) if name in _LISTS else value for name, value in values.items()}
+    return {"id": f"{task}-{split}-{index:07d}", "task": task, **values}
+
+
+class TaskFiles:
+    """A task's split files, streamed: rows are written as they are templated, in arrival order, and under a cap
+    each split keeps ``limit`` rows chosen by seeded hash of their position (spread over users and items, order
+    kept), found once the split's length is known by re-reading its file a row group at a time."""
+
+    def __init__(self, out: str, task: str, limit: int | None, seed: int):
+        self.task, self.limit, self.seed = task, limit, seed
+        self.texts: dict[str, str] = {}
+        """Item id -> text of every item an embedding row that is kept names."""
+        schema = SCHEMAS[mode_of(task)]
+        self._streams = {s: ParquetStream(self._url(out, s), schema) for s in SPLITS}
+        self._out = out
+
+    def _url(self, out: str, split: str) -> str:
+        return f"{out}/{task_path(self.task, split)}" + (".uncapped" if self.limit is not None else "")
+
+    def add(self, split: str, row: Row) -> None:
+        stream = self._streams[split]
+        stream.add(task_row(self.task, split, stream.rows, row))
+        if self.limit is None:
+            self._note(row)
+
+    def close(self) -> dict[str, int]:
+        """Rows written per split; no file at all when the task got no row."""
+        empty = not any(stream.rows for stream in self._streams.values())
+        for stream in self._streams.values():
+            stream.close(empty=not empty)
+        if empty or self.limit is None:
+            return {} if empty else {s: stream.rows for s, stream in self._streams.items()}
+        return {split: self._cap(split, stream) for split, stream in self._streams.items()}
+
+    def _cap(self, split: str, stream: ParquetStream) -> int:
+        assert self.limit is not None
+        key = f"{self.task}:{split}"
+        digest = lambda i: hashlib.sha256(f"{self.seed}:{key}:{i}".encode()).digest()  # noqa: E731
+        kept = set(heapq.nsmallest(self.limit, range(stream.rows), key=digest))
+        capped = ParquetStream(f"{self._out}/{task_path(self.task, split)}", stream.schema)
+        fs, path = url_to_fs(stream.url)
+        with fs.open(path, "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches():
+                for row in batch.to_pylist():
+                    index = int(row["id"].rsplit("-", 1)[1])
+                    if index in kept:
+                        row["id"] = f"{self.task}-{split}-{capped.rows:07d}"
+                        capped.add(row)
+                        self._note_columns(row)
+        capped.close()
+        fs.rm(path)
+        return capped.rows
+
+    def _note(self, row: Row) -> None:
+        if isinstance(row, EmbeddingRow):
+            self.texts.update(zip((row.pos_item, *row.neg_items), (row.pos, *row.neg), strict=True))
+
+    def _note_columns(self, row: dict[str, Any]) -> None:
+        if "pos_item" in row:
+            self.texts.update(zip((row["pos_item"], *row["neg_items"]), (row["pos"], *row["neg"]), strict=True))
 
 
 def item_columns(catalogue: dict[str, CatalogueItem], extra_texts: dict[str, str]) -> dict[str, list]:
@@ -72,10 +178,5 @@ def item_columns(catalogue: dict[str, CatalogueItem], extra_texts: dict[str, str
     return columns
 
 
-def interaction_columns(timelines: dict[str, Timeline]) -> dict[str, list]:
-    columns: dict[str, list] = {name: [] for name in INTERACTION_COLUMNS}
-    for user, timeline in timelines.items():
-        for split, event in timeline:
-            for name, value in zip(INTERACTION_COLUMNS, (user, event.item, event.timestamp, event.rating, split)):
-                columns[name].append(value)
-    return columns
+def interaction_row(user: str, split: str, event: Interaction) -> dict[str, Any]:
+    return dict(zip(INTERACTION_COLUMNS, (user, event.item, event.timestamp, event.rating, split), strict=True))
