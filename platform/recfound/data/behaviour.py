@@ -1,9 +1,11 @@
 """What the task templates need from all users' timelines at once, gathered in one streaming pass over them.
 
 Per-user rows (histories, options, reviews) are templated from one timeline at a time (``builder.py``); the few
-facts that cross users are kept here, each bounded by the catalogue or by its distinct values rather than by the
-reviews: an item's title of last resort, its earliest training reviews, which summaries are generic, and which
-items follow each other in training histories.
+facts that cross users are kept here, bounded by the catalogue rather than by the reviews where they can be: an
+item's title of last resort, the earliest training reviews of the items questions ask about, and which items
+follow each other in training histories (one entry per distinct pair: i2i has a row for each). Which summaries are
+generic is counted by Ray (``generic_summaries``): nearly every review's summary is distinct, so a driver-side
+count would grow with the reviews.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import pyarrow as pa
+import ray.data
 
 from recfound.data.split import Timeline
 
@@ -26,6 +31,9 @@ def normal_summary(summary: str) -> str:
 
 @dataclass
 class Behaviour:
+    quoted: frozenset[str] = frozenset()
+    """The items whose training reviews a prompt quotes (questions without review snippets of their own): only
+    theirs are kept, since every item's would grow with the reviews."""
     users: int = 0
     interactions: int = 0
     items: set[str] = field(default_factory=set)
@@ -33,35 +41,24 @@ class Behaviour:
     """Item -> (timestamp, summary) of its earliest training review with a summary (ties: the first user in order):
     the title of an item without metadata, never taken from a held-out review."""
     item_reviews: dict[str, list[tuple[int, str, int, str]]] = field(default_factory=dict)
-    """Item -> its earliest ``ITEM_REVIEWS`` training review texts as (timestamp, user, position, text)."""
+    """Quoted item -> its earliest ``ITEM_REVIEWS`` training review texts as (timestamp, user, position, text)."""
     next_items: set[tuple[str, str]] = field(default_factory=set)
     """Consecutive training purchases (earlier, later) of any user."""
-    _summary_items: dict[str, set[str] | None] = field(default_factory=dict)
-    """Normalised summary -> the items it was written about; None once it is generic (the set is dropped)."""
 
     def add(self, user: str, timeline: Timeline) -> None:
         self.users += 1
         self.interactions += len(timeline)
         for position, (split, event) in enumerate(timeline):
             self.items.add(event.item)
-            self._note_summary(event.summary, event.item)
             if split != "train":
                 continue
             if event.summary and event.timestamp < self.first_summaries.get(event.item, (event.timestamp + 1, ""))[0]:
                 self.first_summaries[event.item] = (event.timestamp, event.summary)
-            if event.text:
+            if event.text and event.item in self.quoted:
                 self._note_review(event.item, (event.timestamp, user, position, event.text))
         self.next_items.update(
             (a.item, b.item) for (s1, a), (s2, b) in zip(timeline, timeline[1:], strict=False) if s1 == s2 == "train"
         )
-
-    def _note_summary(self, summary: str, item: str) -> None:
-        key = normal_summary(summary)
-        items = self._summary_items.setdefault(key, set())
-        if items is not None:
-            items.add(item)
-            if len(items) >= GENERIC_SUMMARY_ITEMS:
-                self._summary_items[key] = None
 
     def _note_review(self, item: str, review: tuple[int, str, int, str]) -> None:
         kept = self.item_reviews.setdefault(item, [])
@@ -69,9 +66,6 @@ class Behaviour:
             kept.append(review)
             kept.sort()
             del kept[ITEM_REVIEWS:]
-
-    def generic_summaries(self) -> set[str]:
-        return {summary for summary, items in self._summary_items.items() if items is None}
 
     def reviews_of(self, item: str) -> list[str]:
         """Training review texts of ``item``, oldest first (at most ``ITEM_REVIEWS``)."""
@@ -81,8 +75,25 @@ class Behaviour:
         return {item: [summary] for item, (_, summary) in self.first_summaries.items()}
 
 
-def gather(timelines: Iterable[tuple[str, Timeline]]) -> Behaviour:
-    behaviour = Behaviour()
+def gather(timelines: Iterable[tuple[str, Timeline]], quoted: Iterable[str] = ()) -> Behaviour:
+    behaviour = Behaviour(frozenset(quoted))
     for user, timeline in timelines:
         behaviour.add(user, timeline)
     return behaviour
+
+
+def _summary_keys(batch: pa.Table) -> pa.Table:
+    return pa.table({"summary": [normal_summary(s) for s in batch["summary"].to_pylist()], "item": batch["item"]})
+
+
+def _generic(group: pa.Table) -> pa.Table:
+    generic = len(set(group["item"].to_pylist())) >= GENERIC_SUMMARY_ITEMS
+    return group.slice(0, 1 if generic else 0).select(["summary"])
+
+
+def generic_summaries(reviews: ray.data.Dataset) -> frozenset[str]:
+    """Normalised summaries written about ``GENERIC_SUMMARY_ITEMS`` or more different items, counted by a Ray
+    group-by over every review's (summary, item); only the generic ones come back."""
+    keys = reviews.map_batches(_summary_keys, batch_format="pyarrow")
+    rows = keys.groupby("summary").map_groups(_generic, batch_format="pyarrow").take_all()
+    return frozenset(row["summary"] for row in rows)

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from recfound import __version__
 from recfound.config import Config, InputFiles, comma_list
+from recfound.data.behaviour import generic_summaries
 from recfound.data.context import Context
 from recfound.data.embedding_tasks import build_i2i, build_q2i, q2i_mode, q2i_rows, u2i_rows
 from recfound.data.generative_tasks import (
@@ -278,7 +279,8 @@ def _context(cfg: BuildConfig, loaded: Loaded | None, synthetic: bool) -> Contex
         sr_options=cfg.sr_options,
         holdout=cfg.holdout,
     )
-    ctx.pseudo_queries = q2i_mode(ctx)[0]
+    if q2i_mode(ctx)[0]:  # only pseudo-queries need the generic summaries: a Ray pass over every review
+        ctx.pseudo_queries, ctx.generic_summaries = True, generic_summaries(loaded.reviews)
     return ctx
 
 

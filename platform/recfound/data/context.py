@@ -32,12 +32,12 @@ class Context:
     holdout: float = 0.1
     pseudo_queries: bool = False
     """q2i is templated from review summaries, per user (no usable query log: ``q2i_mode``)."""
+    generic_summaries: frozenset[str] = frozenset()
+    """Normalised review summaries too generic to be a pseudo-query (``behaviour.generic_summaries``)."""
     sampler: NegativeSampler = field(init=False)
-    generic_summaries: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.sampler = NegativeSampler(self.catalogue)
-        self.generic_summaries = frozenset(self.behaviour.generic_summaries())
 
     def item_reviews(self, item: str) -> list[str]:
         """Earliest training-split review texts of ``item``: what a prompt may quote without leaking a held-out

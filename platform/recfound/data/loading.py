@@ -9,7 +9,8 @@ reviewed items and the catalogue, which the templates sample from whole (negativ
 A build makes 7 + r Ray Data executions for a k-core found in r rounds (the last one drops nothing; the synthetic
 default takes 4): the reviews' read, its side rows (bad rows, line counts, reviewed items), the metadata's read with
 its side rows, de-duplication, the k-core's projection, the r rounds and the two passes over the kept reviews.
-1 + r of them shuffle. Run them under ``reading.pipeline_context``: the passes rely on its block order.
+1 + r of them shuffle; one more shuffle counts generic review summaries when q2i falls back to pseudo-queries. Run
+them under ``reading.pipeline_context``: the passes rely on its block order.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int
     questions = [replace(q, item=aliases.get(q.item, q.item)) for q in questions]
     unique = dedupe(reviews, read, aliases)
     kept = within(unique, kcore_vertices(unique, min_interactions))
-    behaviour = gather(_timelines(kept))
+    behaviour = gather(_timelines(kept), quoted={q.item for q in questions if not q.snippets})
     if not behaviour.users:
         raise DataError(
             named(urls["reviews"]), f"no interactions left after {min_interactions}-core filtering (lower kcore=)"

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
+from recfound.data.memory import release_unused
 from recfound.data.rows import Split
 from recfound.data.sources import Interaction
 
@@ -52,6 +53,7 @@ def user_timelines(batches: Iterable[pa.Table]) -> Iterator[tuple[str, Timeline]
                 user, events = row["user"], []
             event = Interaction(row["user"], row["item"], row["timestamp"], row["rating"], row["summary"], row["text"])
             events.append((row["timestamp"], row["file_index"], row["line"], event))
+        release_unused()  # what the last block's users freed, before the next block arrives
     if user is not None:
         yield user, _split(events)
 

@@ -52,15 +52,21 @@ def write_parquet(url: str, columns: dict[str, list], schema: pa.Schema) -> None
         pq.write_table(table, handle)
 
 
-ROW_GROUP_BYTES = 8 << 20
-"""Text held per file before it is written as a row group: a stream of any length needs about this much memory,
-and the many files of a build (every per-user task's splits are open at once) stay small together."""
+ROW_GROUP_BYTES = 4 << 20
+"""Approximate memory of the rows a file holds before writing them as a row group (``_row_size``): a stream of any
+length needs about this much, and the many files of a build (every per-user task's splits are open at once) stay
+small together."""
+_VALUE_BYTES = 64
+"""A buffered value's Python overhead beyond its text (object header, the row's dict slot)."""
 
 
-def _text_size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    return sum(map(len, value)) if isinstance(value, list) else 8
+def _row_size(row: dict[str, Any]) -> int:
+    size = 0
+    for value in row.values():
+        size += _VALUE_BYTES + (len(value) if isinstance(value, str) else 0)
+        if isinstance(value, list):
+            size += sum(_VALUE_BYTES + len(v) for v in value)
+    return size
 
 
 class ParquetStream:
@@ -77,7 +83,7 @@ class ParquetStream:
     def add(self, row: dict[str, Any]) -> None:
         self._buffer.append(row)
         self.rows += 1
-        self._bytes += sum(map(_text_size, row.values()))
+        self._bytes += _row_size(row)
         if self._bytes >= ROW_GROUP_BYTES:
             self._flush()
 
