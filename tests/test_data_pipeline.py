@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from data_fixtures import review, write_lines
 
+from recfound.data.behaviour import gather
 from recfound.data.builder import BuildConfig, build
-from recfound.data.sources import DataError
-from recfound.data.split import user_timelines
+from recfound.data.sources import DataError, Interaction
+from recfound.data.split import leave_last_out, user_timelines
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # one local Ray for the module's builds (conftest.py)
 
@@ -115,3 +116,21 @@ def test_user_timelines_join_a_user_across_batches_and_reject_users_out_of_order
         list(user_timelines([_events(("b", "i1", 1), ("a", "i1", 1))]))
     with pytest.raises(RuntimeError, match="out of user order"):  # a user met again after another one
         list(user_timelines([_events(("a", "i1", 1), ("b", "i1", 1)), _events(("a", "i2", 2))]))
+
+
+def test_behaviour_keeps_cross_user_facts_from_training_events_only():
+    def timeline(user: str, *events: tuple[str, int]) -> tuple[str, list]:
+        interactions = [Interaction(user, i, t, 5.0, f"{user}:{i}", f"text {user}:{i}") for i, t in events]
+        return user, leave_last_out(interactions)
+
+    a = timeline("a", ("i5", 4), ("i1", 5), ("i2", 6), ("i3", 7), ("i4", 8))  # i3 valid, i4 test
+    b = timeline("b", ("i1", 5), ("i3", 6), ("i2", 9))  # i3 valid, i2 test
+    behaviour = gather([a, b], quoted={"i1", "i2"})
+    assert (behaviour.users, behaviour.interactions) == (2, 8)
+    assert behaviour.items == {"i1", "i2", "i3", "i4", "i5"}
+    # i1's earliest training summary: a tie at t=5, won by the first user in order; held-out reviews never title
+    assert behaviour.summaries() == {"i5": ["a:i5"], "i1": ["a:i1"], "i2": ["a:i2"]}
+    assert behaviour.reviews_of("i1") == ["text a:i1", "text b:i1"]
+    assert behaviour.reviews_of("i2") == ["text a:i2"]  # b's review of i2 is its test event
+    assert behaviour.reviews_of("i5") == []  # a training review, but no question quotes i5
+    assert behaviour.next_items == {("i5", "i1"), ("i1", "i2")}  # b's i1 -> i3 crosses into valid

@@ -286,7 +286,9 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, sc
         f"{ratios['build_peak_rss_largest_vs_middle']:.3g}x the peak memory ({scaled[-1].reviews:,} vs "
         f"{scaled[-2].reviews:,} reviews, {bench.scaling_shards} shards each; RSS summed over the job's process "
         f"tree, sampled every {SAMPLE_S * 1000:.0f} ms). Ray Data streams the reading, de-duplication and k-core; "
-        "the driver still gathers the k-core's reviews to split and template them, so some growth remains.",
+        "the driver reads the kept reviews back one user at a time and writes each row as it is templated, but it "
+        "holds the catalogue and one entry per distinct consecutive purchase (i2i), and the object store holds the "
+        "de-duplicated reviews meanwhile, so some growth remains.",
     ]
     report.check(TARGETS)
     return report

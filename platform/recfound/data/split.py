@@ -16,6 +16,7 @@ from recfound.data.rows import Split
 from recfound.data.sources import Interaction
 
 Timeline = list[tuple[Split, Interaction]]
+ROWS_AT_ONCE = 1024
 
 
 def hash_split(seed: int, key: str, holdout: float) -> Split:
@@ -42,7 +43,7 @@ def user_timelines(batches: Iterable[pa.Table]) -> Iterator[tuple[str, Timeline]
     user: str | None = None
     events: list[tuple[int, int, int, Interaction]] = []
     for batch in batches:
-        for row in batch.to_pylist():
+        for row in _rows(batch):
             if row["user"] != user:
                 if user is not None:
                     if row["user"] < user:
@@ -56,6 +57,13 @@ def user_timelines(batches: Iterable[pa.Table]) -> Iterator[tuple[str, Timeline]
         release_unused()  # what the last block's users freed, before the next block arrives
     if user is not None:
         yield user, _split(events)
+
+
+def _rows(batch: pa.Table) -> Iterator[dict]:
+    """A block's rows as dicts, ``ROWS_AT_ONCE`` converted at a time: the block stays compact Arrow, and only a slice
+    of it is Python objects (a whole block at once would be a block's worth of them)."""
+    for chunk in batch.to_batches(max_chunksize=ROWS_AT_ONCE):
+        yield from chunk.to_pylist()
 
 
 def _split(events: list[tuple[int, int, int, Interaction]]) -> Timeline:
