@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ USER_BUILDERS: dict[str, Callable[[Context, str, Timeline], list[Sample]]] = {
     "candidate_ranking": candidate_ranking_rows,
 }
 """Tasks templated from one user's timeline at a time, as the kept reviews stream past."""
-BUILDERS: dict[str, Callable[[Context], list[Sample]]] = {
+BUILDERS: dict[str, Callable[[Context], Iterable[Sample]]] = {
     "q2i": build_q2i,
     "i2i": build_i2i,
     "query_rewriting": build_query_rewriting,
@@ -82,7 +82,8 @@ BUILDERS: dict[str, Callable[[Context], list[Sample]]] = {
     "answerability_prediction": build_answerability_prediction,
     "answer_generation": build_answer_generation,
 }
-"""Tasks built whole from the catalogue, queries, questions and what crosses users (q2i: from a query log)."""
+"""Tasks built from the catalogue, queries, questions and what crosses users (q2i: from a query log), one task at a
+time; i2i, whose rows grow with the reviews, yields them one at a time."""
 assert set(BUILDERS) | set(USER_BUILDERS) == set(ALL_TASKS)
 
 
@@ -236,11 +237,10 @@ def _write_tasks(
         if ctx is not None:
             reason = "the sources yield no rows for it"
             try:
-                samples = BUILDERS[task](ctx) if task in BUILDERS else []
+                for split, row in BUILDERS[task](ctx) if task in BUILDERS else ():
+                    task_files.add(split, row)
             except TaskUnavailable as why:
-                samples, reason = [], str(why)
-            for split, row in samples:
-                task_files.add(split, row)
+                reason = str(why)
         for split, row in extra.get(task, []):
             task_files.add(split, row)
         counts = task_files.close()

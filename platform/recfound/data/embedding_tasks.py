@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence, Set
+from collections.abc import Iterator, Sequence, Set
 
 from recfound.data.behaviour import normal_summary
 from recfound.data.context import Context
@@ -147,17 +147,16 @@ def related_pairs(ctx: Context) -> dict[tuple[str, str], str]:
     return dict(sorted(pairs.items()))
 
 
-def build_i2i(ctx: Context) -> list[Sample]:
-    """Item -> related item. Rows split by the anchor item, so an anchor's positives are evaluated together."""
+def build_i2i(ctx: Context) -> Iterator[Sample]:
+    """Item -> related item. Rows split by the anchor item, so an anchor's positives are evaluated together. Yielded
+    one at a time: there is one per related pair, and consecutive purchases make them grow with the reviews."""
     pairs = related_pairs(ctx)
     related: dict[str, set[str]] = defaultdict(set)
     for anchor, other in pairs:
         related[anchor].add(other)
-    out: list[Sample] = []
     for (anchor, other), relation in pairs.items():
         rng = ctx.rng("i2i", anchor, other)
         exclude = frozenset(related[anchor] | {anchor})
         source = f"{ctx.source}:{relation}"
         row = _row(ctx, "i2i", rng, ctx.catalogue[anchor].text, other, exclude, "", source, query_item=anchor)
-        out.append((ctx.split(f"item:{anchor}"), row))
-    return out
+        yield ctx.split(f"item:{anchor}"), row
