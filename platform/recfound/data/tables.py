@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from recfound.data.catalogue import CatalogueItem
-from recfound.data.rows import EmbeddingRow, Row
+from recfound.data.rows import Row
 from recfound.data.sources import Interaction
 from recfound.tasks import (
     EMBEDDING_COLUMNS,
@@ -131,9 +131,10 @@ class TaskFiles:
 
     def add(self, split: str, row: Row) -> None:
         stream = self._streams[split]
-        stream.add(task_row(self.task, split, stream.rows, row))
+        columns = task_row(self.task, split, stream.rows, row)
+        stream.add(columns)
         if self.limit is None:
-            self._note(row)
+            self._note(columns)
 
     def close(self) -> dict[str, int]:
         """Rows written per split; no file at all when the task got no row."""
@@ -158,16 +159,12 @@ class TaskFiles:
                     if index in kept:
                         row["id"] = f"{self.task}-{split}-{capped.rows:07d}"
                         capped.add(row)
-                        self._note_columns(row)
+                        self._note(row)
         capped.close()
         fs.rm(path)
         return capped.rows
 
-    def _note(self, row: Row) -> None:
-        if isinstance(row, EmbeddingRow):
-            self.texts.update(zip((row.pos_item, *row.neg_items), (row.pos, *row.neg), strict=True))
-
-    def _note_columns(self, row: dict[str, Any]) -> None:
+    def _note(self, row: dict[str, Any]) -> None:
         if "pos_item" in row:
             self.texts.update(zip((row["pos_item"], *row["neg_items"]), (row["pos"], *row["neg"]), strict=True))
 
