@@ -9,9 +9,10 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from recfound.config import ConfigError, load_config
-from recfound.model.backbone import BackboneConfig, load_backbone, resolve_dtype
+from recfound.model.backbone import BackboneConfig
 from recfound.model.formats import IGNORE_INDEX, encode_embedding, encode_generative
 from recfound.model.grm import GRM
+from recfound.model.pretrained import load_backbone, resolve_dtype
 from recfound.tasks import Mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")

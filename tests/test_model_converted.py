@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from recfound.model import backbone as backbone_module
 from recfound.model import converted as converted_module
-from recfound.model.backbone import BackboneConfig, load_backbone
+from recfound.model import pretrained
+from recfound.model.backbone import BackboneConfig
 from recfound.model.converted import CACHE_ENV, COMPLETE, converted
+from recfound.model.pretrained import load_backbone
 from recfound.model.tokenizer import SMOLLM2_GGUF, smollm2_dir, with_pad
 
 
@@ -87,7 +88,7 @@ def test_the_cached_smollm2_is_the_gguf_one(tmp_path: Path, monkeypatch: pytest.
     cached, tokenizer = load_backbone(cfg)  # converts
     assert any((tmp_path / "cache").rglob(COMPLETE))
     reused, reused_tokenizer = load_backbone(cfg)
-    direct = backbone_module._smollm2_from_gguf(cfg.attn_implementation, torch.float32)
+    direct = pretrained._smollm2_from_gguf(cfg.attn_implementation, torch.float32)
     texts = ["Red running shoes, size 42", "Ünïcödé\n\n<|im_end|> spaces"]
     ids = torch.as_tensor(tokenizer(texts[0])["input_ids"])[None]
     with torch.no_grad():

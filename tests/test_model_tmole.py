@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from recfound.model.backbone import BackboneConfig, load_backbone
+from recfound.model.backbone import BackboneConfig
+from recfound.model.pretrained import load_backbone
 from recfound.model.tmole import ExpertGroups, TMoLEConfig, TMoLELayer, TMoLEModel
 from recfound.model.tmole.routing import current_routing
 from recfound.tasks import TASK_ID, Mode
@@ -122,7 +123,7 @@ def test_the_training_configs_adapter_section_is_tmole_configs_own_fields():
     """One adapter schema: the keys, defaults and docs of ``model.adapter`` are TMoLEConfig's (peft's field help),
     and what TMoLEConfig rejects the training config rejects before Ray starts."""
     from recfound.config import ConfigError, load_config
-    from recfound.model.tmole.config import HYPERPARAMETERS
+    from recfound.model.tmole.hyperparameters import HYPERPARAMETERS
     from recfound.train.config import AdapterConfig, TrainConfig
 
     tmole = {f.name: f for f in dataclasses.fields(TMoLEConfig)}

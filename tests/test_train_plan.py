@@ -81,3 +81,17 @@ def test_scaling_config_places_workers_with_their_resources() -> None:
     assert scaling.resources_per_worker == {"CPU": 2.0, "trainer_node": 1.0}
     with pytest.raises(ConfigError, match="set CPUs with cpus_per_worker"):
         load_config(TrainConfig, str(CONFIGS / "tiny.yaml"), ["resources_per_worker={CPU: 4}"])
+
+
+def test_the_driver_checks_a_config_without_importing_the_model_code() -> None:
+    """What a driver imports to check a config, plan a run and name the workers' function loads neither peft nor
+    transformers' model classes (about 3 s of start-up on 2 cores); the workers import them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import recfound.train.config, recfound.train.run, recfound.train.worker; "
+        "print(sorted(m for m in ('peft', 'transformers.modeling_utils', 'recfound.model.grm') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

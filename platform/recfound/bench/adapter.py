@@ -39,7 +39,7 @@ from recfound.bench.common import (
     torch_threads,
 )
 from recfound.config import Config, load_config
-from recfound.model.backbone import load_backbone
+from recfound.model.pretrained import load_backbone
 from recfound.model.tmole import TMoLEModel
 from recfound.tasks import GENERATIVE_TASKS, Mode
 from recfound.train.config import TrainConfig

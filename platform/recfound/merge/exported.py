@@ -20,8 +20,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from recfound.artifacts import EXPORT_KIND, check_files, read_manifest
-from recfound.model.backbone import OFFLINE_LOAD, EmbeddingAttention
+from recfound.model.backbone import EmbeddingAttention
 from recfound.model.formats import Batch, Side, encode_embedding, encode_prompt, greedy_decoding
+from recfound.model.pretrained import OFFLINE_LOAD
 from recfound.model.tokenizer import with_pad
 from recfound.tasks import Mode
 

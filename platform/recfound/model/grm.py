@@ -24,8 +24,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from recfound.model.backbone import BackboneConfig, EmbeddingAttention, load_backbone
+from recfound.model.backbone import BackboneConfig, EmbeddingAttention
 from recfound.model.formats import IGNORE_INDEX, encode_generative, encode_prompt, greedy_decoding
+from recfound.model.pretrained import load_backbone
 from recfound.model.tmole import TMoLEConfig, TMoLEModel, read_adapter_config
 from recfound.tasks import Mode
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import typing
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, create_model, model_validator
 
 from recfound.config import Config
 from recfound.model.backbone import BackboneConfig, backbone_depth
 from recfound.model.losses import LossConfig
-from recfound.model.tmole import TMoLEConfig
-from recfound.model.tmole.config import HYPERPARAMETERS
+from recfound.model.tmole.hyperparameters import HYPERPARAMETERS, TMoLEHyperparameters
 from recfound.train.optim import OptimConfig
 from recfound.train.s2sched import LossSource, SchedulerConfig
+
+if TYPE_CHECKING:
+    from recfound.model.tmole import TMoLEConfig
 
 
 class PlacementStrategy(str, Enum):
@@ -32,26 +34,25 @@ class _Adapter(Config):
 
     @model_validator(mode="after")
     def _valid(self) -> _Adapter:
-        self.build(BackboneConfig())  # TMoLEConfig checks its own fields: one set of rules
+        TMoLEHyperparameters(**self.model_dump())  # TMoLE checks its own fields: one set of rules
         return self
 
     def build(self, backbone: BackboneConfig) -> TMoLEConfig:
+        from recfound.model.tmole import TMoLEConfig  # peft: on the workers, not in a driver checking its config
+
         return TMoLEConfig(**self.model_dump(), backbone=backbone.model_dump())
 
 
 def _adapter_section() -> type[_Adapter]:
-    """``model.adapter``: TMoLEConfig's own hyper-parameter fields, defaults and docs (its peft field help), as a
-    typed section, so there is one adapter schema and the YAML, ``--help`` and the saved adapter_config.json agree."""
-    hints = typing.get_type_hints(TMoLEConfig)
+    """``model.adapter``: TMoLE's hyper-parameter fields, defaults and docs (as peft field help), as a typed section,
+    so there is one adapter schema and the YAML, ``--help`` and the saved adapter_config.json agree."""
+    hints = typing.get_type_hints(TMoLEHyperparameters)
     spec: dict[str, Any] = {}
-    for f in dataclasses.fields(TMoLEConfig):
-        if f.name in HYPERPARAMETERS:
-            default = (
-                {"default": f.default}
-                if f.default is not dataclasses.MISSING
-                else {"default_factory": f.default_factory}
-            )
-            spec[f.name] = (hints[f.name], Field(**default, description=f.metadata["help"]))
+    for f in dataclasses.fields(TMoLEHyperparameters):
+        default = (
+            {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        )
+        spec[f.name] = (hints[f.name], Field(**default, description=f.metadata["help"]))
     return create_model("AdapterConfig", __base__=_Adapter, **{name: spec[name] for name in HYPERPARAMETERS})
 
 

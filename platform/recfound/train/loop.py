@@ -12,7 +12,6 @@ import logging
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,10 @@ from recfound.model.grm import GRM
 from recfound.tasks import Mode, mode_of
 from recfound.train import checkpoint
 from recfound.train.batches import worker_rows
-from recfound.train.config import TrainConfig
 from recfound.train.engine import build_engine, verify_partitions
 from recfound.train.halt import record_halt
 from recfound.train.mixing import Sampler
 from recfound.train.objective import JointObjective
-from recfound.train.popularity import ItemPrior
 from recfound.train.s2sched import LossSource
 from recfound.train.step import train_step
 from recfound.train.streams import MemoryShard, Shard, TaskStream
@@ -43,6 +40,7 @@ from recfound.train.telemetry import (
     plot_history,
 )
 from recfound.train.validation import ValidationProbe
+from recfound.train.worker import WorkerArgs
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +53,8 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
-@dataclass(frozen=True)
-class WorkerArgs:
-    """What the driver hands every worker, pickled once by Ray Train (as ``train_loop_config={"args": ...}``)."""
-
-    cfg: TrainConfig
-    tasks: list[str]
-    """The run's tasks, in the plan's order (every rank steps through them alike)."""
-    data: str
-    """The built dataset (validation batches are read from it when ``scheduler.source=valid``)."""
-    scheduler: str
-    """Name of the S2Sched actor, which rank 0 asks for the task mix."""
-    namespace: str
-    scheduler_initial: dict
-    """The scheduler's state at the run's start: a restart before the first checkpoint restores it."""
-    halt: str
-    """Where rank 0 records why it stopped the run (a non-finite loss), for the driver to raise."""
-    tensorboard: str
-    prior: ItemPrior | None
-    """The items' popularity prior when some task is logQ-corrected (``loss.logq_tasks``)."""
-    small_tasks: list[str]
-    """Tasks each worker reads itself (``batch.small_task_rows``); the others are Ray Data datasets named by task."""
-
-
-def train_worker(config: dict[str, WorkerArgs]) -> None:
-    args = config["args"]
+def train(args: WorkerArgs) -> None:
+    """One worker's whole run (``worker.train_worker``)."""
     cfg, tasks = args.cfg, args.tasks
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -173,8 +173,8 @@ def run(cfg: TrainConfig) -> str:
     from ray.train.torch import TorchTrainer
 
     from recfound.train.halt import clear_halt, halt_url, read_halt
-    from recfound.train.loop import WorkerArgs, train_worker
     from recfound.train.s2sched import S2Sched, get_or_create_scheduler
+    from recfound.train.worker import WorkerArgs, train_worker
 
     p = plan(cfg)
     print(

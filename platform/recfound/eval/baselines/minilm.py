@@ -25,7 +25,7 @@ def load_minilm() -> tuple[object, torch.nn.Module]:
         ) from None
     from transformers import AutoModel, AutoTokenizer
 
-    from recfound.model.backbone import OFFLINE_LOAD, without_progress_bars
+    from recfound.model.pretrained import OFFLINE_LOAD, without_progress_bars
 
     with without_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)

@@ -1,17 +1,28 @@
-"""TMoLE: task-wise mixture of low-rank experts, as a peft tuner (config, layer, model)."""
+"""TMoLE: task-wise mixture of low-rank experts, as a peft tuner (hyper-parameters, config, layer, model).
 
-from recfound.model.tmole.config import ExpertGroups, TMoLEConfig
-from recfound.model.tmole.layer import Linear, TMoLELayer
-from recfound.model.tmole.model import TMoLEModel, read_adapter_config, read_adapter_weights
-from recfound.model.tmole.routing import Routing
+The names below are imported on first use (PEP 562), not with the package: a training config reads
+``tmole.hyperparameters`` without importing peft, which costs seconds (it imports transformers' model code).
+"""
 
-__all__ = [
-    "ExpertGroups",
-    "Linear",
-    "Routing",
-    "TMoLEConfig",
-    "TMoLELayer",
-    "TMoLEModel",
-    "read_adapter_config",
-    "read_adapter_weights",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "ExpertGroups": "hyperparameters",
+    "Linear": "layer",
+    "Routing": "routing",
+    "TMoLEConfig": "config",
+    "TMoLELayer": "layer",
+    "TMoLEModel": "model",
+    "read_adapter_config": "model",
+    "read_adapter_weights": "model",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
