@@ -134,3 +134,22 @@ def test_behaviour_keeps_cross_user_facts_from_training_events_only():
     assert behaviour.reviews_of("i2") == ["text a:i2"]  # b's review of i2 is its test event
     assert behaviour.reviews_of("i5") == []  # a training review, but no question quotes i5
     assert behaviour.next_items == {("i5", "i1"), ("i1", "i2")}  # b's i1 -> i3 crosses into valid
+
+
+def test_kcore_degrees_summed_across_blocks_equal_one_count_over_all_rows() -> None:
+    """A k-core round counts degrees per block and sums them on the driver: an item (or user) seen in many blocks
+    gets its whole degree, also when the running total is merged midway (more pending rows than it holds)."""
+    from collections import Counter
+
+    from recfound.data.kcore import ITEM, USER, _degrees, _total_degrees
+
+    rows = [(f"u{i % 9000}", f"i{(i * 7) % 300}") for i in range(90_000)]
+    blocks = [pa.table({USER: [u for u, _ in part], ITEM: [i for _, i in part]}) for part in _chunks(rows, 7_000)]
+    total = _total_degrees(_degrees(block) for block in blocks)
+    got = {(side, key): degree for side, key, degree in zip(*(total[c].to_pylist() for c in total.column_names))}
+    expected = Counter((USER, u) for u, _ in rows) + Counter((ITEM, i) for _, i in rows)
+    assert got == dict(expected)
+
+
+def _chunks(rows: list, size: int) -> list[list]:
+    return [rows[start : start + size] for start in range(0, len(rows), size)]

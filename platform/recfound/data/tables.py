@@ -61,11 +61,12 @@ _VALUE_BYTES = 64
 
 
 def _row_size(row: dict[str, Any]) -> int:
-    size = 0
+    size = _VALUE_BYTES * len(row)
     for value in row.values():
-        size += _VALUE_BYTES + (len(value) if isinstance(value, str) else 0)
-        if isinstance(value, list):
-            size += sum(_VALUE_BYTES + len(v) for v in value)
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, list):
+            size += _VALUE_BYTES * len(value) + sum(map(len, value))
     return size
 
 
@@ -106,10 +107,15 @@ class ParquetStream:
             self._handle.close()
 
 
+_FIELDS = {mode: tuple(schema.names[2:]) for mode, schema in SCHEMAS.items()}
+"""A row's columns after id and task, per mode (read once: ``pa.Schema.names`` builds a new list per call)."""
+
+
 def task_row(task: str, split: str, index: int, row: Row) -> dict[str, Any]:
     """A row's columns; ids are ``task-split-index`` so they are unique across the whole dataset."""
-    values = {name: getattr(row, name) for name in SCHEMAS[mode_of(task)].names[2:]}
-    values = {name: list(value) if name in _LISTS else value for name, value in values.items()}
+    values = {name: getattr(row, name) for name in _FIELDS[mode_of(task)]}
+    for name in _LISTS.intersection(values):
+        values[name] = list(values[name])
     return {"id": f"{task}-{split}-{index:07d}", "task": task, **values}
 
 
