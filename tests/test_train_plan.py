@@ -95,3 +95,31 @@ def test_the_driver_checks_a_config_without_importing_the_model_code() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_local_ray_gets_quicker_ray_train_settings_and_a_cluster_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local instance's runs poll their workers every 0.5 s and start no preemption watcher (the job ends ~5 s
+    sooner); a variable the user set wins, and a cluster (RAY_ADDRESS) keeps Ray's defaults."""
+    import types
+
+    import ray
+
+    from recfound.train import run as run_module
+    from recfound.train.run import LOCAL_RAY_TRAIN
+
+    inits: list[dict] = []
+    context = types.SimpleNamespace(dashboard_url=None, address_info={"session_dir": "/tmp/none"})
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs) or context)
+    cfg = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    run_module._init_ray(cfg)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    run_module._init_ray(cfg)
+    local, cluster = (init["runtime_env"].get("env_vars", {}) for init in inits)
+    assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == LOCAL_RAY_TRAIN["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in local  # the user's 3 s is what Ray reads
+    assert not set(LOCAL_RAY_TRAIN) & set(cluster)

@@ -19,17 +19,24 @@ RAY_CONSOLE_LEVEL = "ERROR"
 
 
 def start_ray(
-    *, env_vars: dict[str, str] | None = None, num_cpus: int | None = None, dashboard: bool | None = None, echo: bool
+    *,
+    env_vars: dict[str, str] | None = None,
+    local_env_vars: dict[str, str] | None = None,
+    num_cpus: int | None = None,
+    dashboard: bool | None = None,
+    echo: bool,
 ) -> Any:
-    """``ray.init`` for a job; returns its context. ``num_cpus`` and ``dashboard`` apply to a local instance only (a
-    cluster has its own); ``echo``: whether the workers' output is echoed to the driver (a build prints its own
-    table; a training run shows its workers' progress lines)."""
+    """``ray.init`` for a job; returns its context. ``local_env_vars`` (added to ``env_vars``), ``num_cpus`` and
+    ``dashboard`` apply to a local instance only (a cluster has its own); ``echo``: whether the workers' output is
+    echoed to the driver (a build prints its own table; a training run shows its workers' progress lines)."""
     import ray
 
     runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
     if os.environ.get("RAY_ADDRESS"):
         runtime_env["py_modules"] = [str(Path(recfound.__file__).parent)]
         return ray.init(runtime_env=runtime_env, log_to_driver=echo, logging_level=RAY_CONSOLE_LEVEL)
+    if local_env_vars:
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **local_env_vars}
     return ray.init(
         num_cpus=num_cpus,
         runtime_env=runtime_env,

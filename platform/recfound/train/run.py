@@ -32,6 +32,15 @@ if TYPE_CHECKING:
     from ray.train import ScalingConfig
 
 NAMESPACE = "recfound"
+LOCAL_RAY_TRAIN = {
+    # How often Ray Train's controller polls its workers (default 2 s): a run's end, and a failure, is noticed up to
+    # that late. Measured on the Magazine slice (tiny, 2 workers, 2 cores): the job ends 4 s sooner at 0.5 s.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # The preemption watcher (one more actor process, started with the workers) reports spot nodes going away; a
+    # local instance has no other node to lose. Without it the job ends another 1.5 s sooner.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+"""Ray Train settings of a local instance's runs (a cluster keeps Ray's defaults); a variable the user set wins."""
 
 
 class RunError(RuntimeError):
@@ -128,7 +137,10 @@ def _init_ray(cfg: TrainConfig) -> None:
     # dashboard (where available): Ray Train's placement-group cleaner polls the state API it serves, and without it
     # logs a warning every few seconds (start-up time measured the same with and without).
     needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
-    context = start_ray(env_vars=worker_env_vars(), num_cpus=max(os.cpu_count() or 1, needed), echo=True)
+    local = {key: value for key, value in LOCAL_RAY_TRAIN.items() if key not in os.environ}
+    context = start_ray(
+        env_vars=worker_env_vars(), local_env_vars=local, num_cpus=max(os.cpu_count() or 1, needed), echo=True
+    )
     dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
     print(f"ray: logs in {context.address_info['session_dir']}/logs{dashboard}", flush=True)
 
