@@ -61,6 +61,8 @@ def _within(batch: pa.Table, users: pa.Array, items: pa.Array) -> pa.Table:
 
 
 DEGREES = pa.schema([("side", pa.string()), ("key", pa.string()), ("degree", pa.int64())])
+"""A degree count. Counted with ``use_threads=False``: Acero's threaded group-by failed in a Ray Data task under the
+test suite ("thread index 10 is out of range [0, 10)"); a block's count needs no thread pool."""
 
 
 def _degrees(batch: pa.Table) -> pa.Table:
@@ -69,13 +71,13 @@ def _degrees(batch: pa.Table) -> pa.Table:
 
 
 def _count(keys: pa.ChunkedArray, side: str) -> pa.Table:
-    counted = pa.table({"key": keys}).group_by("key").aggregate([("key", "count")])
+    counted = pa.table({"key": keys}).group_by("key", use_threads=False).aggregate([("key", "count")])
     columns = [pa.repeat(side, counted.num_rows), counted["key"], counted["key_count"]]
     return pa.Table.from_arrays(columns, schema=DEGREES)
 
 
 def _sum(degrees: list[pa.Table]) -> pa.Table:
-    summed = pa.concat_tables(degrees).group_by(["side", "key"]).aggregate([("degree", "sum")])
+    summed = pa.concat_tables(degrees).group_by(["side", "key"], use_threads=False).aggregate([("degree", "sum")])
     return summed.rename_columns(DEGREES.names).cast(DEGREES)
 
 
