@@ -8,7 +8,7 @@ allows:
 - de-duplication is one group-by on the user (a repeat is a repeat of one user's), which also merges variants;
 - the k-core is found on the (user, item) projection, materialised once: each round is one map over its blocks,
   each block counting its users' and items' degrees (a combiner), summed on the driver as they arrive (Arrow
-  group-bys, about one row per vertex held); the next round filters the projection with the vertices that keep
+  group-bys, about two rows per vertex held); the next round filters the projection with the vertices that keep
   their place. A round used to be a sort-based group-by: 3 s each on 2 cores at 100k reviews, where the map takes
   under one. The k-core is the sub-graph those vertices induce, so the reviews are filtered once, at the end, with
   the last round's vertices.

@@ -113,9 +113,9 @@ _FIELDS = {mode: tuple(schema.names[2:]) for mode, schema in SCHEMAS.items()}
 
 def task_row(task: str, split: str, index: int, row: Row) -> dict[str, Any]:
     """A row's columns; ids are ``task-split-index`` so they are unique across the whole dataset."""
-    values = {name: getattr(row, name) for name in _FIELDS[mode_of(task)]}
-    for name in _LISTS.intersection(values):
-        values[name] = list(values[name])
+    values = {
+        name: list(getattr(row, name)) if name in _LISTS else getattr(row, name) for name in _FIELDS[mode_of(task)]
+    }
     return {"id": f"{task}-{split}-{index:07d}", "task": task, **values}
 
 
