@@ -277,31 +277,34 @@ def test_gritlm_only_build(tmp_path):
     assert "no reviews given" in manifest["skipped_tasks"]["i2i"]
 
 
-def test_users_stream_one_at_a_time_and_other_tasks_are_written_before_the_next_is_built(tmp_path, monkeypatch):
-    """The driver holds one user's timeline (the per-user tasks are templated as the kept reviews stream past, users
-    ascending, each timeline whole) and one other task's rows at a time: their sum grows with the dump (issue 16)."""
-    from recfound.data import builder, tables
+def test_users_are_templated_in_chunks_of_whole_users_and_other_tasks_one_at_a_time(tmp_path, monkeypatch):
+    """The per-user tasks are templated by Ray tasks, a chunk of whole users each, written back in user order; the
+    driver then builds and writes one other task's rows at a time: their sum grows with the dump (issue 16)."""
+    from recfound.data import builder, chunks, tables, user_rows
 
     events: list[tuple] = []
-    for task, make in list(builder.USER_BUILDERS.items()):
+    templated = builder.templated
 
-        def per_user(ctx, user, timeline, t=task, f=make):
-            events.append(("user", t, user, len(timeline)))
-            return f(ctx, user, timeline)
+    def recorded(ctx, blocks, tasks):
+        for chunk in templated(ctx, blocks, tasks):
+            events.append(("chunk", Counter(chunk[0].column("user").to_pylist()), set(chunk[1])))
+            yield chunk
 
-        monkeypatch.setitem(builder.USER_BUILDERS, task, per_user)
+    monkeypatch.setattr(builder, "templated", recorded)
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 16)
     for task, make in list(builder.BUILDERS.items()):
         monkeypatch.setitem(builder.BUILDERS, task, lambda ctx, t=task, f=make: events.append(("build", t)) or f(ctx))
     close = tables.TaskFiles.close
     monkeypatch.setattr(tables.TaskFiles, "close", lambda self: events.append(("close", self.task)) or close(self))
     manifest = small_build(tmp_path)
 
-    seen = [(user, task) for kind, task, *rest in events if kind == "user" for user in rest[:1]]
-    users = [user for user, task in seen if task == "u2i"]
-    assert users == sorted(set(users)) and len(users) == manifest["users"]
-    assert seen == [(user, task) for user in users for task in builder.USER_BUILDERS]  # a user's tasks together
+    parts = [e[1] for e in events if e[0] == "chunk"]
+    assert len(parts) > 3 and all(sum(c.values()) >= 16 for c in parts[:-1])
+    users = [user for part in parts for user in part]
+    assert users == sorted(set(users)) and len(users) == manifest["users"]  # each user in one chunk, in order
     interactions = pq.read_table(tmp_path / "interactions.parquet", columns=["user"]).column("user").to_pylist()
-    assert {e[2]: e[3] for e in events if e[0] == "user"} == Counter(interactions)  # each timeline whole
+    assert sum(parts, Counter()) == Counter(interactions)  # each timeline whole
+    assert events[0][0] == "chunk" and events[0][2] == set(user_rows.USER_BUILDERS)  # every per-user task, first
     built = [t for kind, t, *_ in events if kind == "build" and t in manifest["tasks"]]
     assert built == [t for t in manifest["tasks"] if t in builder.BUILDERS]
     for task, following in zip(built, built[1:]):
@@ -313,11 +316,13 @@ def _rows(out: Path, task: str, split: str) -> list[dict]:
 
 
 def test_rows_are_written_in_row_groups_as_they_are_made(tmp_path, monkeypatch):
-    """With a small row-group budget every file is written in pieces during the pass, and reads back the same."""
-    from recfound.data import tables
+    """With a small row-group budget (and templating chunks) every file is written in pieces during the pass, and
+    reads back the same."""
+    from recfound.data import chunks, tables
 
     whole = small_build(tmp_path / "whole")
     monkeypatch.setattr(tables, "ROW_GROUP_BYTES", 2_000)
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 16)
     pieces = small_build(tmp_path / "pieces")
     assert pieces["tasks"] == whole["tasks"]
     assert pq.ParquetFile(tmp_path / "pieces" / "tasks" / "u2i" / "train.parquet").num_row_groups > 1

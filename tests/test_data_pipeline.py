@@ -9,10 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import review, write_lines
+from data_fixtures import review, small_build, write_lines
 
 from recfound.data.behaviour import gather
 from recfound.data.builder import BuildConfig, build
+from recfound.data.chunks import user_chunks
 from recfound.data.sources import DataError, Interaction
 from recfound.data.split import leave_last_out, user_timelines
 
@@ -118,6 +119,34 @@ def test_user_timelines_join_a_user_across_batches_and_reject_users_out_of_order
         list(user_timelines([_events(("a", "i1", 1), ("b", "i1", 1)), _events(("a", "i2", 2))]))
 
 
+def test_user_chunks_cut_whole_users_across_blocks_in_order():
+    """Chunks for the templating tasks: whole users (one spans three blocks), at least ``rows`` rows but the last,
+    together the input in order; a block that starts before the last user seen is refused."""
+    users = ["a"] * 2 + ["b"] * 7 + ["c"] + ["d"] * 3 + ["e"]
+    rows = [(u, f"i{n}", n) for n, u in enumerate(users)]
+    blocks = [_events(*rows[:4]), _events(*rows[4:6]), _events(*rows[6:11]), _events(), _events(*rows[11:])]
+    chunks = list(user_chunks(blocks, 3))
+    assert [c.column("user").to_pylist() for c in chunks] == [users[:9], users[9:13], users[13:]]
+    assert pa.concat_tables(chunks).column("item").to_pylist() == [i for _, i, _ in rows]
+    assert [len(c) for c in user_chunks(blocks, 100)] == [len(users)]
+    with pytest.raises(RuntimeError, match="out of user order"):
+        list(user_chunks([_events(("b", "i1", 1)), _events(("a", "i1", 1))], 1))
+
+
+def test_rows_are_the_same_whatever_the_chunk_size(tmp_path, monkeypatch):
+    """Many small templating tasks in flight at once give the rows, ids and files of one big task: rows depend on
+    (seed, user, position), and results are written in input order."""
+    from recfound.data import chunks
+
+    whole = small_build(tmp_path / "whole")
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 4)
+    chunked = small_build(tmp_path / "chunked")
+    assert chunked["tasks"] == whole["tasks"]
+    for path in sorted((tmp_path / "whole").rglob("*.parquet")):
+        twin = tmp_path / "chunked" / path.relative_to(tmp_path / "whole")
+        assert pq.read_table(twin).to_pylist() == pq.read_table(path).to_pylist(), path
+
+
 def test_behaviour_keeps_cross_user_facts_from_training_events_only():
     def timeline(user: str, *events: tuple[str, int]) -> tuple[str, list]:
         interactions = [Interaction(user, i, t, 5.0, f"{user}:{i}", f"text {user}:{i}") for i, t in events]
@@ -134,6 +163,23 @@ def test_behaviour_keeps_cross_user_facts_from_training_events_only():
     assert behaviour.reviews_of("i2") == ["text a:i2"]  # b's review of i2 is its test event
     assert behaviour.reviews_of("i5") == []  # a training review, but no question quotes i5
     assert behaviour.next_items == {("i5", "i1"), ("i1", "i2")}  # b's i1 -> i3 crosses into valid
+
+
+def test_behaviour_merged_from_parts_equals_one_pass_over_all_users():
+    """Ray tasks gather chunks of users and the driver merges their parts in user order: every cut gives the facts
+    of one pass, ties of first summaries (same second) and the earliest-five item reviews included."""
+    users = [f"u{n}" for n in range(8)]
+    timelines = [
+        (u, leave_last_out([Interaction(u, i, 10 + (n + k) % 3, 5.0, f"{u}:{i}", f"text {u}:{i}") for k, i in items]))
+        for n, u in enumerate(users)
+        for items in [list(enumerate(["i1", "i2", "i3", f"x{n}", "i4"][n % 2 :]))]
+    ]
+    whole = gather(timelines, quoted={"i1", "i2"})
+    assert len(whole.item_reviews["i2"]) == 5  # more reviews than kept: the merge must choose the same five
+    for cut in range(len(timelines) + 1):
+        merged = gather(timelines[:cut], quoted={"i1", "i2"})
+        merged.merge(gather(timelines[cut:], quoted={"i1", "i2"}))
+        assert merged == whole, cut
 
 
 def test_kcore_degrees_summed_across_blocks_equal_one_count_over_all_rows() -> None:

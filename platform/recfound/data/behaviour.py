@@ -1,4 +1,5 @@
-"""What the task templates need from all users' timelines at once, gathered in one streaming pass over them.
+"""What the task templates need from all users' timelines at once, gathered in one pass over them (Ray tasks on
+chunks of whole users, merged in user order).
 
 Per-user rows (histories, options, reviews) are templated from one timeline at a time (``builder.py``); the few
 facts that cross users are kept here, bounded by the catalogue rather than by the reviews where they can be: an
@@ -15,9 +16,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import ray
 import ray.data
 
-from recfound.data.split import Timeline
+from recfound.data.chunks import in_order
+from recfound.data.split import Timeline, user_timelines
 
 GENERIC_SUMMARY_ITEMS = 3
 """A summary written about this many different items ("Great product!") says nothing about any one of them."""
@@ -67,6 +70,18 @@ class Behaviour:
             kept.sort()
             del kept[ITEM_REVIEWS:]
 
+    def merge(self, later: Behaviour) -> None:
+        """Add what ``later`` gathered from the users after this one's: the same facts as one pass over both."""
+        self.users += later.users
+        self.interactions += later.interactions
+        self.items |= later.items
+        for item, first in later.first_summaries.items():
+            if first[0] < self.first_summaries.get(item, (first[0] + 1, ""))[0]:  # a tie keeps the earlier user's
+                self.first_summaries[item] = first
+        for item, reviews in later.item_reviews.items():
+            self.item_reviews[item] = sorted(self.item_reviews.get(item, []) + reviews)[:ITEM_REVIEWS]
+        self.next_items |= later.next_items
+
     def reviews_of(self, item: str) -> list[str]:
         """Training review texts of ``item``, oldest first (at most ``ITEM_REVIEWS``)."""
         return [text for *_, text in self.item_reviews.get(item, [])]
@@ -79,6 +94,19 @@ def gather(timelines: Iterable[tuple[str, Timeline]], quoted: Iterable[str] = ()
     behaviour = Behaviour(frozenset(quoted))
     for user, timeline in timelines:
         behaviour.add(user, timeline)
+    return behaviour
+
+
+@ray.remote
+def _gather(chunk: pa.Table, quoted: frozenset[str]) -> Behaviour:
+    return gather(user_timelines([chunk]), quoted)
+
+
+def gathered(blocks: Iterable[pa.Table], quoted: Iterable[str] = ()) -> Behaviour:
+    """``gather`` over the kept reviews' blocks, by Ray tasks on chunks of whole users, merged in user order."""
+    behaviour, quoted = Behaviour(frozenset(quoted)), frozenset(quoted)
+    for part in in_order(_gather, blocks, quoted):
+        behaviour.merge(part)
     return behaviour
 
 

@@ -1,9 +1,9 @@
 """Raw sources -> the multi-task dataset: ``tasks/<task>/<split>.parquet``, items, interactions, manifest.
 
-Tasks read from users' timelines are templated one user at a time as the kept reviews stream from Ray, each row
-written as it is made (``tables.TaskFiles``); the other tasks (items, queries, questions, relations) are built
-and written one task at a time. The manifest is written last and atomically: a directory without one is a build
-that did not finish.
+Tasks read from users' timelines are templated by Ray tasks, a chunk of whole users each, as the kept reviews stream
+from Ray Data (``user_rows``); the driver writes their rows in input order (``tables.TaskFiles``); the other tasks
+(items, queries, questions, relations) are built and written one task at a time. The manifest is written last and
+atomically: a directory without one is a build that did not finish.
 """
 
 from __future__ import annotations
@@ -23,15 +23,8 @@ from recfound import __version__
 from recfound.config import Config, InputFiles, comma_list
 from recfound.data.behaviour import generic_summaries
 from recfound.data.context import Context
-from recfound.data.embedding_tasks import build_i2i, build_q2i, q2i_mode, q2i_rows, u2i_rows
-from recfound.data.generative_tasks import (
-    build_query_rewriting,
-    candidate_ranking_rows,
-    explanation_generation_rows,
-    sentiment_analysis_rows,
-    sequential_recommendation_rows,
-    user_profile_rows,
-)
+from recfound.data.embedding_tasks import build_i2i, build_q2i, q2i_mode
+from recfound.data.generative_tasks import build_query_rewriting
 from recfound.data.gritlm import SPLIT_PLACEHOLDER, gritlm_urls, read_gritlm
 from recfound.data.item_tasks import (
     build_attribute_value_extraction,
@@ -44,33 +37,22 @@ from recfound.data.qa import build_answer_generation, build_answerability_predic
 from recfound.data.reading import local_ray, pipeline_context
 from recfound.data.rows import Sample, TaskUnavailable
 from recfound.data.sources import BadRowPolicy, BadRows, DataError
-from recfound.data.split import Timeline
 from recfound.data.synthetic import SyntheticConfig, write_catalogue
 from recfound.data.tables import (
     INTERACTION_SCHEMA,
     ITEM_SCHEMA,
     ParquetStream,
     TaskFiles,
-    interaction_row,
     item_columns,
     write_parquet,
 )
 from recfound.data.templates import TEMPLATE_VERSION
+from recfound.data.user_rows import USER_BUILDERS, templated
 from recfound.io import exists, expand, sha256, write_json
 from recfound.tasks import ALL_TASKS, DATASET_MANIFEST, INTERACTIONS, ITEMS, QUARANTINE, SPLITS
 
 log = logging.getLogger(__name__)
 
-USER_BUILDERS: dict[str, Callable[[Context, str, Timeline], list[Sample]]] = {
-    "u2i": u2i_rows,
-    "q2i": q2i_rows,
-    "sequential_recommendation": sequential_recommendation_rows,
-    "sentiment_analysis": sentiment_analysis_rows,
-    "user_profile": user_profile_rows,
-    "explanation_generation": explanation_generation_rows,
-    "candidate_ranking": candidate_ranking_rows,
-}
-"""Tasks templated from one user's timeline at a time, as the kept reviews stream past."""
 BUILDERS: dict[str, Callable[[Context], Iterable[Sample]]] = {
     "q2i": build_q2i,
     "i2i": build_i2i,
@@ -202,16 +184,17 @@ class Written:
 
 
 def _write_user_rows(loaded: Loaded, ctx: Context, files: dict[str, TaskFiles], out: str) -> None:
-    """One pass over the kept reviews, one user at a time: the user's interactions and rows of every per-user task
-    are written as they are made, so the driver holds one timeline and a row group per open file."""
+    """One pass over the kept reviews: Ray tasks template chunks of whole users (``user_rows``) and the driver
+    writes their interactions and rows of every per-user task in input order, so it holds a few chunks' tables and
+    a row group per open file."""
     interactions = ParquetStream(f"{out}/{INTERACTIONS}", INTERACTION_SCHEMA)
     tasks = [task for task in files if task in USER_BUILDERS]
-    for user, timeline in loaded.timelines():
-        for split, event in timeline:
-            interactions.add(interaction_row(user, split, event))
-        for task in tasks:
-            for split, row in USER_BUILDERS[task](ctx, user, timeline):
-                files[task].add(split, row)
+    blocks = loaded.reviews.iter_batches(batch_format="pyarrow", batch_size=None)
+    for events, rows in templated(ctx, blocks, tasks):
+        interactions.add_table(events)
+        for task, splits in rows.items():
+            for split, table in splits.items():
+                files[task].add_table(split, table)
     interactions.close()
 
 

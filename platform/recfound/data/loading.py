@@ -1,53 +1,45 @@
-"""Raw files -> the catalogue every task builder reads and the k-core's reviews, streamed one user at a time.
+"""Raw files -> the catalogue every task builder reads and the k-core's reviews, each user's rows together.
 
 Reviews and metadata go through Ray Data (parallel streaming reads; de-duplication and the k-core as group-bys,
-``kcore.py``). The driver never holds the kept reviews: it reads them twice, one user's timeline at a time (the
-de-duplication group-by delivers each user's rows together, users ascending), once here to gather what crosses
-users (``behaviour.py``) and once in the builder to template each user's rows; what it keeps is the metadata of
-reviewed items and the catalogue, which the templates sample from whole (negatives, histories, relations).
+``kcore.py``). The driver never holds the kept reviews: it reads them twice in blocks (the de-duplication group-by
+delivers each user's rows together, users ascending) and hands chunks of whole users to Ray tasks (``chunks.py``),
+once here to gather what crosses users (``behaviour.py``) and once in the builder to template each user's rows
+(``user_rows.py``); what the driver keeps is the metadata of reviewed items and the catalogue, which the templates
+sample from whole (negatives, histories, relations).
 
 A build makes 7 + r Ray Data executions for a k-core found in r rounds (the last one drops nothing; the synthetic
 default takes 4): the reviews' read, its side rows (bad rows, line counts, reviewed items), the metadata's read with
-its side rows, de-duplication, the k-core's projection, the r rounds and the two passes over the kept reviews.
-1 + r of them shuffle; one more shuffle counts generic review summaries when q2i falls back to pseudo-queries. Run
-them under ``reading.pipeline_context``: the passes rely on its block order.
+its side rows, de-duplication, the k-core's projection, the r rounds and the two passes over the kept reviews. 1 + r
+of them shuffle; one more shuffle counts generic review summaries when q2i falls back to pseudo-queries. Run them
+under ``reading.pipeline_context``: the passes rely on its block order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import ray.data
 
-from recfound.data.behaviour import Behaviour, gather
+from recfound.data.behaviour import Behaviour, gathered
 from recfound.data.catalogue import CatalogueItem, build_catalogue, variant_aliases
 from recfound.data.esci import QueryJudgement, read_queries
 from recfound.data.kcore import dedupe, kcore_vertices, within
 from recfound.data.qa import Question, read_qa
 from recfound.data.reading import item, ray_errors, read_role, read_wanted
 from recfound.data.sources import BadRows, DataError, Item, named
-from recfound.data.split import Timeline, user_timelines
 
 
 @dataclass
 class Loaded:
     catalogue: dict[str, CatalogueItem]
     reviews: ray.data.Dataset
-    """The k-core's reviews, each user's rows together and users ascending (read them with ``timelines``)."""
+    """The k-core's reviews, each user's rows together and users ascending, in blocks read in order."""
     behaviour: Behaviour
     judgements: list[QueryJudgement]
     questions: list[Question] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     """What was dropped or merged on the way, for the manifest: nothing disappears unrecorded."""
-
-    def timelines(self) -> Iterator[tuple[str, Timeline]]:
-        """Each user's split timeline in user order, streamed from Ray (one user's events in memory at a time)."""
-        return _timelines(self.reviews)
-
-
-def _timelines(reviews: ray.data.Dataset) -> Iterator[tuple[str, Timeline]]:
-    return user_timelines(reviews.iter_batches(batch_format="pyarrow", batch_size=None))
 
 
 def _read_meta(files: Sequence[str], bad: BadRows, reviewed: list[str]) -> tuple[dict[str, Item], int]:
@@ -82,7 +74,8 @@ def _load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int
     questions = [replace(q, item=aliases.get(q.item, q.item)) for q in questions]
     unique = dedupe(reviews, read, aliases)
     kept = within(unique, kcore_vertices(unique, min_interactions))
-    behaviour = gather(_timelines(kept), quoted={q.item for q in questions if not q.snippets})
+    blocks = kept.iter_batches(batch_format="pyarrow", batch_size=None)
+    behaviour = gathered(blocks, quoted={q.item for q in questions if not q.snippets})
     if not behaviour.users:
         raise DataError(
             named(urls["reviews"]), f"no interactions left after {min_interactions}-core filtering (lower kcore=)"

@@ -7,6 +7,7 @@ import heapq
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -77,6 +78,7 @@ class ParquetStream:
     def __init__(self, url: str, schema: pa.Schema):
         self.url, self.schema, self.rows = url, schema, 0
         self._buffer: list[dict[str, Any]] = []
+        self._tables: list[pa.Table] = []
         self._bytes = 0
         self._handle: Any = None
         self._writer: pq.ParquetWriter | None = None
@@ -88,19 +90,37 @@ class ParquetStream:
         if self._bytes >= ROW_GROUP_BYTES:
             self._flush()
 
+    def add_table(self, table: pa.Table) -> None:
+        """Rows already in Arrow (templated by a Ray task), after any buffered one. They are copied: a table fetched
+        from Ray's object store shares its buffers with the whole task result, which it would keep there while it
+        waits for its row group."""
+        self._seal()
+        self._tables.append(table.select(self.schema.names).cast(self.schema).take(np.arange(table.num_rows)))
+        self.rows += table.num_rows
+        self._bytes += table.nbytes
+        if self._bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _seal(self) -> None:
+        """The buffered dict rows as one table, ahead of any table added after them: rows keep their order."""
+        if self._buffer:
+            self._tables.append(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            self._buffer = []
+
     def _flush(self) -> None:
         if self._writer is None:
             fs, path = url_to_fs(self.url)
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             self._handle = fsspec.open(self.url, "wb").open()
             self._writer = pq.ParquetWriter(self._handle, self.schema)
-        if self._buffer:
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
-        self._buffer, self._bytes = [], 0
+        self._seal()
+        if self._tables:
+            self._writer.write_table(pa.concat_tables(self._tables))
+        self._tables, self._bytes = [], 0
 
     def close(self, empty: bool = True) -> None:
         """Write what is buffered and finish the file (an empty one when no row came and ``empty``)."""
-        if self._buffer or (empty and self._writer is None):
+        if self._buffer or self._tables or (empty and self._writer is None):
             self._flush()
         if self._writer is not None:
             self._writer.close()
@@ -111,12 +131,17 @@ _FIELDS = {mode: tuple(schema.names[2:]) for mode, schema in SCHEMAS.items()}
 """A row's columns after id and task, per mode (read once: ``pa.Schema.names`` builds a new list per call)."""
 
 
-def task_row(task: str, split: str, index: int, row: Row) -> dict[str, Any]:
-    """A row's columns; ids are ``task-split-index`` so they are unique across the whole dataset."""
+def row_id(task: str, split: str, index: int) -> str:
+    """Ids are ``task-split-index`` so they are unique across the whole dataset."""
+    return f"{task}-{split}-{index:07d}"
+
+
+def row_columns(task: str, row: Row) -> dict[str, Any]:
+    """A row's columns but its id (the index in its split file, known where the file is written)."""
     values = {
         name: list(getattr(row, name)) if name in _LISTS else getattr(row, name) for name in _FIELDS[mode_of(task)]
     }
-    return {"id": f"{task}-{split}-{index:07d}", "task": task, **values}
+    return {"task": task, **values}
 
 
 class TaskFiles:
@@ -137,10 +162,20 @@ class TaskFiles:
 
     def add(self, split: str, row: Row) -> None:
         stream = self._streams[split]
-        columns = task_row(self.task, split, stream.rows, row)
+        columns = {"id": row_id(self.task, split, stream.rows), **row_columns(self.task, row)}
         stream.add(columns)
         if self.limit is None:
             self._note(columns)
+
+    def add_table(self, split: str, table: pa.Table) -> None:
+        """Rows templated elsewhere (``user_rows``), without ids: numbered here, after the rows already added."""
+        stream = self._streams[split]
+        ids = pa.array([row_id(self.task, split, i) for i in range(stream.rows, stream.rows + table.num_rows)])
+        table = table.add_column(0, "id", ids)
+        stream.add_table(table)
+        if self.limit is None and "pos_item" in table.column_names:
+            for row in table.select(["pos_item", "neg_items", "pos", "neg"]).to_pylist():
+                self._note(row)
 
     def close(self) -> dict[str, int]:
         """Rows written per split; no file at all when the task got no row."""
@@ -163,7 +198,7 @@ class TaskFiles:
                 for row in batch.to_pylist():
                     index = int(row["id"].rsplit("-", 1)[1])
                     if index in kept:
-                        row["id"] = f"{self.task}-{split}-{capped.rows:07d}"
+                        row["id"] = row_id(self.task, split, capped.rows)
                         capped.add(row)
                         self._note(row)
         capped.close()
