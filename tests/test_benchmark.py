@@ -139,12 +139,19 @@ def test_data(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:
         "1000",
         "--scaling-shards",
         "2",
+        "--nodes-reviews",
+        "500",
     )
-    _assert_report(report, {"ray_data_vs_train", "build_vs_train", "build_peak_rss_largest_vs_middle"})
+    ratios = {"ray_data_vs_train", "build_vs_train", "build_peak_rss_largest_vs_middle", "build_two_nodes_vs_one"}
+    _assert_report(report, ratios)
     scaling = report["figures"]["scaling"]
     assert [b["reviews"] for b in scaling] == [500, 1000, 2000]
     assert all(b["rows"] > 0 and b["seconds"] > 0 and b["peak_rss"] > 0 for b in scaling)
     assert any(t["title"].startswith("Build scaling") and len(t["rows"]) == 3 for t in report["tables"])
+    # the same dump joined to a one-node, then a two-node cluster: the same rows either way
+    nodes = report["figures"]["nodes"]
+    assert [b["rows"] for b in nodes] == [scaling[0]["rows"]] * 2 and all(b["seconds"] > 0 for b in nodes)
+    assert any(t["title"].startswith("One vs two local nodes") and len(t["rows"]) == 2 for t in report["tables"])
 
 
 def test_serve(benchmark: ModuleType, local_ray: None, tmp_path: Path) -> None:

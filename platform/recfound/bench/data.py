@@ -6,13 +6,16 @@ tokenize)``), iterated to the end in the batches TaskStream asks for.
 
 And how does the build scale? The builder's rows/s and peak memory on synthetic dumps of three sizes
 (``write_dump``), each built by ``jobs/build_dataset.py`` in its own process as users run it, the local Ray it
-starts included in the process tree: whether memory stays near flat as the dump grows.
+starts included in the process tree: whether memory stays near flat as the dump grows. And with a second node?
+The same dump built by the job joined to a local cluster of one node, then of two (``nodes_reviews``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +39,8 @@ from recfound.train.config import TrainConfig
 from recfound.train.run import _datasets, plan
 
 TARGETS = [Target("Ray Data tokenise rows/s / training samples/s", "ray_data_vs_train", 1.0, Better.HIGHER)]
+NODE_TARGETS = [Target("build speed, two local nodes / one", "build_two_nodes_vs_one", 1.6, Better.HIGHER)]
+"""Issue 16's: when each node has its own cores. On one machine the nodes share its cores (and the driver's)."""
 BUILD_JOB = CONFIG_DIR.parent / "jobs" / "build_dataset.py"
 BUILD_LINE = re.compile(r"^(\d+) rows in ([\d.]+) s ", re.MULTILINE)
 """The build job's summary line: task rows written and the build's own seconds (interpreter start-up excluded)."""
@@ -77,6 +82,12 @@ class DataBench(Config):
     The issue's full-scale sizes are 100000 1000000 4000000 (the largest needs several GB and a while)."""
     scaling_shards: int = Field(4, ge=1)
     """Files each scaling dump is split across (the builder reads them as one)."""
+    nodes_reviews: int = Field(0, ge=0)
+    """Reviews of the one-vs-two-node comparison (0: not run): the middle scaling dump's format, built by
+    jobs/build_dataset.py joined to a local Ray cluster (RAY_ADDRESS) of one node, then of two, each node with
+    ``node_cpus`` CPUs; prints how much faster two nodes build it."""
+    node_cpus: int = Field(1, ge=1)
+    """CPUs each node of the comparison offers Ray (the job's driver runs beside them, on the same machine)."""
 
     @field_validator("scaling")
     @classmethod
@@ -149,12 +160,15 @@ def _peak_rss(process: subprocess.Popen) -> int:
     return peak
 
 
-def _run_job(args: list[str], log: Path) -> tuple[str, int]:
-    """jobs/build_dataset.py with ``args``: its output and peak RSS. Output goes to a file, not a pipe: a pipe
-    nobody reads while the memory is sampled would fill up and stall the job."""
+def _run_job(args: list[str], log: Path, address: str | None = None) -> tuple[str, int]:
+    """jobs/build_dataset.py with ``args`` (on the Ray cluster at ``address``, else its own local Ray): its output
+    and peak RSS. Output goes to a file, not a pipe: a pipe nobody reads while the memory is sampled would fill up
+    and stall the job."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ({"RAY_ADDRESS": address} if address else {})
     with log.open("w+") as output:
-        process = subprocess.Popen([sys.executable, str(BUILD_JOB), *args], stdout=output, stderr=subprocess.STDOUT)
+        command = [sys.executable, str(BUILD_JOB), *args]
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         peak = _peak_rss(process)
         output.seek(0)
         text = output.read()
@@ -163,20 +177,48 @@ def _run_job(args: list[str], log: Path) -> tuple[str, int]:
     return text, peak
 
 
-def _scaled_build(bench: DataBench, reviews: int) -> ScaledBuild:
-    """A dump of ``reviews`` rows (its writing not timed), then its build, timed and its memory sampled."""
+def _scaled_build(bench: DataBench, reviews: int, address: str | None = None, name: str = "") -> ScaledBuild:
+    """A dump of ``reviews`` rows (its writing not timed, reused when there), then its build, timed and its memory
+    sampled; joined to the Ray cluster at ``address`` when given (the cluster's processes are not in the job's
+    process tree: only the time compares then)."""
     root = Path(bench.out_dir).resolve() / "scaling" / str(reviews)
-    raw = write_dump(DumpConfig(reviews=reviews, shards=bench.scaling_shards, out=str(root / "raw")))
-    args = [f"reviews={raw['reviews']}", f"meta={raw['meta']}", f"out={root / 'dataset'}"]
-    text, peak = _run_job(args, root / "build.log")
+    dump = DumpConfig(reviews=reviews, shards=bench.scaling_shards, out=str(root / "raw"))
+    raw, written = {role: f"{dump.out}/{role}" for role in ("reviews", "meta")}, root / "raw" / "dump.json"
+    if not written.is_file() or written.read_text() != dump.model_dump_json():  # the same dump: keep it
+        shutil.rmtree(root / "raw", ignore_errors=True)  # no shard of another dump left among the new ones
+        raw = write_dump(dump)
+        written.write_text(dump.model_dump_json())
+    args = [f"reviews={raw['reviews']}", f"meta={raw['meta']}", f"out={root / ('dataset' + name)}"]
+    text, peak = _run_job(args, root / f"build{name}.log", address)
     summary = BUILD_LINE.search(text)
     if summary is None:
         raise BuildFailed(f"build_dataset.py {' '.join(args)} printed no '<rows> rows in <s> s' line:\n{text[-3000:]}")
     return ScaledBuild(reviews, int(summary[1]), float(summary[2]), peak)
 
 
+def _nodes_builds(bench: DataBench) -> list[ScaledBuild]:
+    """The same dump built on a local cluster of one node, then of two (``node_cpus`` each; Ray's test cluster:
+    every node its own raylet and object store, as on separate machines, but sharing this machine's cores)."""
+    from ray.cluster_utils import Cluster
+
+    builds = []
+    for nodes in (1, 2):
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": bench.node_cpus, "include_dashboard": False}
+        )
+        try:
+            for _ in range(nodes - 1):
+                cluster.add_node(num_cpus=bench.node_cpus)
+            cluster.wait_for_nodes()
+            builds.append(_scaled_build(bench, bench.nodes_reviews, cluster.address, f"-{nodes}-nodes"))
+        finally:
+            cluster.shutdown()
+    return builds
+
+
 def run(bench: DataBench) -> Report:
     scaled = [_scaled_build(bench, n) for n in bench.scaling]  # before Ray starts: it would share the cores
+    nodes = _nodes_builds(bench) if bench.nodes_reviews else []
     out = str(Path(bench.out_dir).resolve() / "dataset")
     build_cfg = BuildConfig(
         out=out, synthetic=SyntheticConfig(users=bench.users, items=bench.items, queries=bench.queries)
@@ -218,7 +260,7 @@ def run(bench: DataBench) -> Report:
     finally:
         if started_ray:
             ray.shutdown()
-    return _report(bench, rounds, cfg, scaled)
+    return _report(bench, rounds, cfg, scaled, nodes)
 
 
 def _scaling_table(scaled: list[ScaledBuild]) -> Table:
@@ -240,7 +282,22 @@ def _scaling_table(scaled: list[ScaledBuild]) -> Table:
     )
 
 
-def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, scaled: list[ScaledBuild]) -> Report:
+def _nodes_table(bench: DataBench, nodes: list[ScaledBuild]) -> Table:
+    rows = [
+        [str(n), str(n * bench.node_cpus), f"{b.rows:,}", fmt(b.seconds), fmt(b.reviews / b.seconds)]
+        for n, b in enumerate(nodes, 1)
+    ]
+    title = f"One vs two local nodes ({bench.nodes_reviews:,} reviews; jobs/build_dataset.py with RAY_ADDRESS)"
+    return Table(title, ["nodes", "CPUs", "task rows", "build s", "reviews/s"], rows)
+
+
+def _report(
+    bench: DataBench,
+    rounds: list[dict[str, Any]],
+    cfg: TrainConfig,
+    scaled: list[ScaledBuild],
+    nodes: list[ScaledBuild],
+) -> Report:
     build_rate = median([r["build_rows"] / r["build_s"] for r in rounds])
     tokenise_rate = median([r["ray_data_rows_per_s"] for r in rounds])
     consume_rate = median([r["train_samples_per_s"] for r in rounds])
@@ -249,6 +306,8 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, sc
         "build_vs_train": median([r["build_rows"] / r["build_s"] / r["train_samples_per_s"] for r in rounds]),
         "build_peak_rss_largest_vs_middle": scaled[-1].peak_rss / scaled[-2].peak_rss,
     }
+    if nodes:
+        ratios["build_two_nodes_vs_one"] = nodes[0].seconds / nodes[1].seconds
     startup = median([r["ray_data_startup_s"] for r in rounds])
     figures = {
         "build_rows_per_s": build_rate,
@@ -258,6 +317,7 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, sc
         "build_rows": rounds[0]["build_rows"],
         "rounds": rounds,
         "scaling": [asdict(b) for b in scaled],
+        "nodes": [asdict(b) for b in nodes],
     }
     tables = [
         Table(
@@ -274,6 +334,7 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, sc
             ],
         ),
         _scaling_table(scaled),
+        *([_nodes_table(bench, nodes)] if nodes else []),
     ]
     config = bench.model_dump(mode="json") | {"train_config": cfg.model_dump(mode="json")}
     report = Report("data", config, ratios, figures, tables)
@@ -286,9 +347,9 @@ def _report(bench: DataBench, rounds: list[dict[str, Any]], cfg: TrainConfig, sc
         f"{ratios['build_peak_rss_largest_vs_middle']:.3g}x the peak memory ({scaled[-1].reviews:,} vs "
         f"{scaled[-2].reviews:,} reviews, {bench.scaling_shards} shards each; RSS summed over the job's process "
         f"tree, sampled every {SAMPLE_S * 1000:.0f} ms). Ray Data streams the reading, de-duplication and k-core; "
-        "the driver reads the kept reviews back one user at a time and writes each row as it is templated, but it "
+        "Ray tasks gather and template chunks of whole users and the driver writes their rows, but it "
         "holds the catalogue and one entry per distinct consecutive purchase (i2i), and the object store holds the "
         "de-duplicated reviews meanwhile, so some growth remains.",
     ]
-    report.check(TARGETS)
+    report.check(TARGETS + (NODE_TARGETS if nodes else []))
     return report

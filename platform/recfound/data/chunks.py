@@ -21,8 +21,11 @@ import ray
 USER = "user"
 CHUNK_ROWS = 8192
 """Reviews per task (whole users, so a chunk may hold more): big enough that a task's start-up and its result's
-transfer are small beside its work (templating takes ~0.2 ms of Python per review), small enough that the chunks in
-flight stay a few tens of MB."""
+transfer are small beside its work (templating takes ~0.2 ms of Python per review), small enough that a result
+(~6 task rows per review, tens of MB) is small beside the object store."""
+MAX_IN_FLIGHT = 64
+"""Most chunks submitted and not yet taken: the driver takes results one at a time, in order, so on a large cluster
+more would only pile finished results (~50 MB of rows each) up in the object store."""
 
 
 def user_chunks(blocks: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
@@ -54,8 +57,8 @@ def _users_end(users: pa.ChunkedArray, rows: int) -> int:
 
 def in_order(task: Any, blocks: Iterable[pa.Table], *args: Any) -> Iterator[Any]:
     """``task.remote(chunk, *args)`` for each chunk of whole users (``CHUNK_ROWS``), results in input order, two
-    tasks per CPU in flight."""
-    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    tasks per CPU in flight, at most ``MAX_IN_FLIGHT``."""
+    window = min(MAX_IN_FLIGHT, 2 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     running: deque[ray.ObjectRef] = deque()
     for chunk in user_chunks(blocks, CHUNK_ROWS):
         running.append(task.remote(chunk, *args))
