@@ -33,6 +33,7 @@ from recfound.data.item_tasks import (
     build_product_relation_prediction,
 )
 from recfound.data.loading import Loaded, load
+from recfound.data.memory import release_unused
 from recfound.data.qa import build_answer_generation, build_answerability_prediction, qa_counts
 from recfound.data.reading import local_ray, pipeline_context
 from recfound.data.rows import Sample, TaskUnavailable
@@ -195,6 +196,7 @@ def _write_user_rows(loaded: Loaded, ctx: Context, files: dict[str, TaskFiles], 
         for task, splits in rows.items():
             for split, table in splits.items():
                 files[task].add_table(split, table)
+        release_unused()  # the chunk's tables, fetched and copied, are freed: hand their pages back
     interactions.close()
 
 

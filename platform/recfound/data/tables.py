@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -127,6 +128,8 @@ class ParquetStream:
             self._handle.close()
 
 
+_NAMED = (("pos_item", "neg_items"), ("pos", "neg"))
+"""An embedding row's item ids and their texts: the positive's column and the negatives' list column."""
 _FIELDS = {mode: tuple(schema.names[2:]) for mode, schema in SCHEMAS.items()}
 """A row's columns after id and task, per mode (read once: ``pa.Schema.names`` builds a new list per call)."""
 
@@ -174,8 +177,8 @@ class TaskFiles:
         table = table.add_column(0, "id", ids)
         stream.add_table(table)
         if self.limit is None and "pos_item" in table.column_names:
-            for row in table.select(["pos_item", "neg_items", "pos", "neg"]).to_pylist():
-                self._note(row)
+            items, texts = (pa.concat_arrays([*table[a].chunks, *pc.list_flatten(table[b]).chunks]) for a, b in _NAMED)
+            self.texts.update(zip(items.to_pylist(), texts.to_pylist(), strict=True))
 
     def close(self) -> dict[str, int]:
         """Rows written per split; no file at all when the task got no row."""
