@@ -1,7 +1,7 @@
 """What the task templates need from all users' timelines at once, gathered in one pass over them (Ray tasks on
 chunks of whole users, merged in user order).
 
-Per-user rows (histories, options, reviews) are templated from one timeline at a time (``builder.py``); the few
+Per-user rows (histories, options, reviews) are templated from one timeline at a time (``user_rows.py``); the few
 facts that cross users are kept here, bounded by the catalogue rather than by the reviews where they can be: an
 item's title of last resort, the earliest training reviews of the items questions ask about, and which items
 follow each other in training histories (one entry per distinct pair: i2i has a row for each). Which summaries are
@@ -104,8 +104,9 @@ def _gather(chunk: pa.Table, quoted: frozenset[str]) -> Behaviour:
 
 def gathered(blocks: Iterable[pa.Table], quoted: Iterable[str] = ()) -> Behaviour:
     """``gather`` over the kept reviews' blocks, by Ray tasks on chunks of whole users, merged in user order."""
-    behaviour, quoted = Behaviour(frozenset(quoted)), frozenset(quoted)
-    for part in in_order(_gather, blocks, quoted):
+    items = frozenset(quoted)
+    behaviour = Behaviour(items)
+    for part in in_order(_gather, blocks, items):
         behaviour.merge(part)
     return behaviour
 
