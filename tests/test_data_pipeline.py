@@ -4,11 +4,13 @@ k-core, the per-user split with time ties broken by input order (file, then line
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from data_fixtures import review, small_build, write_lines
 
 from recfound.data.behaviour import gather
@@ -131,6 +133,25 @@ def test_user_chunks_cut_whole_users_across_blocks_in_order():
     assert [len(c) for c in user_chunks(blocks, 100)] == [len(users)]
     with pytest.raises(RuntimeError, match="out of user order"):
         list(user_chunks([_events(("b", "i1", 1)), _events(("a", "i1", 1))], 1))
+
+
+def test_each_task_is_sent_its_chunk_only_not_the_block_it_was_cut_from(monkeypatch):
+    """A slice pickles its parent's whole buffers: uncopied, every task of a 250k-row block would be sent all of it."""
+    from recfound.data import chunks
+
+    class Task:
+        sent: list[int] = []
+
+        @classmethod
+        def remote(cls, chunk: pa.Table) -> ray.ObjectRef:
+            cls.sent.append(len(pickle.dumps(chunk, protocol=5)))
+            return ray.put(chunk.num_rows)
+
+    block = _events(*[(f"u{n // 4:04d}", f"i{n}", n) for n in range(4000)])
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 400)
+    assert sum(chunks.in_order(Task, [block])) == 4000
+    whole = len(pickle.dumps(block, protocol=5))
+    assert len(Task.sent) == 10 and max(Task.sent) < whole / 5, (Task.sent, whole)
 
 
 def test_rows_are_the_same_whatever_the_chunk_size(tmp_path, monkeypatch):

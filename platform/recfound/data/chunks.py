@@ -4,7 +4,7 @@ The kept reviews reach the driver as Arrow blocks in which each user's rows are 
 de-duplication group-by's output, read in order). The driver cuts them into chunks of whole users (Arrow slices, no
 Python row objects) and runs one Ray task per chunk, at most two per CPU in flight; the results come back in
 submission order, so what the driver does with them (writing rows, merging cross-user facts) happens in the order
-one pass over the users would. Both passes over the users (``behaviour.gather``, ``user_rows.templated``) run so,
+one pass over the users would. Both passes over the users (``behaviour.gathered``, ``user_rows.templated``) run so,
 on every core of the cluster, while the driver stays one process.
 """
 
@@ -76,8 +76,8 @@ def _compact(chunk: pa.Table) -> pa.Table:
 
 
 class Shared:
-    """A value for every task of a pass: put in the object store once and unpickled once per worker process (an
-    object reference passed inside a list is not resolved per task)."""
+    """A value for every task of a pass: put in the object store once and unpickled once per worker process (Ray
+    resolves an object reference given as a task's argument for every task, not one held inside an argument)."""
 
     _cache: dict[str, Any] = {}
     """The value a worker process last unpickled, by object id: one pass's tasks share it."""
