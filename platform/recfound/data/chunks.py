@@ -14,10 +14,11 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+
+from recfound.data.memory import own_buffers
 
 USER = "user"
 CHUNK_ROWS = 8192
@@ -62,17 +63,11 @@ def in_order(task: Any, blocks: Iterable[pa.Table], *args: Any) -> Iterator[Any]
     window = min(MAX_IN_FLIGHT, 2 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     running: deque[ray.ObjectRef] = deque()
     for chunk in user_chunks(blocks, CHUNK_ROWS):
-        running.append(task.remote(_compact(chunk), *args))
+        running.append(task.remote(own_buffers(chunk), *args))  # a slice would send its whole block
         if len(running) >= window:
             yield ray.get(running.popleft())
     while running:
         yield ray.get(running.popleft())
-
-
-def _compact(chunk: pa.Table) -> pa.Table:
-    """The chunk in buffers of its own: a slice pickles its whole parent's buffers (pyarrow 26: an 8,000-row slice
-    of a 200,000-row table pickled to the full 63 MB), so each task would be sent the whole block."""
-    return chunk.take(np.arange(chunk.num_rows))
 
 
 class Shared:

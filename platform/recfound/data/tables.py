@@ -7,13 +7,13 @@ import heapq
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from recfound.data.catalogue import CatalogueItem
+from recfound.data.memory import own_buffers
 from recfound.data.rows import Row
 from recfound.data.sources import Interaction
 from recfound.tasks import (
@@ -92,11 +92,10 @@ class ParquetStream:
             self._flush()
 
     def add_table(self, table: pa.Table) -> None:
-        """Rows already in Arrow (templated by a Ray task), after any buffered one. They are copied: a table fetched
-        from Ray's object store shares its buffers with the whole task result, which it would keep there while it
-        waits for its row group."""
+        """Rows already in Arrow (templated by a Ray task), after any buffered one; copied (``own_buffers``) so that
+        waiting for its row group does not keep the whole task result in Ray's object store."""
         self._seal()
-        self._tables.append(table.select(self.schema.names).cast(self.schema).take(np.arange(table.num_rows)))
+        self._tables.append(own_buffers(table.select(self.schema.names).cast(self.schema)))
         self.rows += table.num_rows
         self._bytes += table.nbytes
         if self._bytes >= ROW_GROUP_BYTES:
