@@ -16,7 +16,9 @@ from recfound.eval.candidate_lists import CandidateLists, build_lists, list_metr
 from recfound.eval.metrics import mean_defined
 from recfound.eval.systems import GRMSystem
 from recfound.model.backbone import BackboneConfig
+from recfound.model.formats import Side
 from recfound.model.grm import GRM
+from recfound.serving.index import instructions_from_templates
 
 TASK = "candidate_ranking"
 ITEMS = pd.DataFrame(
@@ -94,11 +96,32 @@ def test_list_metrics_by_hand() -> None:
     assert metrics["list.ndcg@10"] == pytest.approx((1 / math.log2(3.5) + 1 + 1) / 3)
 
 
+def test_the_grm_ranks_by_its_u2i_embedding_as_rank_does_by_default(one_thread: None) -> None:
+    """``list.*``: the cosine of the user's u2i embedding (the list's history, serving's u2i instructions) to each
+    candidate's item embedding, what /v1/rank's default ``scorer: embedding`` returns; the yes/no likelihood is
+    kept apart under ``list_generative.*``."""
+    torch.manual_seed(0)
+    system = GRMSystem("backbone", GRM.build(BackboneConfig()).eval(), batch_size=8)
+    system.fit(ITEMS, INTERACTIONS)
+    lists = _lists(n_lists=2)
+    scores = list_scores(system, lists)
+    assert set(scores) == {"list", "list_generative"} and scores["list"].shape == (2, 20)
+    instructions = instructions_from_templates()["u2i"]
+    users = system.embed("u2i", [instructions["query"]] * 2, lists.rows["query"].tolist(), Side.QUERY)
+    items = system.embed("u2i", [instructions["item"]] * 40, ITEMS["text"].tolist(), Side.ITEM)
+    expected = np.einsum("ld,lcd->lc", users, items[lists.items])
+    assert np.allclose(scores["list"], expected, atol=1e-5) and len(set(scores["list"][0].tolist())) > 1
+    values = system_list_values(system, [lists])[TASK]
+    assert set(values) == {"list.auc", "list.ndcg@10", "list_generative.auc", "list_generative.ndcg@10"}
+    assert {k: mean_defined(v) for k, v in values.items() if k.startswith("list.")} == list_metrics(expected, lists)
+
+
 def test_the_grm_scores_each_candidate_by_yes_minus_no_on_the_prompt_naming_it(one_thread: None) -> None:
     torch.manual_seed(0)
     system = GRMSystem("backbone", GRM.build(BackboneConfig()).eval(), batch_size=8)
+    system.fit(ITEMS, INTERACTIONS)
     lists = _lists(n_lists=1)
-    scores = list_scores(system, lists)
+    scores = list_scores(system, lists)["list_generative"]
     assert scores.shape == (1, 20) and len(set(scores[0].tolist())) > 1
     prompt = lists.rows["prompt"][0]
     for col in (0, 7):
@@ -115,14 +138,15 @@ def test_baselines_rank_the_same_lists_with_their_u2i_scores() -> None:
     popularity.fit(ITEMS, INTERACTIONS)
     train = INTERACTIONS[INTERACTIONS["split"] == "train"]["item"].value_counts()
     expected = [[train.get(ITEMS["item_id"][i], 0) for i in row] for row in lists.items]
-    assert list_scores(popularity, lists).tolist() == expected
+    assert list(list_scores(popularity, lists)) == ["list"]
+    assert list_scores(popularity, lists)["list"].tolist() == expected
     item_cf = ItemCF()
     item_cf.fit(ITEMS, INTERACTIONS)
     values = system_list_values(item_cf, [lists])
     assert set(values) == {TASK} and set(values[TASK]) == {"list.auc", "list.ndcg@10"}
     per_list = values[TASK]  # one value per list
     assert {len(v) for v in per_list.values()} == {len(lists.items)}
-    assert {k: mean_defined(v) for k, v in per_list.items()} == list_metrics(list_scores(item_cf, lists), lists)
+    assert {k: mean_defined(v) for k, v in per_list.items()} == list_metrics(list_scores(item_cf, lists)["list"], lists)
     no_u2i = BM25()
     no_u2i.tasks = frozenset({"q2i"})
-    assert list_scores(no_u2i, lists) is None and system_list_values(no_u2i, [lists]) == {}
+    assert list_scores(no_u2i, lists) == {} and system_list_values(no_u2i, [lists]) == {}

@@ -2,9 +2,11 @@
 never bought, each scored on its own and ranked per list (NDCG@10, AUC).
 
 candidate_ranking's rows ask one yes/no question each, and a yes/no F1 does not say whether the item bought is
-placed above the others, which is what a recommender is for. Lists do, and every system can rank the same ones:
-the GRMs score a candidate by how much likelier "yes" is than "no" (M6-Rec's likelihood scoring; the untrained
-backbone doing it is the zero-shot result), the baselines by their u2i scorer of the list's user.
+placed above the others, which is what a recommender is for. Lists do, and every system can rank the same ones,
+each as /v1/rank would: ``list.*`` by the system's u2i scorer of the list's user (a GRM's: its u2i embedding of the
+history against each candidate's, /v1/rank's default ``scorer: embedding``), and for the GRMs also
+``list_generative.*``, by how much likelier "yes" is than "no" (``scorer: generative``, M6-Rec's likelihood
+scoring; the untrained backbone doing it is the zero-shot result).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from recfound.data.templates import NO, YES, ranking_input, with_candidate
+from recfound.data.templates import ITEM_INSTRUCTIONS, NO, QUERY_INSTRUCTIONS, YES, ranking_input, with_candidate
 from recfound.eval.baselines import Baseline
 from recfound.eval.metrics import auc_from_ranks, mean_defined, ndcg_from_ranks, ranks_from_scores
-from recfound.eval.protocols import LIST_PROTOCOLS, PerQuery, list_metric_names, pool_scores, sample_pools
+from recfound.eval.protocols import (
+    LIST,
+    LIST_GENERATIVE,
+    LIST_PROTOCOLS,
+    PerQuery,
+    list_metric_names,
+    pool_scores,
+    sample_pools,
+)
 from recfound.eval.systems import GRMSystem
 
 
@@ -89,25 +99,33 @@ def yes_scores(system: GRMSystem, lists: CandidateLists) -> np.ndarray:
     return scores
 
 
-def list_scores(system: Baseline, lists: CandidateLists) -> np.ndarray | None:
-    """(lists, candidates) scores, or None for a system that cannot rank a user's candidates."""
+def embedding_scores(system: Baseline, lists: CandidateLists) -> np.ndarray:
+    """Per candidate, the system's u2i score for the list's user: a GRM's is the cosine of its u2i embedding of the
+    history, under the u2i instructions serving uses (the first query wording, the item wording), to the
+    candidate's item embedding."""
+    rows = lists.rows.assign(query_instruction=QUERY_INSTRUCTIONS["u2i"][0], pos_instruction=ITEM_INSTRUCTIONS["u2i"])
+    return pool_scores(system.scorer("u2i", rows), lists.items)
+
+
+def list_scores(system: Baseline, lists: CandidateLists) -> dict[str, np.ndarray]:
+    """{metric prefix: (lists, candidates) scores} of the scorers the system has (none: it cannot rank a user's
+    candidates)."""
+    scores = {LIST: embedding_scores(system, lists)} if "u2i" in system.tasks else {}
     if isinstance(system, GRMSystem):
-        return yes_scores(system, lists)
-    if "u2i" in system.tasks:
-        return pool_scores(system.scorer("u2i", lists.rows), lists.items)
-    return None
+        scores[LIST_GENERATIVE] = yes_scores(system, lists)
+    return scores
 
 
-def list_metrics(scores: np.ndarray, lists: CandidateLists) -> dict[str, float]:
+def list_metrics(scores: np.ndarray, lists: CandidateLists, prefix: str = LIST) -> dict[str, float]:
     """Mean NDCG@k and mean per-list AUC, ties at their expected rank (the module policy of eval/metrics.py)."""
-    return {name: mean_defined(values) for name, values in list_values(scores, lists).items()}
+    return {name: mean_defined(values) for name, values in list_values(scores, lists, prefix).items()}
 
 
-def list_values(scores: np.ndarray, lists: CandidateLists) -> PerQuery:
-    """NDCG@k and AUC per list."""
+def list_values(scores: np.ndarray, lists: CandidateLists, prefix: str = LIST) -> PerQuery:
+    """NDCG@k and AUC per list, under ``prefix``'s metric names."""
     valid = lists.items >= 0
     ranks = ranks_from_scores(scores, lists.relevant, valid)
-    ndcg, auc = list_metric_names(lists.task)
+    ndcg, auc = list_metric_names(lists.task, prefix)
     return {
         ndcg: ndcg_from_ranks(ranks, LIST_PROTOCOLS[lists.task].k),
         auc: auc_from_ranks(ranks, (valid & ~lists.relevant).sum(axis=1)),
@@ -118,7 +136,6 @@ def system_list_values(system: Baseline, lists: Sequence[CandidateLists]) -> dic
     """{task: per-list metrics} of the candidate lists the system can rank."""
     out: dict[str, PerQuery] = {}
     for ranked in lists:
-        scores = list_scores(system, ranked)
-        if scores is not None:
-            out[ranked.task] = out.get(ranked.task, {}) | list_values(scores, ranked)
+        for prefix, scores in list_scores(system, ranked).items():
+            out[ranked.task] = out.get(ranked.task, {}) | list_values(scores, ranked, prefix)
     return out

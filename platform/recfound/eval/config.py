@@ -42,8 +42,8 @@ class EvalConfig(Config):
     """Comma list. pool: the paper's 1 positive + sampled same-category negatives, seeded (MRR@20 u2i/q2i,
     NDCG@20 i2i); full: rank the whole catalogue (Recall@10/50, NDCG@10, MRR); generative: greedy decoding
     scored with the paper's per-task metric (ROUGE-L standing in for BERTScore); list: candidate_ranking's
-    lists, the item bought + 19 seeded unbought items per held-out purchase, ranked by every system (GRMs by
-    P(yes), baselines by their u2i scores; NDCG@10, AUC)."""
+    lists, the item bought + 19 seeded unbought items per held-out purchase, ranked by every system as /v1/rank
+    would (list.*: u2i scores, a GRM's by its embeddings; list_generative.*: a GRM's P(yes); NDCG@10, AUC)."""
     max_rows_per_task: int = Field(100, ge=0)
     """Prompts decoded per generative task (a seeded sample of the split), and lists ranked (a GRM scores 20
     prompts x 2 answers per list). Greedy decoding dominates the CPU cost; 0 skips the generative tasks and the

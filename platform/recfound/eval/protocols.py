@@ -81,10 +81,17 @@ LIST_PROTOCOLS: dict[str, PoolProtocol] = {"candidate_ranking": PoolProtocol(19,
 (the u2i pool's size), by NDCG@10 and AUC."""
 
 
-def list_metric_names(task: str) -> tuple[str, str]:
-    """(headline, AUC) keys of a list-ranked task's metrics in results.json."""
+LIST = "list"
+"""Prefix of the list metrics every system has: ranked by its u2i scorer (a GRM's: its u2i embedding, as /v1/rank's
+default ``scorer: embedding``)."""
+LIST_GENERATIVE = "list_generative"
+"""Prefix of the GRMs' list metrics ranked by the likelihood of "yes" (/v1/rank's ``scorer: generative``)."""
+
+
+def list_metric_names(task: str, prefix: str = LIST) -> tuple[str, str]:
+    """(headline, AUC) keys of a list-ranked task's metrics in results.json, for one scorer's ``prefix``."""
     protocol = LIST_PROTOCOLS[task]
-    return f"list.{protocol.metric.value}@{protocol.k}", "list.auc"
+    return f"{prefix}.{protocol.metric.value}@{protocol.k}", f"{prefix}.auc"
 
 
 def _positive_indices(positives: Positives, item_ids: Sequence[str]) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from recfound.eval.convergence import plot_runs
 from recfound.eval.metrics import GENERATIVE_METRICS, metric_name
-from recfound.eval.protocols import LIST_PROTOCOLS, POOL_PROTOCOLS, list_metric_names
+from recfound.eval.protocols import LIST, LIST_GENERATIVE, LIST_PROTOCOLS, POOL_PROTOCOLS, list_metric_names
 from recfound.tasks import ALL_TASKS, EMBEDDING_TASKS
 from recfound.train.telemetry import plot_history
 
@@ -57,13 +57,16 @@ def sections(systems: Systems) -> list[Section]:
     pool = [(t, headline(t)) for t in tasks if t in EMBEDDING_TASKS]
     full = [(t, f"full.{m}") for t in tasks if t in EMBEDDING_TASKS for m in FULL_METRICS]
     generative = [(t, metric_name(m)) for t in tasks if t not in EMBEDDING_TASKS for m in GENERATIVE_METRICS[t]]
-    lists = [(t, m) for t in tasks if t in LIST_PROTOCOLS for m in list_metric_names(t)]
+    lists = [
+        (t, m) for t in tasks if t in LIST_PROTOCOLS for p in (LIST, LIST_GENERATIVE) for m in list_metric_names(t, p)
+    ]
     found = [
         Section("Embedding, paper protocol (1 positive + sampled same-category negatives)", pool, "pool.png"),
         Section("Embedding, full catalogue (user's train items and the i2i anchor excluded)", full, "full.png"),
         Section("Generative (greedy decoding)", generative, "generative.png"),
         Section(
-            "Candidate lists (the item bought + 19 sampled items the user never bought; GRMs rank by P(yes))",
+            "Candidate lists (the item bought + 19 sampled items the user never bought; list: u2i scores, the GRMs' "
+            "embeddings; list_generative: the GRMs' P(yes))",
             lists,
             "lists.png",
         ),
