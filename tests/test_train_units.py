@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from recfound.model.formats import IGNORE_INDEX
-from recfound.model.losses import GenerativeMean, LossConfig
+from recfound.model.losses import LossConfig
 from recfound.tasks import Mode
 from recfound.train.batches import collate, item_keys
 from recfound.train.engine import rebase_lr
@@ -229,22 +229,6 @@ def test_joint_objective_with_one_mode_is_that_mode_alone_and_masks_false_negati
     assert [int(v) for v in stats[FALSE_NEGATIVES]] == [1, 2]
     gen_only, _ = JointObjective(FakeGRM(), cfg)(None, _gen_rows())
     assert gen_only.item() == pytest.approx(11.0 / 4)
-
-
-def test_row_mean_gives_each_generative_row_the_same_weight_whatever_its_answer_length() -> None:
-    """``generative_mean=row``: each row's token mean, then the mean over rows, so a one-token classification answer
-    counts as much as a long profile (under the token mean the 3-token row outweighs the 1-token one 3 to 1); the
-    per-task stats S2Sched reads stay token sums and counts."""
-    cfg = LossConfig(generative_mean=GenerativeMean.ROW)
-    loss, stats = JointObjective(FakeGRM(), cfg)(None, _gen_rows())
-    assert loss.item() == pytest.approx(((1.0 + 2.0 + 3.0) / 3 + 5.0) / 2)
-    assert {t: (s.item(), int(n)) for t, (s, n) in stats.items()} == {
-        "sentiment_analysis": (pytest.approx(6.0), 3),
-        "title_generation": (pytest.approx(5.0), 1),
-    }
-    rows = _gen_rows()
-    rows["labels"][1] = IGNORE_INDEX  # a row whose response was cut away entirely is no row of the mean
-    assert JointObjective(FakeGRM(), cfg)(None, rows)[0].item() == pytest.approx(2.0)
 
 
 # ------------------------------------------------------------------------------------------------- train_step

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Literal, NamedTuple
 
 import torch
@@ -15,17 +14,6 @@ from recfound.config import Config
 from recfound.tasks import EMBEDDING_TASKS
 
 
-class GenerativeMean(str, Enum):
-    """How a step's response-token cross-entropies become its generative loss."""
-
-    TOKEN = "token"
-    """Every response token of the step weighs the same (the paper): a 130-token item profile outweighs a
-    2-token yes/no answer 65 to 1, so short-answer tasks barely train whatever share S2Sched gives them."""
-    ROW = "row"
-    """Each row's token mean, then the mean over the step's rows: every row weighs the same, so the task mix S2Sched
-    sets is the mix the gradient sees (long answers still train every token, each less)."""
-
-
 class LossConfig(Config):
     """Weights and temperature of the joint objective."""
 
@@ -35,9 +23,6 @@ class LossConfig(Config):
     """Weight of the contrastive (embedding) loss in the total."""
     generative_weight: float = 1.0
     """Weight of the generative (response cross-entropy) loss in the total."""
-    generative_mean: GenerativeMean = GenerativeMean.TOKEN
-    """``token``: every response token of the step weighs the same (the paper); ``row``: every row does (each row's
-    token mean, averaged), so one-token classification answers train as much as long profiles."""
     cross_device_negatives: bool = True
     """Under torch.distributed, score each query against every rank's passages (more negatives per step)."""
     logq_tasks: list[str] = []
@@ -150,17 +135,6 @@ def contrastive_loss(
         scores = scores.masked_fill(false.to(scores.device), float("-inf"))
         masked = false.sum(1).to(scores.device)
     return InfoNCE(F.cross_entropy(scores, targets, reduction=reduction), masked)
-
-
-def response_loss(token_losses: torch.Tensor, rows: torch.Tensor, mean: GenerativeMean) -> torch.Tensor:
-    """The step's generative loss from each response token's cross-entropy and the batch row it belongs to (see
-    ``GenerativeMean``); a step without response tokens gives a graph-attached 0."""
-    if mean is GenerativeMean.TOKEN or token_losses.numel() == 0:
-        return token_losses.sum() / max(1, token_losses.numel())
-    counts = torch.bincount(rows)
-    sums = token_losses.new_zeros(len(counts)).index_add(0, rows, token_losses)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
 
 
 def total_loss(cfg: LossConfig, contrastive: torch.Tensor | None, generative: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from recfound.model.grm import GRM
-from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, response_loss, total_loss
+from recfound.model.losses import LossConfig, PairKeys, contrastive_loss, total_loss
 from recfound.train.batches import Rows
 from recfound.train.popularity import ItemPrior
 
@@ -45,7 +45,7 @@ def _per_task(values: torch.Tensor, tasks: Sequence[str]) -> TaskStats:
 
 
 class JointObjective(nn.Module):
-    """w_c * InfoNCE over the step's embedding rows + w_g * CE over its generative rows (token or row mean)."""
+    """w_c * InfoNCE over the step's embedding rows + w_g * token-mean CE over its generative rows."""
 
     def __init__(self, grm: GRM, cfg: LossConfig, grad_cache_chunk: int = 0, prior: ItemPrior | None = None) -> None:
         super().__init__()
@@ -152,5 +152,6 @@ class JointObjective(nn.Module):
             self.grm.task_ids(tasks),
         )
         token_tasks = np.asarray(tasks)[row_of_token.cpu().numpy()]
-        loss = response_loss(token_losses, row_of_token, self.cfg.generative_mean)
+        # Token mean over the whole step, as the paper; an empty response set still gives a graph-attached 0.
+        loss = token_losses.sum() / max(1, token_losses.numel())
         return loss, _per_task(token_losses, list(token_tasks))
