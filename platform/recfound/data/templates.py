@@ -37,6 +37,13 @@ ITEM_INSTRUCTIONS: dict[str, str] = {
     "i2i": "Represent this product to match it with related products",
 }
 
+
+def served_instructions(task: str) -> dict[str, str]:
+    """{"query", "item"}: the wording an embedding task is served and evaluated with, its first query paraphrase
+    and its item instruction, so every caller that embeds outside training picks the same one."""
+    return {"query": QUERY_INSTRUCTIONS[task][0], "item": ITEM_INSTRUCTIONS[task]}
+
+
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     "query_rewriting": (
         "Rewrite the shopping query so that a search engine finds the product the user means.",

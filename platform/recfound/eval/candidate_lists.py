@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from recfound.data.templates import ITEM_INSTRUCTIONS, NO, QUERY_INSTRUCTIONS, YES, ranking_input, with_candidate
+from recfound.data.templates import NO, YES, ranking_input, served_instructions, with_candidate
 from recfound.eval.baselines import Baseline
 from recfound.eval.metrics import auc_from_ranks, mean_defined, ndcg_from_ranks, ranks_from_scores
 from recfound.eval.protocols import (
@@ -101,9 +101,9 @@ def yes_scores(system: GRMSystem, lists: CandidateLists) -> np.ndarray:
 
 def embedding_scores(system: Baseline, lists: CandidateLists) -> np.ndarray:
     """Per candidate, the system's u2i score for the list's user: a GRM's is the cosine of its u2i embedding of the
-    history, under the u2i instructions serving uses (the first query wording, the item wording), to the
-    candidate's item embedding."""
-    rows = lists.rows.assign(query_instruction=QUERY_INSTRUCTIONS["u2i"][0], pos_instruction=ITEM_INSTRUCTIONS["u2i"])
+    history, under the u2i instructions serving uses, to the candidate's item embedding."""
+    served = served_instructions("u2i")
+    rows = lists.rows.assign(query_instruction=served["query"], pos_instruction=served["item"])
     return pool_scores(system.scorer("u2i", rows), lists.items)
 
 

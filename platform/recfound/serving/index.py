@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from recfound.config import Config
-from recfound.data.templates import ITEM_INSTRUCTIONS, QUERY_INSTRUCTIONS, TEMPLATE_VERSION, history_text
+from recfound.data.templates import TEMPLATE_VERSION, history_text, served_instructions
 from recfound.model.formats import Side
 from recfound.serving.engine import load_engine
 from recfound.serving.registry import read_version
@@ -46,7 +46,7 @@ def vectors_file(task: str) -> str:
 def instructions_from_templates() -> dict[str, dict[str, str]]:
     """{task: {"query", "item"}} recorded in version.json, so serving keeps the wording the model trained with
     even if the templates change later."""
-    return {t: {"query": QUERY_INSTRUCTIONS[t][0], "item": ITEM_INSTRUCTIONS[t]} for t in EMBEDDING_TASKS}
+    return {t: served_instructions(t) for t in EMBEDDING_TASKS}
 
 
 def text_meta(dataset_manifest: dict) -> dict[str, object]:
