@@ -30,15 +30,6 @@ def test_plan_resolves_tasks_rows_and_a_fresh_name(synthetic_dataset: Path, tmp_
     assert plan(_cfg(synthetic_dataset, tmp_path)).name != p.name
 
 
-def test_plan_reads_the_label_repeats_of_skewed_classification_tasks(synthetic_dataset: Path, tmp_path: Path) -> None:
-    cfg = _cfg(synthetic_dataset, tmp_path)
-    assert plan(cfg).repeats == {}
-    balanced = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"label_balance": 1.0})})
-    repeats = plan(balanced).repeats
-    assert "sentiment_analysis" in repeats and max(repeats["sentiment_analysis"].values()) > 1
-    assert "product_matching" not in repeats and "u2i" not in repeats  # labels already equal; not a classification
-
-
 def test_unknown_or_missing_task_is_rejected(synthetic_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown task 'u2x'"):
         plan(_cfg(synthetic_dataset, tmp_path, tasks=["u2x"]))

@@ -77,18 +77,10 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
     """Train 6 steps, checkpointing every 2; tear the step-6 and step-4 checkpoints, so a rerun resumes from step 2:
     its steps 3-6 must repeat the uninterrupted run's (restored adapter, AdamW and LR schedule, stream positions of
     the Ray Data streams and of the worker-read small tasks, sampler carry, S2Sched state, dropout seeds). Then
-    raising max_steps resumes from the new step 6. Sentiment's rows are label-balanced (repeated in its Ray Data
-    stream), so a stream of repeated rows resumes exactly too."""
+    raising max_steps resumes from the new step 6."""
     streaming = _smallest_read_by_workers(synthetic_dataset)
     cfg = _cfg(
-        synthetic_dataset,
-        tmp_path,
-        "name=run-a",
-        "max_steps=6",
-        "num_workers=2",
-        "checkpoint_every=2",
-        streaming,
-        "batch.label_balance=1",
+        synthetic_dataset, tmp_path, "name=run-a", "max_steps=6", "num_workers=2", "checkpoint_every=2", streaming
     )
     ckpt = Path(run(cfg))
     verify(ckpt)

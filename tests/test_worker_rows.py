@@ -11,10 +11,9 @@ import ray
 from data_fixtures import small_build
 
 from recfound.config import load_config
-from recfound.train.balance import Repeats, repeat_counts, task_repeats
-from recfound.train.batches import Rows, train_table, worker_rows
+from recfound.data.task_datasets import task_dataset
+from recfound.train.batches import Rows, tokenize, worker_rows
 from recfound.train.config import TrainConfig
-from recfound.train.run import Plan, _datasets
 from recfound.train.streams import concat_rows
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,19 +28,19 @@ def local_ray():
     ray.shutdown()
 
 
-def _streamed(data: str, task: str, cfg: TrainConfig, repeats: Repeats | None = None) -> Rows:
-    """The task's rows as the trainer's Ray Data pipeline delivers them (``run._datasets``)."""
-    plan = Plan(data, [task], {}, "rows", data, resume=False, repeats={task: repeats} if repeats else {})
-    ds = _datasets(plan, cfg)[task]
+def _streamed(data: str, task: str, backbone: dict) -> Rows:
+    """The task's rows as the trainer's Ray Data pipeline delivered them (``read_parquet`` + ``map_batches``)."""
+    ds = task_dataset(data, "train", task).map_batches(
+        tokenize, batch_size=64, fn_kwargs={"backbone": backbone, "task": task}
+    )
     return concat_rows(list(ds.iter_batches(batch_size=4096, batch_format="numpy")))
 
 
 def test_worker_rows_are_the_ray_data_rows_of_that_rank(local_ray, tmp_path: Path) -> None:
     small_build(tmp_path)
-    cfg = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"))
-    backbone = cfg.model.backbone.model_dump()
+    backbone = load_config(TrainConfig, str(CONFIGS / "tiny.yaml")).model.backbone.model_dump()
     for task in ("u2i", "sentiment_analysis"):
-        streamed = _streamed(str(tmp_path), task, cfg)
+        streamed = _streamed(str(tmp_path), task, backbone)
         for rank in range(2):
             mine = worker_rows(str(tmp_path), task, backbone, rank, 2)
             assert set(mine) == set(streamed), task
@@ -51,20 +50,3 @@ def test_worker_rows_are_the_ray_data_rows_of_that_rank(local_ray, tmp_path: Pat
                 assert np.array_equal(got, want[rank::2]), (task, key, rank)
     with pytest.raises(RuntimeError, match="task u2i: no training rows for worker 5000 of 5001"):
         worker_rows(str(tmp_path), "u2i", backbone, 5000, 5001)
-
-
-def test_label_balance_repeats_rows_alike_in_the_stream_and_in_the_worker_read_rows(local_ray, tmp_path: Path) -> None:
-    """Each row of a classification task used (majority / its label's rows) ** power times, before tokenising and
-    before the ranks' shares are taken, the same whichever way the task reaches the workers."""
-    small_build(tmp_path)
-    cfg = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"))
-    backbone = cfg.model.backbone.model_dump()
-    task = "sentiment_analysis"
-    repeats = task_repeats(str(tmp_path), [task, "u2i"], 1.0)[task]
-    assert max(repeats.values()) > 1  # the synthetic shop's sentiment labels are skewed
-    answers = train_table(str(tmp_path), task).column("response").to_pylist()
-    plain, streamed = _streamed(str(tmp_path), task, cfg), _streamed(str(tmp_path), task, cfg, repeats)
-    assert len(streamed["ids"]) == repeat_counts(answers, repeats).sum() > len(plain["ids"])
-    for rank in range(2):
-        mine = worker_rows(str(tmp_path), task, backbone, rank, 2, repeats)
-        assert all(np.array_equal(mine[key], streamed[key][rank::2]) for key in streamed), rank

@@ -112,14 +112,6 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
 SENTIMENTS = ("very negative", "negative", "neutral", "positive", "very positive")  # index = rating - 1
 RELATIONS = ("also buy", "also view", "similar")
 YES, NO = "yes", "no"
-CLASS_LABELS: dict[str, tuple[str, ...]] = {
-    "sentiment_analysis": SENTIMENTS,
-    "product_relation_prediction": RELATIONS,
-    "product_matching": (YES, NO),
-    "answerability_prediction": (YES, NO),
-    "candidate_ranking": (YES, NO),
-}
-"""The classification tasks and the fixed answer set of each (sequential recommendation's letters vary by row)."""
 LETTERS = "ABCDEFGHIJKLMNOPQRST"
 
 

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import re
 
-from recfound.data.templates import CLASS_LABELS
+from recfound.data.templates import NO, RELATIONS, SENTIMENTS, YES
 
+_FIXED: dict[str, tuple[str, ...]] = {
+    "sentiment_analysis": SENTIMENTS,
+    "product_relation_prediction": RELATIONS,
+    "product_matching": (YES, NO),
+    "answerability_prediction": (YES, NO),
+    "candidate_ranking": (YES, NO),
+}
 _OPTIONS = re.compile(r"### Options:\n(.*?)\n\n### Response:", re.DOTALL)
 _INPUT = re.compile(r"(### Input:\n)(.*?)(\n\n### (?:Options|Response):)", re.DOTALL)
 CONTENT_FREE = "N/A"
@@ -23,8 +30,8 @@ _LETTER = re.compile(r"^([A-Z]): ", re.MULTILINE)
 def closed_answers(task: str, prompt: str) -> tuple[str, ...] | None:
     """The valid answers of ``prompt`` (a row of ``task``), or None for a free-text task. Sequential
     recommendation answers with the letter of one of the options the prompt lists."""
-    if task in CLASS_LABELS:
-        return CLASS_LABELS[task]
+    if task in _FIXED:
+        return _FIXED[task]
     if task == "sequential_recommendation" and (options := _OPTIONS.search(prompt)):
         return tuple(_LETTER.findall(options.group(1))) or None
     return None

@@ -20,7 +20,6 @@ from fsspec.core import url_to_fs
 
 from recfound.model.formats import IGNORE_INDEX, Side, encode_embedding, encode_generative
 from recfound.tasks import Mode, mode_of, task_path
-from recfound.train.balance import Repeats, repeat_counts
 from recfound.train.streams import concat_rows
 
 Rows = dict[str, np.ndarray]
@@ -143,16 +142,10 @@ def train_table(data: str, task: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs)
 
 
-def worker_rows(
-    data: str, task: str, backbone: dict[str, Any], rank: int, world: int, repeats: Repeats | None = None
-) -> Rows:
+def worker_rows(data: str, task: str, backbone: dict[str, Any], rank: int, world: int) -> Rows:
     """Worker ``rank``'s training rows of a small task, tokenised here: every ``world``-th row from ``rank`` in build
-    order (each repeated by its answer's ``repeats`` first), the rows its Ray Data stream read whole gave, without an
-    execution's start-up (train/streams.py)."""
+    order, the rows its Ray Data stream read whole gave, without an execution's start-up (train/streams.py)."""
     table = train_table(data, task)
-    if repeats:
-        counts = repeat_counts(table.column("response").to_pylist(), repeats)
-        table = table.take(np.repeat(np.arange(table.num_rows), counts))
     mine = table.take(np.arange(rank, table.num_rows, world))
     if not mine.num_rows:
         raise RuntimeError(f"task {task}: no training rows for worker {rank} of {world}")

@@ -87,12 +87,6 @@ class BatchConfig(Config):
     2 cores, a dozen small tasks held the first step for over a minute), and a small task is replayed from memory
     after its first epoch anyway. 0: every task streams."""
 
-    label_balance: float = Field(0.0, ge=0.0, le=1.0)
-    """Repeat each training row of a classification task (sentiment, relation, yes/no) by (majority answer's
-    rows / its answer's rows) ** label_balance, so the answer prior the model learns is flatter than the data's: 0
-    trains on the data's frequencies (a skewed task's answers then collapse onto its majority label), 1 equalises
-    the labels (rare labels' rows are seen many times per epoch), 0.5 halves the skew in log space."""
-
     @model_validator(mode="after")
     def _some_work(self) -> BatchConfig:
         if self.embedding + self.generative == 0:

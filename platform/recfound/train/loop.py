@@ -106,7 +106,7 @@ def train(args: WorkerArgs) -> None:
 
     backbone = cfg.model.backbone.model_dump()
     shards: dict[str, Shard] = {
-        t: MemoryShard(worker_rows(args.data, t, backbone, rank, world, args.repeats.get(t))) for t in args.small_tasks
+        t: MemoryShard(worker_rows(args.data, t, backbone, rank, world)) for t in args.small_tasks
     }
     shards |= {t: ray.train.get_dataset_shard(t) for t in tasks if t not in shards}
     streams = {

@@ -23,7 +23,6 @@ from recfound.artifacts import TENSORBOARD_DIR
 from recfound.io import exists, read_json
 from recfound.ray_start import RAY_CONSOLE_LEVEL, start_ray
 from recfound.tasks import DATASET_MANIFEST, Mode, mode_of
-from recfound.train.balance import Repeats, repeat_rows, task_repeats
 from recfound.train.config import TrainConfig
 from recfound.train.console import worker_env_vars
 from recfound.train.popularity import ItemPrior
@@ -58,8 +57,6 @@ class Plan:
     name: str
     storage_path: str
     resume: bool
-    repeats: dict[str, Repeats] = dataclasses.field(default_factory=dict)
-    """Classification tasks' label repeats (``batch.label_balance``, train/balance.py)."""
 
 
 def _dataset(cfg: TrainConfig) -> str:
@@ -127,8 +124,7 @@ def plan(cfg: TrainConfig) -> Plan:
     storage = _storage(cfg.storage_path)
     name = cfg.name or datetime.now().strftime("recfound-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
     fs, root = url_to_fs(storage)
-    repeats = task_repeats(data, tasks, cfg.batch.label_balance)
-    return Plan(data, tasks, rows, name, storage, resume=fs.exists(f"{root}/{name}"), repeats=repeats)
+    return Plan(data, tasks, rows, name, storage, resume=fs.exists(f"{root}/{name}"))
 
 
 def _init_ray(cfg: TrainConfig) -> None:
@@ -163,13 +159,9 @@ def _datasets(plan: Plan, cfg: TrainConfig) -> dict:
     from recfound.train.batches import tokenize
 
     backbone = cfg.model.backbone.model_dump()
-    datasets = task_datasets(plan.data, "train", plan.tasks)
-    for task, repeats in plan.repeats.items():
-        if task in datasets:
-            datasets[task] = datasets[task].map_batches(repeat_rows, batch_size=64, fn_kwargs={"repeats": repeats})
     return {
         task: ds.map_batches(tokenize, batch_size=64, fn_kwargs={"backbone": backbone, "task": task})
-        for task, ds in datasets.items()
+        for task, ds in task_datasets(plan.data, "train", plan.tasks).items()
     }
 
 
@@ -201,8 +193,6 @@ def run(cfg: TrainConfig) -> str:
         f"{'resuming' if p.resume else 'starting'} run {p.name} in {p.storage_path} on tasks {', '.join(p.tasks)}",
         flush=True,
     )
-    for task, repeats in p.repeats.items():
-        print(f"label balance: {task} rows used " + ", ".join(f"{a!r} x{n}" for a, n in repeats.items()), flush=True)
     _init_ray(cfg)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
@@ -231,7 +221,6 @@ def run(cfg: TrainConfig) -> str:
                 tensorboard=posixpath.join(p.storage_path.rstrip("/"), p.name, TENSORBOARD_DIR),
                 prior=item_prior(p, cfg),
                 small_tasks=small,
-                repeats=p.repeats,
             )
         },
         scaling_config=scaling_config(cfg),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recfound.train.balance import Repeats
 from recfound.train.config import TrainConfig
 from recfound.train.popularity import ItemPrior
 
@@ -34,8 +33,6 @@ class WorkerArgs:
     """The items' popularity prior when some task is logQ-corrected (``loss.logq_tasks``)."""
     small_tasks: list[str]
     """Tasks each worker reads itself (``batch.small_task_rows``); the others are Ray Data datasets named by task."""
-    repeats: dict[str, Repeats]
-    """Classification tasks' label repeats (``batch.label_balance``), applied to the small tasks' rows here."""
 
 
 def train_worker(config: dict[str, WorkerArgs]) -> None:
