@@ -22,7 +22,7 @@ import fsspec
 from pydantic import Field
 
 from recfound.config import Config
-from recfound.data.synthetic_shop import END, ID_CHARS, OPENINGS, SHOP, START, SUMMARIES, Item
+from recfound.data.synthetic_shop import END, ID_CHARS, OPENINGS, SHOP, START, SUMMARIES, Item, shop_item
 
 
 class SyntheticConfig(Config):
@@ -47,18 +47,9 @@ def _items(cfg: SyntheticConfig, rng: random.Random) -> list[Item]:
     titles: set[str] = set()
     while len(out) < cfg.items:
         category = names[len(out) % len(names)]
-        shop = SHOP[category]
-        noun = rng.choice(sorted(shop.nouns))
+        noun = rng.choice(sorted(SHOP[category].nouns))
         item_id = "B0" + "".join(rng.choices(ID_CHARS, k=8))
-        item = Item(
-            item_id,
-            category,
-            rng.choice(shop.brands),
-            noun,
-            rng.choice(shop.adjectives),
-            rng.choice(shop.nouns[noun]),
-            rng.gauss(0, 0.6),
-        )
+        item = shop_item(rng, item_id, category, noun)
         while item.title in titles:
             item.series += 1
         if item_id not in ids:

@@ -17,7 +17,7 @@ from fsspec.core import url_to_fs
 from pydantic import Field, model_validator
 
 from recfound.config import Config
-from recfound.data.synthetic_shop import END, ID_CHARS, OPENINGS, SHOP, START, SUMMARIES, Item
+from recfound.data.synthetic_shop import END, ID_CHARS, OPENINGS, SHOP, START, SUMMARIES, Item, shop_item
 
 _CATEGORIES = list(SHOP)  # item i is in category i % 6
 _VARIANT, _NO_META, _REPEATED_META, _HTML_TITLE, _NO_BRAND, _NO_CATEGORY = 37, 53, 71, 89, 29, 31
@@ -78,18 +78,8 @@ def _dump_item(seed: int, index: int) -> Item:
         return replace(_dump_item(seed, index - len(_CATEGORIES)), item_id=_dump_id(seed, index))
     rng = random.Random(f"{seed}:item:{index}")
     category = _CATEGORIES[index % len(_CATEGORIES)]
-    shop = SHOP[category]
-    noun = rng.choice(sorted(shop.nouns))
-    return Item(
-        _dump_id(seed, index),
-        category,
-        rng.choice(shop.brands),
-        noun,
-        rng.choice(shop.adjectives),
-        rng.choice(shop.nouns[noun]),
-        rng.gauss(0, 0.6),
-        series=index + 1,
-    )
+    noun = rng.choice(sorted(SHOP[category].nouns))
+    return shop_item(rng, _dump_id(seed, index), category, noun, series=index + 1)
 
 
 def _pick(rng: random.Random, category: int, items: int) -> int:

@@ -3,6 +3,7 @@ catalogue (``synthetic.write_catalogue``) and the dump of any size (``synthetic_
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -121,3 +122,11 @@ class Item:
     def title(self) -> str:
         series = f" - Series {self.series}" if self.series else ""
         return f"{self.brand} {self.adj.title()} {self.noun.title()}, {self.extra}{series}"
+
+
+def shop_item(rng: random.Random, item_id: str, category: str, noun: str, series: int = 0) -> Item:
+    """An item of ``category`` named ``noun``, its brand, adjective, extra words and hidden quality drawn from ``rng``
+    in the one order both generators (the bundled catalogue and the large dump) keep for byte-identical output."""
+    shop = SHOP[category]
+    words = rng.choice(shop.brands), noun, rng.choice(shop.adjectives), rng.choice(shop.nouns[noun])
+    return Item(item_id, category, *words, rng.gauss(0, 0.6), series)
