@@ -34,6 +34,7 @@ HISTORY = [
         "step": s + 1,
         "losses": {t: v[s] for t, v in LOSSES.items()} | ({"d": 5.0} if s >= 1 else {}),
         "weights": {"a": 0.5, "b": 0.3, "c": 0.2},
+        "rows": {"a": 2, "b": 1, "c": 1} | ({"d": 3} if s >= 1 else {}),
     }
     for s in range(5)
 ]
@@ -85,7 +86,7 @@ def test_write_report_writes_markdown_and_one_png_per_protocol(tmp_path: Path) -
         assert f.is_file() and (f.suffix != ".png" or f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
     report = (tmp_path / "report.md").read_text()
     assert "Skipped minilm: not installed" in report and "## Training convergence" in report
-    assert "| a | 10.000 | 6.000 | 0.600 | 3 |" in report
+    assert "| a | 10.000 | 6.000 | 0.600 | 3 | 10 |" in report
 
 
 def test_convergence_matches_hand_computed_steps() -> None:
@@ -96,6 +97,14 @@ def test_convergence_matches_hand_computed_steps() -> None:
     b = balance(conv)
     assert (b["converged"], b["total"], b["first"], b["last"], b["spread"]) == (2, 4, 3, 5, 2)
     assert b["ratio_std"] == pytest.approx(float(np.std([0.6, 0.75, 1.0, 1.0])))
+
+
+def test_convergence_counts_the_rows_each_task_was_trained_on() -> None:
+    """Summed over the steps (d joins at step 2); a history from before rows were recorded says so (None), not 0."""
+    conv = task_convergence(HISTORY, target=0.8, window=1)
+    assert {t: c.rows for t, c in conv.items()} == {"a": 10, "b": 5, "c": 5, "d": 12}
+    older = [{k: v for k, v in row.items() if k != "rows"} for row in HISTORY]
+    assert {c.rows for c in task_convergence(older, window=1).values()} == {None}
 
 
 def test_convergence_smooths_with_a_trailing_window() -> None:

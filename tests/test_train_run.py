@@ -96,6 +96,10 @@ def test_two_workers_train_checkpoint_and_resume(synthetic_dataset: Path, tmp_pa
     }
     assert uninterrupted[-1]["losses"]["u2i"] < uninterrupted[0]["losses"]["u2i"]
     assert all(row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 50 for row in uninterrupted)
+    for row in uninterrupted:  # each step's rows per task, over both workers: the tasks it has losses for
+        assert set(row["rows"]) == set(row["losses"]), row["step"]
+        embedding = sum(n for t, n in row["rows"].items() if t in {"u2i", "i2i"})
+        assert (embedding, sum(row["rows"].values()) - embedding) == (2 * cfg.batch.embedding, 2 * cfg.batch.generative)
     assert (ckpt / "losses.png").stat().st_size > 0 and (ckpt / "weights.png").stat().st_size > 0
     assert list((tmp_path / "run-a" / "tensorboard").glob("events.out.tfevents.*"))  # beside the checkpoints
     weights = json.loads((ckpt / "s2sched.json").read_text())["weights_history"]

@@ -46,6 +46,8 @@ class TaskConvergence:
     """Mean loss over its last ``window`` recorded steps."""
     step: int | None
     """First step whose trailing mean is at most target x initial; None when it never got there."""
+    rows: int | None = None
+    """Rows of the task the run trained on (all ranks, all steps); None for a history that does not record them."""
 
     @property
     def ratio(self) -> float:
@@ -70,6 +72,12 @@ def _tasks(history: Sequence[dict]) -> list[str]:
     return sorted({task for row in history for task in row["losses"]}, key=lambda t: (TASK_ID.get(t, len(TASK_ID)), t))
 
 
+def _rows(history: Sequence[dict], task: str) -> int | None:
+    if not all("rows" in row for row in history):
+        return None
+    return sum(row["rows"].get(task, 0) for row in history)
+
+
 def task_convergence(history: Sequence[dict], target: float = 0.8, window: int = 5) -> dict[str, TaskConvergence]:
     """Per task with at least ``window`` recorded losses: initial and final loss and the step reaching target."""
     out = {}
@@ -80,7 +88,7 @@ def task_convergence(history: Sequence[dict], target: float = 0.8, window: int =
         smooth = trailing_mean(losses, window)
         reached = np.flatnonzero(smooth <= target * smooth[0])
         step = int(steps[window - 1 + reached[0]]) if reached.size else None
-        out[task] = TaskConvergence(float(smooth[0]), float(smooth[-1]), step)
+        out[task] = TaskConvergence(float(smooth[0]), float(smooth[-1]), step, _rows(history, task))
     return out
 
 

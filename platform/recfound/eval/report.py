@@ -152,12 +152,14 @@ def tables(systems: Systems) -> str:
 
 
 def convergence_table(summary: dict[str, Any]) -> str:
-    """One run: per task initial and final loss, their ratio and the step that reached the target."""
+    """One run: per task initial and final loss, their ratio, the step that reached the target and the rows
+    trained on (a task S2Sched kept at its floor shows here as a few rows)."""
     rows = [
-        [task, _fmt(c["initial"]), _fmt(c["final"]), _fmt(c["ratio"]), _int(c["step"])]
+        [task, _fmt(c["initial"]), _fmt(c["final"]), _fmt(c["ratio"]), _int(c["step"]), _int(c.get("rows"))]
         for task, c in summary["tasks"].items()
     ]
-    table = markdown_table(["task", "initial loss", "final loss", "final / initial", "step to target"], rows)
+    headers = ["task", "initial loss", "final loss", "final / initial", "step to target", "rows trained"]
+    table = markdown_table(headers, rows)
     return f"{table}\n\n{_balance_line(summary['balance'])}"
 
 

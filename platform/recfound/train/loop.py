@@ -168,8 +168,9 @@ def train(args: WorkerArgs) -> None:
             shares = {"data_wait": done.data_wait / seconds, "s2sched_round_trip": round_trip / seconds}
             if done.false_negatives is not None:
                 shares["false_negative_queries"] = done.false_negatives
+            rows = {t: n * cfg.optim.grad_accum * world for c in counts.values() for t, n in c.items() if n}
             record = StepRecord(
-                step, engine.lr(), seconds, done.tokens, done.samples, done.flops, losses, dict(weights), shares
+                step, engine.lr(), seconds, done.tokens, done.samples, done.flops, losses, dict(weights), shares, rows
             )
             metrics |= telemetry.log(record, world)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:

@@ -138,6 +138,9 @@ class StepRecord:
     losses: dict[str, float]
     weights: dict[str, float]
     extra: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    """Rows each task had in this step, summed over ranks and micro-batches: how much of each task a run saw (a
+    task at S2Sched's floor can go steps without a row, which its weight alone does not show)."""
 
 
 class Telemetry:
