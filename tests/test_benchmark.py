@@ -387,12 +387,12 @@ def test_export(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) 
     merged = make_merged(tmp_path, backbone, ["u2i", "q2i", "sentiment_analysis"])
     argv = ["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=u2i", "rows=8", "texts=8", "rounds=2"]
     report = _run(benchmark, tmp_path / "export.json", *argv)
-    _assert_report(report, {"int8_vs_fp32", "int8_onnx_vs_fp32", "u2i_int8_vs_fp32"})
+    _assert_report(report, {"int8_vs_fp32", "int8_all_vs_fp32", "int8_onnx_vs_fp32", "u2i_int8_vs_fp32"})
     figures = report["figures"]
     cosine, loss = figures["cosine_to_fp32"]["u2i"], figures["relative_metric_loss"]["u2i"]
     assert cosine["fp32"] == pytest.approx(1.0, abs=1e-5) and loss["fp32"] == 0
-    assert 0.9 < cosine["int8"] < 1 and 0.9 < cosine["int8-onnx"] <= 1
+    assert 0.9 < cosine["int8"] < 1 and 0.9 < cosine["int8-all"] < 1 and 0.9 < cosine["int8-onnx"] <= 1
     assert all(0 <= v <= 1 for v in figures["headline"]["u2i"].values()) and figures["queries"] == {"u2i": 8}
-    assert len(report["tables"][0]["rows"]) == 3
+    assert len(report["tables"][0]["rows"]) == 4
     with pytest.raises(ValueError, match="tasks: i2i cannot be scored"):
         benchmark.main(["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=i2i"])
