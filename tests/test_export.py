@@ -22,6 +22,7 @@ from recfound.merge.exported import (
     ExportError,
     Int8Linear,
     load_export,
+    quantize_weight,
     verify_export,
 )
 from recfound.model.backbone import BackboneConfig, EmbeddingAttention
@@ -152,14 +153,15 @@ def test_keep_float_picks_the_float_linears(merged, tmp_path, one_thread) -> Non
 
 
 def test_int8_linears_round_trip_exactly(merged, tmp_path, one_thread) -> None:
-    """The stored int8 weights are the ones torch's quantizer produced: loading must not re-round them."""
-    from recfound.merge.export import _quantize_linears
-
+    """The stored int8 weights are the ones ``quantize_weight`` makes of the fp32 export's: loading must not re-round
+    them."""
     out = export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "int8"), quantize="int8"))
     loaded = load_export(out)
     plain = load_export(export(ExportConfig(model=str(merged), task="q2i", out=str(tmp_path / "fp32"))))
     names = ("layers.0.self_attn.q_proj", "layers.1.mlp.up_proj")
-    expected = _quantize_linears(plain.model, names)  # the exported fp32 decoder, quantized here
+    expected = {
+        name: quantize_weight(plain.model.get_submodule(name).weight)[0] for name in names
+    }  # fp32, quantized here
     got = loaded.model
     assert type(got.get_submodule("layers.1.mlp.down_proj")) is nn.Linear  # keep_float's default
     torch.testing.assert_close(
@@ -172,7 +174,7 @@ def test_int8_linears_round_trip_exactly(merged, tmp_path, one_thread) -> None:
         assert isinstance(got.get_submodule(name), Int8Linear)
         torch.testing.assert_close(
             got.get_submodule(name).int8_weight,
-            expected.get_submodule(name).weight().int_repr(),
+            expected[name],
             rtol=0,
             atol=0,
         )

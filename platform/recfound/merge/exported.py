@@ -178,6 +178,13 @@ def _onnx_runner(path: Path, threads: int | None) -> Callable[[Batch], np.ndarra
     return run
 
 
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: (int8 weights, float32 scales), weight ~= int8 * scale[:, None]."""
+    dense = weight.detach().to(torch.float32)
+    scale = dense.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(dense / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """A linear with int8 weights (one scale per output channel) that quantises its input with one scale per token
     and multiplies in int8 (``torch._int_mm``, exact int32 sums), then rescales.
