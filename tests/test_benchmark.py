@@ -394,5 +394,8 @@ def test_export(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) 
     assert 0.9 < cosine["int8"] < 1 and 0.9 < cosine["int8-all"] < 1 and 0.9 < cosine["int8-onnx"] <= 1
     assert all(0 <= v <= 1 for v in figures["headline"]["u2i"].values()) and figures["queries"] == {"u2i": 8}
     assert len(report["tables"][0]["rows"]) == 4
+    intervals = figures["relative_metric_loss_interval"]["u2i"]  # of each variant's loss; none for fp32 itself
+    assert set(intervals) == {"int8", "int8-all", "int8-onnx"}
+    assert all(low <= loss[v] <= high for v, (low, high) in intervals.items()), (intervals, loss)
     with pytest.raises(ValueError, match="tasks: i2i cannot be scored"):
         benchmark.main(["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=i2i"])

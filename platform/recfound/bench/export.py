@@ -22,7 +22,8 @@ import numpy as np
 from recfound.bench.common import Better, Report, Table, Target, fmt, interleaved, median, paired_ratio, torch_threads
 from recfound.bench.embedding import EmbeddingBench, bench_tasks, sample_rows, sample_texts
 from recfound.eval.report import headline
-from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding
+from recfound.eval.runner import Dataset, averages, embedding_values, prepare_embedding
+from recfound.eval.significance import mean_difference
 from recfound.eval.systems import ExportedSystem, item_instruction, resolve_model
 from recfound.merge.export import ExportConfig, export
 from recfound.merge.exported import ExportedEmbedder, ExportFormat, Quantize, load_export
@@ -99,13 +100,27 @@ def _measure(
     cases = {v: (lambda e=e: [e.run(b) for b in batches]) for v, e in loaded.items()}
     timing = interleaved(cases, bench.rounds, bench.warmup)
     vectors = {v: np.concatenate(case()) for v, case in cases.items()}
-    metrics = {}
+    per_query = {}
     for variant, exported in loaded.items():
         system = ExportedSystem(variant, exported, bench.batch_size)
         system.fit(data.items, data.interactions)
-        metrics[variant] = evaluate_embedding(system, {task: prepared}, data, ["pool"], bench.seed)[task]
+        per_query[variant] = embedding_values(system, {task: prepared}, data, ["pool"], bench.seed)[task]
+    metrics = averages(per_query)
+    metric = headline(task)
+    reference = per_query[REFERENCE][metric]
+    scale = metrics[REFERENCE][metric] or 1.0
+    # 1 - variant / fp32 with its 95 % interval: the paired bootstrap of fp32 - variant over the queries, / fp32
+    loss_interval = {
+        v: [d / scale for d in mean_difference(reference, q[metric])] for v, q in per_query.items() if v != REFERENCE
+    }
     cosine = {v: float(np.mean(np.sum(vectors[v] * vectors[REFERENCE], axis=1))) for v in loaded}
-    return {"wall": timing.wall, "cosine": cosine, "metrics": metrics, "queries": len(prepared.rows)}
+    return {
+        "wall": timing.wall,
+        "cosine": cosine,
+        "metrics": metrics,
+        "loss_interval": loss_interval,
+        "queries": len(prepared.rows),
+    }
 
 
 def _report(
@@ -125,10 +140,11 @@ def _report(
         "metrics": {t: results[t]["metrics"] for t in tasks},
         "headline": value,
         "relative_metric_loss": loss,
+        "relative_metric_loss_interval": {t: results[t]["loss_interval"] for t in tasks},
         "queries": {t: results[t]["queries"] for t in tasks},
         "int8_metric_loss": max(loss[t]["int8"] for t in tasks),
     }
-    headers = ["task", "variant", "texts/s", "speed-up", "cosine to fp32", "pool metric", "relative loss"]
+    headers = ["task", "variant", "texts/s", "speed-up", "cosine to fp32", "pool metric", "relative loss [95% CI]"]
     rows = [
         [
             t,
@@ -137,7 +153,7 @@ def _report(
             fmt(speedup[t][v]) + "x",
             f"{results[t]['cosine'][v]:.4f}",
             f"{headline(t)} {value[t][v]:.4f}",
-            f"{loss[t][v]:+.2%}",
+            f"{loss[t][v]:+.2%}" + _interval(results[t]["loss_interval"].get(v)),
         ]
         for t in tasks
         for v in variants
@@ -148,6 +164,11 @@ def _report(
     report.notes = [
         f"Speed-up: median over {bench.rounds} rounds of fp32 time / variant time in the same round (wall clock, "
         f"batches of {bench.batch_size}, tokenising excluded). Pool metric on {figures['queries']} queries of the "
-        f"{bench.split} split; relative loss = 1 - variant / fp32 (negative: the variant scored higher)."
+        f"{bench.split} split; relative loss = 1 - variant / fp32 (negative: the variant scored higher), with the "
+        "95 % paired bootstrap interval over the queries: a loss inside it is not told apart from fp32 on this sample."
     ]
     return report
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "" if bounds is None else f" [{bounds[0]:+.1%}, {bounds[1]:+.1%}]"
