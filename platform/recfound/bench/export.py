@@ -1,9 +1,9 @@
 """Compact export: int8 exports against the fp32 export of the same merged model, per embedding task.
 
 Each variant is a real export (merge/export.py ``export``) loaded as a deployment loads it (``load_export``), so
-the figures are the artifact's, not a simulation: int8 is per-channel int8 weights with activations quantised per
-token (``Int8Linear``; ``keep_float``'s linears stay fp32, ``int8-all`` quantises every one) and, with ``onnx``,
-onnxruntime's quantizer on the ONNX graph. Throughput: a seeded
+the figures are the artifact's, not a simulation: int8 is PyTorch dynamic quantization of the linears
+(``keep_float``'s stay fp32; ``int8-all`` quantises every one) and, with ``onnx``, onnxruntime's quantizer on the
+ONNX graph. Throughput: a seeded
 sample of catalogue texts (item side, the task's item instruction, tokenised once beforehand: tokenising costs
 every variant the same) embedded by every variant in interleaved rounds; a variant's speed-up is the median over
 rounds of fp32 time / its time in the same round. Agreement: mean cosine of its vectors to fp32's on that sample.

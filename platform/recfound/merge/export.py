@@ -49,7 +49,6 @@ from recfound.merge.exported import (
     ExportError,
     ExportFormat,
     Quantize,
-    quantize_weight,
 )
 from recfound.model.backbone import BackboneConfig, backbone_depth
 from recfound.model.formats import Side, encode_embedding
@@ -72,9 +71,8 @@ class ExportConfig(Config):
     """Output directory; replaced if it holds an earlier export, refused if it holds anything else."""
     quantize: Quantize = Quantize.NONE
     """none: float32 weights. int8: the nn.Linear weights (but keep_float's) as per-channel int8, activations quantised
-    per token at run time and multiplied in int8 (onnx: onnxruntime's dynamic quantizer, one activation scale per
-    batch, which also quantizes the embedding table): those linears 4x smaller, faster CPU matmuls, vectors
-    slightly off the fp32 ones."""
+    per batch at run time (torch dynamic quantization; onnxruntime's for onnx, which also quantizes the embedding
+    table): those linears 4x smaller, faster CPU matmuls, vectors slightly off the fp32 ones."""
     keep_float: list[str] = ["down_proj"]
     """quantize=int8: linears whose module name ends with one of these stay float32 (comma-separated; empty:
     quantize all). down_proj's input, the gated MLP activation, has outliers that one int8 scale per batch flattens:
@@ -115,7 +113,17 @@ class ExportConfig(Config):
         return self
 
 
-# --- int8 (per-channel weights; activations per token at run time: exported.Int8Linear) ---------------------------
+# --- int8 (torch dynamic quantization) ---------------------------------------------------------------------------
+def _quantize_linears(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy with the linears ``names`` as torch's dynamic int8 linear, weights symmetric per output channel."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao eager quantization is deprecated for torchao, not a dependency here
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return quantize_dynamic(model, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8)
+
+
 def _int8_linears(model: nn.Module, keep_float: Sequence[str]) -> list[str]:
     """Names of the nn.Linear modules to quantize: all but those whose name ends with a ``keep_float`` entry."""
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -138,13 +146,15 @@ def _int8_tensors(model: nn.Module, keep_float: Sequence[str]) -> dict[str, torc
         if key not in replaced and value.data_ptr() not in stored:  # a tied weight (lm_head = embed_tokens) once
             stored.add(value.data_ptr())
             tensors[key] = value.contiguous()
+    quantized = _quantize_linears(model, names)
     for name in names:
-        layer = model.get_submodule(name)
-        int8, scale = quantize_weight(layer.weight)
-        tensors[f"{name}.weight.int8"], tensors[f"{name}.weight.scale"] = int8, scale
-        tensors[f"{name}.weight.zero_point"] = torch.zeros(len(scale), dtype=torch.int64)  # symmetric
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias.detach()
+        layer = quantized.get_submodule(name)
+        weight, bias = layer.weight(), layer.bias()
+        tensors[f"{name}.weight.int8"] = weight.int_repr()
+        tensors[f"{name}.weight.scale"] = weight.q_per_channel_scales()
+        tensors[f"{name}.weight.zero_point"] = weight.q_per_channel_zero_points()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach()
     return tensors
 
 

@@ -5,6 +5,7 @@ here too: the writer traces the same module into ONNX.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -178,42 +179,10 @@ def _onnx_runner(path: Path, threads: int | None) -> Callable[[Batch], np.ndarra
     return run
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: (int8 weights, float32 scales), weight ~= int8 * scale[:, None]."""
-    dense = weight.detach().to(torch.float32)
-    scale = dense.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(dense / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
-
-
-class Int8Linear(nn.Module):
-    """A linear with int8 weights (one scale per output channel) that quantises its input with one scale per token
-    and multiplies in int8 (``torch._int_mm``, exact int32 sums), then rescales.
-
-    Why not torch's dynamic int8 linear: it takes one activation scale per batch, so a token with large activations
-    (the gated MLP's outliers feeding ``down_proj``) flattens every other token of the batch to a few levels;
-    simulated on a SmolLM2-135M u2i export, one scale per token moved the vectors' mean cosine to fp32 from 0.9920 to
-    0.9986 (README "Compact deployment"). A token's result no longer depends on its batch either.
-    """
-
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("int8_weight", weight)
-        self.register_buffer("weight_scale", scale.to(torch.float32))
-        self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.float32)
-        step = torch.linalg.vector_norm(rows, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)
-        quantized = torch.div(rows, step).round_().to(torch.int8)
-        out = torch._int_mm(quantized, self.int8_weight.t()).to(torch.float32).mul_(step).mul_(self.weight_scale)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
 def _load_int8(model: nn.Module, path: Path) -> nn.Module:
-    """Fill a freshly built ``model`` from ``_int8_tensors``' file; linears stored as int8 become ``Int8Linear``."""
+    """Fill a freshly built ``model`` from ``_int8_tensors``' file; linears stored as int8 become dynamic int8."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
     tensors = load_file(str(path))
     names = [key.removesuffix(".weight.int8") for key in tensors if key.endswith(".weight.int8")]
     quantized: dict[str, nn.Module] = {}
@@ -222,9 +191,13 @@ def _load_int8(model: nn.Module, path: Path) -> nn.Module:
             int8, scale, zero = (tensors.pop(f"{name}.weight.{part}") for part in ("int8", "scale", "zero_point"))
         except KeyError as err:
             raise ExportError(f"{path}: int8 linear {name} has no {err.args[0]}") from None
-        if zero.any():
-            raise ExportError(f"{path}: int8 linear {name} has non-zero zero points (weights must be symmetric)")
-        quantized[name] = Int8Linear(int8, scale, tensors.pop(f"{name}.bias", None))
+        bias = tensors.pop(f"{name}.bias", None)
+        dense = (int8.float() - zero[:, None].float()) * scale[:, None].float()  # re-quantises to exactly int8
+        layer = DynamicLinear(int8.shape[1], int8.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            layer.set_weight_bias(torch.quantize_per_channel(dense, scale, zero, 0, torch.qint8), bias)
+        quantized[name] = layer
     state = model.state_dict()
     loaded = {state[key].data_ptr() for key in tensors if key in state}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
