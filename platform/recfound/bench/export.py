@@ -3,12 +3,12 @@
 Each variant is a real export (merge/export.py ``export``) loaded as a deployment loads it (``load_export``), so
 the figures are the artifact's, not a simulation: int8 is PyTorch dynamic quantization of the linears
 (``keep_float``'s stay fp32; ``int8-all`` quantises every one) and, with ``onnx``, onnxruntime's quantizer on the
-ONNX graph. Throughput: a seeded
-sample of catalogue texts (item side, the task's item instruction, tokenised once beforehand: tokenising costs
-every variant the same) embedded by every variant in interleaved rounds; a variant's speed-up is the median over
-rounds of fp32 time / its time in the same round. Agreement: mean cosine of its vectors to fp32's on that sample.
-Quality: the evaluation job's pool protocol (the paper's metric per task) on a seeded sample of the split's rows,
-the export ranking the whole catalogue as ``ExportedSystem``.
+ONNX graph. Throughput: a seeded sample of catalogue texts (item side, the task's item instruction, tokenised once
+beforehand: tokenising costs every variant the same) embedded by every variant in interleaved rounds; a variant's
+speed-up is the median over rounds of fp32 time / its time in the same round. Agreement: mean cosine of its vectors
+to fp32's on that sample. Quality: the evaluation job's pool protocol (the paper's metric per task) on a seeded
+sample of the split's rows, the export ranking the whole catalogue as ``ExportedSystem``, with the paired bootstrap
+interval of each variant's loss against fp32 over those queries.
 """
 
 from __future__ import annotations
