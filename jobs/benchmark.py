@@ -9,14 +9,17 @@
     python jobs/benchmark.py search                              # exact vs faiss IVF item search, 10k-1M items
     python jobs/benchmark.py quality data=<dataset dir> out=<dir> [config=<yaml>]
                                                                  # train + evaluate: win/lose per baseline
+    python jobs/benchmark.py ablation data=<dataset dir> out=<dir> name=<variant> variant.<key>=<value> [seeds=0,1,2]
+                                                                 # recipe vs one change of it: difference + interval
     python jobs/benchmark.py exit model=<checkpoint or merged dir> data=<dataset dir> [layers=<k,k,...>]
                                                                  # early-exit embeddings: speed and metric per layer
     python jobs/benchmark.py export model=<merged dir> data=<dataset dir> [tasks=u2i,i2i] [onnx=false]
                                                                  # int8 exports vs fp32: speed, cosine, metric
     python jobs/benchmark.py <subcommand> --help                 # every option, with its default
 
-Options are --key value or key=value (quality: train.<key>=value overrides the recipe). Each writes its report
-as JSON: to --out, or quality to <out>/quality.json.
+Options are --key value or key=value (quality, ablation: train.<key>=value overrides the recipe; ablation:
+variant.<key>=value is the change measured). Each writes its report
+as JSON: to --out, or quality and ablation to <out>/<subcommand>.json.
 """
 
 from __future__ import annotations
@@ -27,7 +30,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from recfound.bench import adapter, data, early_exit, export, quality, search, serve, serve_load, train  # noqa: E402
+from recfound.bench import (  # noqa: E402
+    ablation,
+    adapter,
+    data,
+    early_exit,
+    export,
+    quality,
+    search,
+    serve,
+    serve_load,
+    train,
+)
 from recfound.bench.common import add_arguments, config_from  # noqa: E402
 from recfound.config import Config  # noqa: E402
 
@@ -38,6 +52,7 @@ SUBCOMMANDS = {
     "serve": (serve.ServeLoadBench, serve_load.run),
     "search": (search.SearchBench, search.run),
     "quality": (quality.QualityBench, quality.run),
+    "ablation": (ablation.AblationBench, ablation.run),
     "exit": (early_exit.ExitBench, early_exit.run),
     "export": (export.ExportBench, export.run),
 }

@@ -283,11 +283,16 @@ def test_quality_verdicts_average_seeds_and_carry_paired_intervals(tmp_path: Pat
     assert verdict_cell(True, True) == "win" and verdict_cell(False, False) == "LOSE (n.s.)"
 
 
+def test_quality_refuses_a_mistyped_recipe_key_before_training(benchmark: ModuleType) -> None:
+    with pytest.raises(ValueError, match="max_step: unknown key"):
+        benchmark.parse(["quality", "data=d", "train.max_step=3"])
+
+
 def test_quality_reuses_a_finished_evaluation_only_when_its_settings_match(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A re-run with one more seed must not pay for the evaluations it already has; a changed setting, another
-    model, or an evaluation torn before its last file is run again."""
+    model, a baseline it did not run, or an evaluation torn before its last file is run again."""
     from recfound.bench import quality
     from recfound.eval.config import EvalConfig
     from recfound.eval.runner import PER_QUERY, RESULTS
@@ -303,6 +308,11 @@ def test_quality_reuses_a_finished_evaluation_only_when_its_settings_match(
     assert quality.evaluate_once(cfg.model_copy(update={"max_rows_per_task": 7}))["config"] == "fresh"
     assert quality.evaluate_once(cfg.model_copy(update={"model": str(tmp_path / "other")}))["config"] == "fresh"
     assert len(runs) == 3
+    # Baselines aside: one that ran more of them serves one asking for fewer (an ablation reads the model's own
+    # figures), never the other way round.
+    assert quality.evaluate_once(cfg.model_copy(update={"baselines": ["bm25"]}))["systems"] == {} and len(runs) == 3
+    assert quality.evaluate_once(cfg.model_copy(update={"baselines": ["minilm"]}))["config"] == "fresh"
+    assert len(runs) == 4
 
 
 def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:

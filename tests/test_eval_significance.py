@@ -39,12 +39,18 @@ def test_undefined_queries_are_left_out_and_the_pairs_must_match() -> None:
 
 def test_a_corpus_metric_is_recomputed_per_resample_and_is_seeded() -> None:
     refs = ["positive", "negative"] * 20
-    labels = ["positive", "negative"]
-    exact = metric_difference(lambda p, r: macro_f1(p, r, labels), [refs], ["positive"] * 40, refs)
+    always = ["positive"] * 40
+    f1 = lambda p, r: macro_f1(p, r, ["positive", "negative"])  # noqa: E731
+    exact = metric_difference(f1, [refs], [always], refs)
     assert settled(exact) and exact[0] > 0.3  # the evidence reader beats always-"positive" (F1 1.0 vs ~0.33)
-    assert metric_difference(lambda p, r: macro_f1(p, r, labels), [refs], ["positive"] * 40, refs) == exact
+    assert metric_difference(f1, [refs], [always], refs) == exact
     # Two seeds, one exact and one always "positive": their mean against always-"positive" is half the gain.
-    halved = metric_difference(lambda p, r: macro_f1(p, r, labels), [refs, ["positive"] * 40], ["positive"] * 40, refs)
+    halved = metric_difference(f1, [refs, always], [always], refs)
     assert halved[0] == pytest.approx(exact[0] / 2) and halved[1] == pytest.approx(exact[1] / 2)
+    # Seeds on both sides (an ablation: recipe vs variant): each side is its runs' mean, so the same pair of runs
+    # on both sides differs by nothing, and a side's extra exact run moves the difference by its share.
+    assert metric_difference(f1, [refs, always], [always, refs], refs) == (0.0, 0.0)
+    quarter = metric_difference(f1, [refs, always], [always, always, refs, always], refs)
+    assert quarter[0] == pytest.approx(exact[0] / 4) and quarter[1] == pytest.approx(exact[1] / 4)
     with pytest.raises(ValueError, match="same prompts"):
-        metric_difference(macro_f1, [refs], refs[:-1], refs)
+        metric_difference(macro_f1, [refs], [refs[:-1]], refs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
 from recfound.bench.verdicts import (
@@ -72,15 +72,27 @@ class QualityBench(Config):
             raise ValueError(f"seeds must be one or more distinct integers, got {seeds}")
         return seeds
 
+    @model_validator(mode="after")
+    def _recipe_loads(self) -> QualityBench:
+        check_recipe(self.config, self.data, self.train)
+        return self
 
-def _train(bench: QualityBench, out: Path, seed: int, first: bool) -> str:
+
+def check_recipe(config: str, data: str, overrides: list[str]) -> None:
+    """Load the recipe with its overrides now, so that a mistyped key fails before the first of many training runs
+    rather than after it (ConfigError, naming the key)."""
+    load_config(TrainConfig, config, [f"data={data}", *overrides])
+
+
+def train_recipe(config: str, data: str, storage: Path, name: str, seed: int, overrides: list[str]) -> str:
+    """The final checkpoint of run ``name`` of the recipe ``config`` (with ``overrides``) in ``storage``: trained,
+    resumed, or (finished before) returned as it is."""
     import ray
 
     from recfound.train.run import run
 
-    name = Path(bench.config).stem + ("" if first else f"-seed{seed}")
-    overrides = [f"data={bench.data}", f"storage_path={out / 'train'}", f"name={name}", f"seed={seed}", *bench.train]
-    cfg = load_config(TrainConfig, bench.config, overrides)
+    overrides = [f"data={data}", f"storage_path={storage}", f"name={name}", f"seed={seed}", *overrides]
+    cfg = load_config(TrainConfig, config, overrides)
     ours = not ray.is_initialized()
     try:
         return run(cfg)
@@ -109,9 +121,17 @@ def evaluate_once(cfg: EvalConfig) -> dict[str, Any]:
     folder = Path(cfg.out)
     if (folder / PER_QUERY).is_file():
         previous = json.loads((folder / RESULTS).read_text())
-        if previous.get("config") == cfg.model_dump(mode="json"):
+        if _serves(previous.get("config") or {}, cfg.model_dump(mode="json")):
             return previous
     return evaluate(cfg)
+
+
+def _serves(previous: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether an evaluation run with config ``previous`` answers one asked with ``wanted``: the same settings,
+    baselines aside, and every baseline asked for among those it ran (an ablation reuses the quality benchmark's
+    evaluation that also ran every baseline; the model's own figures do not depend on them)."""
+    strip = lambda config: {k: v for k, v in config.items() if k != "baselines"}  # noqa: E731
+    return strip(previous) == strip(wanted) and set(wanted["baselines"]) <= set(previous.get("baselines", []))
 
 
 @dataclass
@@ -129,7 +149,7 @@ def _run_seed(bench: QualityBench, out: Path, seed: int, evidence: Evidence, sys
     the training seed) into ``systems``."""
     first = seed == bench.seeds[0]
     suffix = "" if first else f"-seed{seed}"
-    final = _train(bench, out, seed, first)
+    final = train_recipe(bench.config, bench.data, out / "train", Path(bench.config).stem + suffix, seed, bench.train)
     common = {
         "data": bench.data,
         "split": bench.split,

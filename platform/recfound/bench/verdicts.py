@@ -81,17 +81,24 @@ class Evidence:
                 self.references.setdefault(task, [r["reference"] for r in mine])
 
     def interval(self, model: str, baseline: str, task: str, metric: str) -> Interval | None:
-        """The interval of (model − baseline) on one metric, or None when either side left no evidence."""
+        """The interval of (model − baseline) on one metric, each side its mean over the runs read for it (seeds),
+        or None when either side left no evidence."""
         ours = self.per_query.get(model, {}).get(task, {}).get(metric)
         theirs = self.per_query.get(baseline, {}).get(task, {}).get(metric)
         if ours is not None and theirs is not None:
-            seeds = np.asarray([[np.nan if v is None else v for v in run] for run in ours], dtype=np.float64)
-            return mean_difference(seeds.mean(axis=0).tolist(), [None if v is None else v for v in theirs[0]])
+            return mean_difference(_per_query_mean(ours), _per_query_mean(theirs))
         scorer = {metric_name(m): m for m in GENERATIVE_METRICS.get(task, ())}.get(metric)
         runs, base = self.answers.get(model, {}).get(task), self.answers.get(baseline, {}).get(task)
         if scorer is None or runs is None or base is None:
             return None
-        return metric_difference(scorer, runs, base[0], self.references[task])
+        return metric_difference(scorer, runs, base, self.references[task])
+
+
+def _per_query_mean(runs: list[list[float | None]]) -> list[float]:
+    """Each query's value averaged over the runs (nan where a run has none: a query without positives)."""
+    return (
+        np.asarray([[np.nan if v is None else v for v in run] for run in runs], dtype=np.float64).mean(axis=0).tolist()
+    )
 
 
 def majority_answers(data: str, tasks: Sequence[str]) -> dict[str, str]:
@@ -129,18 +136,24 @@ def mean_over_seeds(runs: Sequence[Scores]) -> tuple[Scores, Scores]:
     return mean, spread
 
 
+def targets(reference: Scores) -> list[tuple[str, str, list[str]]]:
+    """(task, metric, baselines) of every comparison the benchmark makes for a model that measured ``reference``:
+    the embedding targets, then each generative task's metrics."""
+    found = list(EMBEDDING_TARGETS)
+    for task in sorted(t for t in reference if t not in EMBEDDING_TASKS):
+        baselines = [MAJORITY, "backbone"] if task in CLASSIFICATION else ["backbone"]
+        ranked = list_metric_names(task) if task in LIST_PROTOCOLS else ()
+        found += [(task, metric, baselines + (RETRIEVAL if metric in ranked else [])) for metric in reference[task]]
+    return found
+
+
 def verdicts(systems: dict[str, Scores], models: list[str], evidence: Evidence | None = None) -> list[dict[str, Any]]:
     """One row per (task, metric, baseline) that both sides measured: the baseline's value, each model's value,
     whether it wins (strictly higher) and, with ``evidence``, the interval of the difference and whether it
     excludes 0."""
-    targets = list(EMBEDDING_TARGETS)
     reference = systems[models[0]]
-    for task in sorted(t for t in reference if t not in EMBEDDING_TASKS):
-        baselines = [MAJORITY, "backbone"] if task in CLASSIFICATION else ["backbone"]
-        ranked = list_metric_names(task) if task in LIST_PROTOCOLS else ()
-        targets += [(task, metric, baselines + (RETRIEVAL if metric in ranked else [])) for metric in reference[task]]
     rows = []
-    for task, metric, baselines in targets:
+    for task, metric, baselines in targets(reference):
         for baseline in baselines:
             base = systems.get(baseline, {}).get(task, {}).get(metric)
             if base is None or reference.get(task, {}).get(metric) is None:

@@ -50,21 +50,22 @@ def mean_difference(a: Sequence[float | None], b: Sequence[float | None], seed: 
 def metric_difference(
     metric: Callable[[Sequence[str], Sequence[str]], float],
     runs: Sequence[Sequence[str]],
-    baseline: Sequence[str],
+    baselines: Sequence[Sequence[str]],
     refs: Sequence[str],
     seed: int = 0,
 ) -> Interval:
     """Interval of metric(run, refs) − metric(baseline, refs), recomputed on each resample of the prompts; with
-    several runs (training seeds answering the same prompts) the runs' mean metric."""
-    if any(len(answers) != len(refs) for answers in (*runs, baseline)) or not runs:
-        raise ValueError(f"paired answers need the same prompts: {[len(a) for a in (*runs, baseline)]} vs {len(refs)}")
-    ours = [np.asarray(list(answers), dtype=object) for answers in runs]
-    theirs, r = np.asarray(list(baseline), dtype=object), np.asarray(list(refs), dtype=object)
+    several runs on a side (training seeds answering the same prompts) that side's mean metric."""
+    sides = (*runs, *baselines)
+    if any(len(answers) != len(refs) for answers in sides) or not runs or not baselines:
+        raise ValueError(f"paired answers need the same prompts: {[len(a) for a in sides]} vs {len(refs)}")
+    ours, theirs = ([np.asarray(list(a), dtype=object) for a in side] for side in (runs, baselines))
+    r = np.asarray(list(refs), dtype=object)
 
     def difference(idx: np.ndarray) -> float:
         references = list(r[idx])
-        mean = sum(metric(list(answers[idx]), references) for answers in ours) / len(ours)
-        return mean - metric(list(theirs[idx]), references)
+        mean = lambda side: sum(metric(list(a[idx]), references) for a in side) / len(side)  # noqa: E731
+        return mean(ours) - mean(theirs)
 
     return interval(difference, len(r), seed)
 

@@ -1,0 +1,191 @@
+"""Ablation benchmark: the quality recipe against one variant of it, trained with the same seeds, each evaluated
+without baselines; per (task, metric) of the quality benchmark's comparisons, the variant's difference from the
+recipe with its paired bootstrap interval over the test queries (each side its mean over the seeds).
+
+One row of docs/evaluation.md's ablation table per run. The recipe's runs and evaluations share the quality
+benchmark's layout, so an ``out`` the quality benchmark filled (same recipe, overrides and seeds) is reused and only
+the variant is trained.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
+from recfound.bench.quality import check_recipe, evaluate_once, train_recipe, trained_tasks
+from recfound.bench.verdicts import Evidence, Scores, mean_over_seeds, targets
+from recfound.config import Config, comma_list
+from recfound.eval.config import EvalConfig
+from recfound.eval.significance import settled
+
+RECIPE = "recipe"
+
+
+class AblationBench(Config):
+    """Train the quality recipe and a variant of it with the same seeds, evaluate both (no baselines), and print
+    per (task, metric) the variant's difference from the recipe with its paired 95% interval. Arguments as
+    key=value or --key value."""
+
+    data: str
+    """Built dataset directory (jobs/build_dataset.py out)."""
+    variant: list[str] = Field(min_length=1)
+    """What the variant changes, as variant.<key>=value on the command line (e.g. 'variant.loss.logq_tasks=[]');
+    applied after the train.<key>=value overrides, which both runs get."""
+    name: str = "variant"
+    """The variant's name: its runs are train/<recipe>-<name>[-seed<k>], its evaluations eval-<name>[-seed<k>]."""
+    out: str = "runs/bench/ablation"
+    """Directory for the runs and evaluations (the quality benchmark's layout: pointing it at a quality benchmark's
+    out reuses that benchmark's runs of the recipe) and this report (ablation.json)."""
+    config: str = str(CONFIG_DIR / "quality.yaml")
+    """Training recipe (a jobs/train.py YAML)."""
+    train: list[str] = []
+    """Overrides of the training config for both runs, as train.<key>=value on the command line."""
+    max_rows_per_task: int = Field(50, ge=0)
+    """Generative prompts decoded per task and system."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Most tokens generated per prompt."""
+    split: str = "test"
+    """Split the differences are measured on."""
+    seeds: list[int] = [0]
+    """Training seeds: each costs two trainings and two evaluations (fewer when the recipe's are reused)."""
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        return comma_list(value)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be one or more distinct integers, got {seeds}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _recipes_load(self) -> AblationBench:
+        check_recipe(self.config, self.data, [*self.train, *self.variant])  # the recipe's own keys are a subset
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name == RECIPE:
+            raise ValueError(
+                f"name must be letters, digits, '_', '.', '-' (a directory name), not {RECIPE!r}: {name!r}"
+            )
+        return name
+
+
+def _arm(bench: AblationBench, out: Path, seed: int, label: str, overrides: list[str]) -> tuple[str, Path, Scores]:
+    """Train (or reuse) and evaluate one side's run for ``seed``: its checkpoint, evaluation folder and scores."""
+    suffix = ("" if not label else f"-{label}") + ("" if seed == bench.seeds[0] else f"-seed{seed}")
+    final = train_recipe(bench.config, bench.data, out / "train", Path(bench.config).stem + suffix, seed, overrides)
+    folder = out / f"eval{suffix}"
+    cfg = EvalConfig(
+        model=final,
+        data=bench.data,
+        out=str(folder),
+        split=bench.split,
+        max_rows_per_task=bench.max_rows_per_task,
+        max_new_tokens=bench.max_new_tokens,
+        tasks=trained_tasks(final, bench.data, bench.split),
+        baselines="none",
+    )
+    return final, folder, evaluate_once(cfg)["systems"]["recfound"]
+
+
+def run(bench: AblationBench) -> Report:
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    arms = {RECIPE: ("", bench.train), bench.name: (bench.name, [*bench.train, *bench.variant])}
+    evidence = Evidence()
+    runs: dict[str, list[Scores]] = {arm: [] for arm in arms}
+    checkpoints: dict[str, list[str]] = {arm: [] for arm in arms}
+    for seed in bench.seeds:
+        for arm, (label, overrides) in arms.items():
+            final, folder, scores = _arm(bench, out, seed, label, overrides)
+            evidence.add_evaluation(folder, {"recfound": arm})
+            runs[arm].append(scores)
+            checkpoints[arm].append(final)
+    (base, base_sd), (ours, ours_sd) = (mean_over_seeds(runs[arm]) for arm in arms)
+    rows = []
+    for task, metric, _ in targets(base):
+        a, b = base.get(task, {}).get(metric), ours.get(task, {}).get(metric)
+        if a is None or b is None:
+            continue
+        bounds = evidence.interval(bench.name, RECIPE, task, metric)
+        rows.append(
+            {
+                "task": task,
+                "metric": metric,
+                RECIPE: a,
+                f"{RECIPE}_sd": base_sd[task][metric],
+                bench.name: b,
+                f"{bench.name}_sd": ours_sd[task][metric],
+                "difference": b - a,
+                "interval": bounds,
+                "settled": None if bounds is None else settled(bounds),
+            }
+        )
+    return _report(bench, rows, runs, checkpoints, time.perf_counter() - began)
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """ "better"/"worse"/"same" for the variant, marked "(n.s.)" when the interval includes 0."""
+    word = "better" if row["difference"] > 0 else "worse" if row["difference"] < 0 else "same"
+    return word + ("" if row["settled"] is not False or word == "same" else " (n.s.)")
+
+
+def _report(
+    bench: AblationBench,
+    rows: list[dict[str, Any]],
+    runs: dict[str, list[Scores]],
+    checkpoints: dict[str, list[str]],
+    seconds: float,
+) -> Report:
+    several = len(bench.seeds) > 1
+    spread = lambda value, sd: fmt(value) + (f" ± {fmt(sd)}" if several else "")  # noqa: E731
+    table = [
+        [
+            r["task"],
+            r["metric"],
+            spread(r[RECIPE], r[f"{RECIPE}_sd"]),
+            spread(r[bench.name], r[f"{bench.name}_sd"]),
+            f"{r['difference']:+.3f}",
+            "-" if r["interval"] is None else f"[{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]",
+            _verdict(r),
+        ]
+        for r in rows
+    ]
+    tally = {
+        "better": sum(r["difference"] > 0 for r in rows),
+        "worse": sum(r["difference"] < 0 for r in rows),
+        "settled_better": sum(r["difference"] > 0 and bool(r["settled"]) for r in rows),
+        "settled_worse": sum(r["difference"] < 0 and bool(r["settled"]) for r in rows),
+    }
+    mean = " (mean ± sd)" if several else ""
+    report = Report(
+        "ablation",
+        bench.model_dump(mode="json") | {"checkpoints": checkpoints},
+        ratios={"better_share": tally["better"] / max(1, len(rows))},
+        figures={"rows": rows, **tally, "comparisons": len(rows), "seconds": seconds, "per_seed": runs},
+        tables=[
+            Table(
+                f"{bench.name} ({' '.join(bench.variant)}) vs the recipe on {bench.split} ({Path(bench.data).name}, "
+                f"seeds {bench.seeds}); higher is better; (n.s.): the paired interval of the difference includes 0",
+                ["task", "metric", RECIPE + mean, bench.name + mean, "difference", "95% CI", "variant"],
+                table,
+            )
+        ],
+    )
+    report.notes.append(
+        f"{bench.name}: better on {tally['better']} of {len(rows)} ({tally['settled_better']} settled), worse on "
+        f"{tally['worse']} ({tally['settled_worse']} settled) | {seconds / 60:.1f} min"
+    )
+    return report
