@@ -14,25 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
-from recfound.bench.quality import check_recipe, evaluate_once, train_recipe, trained_tasks
+from recfound.bench.common import Report, Table, fmt
+from recfound.bench.quality import RecipeRuns, evaluate_once, train_recipe, trained_tasks
 from recfound.bench.verdicts import Evidence, Scores, mean_over_seeds, targets
-from recfound.config import Config, comma_list
-from recfound.eval.config import EvalConfig
 from recfound.eval.significance import settled
 
 RECIPE = "recipe"
 
 
-class AblationBench(Config):
+class AblationBench(RecipeRuns):
     """Train the quality recipe and a variant of it with the same seeds, evaluate both (no baselines), and print
     per (task, metric) the variant's difference from the recipe with its paired 95% interval. Arguments as
     key=value or --key value."""
 
-    data: str
-    """Built dataset directory (jobs/build_dataset.py out)."""
     variant: list[str] = Field(min_length=1)
     """What the variant changes, as variant.<key>=value on the command line (e.g. 'variant.loss.logq_tasks=[]');
     applied after the train.<key>=value overrides, which both runs get."""
@@ -41,35 +37,6 @@ class AblationBench(Config):
     out: str = "runs/bench/ablation"
     """Directory for the runs and evaluations (the quality benchmark's layout: pointing it at a quality benchmark's
     out reuses that benchmark's runs of the recipe) and this report (ablation.json)."""
-    config: str = str(CONFIG_DIR / "quality.yaml")
-    """Training recipe (a jobs/train.py YAML)."""
-    train: list[str] = []
-    """Overrides of the training config for both runs, as train.<key>=value on the command line."""
-    max_rows_per_task: int = Field(50, ge=0)
-    """Generative prompts decoded per task and system."""
-    max_new_tokens: int = Field(48, ge=1)
-    """Most tokens generated per prompt."""
-    split: str = "test"
-    """Split the differences are measured on."""
-    seeds: list[int] = [0]
-    """Training seeds: each costs two trainings and two evaluations (fewer when the recipe's are reused)."""
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, value: Any) -> Any:
-        return comma_list(value)
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, seeds: list[int]) -> list[int]:
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must be one or more distinct integers, got {seeds}")
-        return seeds
-
-    @model_validator(mode="after")
-    def _recipes_load(self) -> AblationBench:
-        check_recipe(self.config, self.data, [*self.train, *self.variant])  # the recipe's own keys are a subset
-        return self
 
     @field_validator("name")
     @classmethod
@@ -80,22 +47,16 @@ class AblationBench(Config):
             )
         return name
 
+    def overrides(self) -> list[str]:
+        return [*self.train, *self.variant]  # the recipe's own are a prefix
+
 
 def _arm(bench: AblationBench, out: Path, seed: int, label: str, overrides: list[str]) -> tuple[str, Path, Scores]:
     """Train (or reuse) and evaluate one side's run for ``seed``: its checkpoint, evaluation folder and scores."""
-    suffix = ("" if not label else f"-{label}") + ("" if seed == bench.seeds[0] else f"-seed{seed}")
+    suffix = ("" if not label else f"-{label}") + bench.suffix(seed)
     final = train_recipe(bench.config, bench.data, out / "train", Path(bench.config).stem + suffix, seed, overrides)
     folder = out / f"eval{suffix}"
-    cfg = EvalConfig(
-        model=final,
-        data=bench.data,
-        out=str(folder),
-        split=bench.split,
-        max_rows_per_task=bench.max_rows_per_task,
-        max_new_tokens=bench.max_new_tokens,
-        tasks=trained_tasks(final, bench.data, bench.split),
-        baselines="none",
-    )
+    cfg = bench.evaluation(final, folder, "none", trained_tasks(final, bench.data, bench.split))
     return final, folder, evaluate_once(cfg)["systems"]["recfound"]
 
 

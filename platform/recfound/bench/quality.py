@@ -33,32 +33,26 @@ from recfound.train.config import TrainConfig
 MERGED = "merged"
 
 
-class QualityBench(Config):
-    """Train the quality recipe on a built dataset, evaluate the final and the merged model with every baseline,
-    and print a win/lose verdict per (task, metric, baseline). Arguments as key=value or --key value."""
+class RecipeRuns(Config):
+    """What the quality and ablation benchmarks share: a recipe trained once per seed on a built dataset, each run
+    evaluated on one split."""
 
     data: str
     """Built dataset directory (jobs/build_dataset.py out)."""
-    out: str = "runs/bench/quality"
-    """Directory for the training run (train/), the evaluations (eval/, eval-merged/), the merged model and this
-    report (quality.json). Re-running with the same out resumes or reuses the finished training runs and reuses
-    finished evaluations run with the same settings."""
     config: str = str(CONFIG_DIR / "quality.yaml")
     """Training recipe (a jobs/train.py YAML); its max_steps and data sizes decide the time."""
     train: list[str] = []
     """Overrides of the training config, as train.<key>=value on the command line (e.g. train.max_steps=100)."""
-    merge: bool = True
-    """Also merge the run's last two checkpoints (TIES, as the paper) and give the merged model its verdicts."""
     max_rows_per_task: int = Field(50, ge=0)
     """Generative prompts decoded per task and system (greedy decoding dominates evaluation time on CPU)."""
     max_new_tokens: int = Field(48, ge=1)
     """Most tokens generated per prompt (answers of the classification tasks take 1-3)."""
     split: str = "test"
-    """Split the verdicts are taken on."""
+    """Split the figures are taken on."""
     seeds: list[int] = [0]
     """Training seeds, one run of the recipe each (the first in train/<recipe>, the others in
     train/<recipe>-seed<k>); with several, a model's figure is its mean over the seeds, shown with their standard
-    deviation. Each seed costs a whole training and evaluation."""
+    deviation. Each seed costs a whole training and evaluation of each model the benchmark trains."""
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -72,16 +66,45 @@ class QualityBench(Config):
             raise ValueError(f"seeds must be one or more distinct integers, got {seeds}")
         return seeds
 
+    def overrides(self) -> list[str]:
+        """Every override some run of the benchmark applies to the recipe."""
+        return self.train
+
     @model_validator(mode="after")
-    def _recipe_loads(self) -> QualityBench:
-        check_recipe(self.config, self.data, self.train)
+    def _recipe_loads(self) -> RecipeRuns:
+        """Load the recipe with its overrides now, so that a mistyped key fails before the first of several
+        training runs rather than after it (ConfigError, naming the key)."""
+        load_config(TrainConfig, self.config, [f"data={self.data}", *self.overrides()])
         return self
 
+    def suffix(self, seed: int) -> str:
+        """A seed's suffix of run and evaluation names: none for the first seed."""
+        return "" if seed == self.seeds[0] else f"-seed{seed}"
 
-def check_recipe(config: str, data: str, overrides: list[str]) -> None:
-    """Load the recipe with its overrides now, so that a mistyped key fails before the first of many training runs
-    rather than after it (ConfigError, naming the key)."""
-    load_config(TrainConfig, config, [f"data={data}", *overrides])
+    def evaluation(self, model: str, out: Path, baselines: str, tasks: list[str]) -> EvalConfig:
+        """How each model is evaluated (``tasks``: ``trained_tasks`` of its run)."""
+        return EvalConfig(
+            model=model,
+            data=self.data,
+            out=str(out),
+            split=self.split,
+            max_rows_per_task=self.max_rows_per_task,
+            max_new_tokens=self.max_new_tokens,
+            tasks=tasks,
+            baselines=baselines,
+        )
+
+
+class QualityBench(RecipeRuns):
+    """Train the quality recipe on a built dataset, evaluate the final and the merged model with every baseline,
+    and print a win/lose verdict per (task, metric, baseline). Arguments as key=value or --key value."""
+
+    out: str = "runs/bench/quality"
+    """Directory for the training run (train/), the evaluations (eval/, eval-merged/), the merged model and this
+    report (quality.json). Re-running with the same out resumes or reuses the finished training runs and reuses
+    finished evaluations run with the same settings."""
+    merge: bool = True
+    """Also merge the run's last two checkpoints (TIES, as the paper) and give the merged model its verdicts."""
 
 
 def train_recipe(config: str, data: str, storage: Path, name: str, seed: int, overrides: list[str]) -> str:
@@ -148,17 +171,11 @@ def _run_seed(bench: QualityBench, out: Path, seed: int, evidence: Evidence, sys
     """Train and evaluate one seed; the first seed's evaluation also runs every baseline (they do not depend on
     the training seed) into ``systems``."""
     first = seed == bench.seeds[0]
-    suffix = "" if first else f"-seed{seed}"
+    suffix = bench.suffix(seed)
     final = train_recipe(bench.config, bench.data, out / "train", Path(bench.config).stem + suffix, seed, bench.train)
-    common = {
-        "data": bench.data,
-        "split": bench.split,
-        "max_rows_per_task": bench.max_rows_per_task,
-        "max_new_tokens": bench.max_new_tokens,
-        "tasks": trained_tasks(final, bench.data, bench.split),
-    }
+    tasks = trained_tasks(final, bench.data, bench.split)
     folder = out / f"eval{suffix}"
-    results = evaluate_once(EvalConfig(model=final, out=str(folder), baselines="all" if first else "none", **common))
+    results = evaluate_once(bench.evaluation(final, folder, "all" if first else "none", tasks))
     evidence.add_evaluation(folder)
     scores = {"recfound": results["systems"]["recfound"]}
     if first:
@@ -166,7 +183,7 @@ def _run_seed(bench: QualityBench, out: Path, seed: int, evidence: Evidence, sys
     merged = _merge(final, out / f"{MERGED}{suffix}") if bench.merge else None
     if merged is not None:
         folder = out / f"eval-{MERGED}{suffix}"
-        merged_results = evaluate_once(EvalConfig(model=merged, out=str(folder), baselines="none", **common))
+        merged_results = evaluate_once(bench.evaluation(merged, folder, "none", tasks))
         evidence.add_evaluation(folder, {"recfound": MERGED})
         scores[MERGED] = merged_results["systems"]["recfound"]
     return Seeded(seed, final, merged, scores)
