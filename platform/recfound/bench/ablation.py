@@ -48,7 +48,7 @@ class AblationBench(RecipeRuns):
         return name
 
     def overrides(self) -> list[str]:
-        return [*self.train, *self.variant]  # the recipe's own are a prefix
+        return [*self.train, *self.variant]  # the variant's: the recipe's, then the change
 
 
 def _arm(bench: AblationBench, out: Path, seed: int, label: str, overrides: list[str]) -> tuple[str, Path, Scores]:
@@ -64,7 +64,7 @@ def run(bench: AblationBench) -> Report:
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    arms = {RECIPE: ("", bench.train), bench.name: (bench.name, [*bench.train, *bench.variant])}
+    arms = {RECIPE: ("", bench.train), bench.name: (bench.name, bench.overrides())}
     evidence = Evidence()
     runs: dict[str, list[Scores]] = {arm: [] for arm in arms}
     checkpoints: dict[str, list[str]] = {arm: [] for arm in arms}
