@@ -224,17 +224,18 @@ class LocalCluster(ClusterDashboard):
         fixed 30-s wait for the raylet to register (Ray's "The current node timed out during startup", hard-coded
         in ray/_private/node.py): seen once in CI, on a loaded 2-core machine, with the head's dashboard already up.
         Any other failure is raised at once."""
-        for attempt in (1, 2):
-            node = self._start(name, args, env)
-            try:
-                ready(node)
-                return node
-            except RuntimeError as err:
-                if attempt == 2 or RAY_STARTUP_TIMEOUT not in str(err):
-                    raise
-            self.note(f"node {name}: Ray timed out starting it; starting it again")
-            self._discard(node)
-        raise AssertionError("unreachable")
+        node = self._start(name, args, env)
+        try:
+            ready(node)
+            return node
+        except RuntimeError as err:
+            if RAY_STARTUP_TIMEOUT not in str(err):
+                raise
+        self.note(f"node {name}: Ray timed out starting it; starting it again")
+        self._discard(node)
+        node = self._start(name, args, env)
+        ready(node)
+        return node
 
     def _node_id_of(self, node: Node) -> str | None:
         """The id of the one ALIVE node that is not one of the nodes already known (nodes start one at a time)."""
