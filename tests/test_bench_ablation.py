@@ -113,22 +113,27 @@ def test_the_command_line_takes_the_change_as_variant_keys(benchmark: ModuleType
             "out=o",
             "name=no-logq",
             "variant.loss.logq_tasks=[]",
-            "variant.seed=3",
+            "variant.loss.temperature=0.1",
             "train.max_steps=8",
         ]
     )
     assert command == "ablation" and out == "o/ablation.json"
-    assert bench.variant == ["loss.logq_tasks=[]", "seed=3"] and bench.train == ["max_steps=8"]
+    assert bench.variant == ["loss.logq_tasks=[]", "loss.temperature=0.1"] and bench.train == ["max_steps=8"]
 
 
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
         (["data=d"], "variant"),
-        (["data=d", "variant.seed=1", "name=recipe"], "name"),
-        (["data=d", "variant.seed=1", "name=a/b"], "name"),
+        (["data=d", "variant.optim.lr=1e-3", "name=recipe"], "name"),
+        (["data=d", "variant.optim.lr=1e-3", "name=a/b"], "name"),
         (["data=d", "variant.los.logq_tasks=[]"], "los: unknown key"),  # before any training, not after the first
-        (["data=d", "variant.seed=1", "train.max_step=3"], "max_step: unknown key"),
+        (["data=d", "variant.optim.lr=1e-3", "train.max_step=3"], "max_step: unknown key"),
+        # keys the benchmark sets per run: overriding them would make every seed (or both arms) one run
+        (["data=d", "variant.seed=1"], "seed: set by the benchmark"),
+        (["data=d", "variant.optim.lr=1e-3", "train.name=x"], "name: set by the benchmark"),
+        (["data=d", "variant.storage_path=/x"], "storage_path: set by the benchmark"),
+        (["data=d", "variant.optim.lr=1e-3", "train.data=/x"], "data: set by the benchmark"),
     ],
 )
 def test_an_ablation_without_a_change_or_with_a_bad_key_or_name_is_refused(

@@ -31,6 +31,7 @@ from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.train.config import TrainConfig
 
 MERGED = "merged"
+RUN_KEYS = ("data", "storage_path", "name", "seed")  # train_recipe sets them per run
 
 
 class RecipeRuns(Config):
@@ -42,7 +43,8 @@ class RecipeRuns(Config):
     config: str = str(CONFIG_DIR / "quality.yaml")
     """Training recipe (a jobs/train.py YAML); its max_steps and data sizes decide the time."""
     train: list[str] = []
-    """Overrides of the training config, as train.<key>=value on the command line (e.g. train.max_steps=100)."""
+    """Overrides of the training config, as train.<key>=value on the command line (e.g. train.max_steps=100); not
+    data, storage_path, name or seed, which the benchmark sets for each run."""
     max_rows_per_task: int = Field(50, ge=0)
     """Generative prompts decoded per task and system (greedy decoding dominates evaluation time on CPU)."""
     max_new_tokens: int = Field(48, ge=1)
@@ -73,7 +75,12 @@ class RecipeRuns(Config):
     @model_validator(mode="after")
     def _recipe_loads(self) -> RecipeRuns:
         """Load the recipe with its overrides now, so that a mistyped key fails before the first of several
-        training runs rather than after it (ConfigError, naming the key)."""
+        training runs rather than after it (ConfigError, naming the key). The keys each run gets from the
+        benchmark are refused: an override of its seed or name would make every seed (or both arms) one run."""
+        for item in self.overrides():
+            key = item.partition("=")[0]
+            if key in RUN_KEYS:
+                raise ValueError(f"{key}: set by the benchmark for each run (seeds=, data=, out=), not by an override")
         load_config(TrainConfig, self.config, [f"data={self.data}", *self.overrides()])
         return self
 
