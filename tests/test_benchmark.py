@@ -407,5 +407,11 @@ def test_export(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) 
     intervals = figures["relative_metric_loss_interval"]["u2i"]  # of each variant's loss; none for fp32 itself
     assert set(intervals) == {"int8", "int8-all", "int8-onnx"}
     assert all(low <= loss[v] <= high for v, (low, high) in intervals.items()), (intervals, loss)
+    # both int8 deployments judged on speed, loss and the loss's upper bound; int8-all (a diagnosis) is not
+    judged = {t["key"] for t in report["targets"]}
+    assert judged == {
+        f"{v}_{k}" for v in ("int8", "int8_onnx") for k in ("vs_fp32", "metric_loss", "metric_loss_upper")
+    }
+    assert figures["int8_onnx_metric_loss_upper"] == intervals["int8-onnx"][1]
     with pytest.raises(ValueError, match="tasks: i2i cannot be scored"):
         benchmark.main(["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=i2i"])

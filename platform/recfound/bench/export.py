@@ -37,10 +37,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8-onnx": {"quantize": Quantize.INT8, "format": ExportFormat.ONNX},
 }
 """ExportConfig settings per variant: the defaults (int8 keeps ``down_proj`` fp32), every linear int8, and ONNX."""
-TARGETS = [
-    Target("int8 export: embedding throughput / fp32 (median over tasks)", "int8_vs_fp32", 2.0, Better.HIGHER),
-    Target("int8 export: relative pool-metric loss vs fp32 (worst task)", "int8_metric_loss", 0.01, Better.LOWER),
-]
+INT8 = ("int8", "int8-onnx")
+"""The int8 deployments issue 17's targets apply to (``int8-all`` is a diagnosis: what quantising down_proj costs)."""
+
+
+def _targets(variant: str) -> list[Target]:
+    """Issue 17's: ≥ 2x fp32's throughput at ≤ 1 % relative loss; the loss also as its 95 % upper bound, since
+    a point estimate under 1 % on a few hundred queries is no evidence that the loss is that small."""
+    key = variant.replace("-", "_")
+    return [
+        Target(
+            f"{variant} export: embedding throughput / fp32 (median over tasks)", f"{key}_vs_fp32", 2.0, Better.HIGHER
+        ),
+        Target(
+            f"{variant} export: relative pool-metric loss vs fp32 (worst task)",
+            f"{key}_metric_loss",
+            0.01,
+            Better.LOWER,
+        ),
+        Target(
+            f"{variant} export: upper 95 % bound of that loss (worst task)",
+            f"{key}_metric_loss_upper",
+            0.01,
+            Better.LOWER,
+        ),
+    ]
 
 
 class ExportBench(EmbeddingBench):
@@ -142,8 +163,10 @@ def _report(
         "relative_metric_loss": loss,
         "relative_metric_loss_interval": {t: results[t]["loss_interval"] for t in tasks},
         "queries": {t: results[t]["queries"] for t in tasks},
-        "int8_metric_loss": max(loss[t]["int8"] for t in tasks),
     }
+    for v in (v for v in INT8 if v in variants):
+        figures[f"{v.replace('-', '_')}_metric_loss"] = max(loss[t][v] for t in tasks)
+        figures[f"{v.replace('-', '_')}_metric_loss_upper"] = max(results[t]["loss_interval"][v][1] for t in tasks)
     headers = ["task", "variant", "texts/s", "speed-up", "cosine to fp32", "pool metric", "relative loss [95% CI]"]
     rows = [
         [
@@ -160,7 +183,7 @@ def _report(
     ]
     title = f"Compact export, {texts} catalogue texts per round, {bench.threads} thread(s), {bench.split} split"
     report = Report("export", bench.model_dump(mode="json"), ratios, figures, [Table(title, headers, rows)])
-    report.check(TARGETS)
+    report.check([target for v in INT8 if v in variants for target in _targets(v)])
     report.notes = [
         f"Speed-up: median over {bench.rounds} rounds of fp32 time / variant time in the same round (wall clock, "
         f"batches of {bench.batch_size}, tokenising excluded). Pool metric on {figures['queries']} queries of the "
