@@ -173,32 +173,23 @@ def test_autoscaler_adds_nodes_for_a_training_run_and_removes_them(synthetic_dat
     }
     with local_cluster(tmp_path / "cluster") as cluster:
         cluster.start_fake_autoscaling_head(1, {"ray.worker.trainer": trainer_type}, idle_timeout_s=5)
-        assert len(cluster.alive_nodes()) == 1  # min_workers 0: nothing until there is demand
+        head = {n["node_id"] for n in cluster.alive_nodes()}
+        assert len(head) == 1  # min_workers 0: nothing until there is demand
 
-        entrypoint = _entrypoint(
-            synthetic_dataset,
-            tmp_path / "runs",
-            "autoscale",
-            "max_steps=2",
-            "checkpoint_every=2",
-            "max_failures=0",
-            "resources_per_worker={trainer_node: 1}",
-        )
-        cluster.submit("autoscale-1", copy_project(tmp_path / "job"), entrypoint)
+        def entrypoint(name: str) -> list[str]:
+            run = ["max_steps=2", "checkpoint_every=2", "max_failures=0", "resources_per_worker={trainer_node: 1}"]
+            return _entrypoint(synthetic_dataset, tmp_path / "runs", name, *run)
 
-        def trainer_nodes() -> list[dict] | None:
-            status = cluster.job("autoscale-1")["status"]
-            assert status in ("PENDING", "RUNNING"), f"job ended: {status}\n{cluster.job_logs('autoscale-1')[-6000:]}"
-            nodes = cluster.alive_nodes()
-            return [n for n in nodes if n["resources_total"].get("trainer_node")] if len(nodes) == 3 else None
-
-        added = {n["node_id"] for n in wait_for("2 autoscaled trainer nodes", trainer_nodes, timeout=180)}
-        cluster.note(f"autoscaler added {sorted(n[-5:] for n in added)}")
-        logs = _finished(cluster, "autoscale-1", timeout=240)
+        info, logs = cluster.run_job("autoscale", copy_project(tmp_path / "job"), entrypoint, timeout=420)
+        (cluster.root / f"{info['submission_id']}.log").write_text(logs)
+        assert info["status"] == "SUCCEEDED", f"{info['status']} {info.get('message')}\n{logs[-8000:]}"
         assert sorted(set(_logged_steps(logs))) == [1, 2], logs[-4000:]
         assert json.loads((_final_checkpoint(logs) / "trainer_state.json").read_text())["step"] == 2
-        # The Train workers ran on the autoscaled nodes, one each (the head has no trainer_node resource).
-        assert {a["node_id"] for a in cluster.actors("RayTrainWorker")} == added
+        # The run's two Train workers ran at once (one gloo group) on two nodes the autoscaler added for them (the
+        # head has no trainer_node resource).
+        added = {a["node_id"] for a in cluster.actors("RayTrainWorker") if a["job_id"] == info["job_id"]}
+        assert len(added) == 2 and not added & head, (added, head)
+        cluster.note(f"autoscaler added {sorted(n[-5:] for n in added)}")
 
         wait_for("the idle trainer nodes to be removed", lambda: len(cluster.alive_nodes()) == 1, timeout=120)
         cluster.note("autoscaler removed the idle nodes")
