@@ -397,7 +397,8 @@ def test_export(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) 
     merged = make_merged(tmp_path, backbone, ["u2i", "q2i", "sentiment_analysis"])
     argv = ["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=u2i", "rows=8", "texts=8", "rounds=2"]
     report = _run(benchmark, tmp_path / "export.json", *argv)
-    _assert_report(report, {"int8_vs_fp32", "int8_all_vs_fp32", "int8_onnx_vs_fp32", "u2i_int8_vs_fp32"})
+    _assert_report(report, {"int8_vs_fp32", "int8_all_vs_fp32", "int8_onnx_vs_fp32", "u2i_int8_onnx_vs_fp32"})
+    assert all(k.isidentifier() for k in report["ratios"]), report["ratios"]
     figures = report["figures"]
     cosine, loss = figures["cosine_to_fp32"]["u2i"], figures["relative_metric_loss"]["u2i"]
     assert cosine["fp32"] == pytest.approx(1.0, abs=1e-5) and loss["fp32"] == 0

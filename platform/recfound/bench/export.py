@@ -41,10 +41,15 @@ INT8 = ("int8", "int8-onnx")
 """The int8 deployments issue 17's targets apply to (``int8-all`` is a diagnosis: what quantising down_proj costs)."""
 
 
+def _key(variant: str) -> str:
+    """A variant's name in the report's keys (int8-onnx -> int8_onnx: keys are identifiers)."""
+    return variant.replace("-", "_")
+
+
 def _targets(variant: str) -> list[Target]:
     """Issue 17's: ≥ 2x fp32's throughput at ≤ 1 % relative loss; the loss also as its 95 % upper bound, since
     a point estimate under 1 % on a few hundred queries is no evidence that the loss is that small."""
-    key = variant.replace("-", "_")
+    key = _key(variant)
     return [
         Target(
             f"{variant} export: embedding throughput / fp32 (median over tasks)", f"{key}_vs_fp32", 2.0, Better.HIGHER
@@ -152,9 +157,9 @@ def _report(
     loss = {
         t: {v: 1 - value[t][v] / value[t][REFERENCE] if value[t][REFERENCE] else 0.0 for v in variants} for t in tasks
     }
-    ratios = {f"{t}_{v}_vs_fp32": speedup[t][v] for t in tasks for v in variants if v != REFERENCE}
+    ratios = {f"{t}_{_key(v)}_vs_fp32": speedup[t][v] for t in tasks for v in variants if v != REFERENCE}
     for v in variants[1:]:
-        ratios[f"{v.replace('-', '_')}_vs_fp32"] = median([speedup[t][v] for t in tasks])
+        ratios[f"{_key(v)}_vs_fp32"] = median([speedup[t][v] for t in tasks])
     figures: dict[str, Any] = {
         "texts_per_s": {t: {v: texts / median(results[t]["wall"][v]) for v in variants} for t in tasks},
         "cosine_to_fp32": {t: results[t]["cosine"] for t in tasks},
@@ -165,8 +170,8 @@ def _report(
         "queries": {t: results[t]["queries"] for t in tasks},
     }
     for v in (v for v in INT8 if v in variants):
-        figures[f"{v.replace('-', '_')}_metric_loss"] = max(loss[t][v] for t in tasks)
-        figures[f"{v.replace('-', '_')}_metric_loss_upper"] = max(results[t]["loss_interval"][v][1] for t in tasks)
+        figures[f"{_key(v)}_metric_loss"] = max(loss[t][v] for t in tasks)
+        figures[f"{_key(v)}_metric_loss_upper"] = max(results[t]["loss_interval"][v][1] for t in tasks)
     headers = ["task", "variant", "texts/s", "speed-up", "cosine to fp32", "pool metric", "relative loss [95% CI]"]
     rows = [
         [

@@ -31,7 +31,8 @@ from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.train.config import TrainConfig
 
 MERGED = "merged"
-RUN_KEYS = ("data", "storage_path", "name", "seed")  # train_recipe sets them per run
+RUN_KEYS = ("data", "storage_path", "name", "seed")
+"""What train_recipe sets for each run, in its argument order; refused as the user's overrides."""
 
 
 class RecipeRuns(Config):
@@ -121,7 +122,8 @@ def train_recipe(config: str, data: str, storage: Path, name: str, seed: int, ov
 
     from recfound.train.run import run
 
-    overrides = [f"data={data}", f"storage_path={storage}", f"name={name}", f"seed={seed}", *overrides]
+    per_run = zip(RUN_KEYS, (data, storage, name, seed), strict=True)
+    overrides = [f"{key}={value}" for key, value in per_run] + overrides
     cfg = load_config(TrainConfig, config, overrides)
     ours = not ray.is_initialized()
     try:
