@@ -2,6 +2,7 @@
 
     python jobs/benchmark.py adapter [--backbone smollm2-135m]   # TMoLE vs equal-rank LoRA vs frozen backbone
     python jobs/benchmark.py train                               # TorchTrainer step vs a plain PyTorch loop
+    python jobs/benchmark.py configs [data=<dataset dir>]        # each training config: s/step, tokens/s, memory
     python jobs/benchmark.py data                                # build + Ray Data tokenise vs training's appetite
     python jobs/benchmark.py serve                               # Ray Serve HTTP vs direct engine calls
     python jobs/benchmark.py serve --load [--clients 1000]       # 70/20/10 mix at capacity, then 2x: 503s, memory
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from recfound.bench import (  # noqa: E402
     ablation,
     adapter,
+    configs,
     data,
     early_exit,
     export,
@@ -48,6 +50,7 @@ from recfound.config import Config  # noqa: E402
 SUBCOMMANDS = {
     "adapter": (adapter.AdapterBench, adapter.run),
     "train": (train.TrainBench, train.run),
+    "configs": (configs.ConfigsBench, configs.run),
     "data": (data.DataBench, data.run),
     "serve": (serve.ServeLoadBench, serve_load.run),
     "search": (search.SearchBench, search.run),

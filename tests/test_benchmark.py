@@ -416,3 +416,30 @@ def test_export(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) 
     assert figures["int8_onnx_metric_loss_upper"] == intervals["int8-onnx"][1]
     with pytest.raises(ValueError, match="tasks: i2i cannot be scored"):
         benchmark.main(["export", f"model={merged}", f"data={synthetic_dataset}", "tasks=i2i"])
+
+
+def test_configs(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path, tmp_path: Path) -> None:
+    """Each config trained a few steps: its row of s/step, tokens/s and peak memory, from the run's telemetry."""
+    tiny = str(JOB.parents[1] / "configs" / "tiny.yaml")
+    overrides = ["train.tasks=[u2i,sentiment_analysis]", "train.num_workers=1"]
+    argv = ["configs", f"configs={tiny}", f"data={synthetic_dataset}", "steps=3", "skip=1", *overrides]
+    report = _run(benchmark, tmp_path / "configs.json", *argv, "--storage", str(tmp_path / "runs"))
+    row = report["figures"]["configs"][tiny]
+    assert row["steps"] == 2 and row["backbone"] == "tiny" and row["workers"] == 1
+    assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and 0 < row["peak_share"] and row["peak_mem_mb"] > 0
+    assert row["outside_steps_s"] > 0  # Ray Train's start and the checkpoint, at least
+    assert [r[0] for r in report["tables"][0]["rows"]] == ["tiny.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["steps=3", "skip=3"], "leaves none of the 3 steps"),
+        (["train.name=x"], "set by the benchmark"),
+        (["train.batch.embeding=4"], "embeding"),
+    ],
+    ids=["no step measured", "a per-run key", "a mistyped key"],
+)
+def test_configs_refuses_before_any_run(benchmark: ModuleType, argv: list[str], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        benchmark.main(["configs", *argv])
