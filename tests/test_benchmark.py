@@ -443,3 +443,12 @@ def test_configs(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path
 def test_configs_refuses_before_any_run(benchmark: ModuleType, argv: list[str], error: str) -> None:
     with pytest.raises(ValueError, match=error):
         benchmark.main(["configs", *argv])
+
+
+def test_configs_reports_a_run_that_failed_and_goes_on(benchmark: ModuleType, tmp_path: Path) -> None:
+    """A config whose run fails on this machine (out of memory, say) is a row saying why, not a lost report."""
+    tiny = str(JOB.parents[1] / "configs" / "tiny.yaml")
+    argv = ["configs", f"configs={tiny}", f"data={tmp_path}", "steps=3", "skip=1"]  # no dataset there
+    report = _run(benchmark, tmp_path / "configs.json", *argv)
+    assert "manifest" in report["figures"]["configs"][tiny]["error"]
+    assert report["tables"][0]["rows"][0][-1].startswith("failed: data=")

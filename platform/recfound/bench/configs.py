@@ -3,7 +3,7 @@ GPU) and peak memory, the README's table of configs (litgpt's table, measured he
 
 The figures are the run's own telemetry (``metrics.jsonl``, rank 0), medians over the steps after the warm-up;
 the time outside the steps (Ray start, model load, first batches, checkpoint writes) is the run's wall time less
-its steps'.
+its steps'. A config whose run fails here (out of memory, most likely) is a row saying so, and the next one runs.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def summarize(rows: list[dict[str, Any]], skip: int, wall_s: float) -> dict[str,
 
 def run(bench: ConfigsBench) -> Report:
     import ray
+    from ray.train import TrainingFailedError
 
+    from recfound.train.run import RunError
     from recfound.train.run import run as train_run
 
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
@@ -92,31 +94,39 @@ def run(bench: ConfigsBench) -> Report:
     results: dict[str, dict[str, Any]] = {}
     for path in bench.configs:
         cfg = bench.load(path, f"{Path(path).stem}-{stamp}")
-        started = time.perf_counter()
-        try:
-            checkpoint = Path(train_run(cfg))
-        finally:
-            if ours:
-                ray.shutdown()  # the next config starts its own Ray, sized by its own workers
         results[path] = {
-            **summarize(read_metrics(checkpoint), bench.skip, time.perf_counter() - started),
             "backbone": cfg.model.backbone.name,
             "workers": cfg.num_workers,
             "per_worker": "1 GPU" if cfg.use_gpu else f"{cfg.cpus_per_worker:g} CPU",
         }
-    rows = [
-        [
-            Path(path).name,
-            r["backbone"],
-            f"{r['workers']} x {r['per_worker']}",
-            fmt(r["step_s"]),
-            fmt(r["tokens_per_s"]),
-            f"{r['peak_share']:.1%} {r['peak_label']}",
-            f"{r['peak_mem_mb'] / 1024:.2f}",
-            fmt(r["outside_steps_s"]),
-        ]
-        for path, r in results.items()
-    ]
+        started = time.perf_counter()
+        try:
+            checkpoint = Path(train_run(cfg))
+            results[path] |= summarize(read_metrics(checkpoint), bench.skip, time.perf_counter() - started)
+        except (RunError, TrainingFailedError) as err:
+            results[path]["error"] = _first_line(err)
+        finally:
+            if ours:
+                ray.shutdown()  # the next config starts its own Ray, sized by its own workers
+    return _report(bench, results)
+
+
+def _first_line(err: Exception) -> str:
+    """The cause of a failed run in a table cell: Ray's errors open with a line or two of it, then pages of state."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:240] or type(err).__name__
+
+
+def _row(path: str, r: dict[str, Any]) -> list[str]:
+    head = [Path(path).name, r["backbone"], f"{r['workers']} x {r['per_worker']}"]
+    if "error" in r:
+        return [*head, "-", "-", "-", "-", "-", f"failed: {r['error']}"]
+    share = f"{r['peak_share']:.1%} {r['peak_label']}"
+    figures = [fmt(r["step_s"]), fmt(r["tokens_per_s"]), share, f"{r['peak_mem_mb'] / 1024:.2f}"]
+    return [*head, *figures, fmt(r["outside_steps_s"]), "ok"]
+
+
+def _report(bench: ConfigsBench, results: dict[str, dict[str, Any]]) -> Report:
     headers = ["config", "backbone", "workers", "s/step", "tokens/s", "of peak", "peak GiB/worker", "outside steps s"]
     title = f"Training configs, {bench.steps} steps each (medians after {bench.skip})"
     return Report(
@@ -124,5 +134,5 @@ def run(bench: ConfigsBench) -> Report:
         config=bench.model_dump(mode="json"),
         ratios={},
         figures={"configs": results},
-        tables=[Table(title, headers, rows)],
+        tables=[Table(title, [*headers, "run"], [_row(path, r) for path, r in results.items()])],
     )
