@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from recfound.artifacts import read_metrics
-from recfound.bench.common import CONFIG_DIR, Report, Table, fmt, median
+from recfound.bench import train as train_bench
+from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
 from recfound.config import Config, comma_list, load_config
 from recfound.train.config import TrainConfig
 
@@ -68,17 +69,11 @@ class ConfigsBench(Config):
 
 
 def summarize(rows: list[dict[str, Any]], skip: int, wall_s: float) -> dict[str, Any]:
-    """Medians over the steps after ``skip`` of rank 0's telemetry; peak memory is the run's highest."""
-    kept = [r for r in rows if r["step"] > skip]
-    label = "mfu" if "mfu" in kept[0] else "flop_share"
-    return {
-        "step_s": median([r["seconds"] for r in kept]),
-        "tokens_per_s": median([r["tokens_per_s"] for r in kept]),
-        "peak_label": label,
-        "peak_share": median([r[label] for r in kept]),
+    """The train benchmark's medians over the steps after ``skip`` (rank 0's telemetry), with the run's highest
+    peak memory and its time outside the steps."""
+    return train_bench.summarize(rows, skip) | {
         "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
         "outside_steps_s": wall_s - sum(r["seconds"] for r in rows),
-        "steps": len(kept),
     }
 
 
@@ -121,7 +116,7 @@ def _row(path: str, r: dict[str, Any]) -> list[str]:
     head = [Path(path).name, r["backbone"], f"{r['workers']} x {r['per_worker']}"]
     if "error" in r:
         return [*head, "-", "-", "-", "-", "-", f"failed: {r['error']}"]
-    share = f"{r['peak_share']:.1%} {r['peak_label']}"
+    share = f"{r[r['peak_label']]:.1%} {r['peak_label']}"
     figures = [fmt(r["step_s"]), fmt(r["tokens_per_s"]), share, f"{r['peak_mem_mb'] / 1024:.2f}"]
     return [*head, *figures, fmt(r["outside_steps_s"]), "ok"]
 
