@@ -5,7 +5,8 @@ from typing import Literal
 
 import pytest
 
-from recfound.config import Config, ConfigError, InputURL, cli, describe, load_config
+from recfound.config import CommaList, Config, ConfigError, InputURL, cli, describe, load_config
+from recfound.train.config import TrainConfig
 
 
 class Inner(Config):
@@ -37,6 +38,25 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     path.write_text("inner:\n  colour: red\n")
     with pytest.raises(ConfigError, match=rf"{path}: inner.colour: unknown key"):
         load_config(Outer, str(path))
+
+
+class Lists(Config):
+    names: CommaList[str] = []
+    ids: CommaList[int] | None = None
+
+
+@pytest.mark.parametrize("given", ["a,b,c", "[a, b,c]", "a, ,b,c,"])
+def test_comma_list_keys_take_the_command_lines_forms(given: str) -> None:
+    cfg = load_config(Lists, None, [f"names={given}", "ids=3,4"])
+    assert cfg.names == ["a", "b", "c"] and cfg.ids == [3, 4]
+    with pytest.raises(ConfigError, match=r"ids"):
+        load_config(Lists, None, ["ids=3,x"])
+
+
+def test_every_list_key_of_a_training_run_takes_a_comma_list() -> None:
+    """The same forms for every list key: train's tasks and the loss's task and layer lists too."""
+    cfg = load_config(TrainConfig, None, ["tasks=u2i,q2i", "loss.logq_tasks=u2i", "loss.exit_layers=1"])
+    assert (cfg.tasks, cfg.loss.logq_tasks, cfg.loss.exit_layers) == (["u2i", "q2i"], ["u2i"], [1])
 
 
 def test_wrong_type_from_command_line_names_source() -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from recfound.io import exists, expand
 
 C = TypeVar("C", bound="Config")
+T = TypeVar("T")
 OVERRIDES = "command line"
 
 
@@ -42,6 +43,10 @@ def comma_list(value: Any) -> Any:
         flat = (part.strip()[1:-1] if part.strip()[:1] + part.strip()[-1:] == "[]" else part for part in parts)
         return [v.strip() for part in flat for v in part.split(",") if v.strip()]
     return value
+
+
+CommaList = Annotated[list[T], BeforeValidator(comma_list)]
+"""A list key that also takes the command line's forms (``comma_list``): ``CommaList[str]``, ``CommaList[int]``."""
 
 
 def _must_exist(url: str) -> str:

@@ -14,12 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from recfound.artifacts import read_metrics
 from recfound.bench import train as train_bench
 from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
-from recfound.config import Config, comma_list, load_config
+from recfound.config import CommaList, Config, load_config
 from recfound.train.config import TrainConfig
 
 RUN_KEYS = ("max_steps", "checkpoint_every", "storage_path", "name")
@@ -30,7 +30,7 @@ class ConfigsBench(Config):
     """Seconds per step, tokens/s, FLOP share (MFU on GPU) and peak memory of each training config, trained for a
     few steps here: the README's table of configs."""
 
-    configs: list[str] = [str(CONFIG_DIR / f"{name}.yaml") for name in ("tiny", "smollm2", "quality")]
+    configs: CommaList[str] = [str(CONFIG_DIR / f"{name}.yaml") for name in ("tiny", "smollm2", "quality")]
     """Training configs (jobs/train.py YAMLs), measured one after another."""
     data: str | None = None
     """Built dataset every config trains on (unset: each config's own data; null builds the synthetic default)."""
@@ -43,11 +43,6 @@ class ConfigsBench(Config):
     """First steps left out as warm-up (allocator, streams starting, S2Sched's first round)."""
     storage: str = "runs/bench/configs"
     """storage_path of the benchmark's runs (each a fresh name)."""
-
-    @field_validator("configs", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return comma_list(value)
 
     @model_validator(mode="after")
     def _runnable(self) -> ConfigsBench:

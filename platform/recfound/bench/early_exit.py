@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import field_validator
 
 from recfound.bench.common import (
     Better,
@@ -30,7 +29,7 @@ from recfound.bench.common import (
     torch_threads,
 )
 from recfound.bench.embedding import EmbeddingBench, bench_tasks, sample_rows, sample_texts
-from recfound.config import comma_list
+from recfound.config import CommaList
 from recfound.eval.report import headline
 from recfound.eval.runner import Dataset, evaluate_embedding, prepare_embedding
 from recfound.eval.systems import GRMSystem, item_instruction, load_model, resolve_model
@@ -48,14 +47,9 @@ class ExitBench(EmbeddingBench):
     model: str
     """The model: a training checkpoint, run directory, merged artifact or adapter directory (as jobs/evaluate.py);
     best one trained with loss.exit_layers."""
-    layers: list[int] = []
+    layers: CommaList[int] = []
     """Exit layers (1 = after the first decoder layer); empty: a quarter, half and three quarters of the backbone's
     depth. Full depth is always measured too: every ratio is against it."""
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, value: Any) -> Any:
-        return comma_list(value)
 
 
 def exit_layers(bench: ExitBench, grm: GRM) -> list[int]:

@@ -7,12 +7,10 @@ sample of a split's rows, so their options and samples are defined once here and
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from recfound.config import Config, comma_list
+from recfound.config import CommaList, Config
 from recfound.data.rows import Split
 from recfound.eval.runner import Dataset, EmbeddingTask
 from recfound.eval.systems import item_texts
@@ -24,7 +22,7 @@ class EmbeddingBench(Config):
 
     data: str
     """The built dataset directory (jobs/build_dataset.py out)."""
-    tasks: list[str] = []
+    tasks: CommaList[str] = []
     """Embedding tasks to score (comma list of u2i, q2i, i2i); empty: those the split and the model both have."""
     split: Split = "valid"
     """Split the metrics are taken on: valid is the dev slice (model selection), test the reported one."""
@@ -43,11 +41,6 @@ class EmbeddingBench(Config):
     kernels."""
     seed: int = 42
     """Seeds the row and text samples and the pools' negatives (the evaluation job's 42)."""
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _tasks(cls, value: Any) -> Any:
-        return comma_list(value)
 
 
 def bench_tasks(asked: list[str], split: str, data: Dataset, adapter_tasks: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from recfound.bench.verdicts import (
     verdict_cell,
     verdicts,
 )
-from recfound.config import Config, comma_list, load_config
+from recfound.config import CommaList, Config, load_config
 from recfound.eval.config import EvalConfig
 from recfound.eval.runner import PER_QUERY, RESULTS, Dataset, evaluate
 from recfound.eval.systems import resolve_model
@@ -52,15 +52,10 @@ class RecipeRuns(Config):
     """Most tokens generated per prompt (answers of the classification tasks take 1-3)."""
     split: str = "test"
     """Split the figures are taken on."""
-    seeds: list[int] = [0]
+    seeds: CommaList[int] = [0]
     """Training seeds, one run of the recipe each (the first in train/<recipe>, the others in
     train/<recipe>-seed<k>); with several, a model's figure is its mean over the seeds, shown with their standard
     deviation. Each seed costs a whole training and evaluation of each model the benchmark trains."""
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, value: Any) -> Any:
-        return comma_list(value)
 
     @field_validator("seeds")
     @classmethod

@@ -20,7 +20,7 @@ from fsspec.core import url_to_fs
 from pydantic import Field, field_validator, model_validator
 
 from recfound import __version__
-from recfound.config import Config, InputFiles, comma_list
+from recfound.config import CommaList, Config, InputFiles
 from recfound.data.behaviour import generic_summaries
 from recfound.data.context import Context
 from recfound.data.embedding_tasks import build_i2i, build_q2i, q2i_mode
@@ -96,7 +96,7 @@ class BuildConfig(Config):
     """Output directory (local path or fsspec URL)."""
     seed: int = 0
     """Seed for negatives, option order, paraphrases and hash splits: same inputs and seed, identical files."""
-    tasks: list[str] | None = None
+    tasks: CommaList[str] | None = None
     """Tasks to build (comma list). Unset: every task the sources support; the others are skipped with the
     reason in the manifest. A listed task that cannot be built is an error. Names: u2i, q2i, i2i,
     query_rewriting, sequential_recommendation, product_relation_prediction, sentiment_analysis,
@@ -123,11 +123,6 @@ class BuildConfig(Config):
     """Cap on the rows of each split of each task (a seeded sample), for quick experiments."""
     synthetic: SyntheticConfig = SyntheticConfig()
     """The generated catalogue, used only when neither reviews nor gritlm is given."""
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return comma_list(value)
 
     @field_validator("gritlm")
     @classmethod

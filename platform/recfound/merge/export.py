@@ -38,7 +38,7 @@ from recfound.artifacts import (
     read_merged,
     staged,
 )
-from recfound.config import Config, InputURL, comma_list
+from recfound.config import CommaList, Config, InputURL
 from recfound.io import sha256
 from recfound.merge.exported import (
     INPUTS,
@@ -73,7 +73,7 @@ class ExportConfig(Config):
     """none: float32 weights. int8: the nn.Linear weights (but keep_float's) as per-channel int8, activations quantised
     per batch at run time (torch dynamic quantization; onnxruntime's for onnx, which also quantizes the embedding
     table): those linears 4x smaller, faster CPU matmuls, vectors slightly off the fp32 ones."""
-    keep_float: list[str] = ["down_proj"]
+    keep_float: CommaList[str] = ["down_proj"]
     """quantize=int8: linears whose module name ends with one of these stay float32 (comma-separated; empty:
     quantize all). down_proj's input, the gated MLP activation, has outliers that one int8 scale per batch flattens:
     on SmolLM2-135M (q2i) quantizing it too cut the mean cosine to the fp32 vectors from 0.995 to 0.980."""
@@ -86,11 +86,6 @@ class ExportConfig(Config):
     the export has k/L of the layers on disk and costs about k/L per text, and gives GRM.embed(exit_layer=k)'s
     vectors. Quality at k is what jobs/benchmark.py exit measures; best on a model trained with loss.exit_layers
     containing k."""
-
-    @field_validator("keep_float", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return comma_list(value)
 
     @field_validator("task")
     @classmethod

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch.distributed._functional_collectives import all_gather_single
 
-from recfound.config import Config
+from recfound.config import CommaList, Config
 from recfound.tasks import EMBEDDING_TASKS
 
 
@@ -25,7 +25,7 @@ class LossConfig(Config):
     """Weight of the generative (response cross-entropy) loss in the total."""
     cross_device_negatives: bool = True
     """Under torch.distributed, score each query against every rank's passages (more negatives per step)."""
-    logq_tasks: list[str] = []
+    logq_tasks: CommaList[str] = []
     """Embedding tasks whose queries are scored with logQ correction: log q(item), the item's share of the
     training positives, subtracted from each candidate's logit (Yi et al. 2019). In-batch negatives are other
     rows' positives, so plain InfoNCE pushes popular items down; corrected, it estimates the full softmax and keeps
@@ -33,7 +33,7 @@ class LossConfig(Config):
     the query's text describes (measured on Magazine: U2I full NDCG@10 0.069 -> 0.087, Q2I pool MRR@20 0.359 ->
     0.218 with every task corrected). Costs one pass over the positives' ids at start-up."""
 
-    exit_layers: list[int] = []
+    exit_layers: CommaList[int] = []
     """Early exit (M6-Rec): decoder layers (1 = the first) whose embeddings also train, each with its own InfoNCE
     term (same queries, passages, negatives, masks and logQ as the last layer's), read from the same forward pass.
     They make ``embed(exit_layer=k)`` (jobs/evaluate.py, jobs/export.py exit_layer=k) usable: k of L layers cost

@@ -42,7 +42,7 @@ from recfound.artifacts import (
     read_merged,
     staged,
 )
-from recfound.config import Config, InputURL, comma_list
+from recfound.config import CommaList, Config, InputURL
 from recfound.io import exists, sha256
 from recfound.model.backbone import BackboneConfig
 from recfound.model.grm import GRM
@@ -84,7 +84,7 @@ class AdaptConfig(Config):
     """Merged artifact directory (jobs/merge.py out, or an earlier jobs/adapt.py out): manifest.json, adapter/."""
     data: InputURL
     """Built dataset directory (jobs/build_dataset.py out) with tasks/<task>/train.parquet and valid.parquet."""
-    tasks: list[str]
+    tasks: CommaList[str]
     """Tasks to adapt (comma-separated). One the model lacks gets a new task-table row; one it has continues from
     its own row on this data, and the output's row replaces it."""
     out: str
@@ -117,11 +117,10 @@ class AdaptConfig(Config):
     log_every: int = Field(10, ge=1)
     """Print a progress line (step, mean task loss, tokens/s, time left) to stderr every this many steps."""
 
-    @field_validator("tasks", mode="before")
+    @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, tasks: Any) -> Any:
-        tasks = comma_list(tasks)
-        if not isinstance(tasks, list) or not tasks or len(set(tasks)) != len(tasks):
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        if not tasks or len(set(tasks)) != len(tasks):
             raise ValueError(f"expected one or more distinct task names, got {tasks}")
         for task in tasks:
             mode_of(task)  # raises naming the known tasks

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, create_model, model_validator
 
-from recfound.config import Config
+from recfound.config import CommaList, Config
 from recfound.model.backbone import BackboneConfig, backbone_depth
 from recfound.model.losses import LossConfig
 from recfound.model.tmole.hyperparameters import HYPERPARAMETERS, TMoLEHyperparameters
@@ -126,7 +126,7 @@ class TrainConfig(Config):
     AdamW state, 2 also the gradients, 3 also the weights, frozen backbone included, so a backbone too big for
     one device trains at the cost of gathering weights every forward. TMoLE's trainable part is small: 2 saves
     little over DDP; 3 is for big backbones. ZeRO runs resume with the same num_workers only (no elastic)."""
-    tasks: list[str] | None = None
+    tasks: CommaList[str] | None = None
     """Tasks to train (names as in the manifest). Empty: every task the dataset has."""
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
