@@ -36,9 +36,20 @@ def _write_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     (folder / PREDICTIONS / "recfound.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / PER_QUERY).write_text(json.dumps({"recfound": {"u2i": {"pool.mrr@20": [U2I[run]] * 20}}}))
     f1 = 1.0 if "no-logq" in run else 1 / 3
+    variant, seed1 = "no-logq" in run, run.endswith("seed1")
+    convergence = {  # what eval/convergence.summarize reads from the run's metrics.jsonl
+        "target": 0.8,
+        "window": 5,
+        "tasks": {
+            "u2i": {"rows": 80 if variant else 100 + 20 * seed1, "step": 12 if variant else 10},
+            "sentiment_analysis": {"rows": 40 if variant else 20, "step": 30 if variant else None},
+        },
+        "balance": {"converged": 2 if variant else 1, "total": 2, "last": 30 if variant else 10},
+    }
     results = {
         "config": cfg.model_dump(mode="json"),
         "systems": {"recfound": {"u2i": {"pool.mrr@20": U2I[run]}, "sentiment_analysis": {"macro_f1": f1}}},
+        "convergence": convergence,
     }
     (folder / RESULTS).write_text(json.dumps(results))
     return results
@@ -103,6 +114,15 @@ def test_the_variant_is_compared_with_the_recipe_seed_by_seed(tmp_path: Path, mo
     assert report.figures["settled_better"] == 2 and report.figures["worse"] == 0
     table = report.render()
     assert "| 0.3 ± 0.1 " in table and "| better " in table and "better (n.s.)" not in table
+    # Beside the metrics, what each side trained: rows per task (mean over seeds), steps to the target per seed.
+    training = report.tables[1]
+    assert training.headers == ["task", "rows recipe", "rows no-logq", "step recipe", "step no-logq"]
+    assert training.rows == [
+        ["u2i", "110", "80", "10 / 10", "12 / 12"],
+        ["sentiment_analysis", "20", "40", "- / -", "30 / 30"],
+        ["(tasks reaching it, by step)", "", "", "1/2 by 10 / 1/2 by 10", "2/2 by 30 / 2/2 by 30"],
+    ]
+    assert report.figures["convergence"]["no-logq"][1]["tasks"]["u2i"]["step"] == 12
 
 
 def test_the_command_line_takes_the_change_as_variant_keys(benchmark: ModuleType) -> None:

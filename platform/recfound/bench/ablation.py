@@ -51,13 +51,16 @@ class AblationBench(RecipeRuns):
         return [*self.train, *self.variant]  # the variant's: the recipe's, then the change
 
 
-def _arm(bench: AblationBench, out: Path, seed: int, label: str, overrides: list[str]) -> tuple[str, Path, Scores]:
-    """Train (or reuse) and evaluate one side's run for ``seed``: its checkpoint, evaluation folder and scores."""
+def _arm(
+    bench: AblationBench, out: Path, seed: int, label: str, overrides: list[str]
+) -> tuple[str, Path, dict[str, Any]]:
+    """Train (or reuse) and evaluate one side's run for ``seed``: its checkpoint, evaluation folder and results
+    (scores, and the run's convergence read from its metrics.jsonl)."""
     suffix = ("" if not label else f"-{label}") + bench.suffix(seed)
     final = train_recipe(bench.config, bench.data, out / "train", Path(bench.config).stem + suffix, seed, overrides)
     folder = out / f"eval{suffix}"
     cfg = bench.evaluation(final, folder, "none", trained_tasks(final, bench.data, bench.split))
-    return final, folder, evaluate_once(cfg)["systems"]["recfound"]
+    return final, folder, evaluate_once(cfg)
 
 
 def run(bench: AblationBench) -> Report:
@@ -67,12 +70,14 @@ def run(bench: AblationBench) -> Report:
     arms = {RECIPE: ("", bench.train), bench.name: (bench.name, bench.overrides())}
     evidence = Evidence()
     runs: dict[str, list[Scores]] = {arm: [] for arm in arms}
+    convergence: dict[str, list[dict[str, Any] | None]] = {arm: [] for arm in arms}
     checkpoints: dict[str, list[str]] = {arm: [] for arm in arms}
     for seed in bench.seeds:
         for arm, (label, overrides) in arms.items():
-            final, folder, scores = _arm(bench, out, seed, label, overrides)
+            final, folder, results = _arm(bench, out, seed, label, overrides)
             evidence.add_evaluation(folder, {"recfound": arm})
-            runs[arm].append(scores)
+            runs[arm].append(results["systems"]["recfound"])
+            convergence[arm].append(results.get("convergence"))
             checkpoints[arm].append(final)
     (base, base_sd), (ours, ours_sd) = (mean_over_seeds(runs[arm]) for arm in arms)
     rows = []
@@ -94,7 +99,44 @@ def run(bench: AblationBench) -> Report:
                 "settled": None if bounds is None else settled(bounds),
             }
         )
-    return _report(bench, rows, runs, checkpoints, time.perf_counter() - began)
+    return _report(bench, rows, runs, convergence, checkpoints, time.perf_counter() - began)
+
+
+def _training_table(convergence: dict[str, list[dict[str, Any] | None]]) -> list[Table]:
+    """Per task, the rows each side trained on (mean over seeds) and the step at which its loss reached the
+    convergence target, seed by seed: what a change of the task mix (S2Sched vs uniform) does to training, beside
+    what it does to the test metrics. Empty when a run's history was not found."""
+    if any(c is None for runs in convergence.values() for c in runs):
+        return []
+    arms = list(convergence)
+    tasks = [
+        t for t in convergence[RECIPE][0]["tasks"] if all(t in c["tasks"] for cs in convergence.values() for c in cs)
+    ]
+    first = convergence[RECIPE][0]
+
+    def rows(arm: str, task: str) -> str:
+        counts = [c["tasks"][task]["rows"] for c in convergence[arm]]
+        return "-" if None in counts else f"{sum(counts) / len(counts):.0f}"
+
+    def steps(arm: str, task: str) -> str:
+        return " / ".join("-" if (s := c["tasks"][task]["step"]) is None else str(s) for c in convergence[arm])
+
+    def last(arm: str) -> str:
+        return " / ".join(
+            f"{c['balance']['converged']}/{c['balance']['total']} by {c['balance']['last'] or '-'}"
+            for c in convergence[arm]
+        )
+
+    body = [[t, *(rows(a, t) for a in arms), *(steps(a, t) for a in arms)] for t in tasks]
+    body.append(["(tasks reaching it, by step)", *("" for _ in arms), *(last(a) for a in arms)])
+    return [
+        Table(
+            f"Training per task: rows trained (mean over seeds) and the step at which the trailing mean of "
+            f"{first['window']} losses first reached {first['target']} x the initial, per seed (-: never)",
+            ["task", *(f"rows {a}" for a in arms), *(f"step {a}" for a in arms)],
+            body,
+        )
+    ]
 
 
 def _verdict(row: dict[str, Any]) -> str:
@@ -107,6 +149,7 @@ def _report(
     bench: AblationBench,
     rows: list[dict[str, Any]],
     runs: dict[str, list[Scores]],
+    convergence: dict[str, list[dict[str, Any] | None]],
     checkpoints: dict[str, list[str]],
     seconds: float,
 ) -> Report:
@@ -135,14 +178,22 @@ def _report(
         "ablation",
         bench.model_dump(mode="json") | {"checkpoints": checkpoints},
         ratios={"better_share": tally["better"] / max(1, len(rows))},
-        figures={"rows": rows, **tally, "comparisons": len(rows), "seconds": seconds, "per_seed": runs},
+        figures={
+            "rows": rows,
+            **tally,
+            "comparisons": len(rows),
+            "seconds": seconds,
+            "per_seed": runs,
+            "convergence": convergence,
+        },
         tables=[
             Table(
                 f"{bench.name} ({' '.join(bench.variant)}) vs the recipe on {bench.split} ({Path(bench.data).name}, "
                 f"seeds {bench.seeds}); higher is better; (n.s.): the paired interval of the difference includes 0",
                 ["task", "metric", RECIPE + mean, bench.name + mean, "difference", "95% CI", "variant"],
                 table,
-            )
+            ),
+            *_training_table(convergence),
         ],
     )
     report.notes.append(
