@@ -33,9 +33,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## test: lint, then the whole test suite (CPU only, no network)
+## test: lint, then the whole test suite (CPU only, no network), listing its 20 slowest tests
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 ## test-fast: everything but the `slow` tests (no training or Serve on Ray, no job subprocess that starts its own Ray, no
 ##   pretrained weights; data builds share one local Ray per test module); under 3 minutes on 2 cores
