@@ -81,6 +81,15 @@ def test_data_size_prior() -> None:
     assert [w[t] for t in EMB] == pytest.approx([0.6, 0.2, 0.2])
 
 
+def test_without_the_size_prior_rows_do_not_count() -> None:
+    # The prior can decide most of the mix (docs/evaluation.md, S2Sched vs uniform): switched off, the convergence
+    # scores alone set the weights, as if every task had the same rows.
+    cfg = CFG.model_copy(update={"size_prior": False})
+    w = run(S2Sched(EMB + GEN, {**EQUAL_ROWS, "u2i": 3000, "product_matching": 2}, cfg), range(30))
+    assert w == pytest.approx(run(S2Sched(EMB + GEN, EQUAL_ROWS, CFG), range(30)))
+    assert load_config(SchedulerConfig, None, ["size_prior=false"]).size_prior is False
+
+
 def test_floor_lifts_starved_task() -> None:
     equal = lambda step: dict.fromkeys(EMB, 1.0 / (1 + 0.1 * step))  # noqa: E731
     for floor_scale in (5.0, 10.0):

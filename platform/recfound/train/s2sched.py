@@ -19,9 +19,9 @@ RecFound uses it. Per group of G tasks, at each recompute:
   history (since warmup, length L) of the group's max-over-tasks ``L̃`` curve. While the worst task still
   descends as fast as before DF stays at 1 and RCS decides; once it flattens or rises DF drops and ACS takes
   over, steering away from diverging tasks.
-* ``w = softmax(G · (DF · RCS + (1 − DF) · ACS))``, times the data-size prior rows / mean rows of the group,
-  L1-normalised, then floored at ``1 / (floor_scale · G)`` by ``w ← w · (1 − G · floor) + floor`` (which keeps
-  the sum at 1) whenever some weight is below the floor, so no task starves.
+* ``w = softmax(G · (DF · RCS + (1 − DF) · ACS))``, times the data-size prior rows / mean rows of the group
+  (``size_prior``), L1-normalised, then floored at ``1 / (floor_scale · G)`` by ``w ← w · (1 − G · floor) + floor``
+  (which keeps the sum at 1) whenever some weight is below the floor, so no task starves.
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ class SchedulerConfig(Config):
     valid_batches: int = Field(4, ge=1)
     """Validation batches per update when source=valid. The paper uses 128 (slow); a few are usually enough
     because the slope fit averages over `history` updates anyway."""
+    size_prior: bool = True
+    """Multiply the convergence weights by task rows / the group's mean rows (the paper's data-size prior). On, a
+    task with 10x the rows gets about 10x the samples while both converge alike, so the prior, not the convergence
+    scores, sets most of the mix when task sizes differ widely (docs/evaluation.md, S2Sched vs uniform); off, the
+    convergence scores alone decide and a small task is drawn as often as a large one."""
     floor_scale: float = Field(5.0, ge=1)
     """Weight floor is 1/(floor_scale * G) in a group of G tasks. Smaller values guarantee every task more
     samples (1 means uniform); larger ones give the scheduler more freedom to starve a task."""
@@ -191,7 +196,7 @@ class S2Sched:
             w = _group_weights(
                 [self.slopes[t] for t in group],
                 self.max_slopes[mode],
-                np.array([self.rows[t] for t in group], dtype=np.float64),
+                np.array([self.rows[t] if self.cfg.size_prior else 1 for t in group], dtype=np.float64),
                 self.cfg.tau,
                 self.cfg.floor_scale,
             )
