@@ -108,11 +108,8 @@ def _training_table(convergence: dict[str, list[dict[str, Any] | None]]) -> list
     what it does to the test metrics. Empty when a run's history was not found."""
     if any(c is None for runs in convergence.values() for c in runs):
         return []
-    arms = list(convergence)
-    tasks = [
-        t for t in convergence[RECIPE][0]["tasks"] if all(t in c["tasks"] for cs in convergence.values() for c in cs)
-    ]
-    first = convergence[RECIPE][0]
+    arms, first = list(convergence), convergence[RECIPE][0]
+    tasks = [t for t in first["tasks"] if all(t in c["tasks"] for cs in convergence.values() for c in cs)]
 
     def rows(arm: str, task: str) -> str:
         counts = [c["tasks"][task]["rows"] for c in convergence[arm]]
