@@ -9,7 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import ESCI_JUDGEMENTS, JOB, MAGAZINE_META, MAGAZINE_REVIEWS, assert_no_leakage, review, write_lines
+import ray
+from data_fixtures import (
+    ESCI_JUDGEMENTS,
+    JOB,
+    MAGAZINE_META,
+    MAGAZINE_REVIEWS,
+    assert_no_leakage,
+    review,
+    small_build,
+    write_lines,
+)
 
 from recfound.data.builder import BuildConfig
 from recfound.data.synthetic import SyntheticConfig
@@ -108,3 +118,24 @@ def test_bad_input_exits_non_zero_naming_file_line_and_field(tmp_path):
     assert result.returncode != 0 and "unknown task 'nonsense'" in result.stderr
     result = run_job(f"reviews={tmp_path / 'missing.json'}")
     assert result.returncode != 0 and "reviews" in result.stderr and "missing.json" in result.stderr
+
+
+def test_a_build_caps_the_object_store_of_the_ray_it_starts(tmp_path, monkeypatch):
+    """The kept reviews and shuffles live in the object store: a build's own Ray gets ``object_store_mib`` (then
+    spills to disk), so its memory does not grow with the dump; unset, Ray's default size."""
+    assert not ray.is_initialized()  # the build starts its own Ray, as jobs/build_dataset.py does
+    sizes = []
+    start = ray.init
+
+    def init(*args, **kwargs):
+        context = start(*args, **kwargs)
+        sizes.append(ray.cluster_resources()["object_store_memory"])
+        return context
+
+    monkeypatch.setattr(ray, "init", init)
+    small_build(tmp_path / "capped", object_store_mib=100)
+    small_build(tmp_path / "default", object_store_mib=None)
+    assert not ray.is_initialized()
+    assert sizes[0] == 100 * 2**20 and sizes[1] > 100 * 2**20, sizes
+    capped, default = (sorted((tmp_path / d / "tasks").rglob("*.parquet")) for d in ("capped", "default"))
+    assert [p.read_bytes() for p in capped] == [p.read_bytes() for p in default]

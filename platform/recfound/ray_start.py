@@ -24,11 +24,13 @@ def start_ray(
     local_env_vars: dict[str, str] | None = None,
     num_cpus: int | None = None,
     dashboard: bool | None = None,
+    object_store_memory: int | None = None,
     echo: bool,
 ) -> Any:
-    """``ray.init`` for a job; returns its context. ``local_env_vars`` (added to ``env_vars``), ``num_cpus`` and
-    ``dashboard`` apply to a local instance only (a cluster has its own); ``echo``: whether the workers' output is
-    echoed to the driver (a build prints its own table; a training run shows its workers' progress lines)."""
+    """``ray.init`` for a job; returns its context. ``local_env_vars`` (added to ``env_vars``), ``num_cpus``,
+    ``dashboard`` and ``object_store_memory`` (bytes) apply to a local instance only (a cluster has its own);
+    ``echo``: whether the workers' output is echoed to the driver (a build prints its own table; a training run
+    shows its workers' progress lines)."""
     import ray
 
     runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
@@ -41,6 +43,7 @@ def start_ray(
         num_cpus=num_cpus,
         runtime_env=runtime_env,
         include_dashboard=dashboard,
+        object_store_memory=object_store_memory,
         log_to_driver=echo,
         logging_level=RAY_CONSOLE_LEVEL,
     )

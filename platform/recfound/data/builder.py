@@ -121,6 +121,11 @@ class BuildConfig(Config):
     broken file pass as data; 1 never stops, 0 stops at any bad row after listing them all."""
     max_rows_per_task: int | None = Field(None, ge=1)
     """Cap on the rows of each split of each task (a seeded sample), for quick experiments."""
+    object_store_mib: int | None = Field(None, ge=75)
+    """MiB of shared memory for the object store of the local Ray a build starts for itself (ignored when it
+    joins a running Ray or cluster, whose nodes set their own). The kept reviews and the shuffles live there, so
+    without a cap a build's memory grows with the dump; past the cap Ray spills objects to local disk, which bounds
+    memory and costs disk I/O. Unset: Ray's default, 30 % of the machine's memory (fastest where it fits)."""
     synthetic: SyntheticConfig = SyntheticConfig()
     """The generated catalogue, used only when neither reviews nor gritlm is given."""
 
@@ -276,7 +281,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     else:
         urls = _inputs(cfg)
     try:
-        with local_ray() if urls else contextlib.nullcontext(), pipeline_context():
+        store = None if cfg.object_store_mib is None else cfg.object_store_mib * 2**20
+        with local_ray(store) if urls else contextlib.nullcontext(), pipeline_context():
             loaded = load(urls, bad, cfg.kcore) if urls else None
             extra = read_gritlm(cfg.gritlm, bad, cfg.seed, cfg.holdout) if cfg.gritlm else {}
             ctx = _context(cfg, loaded, synthetic)

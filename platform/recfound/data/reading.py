@@ -224,13 +224,14 @@ def pipeline_context() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def local_ray() -> Iterator[None]:
+def local_ray(object_store_memory: int | None = None) -> Iterator[None]:
     """The Ray the pipeline runs on: the caller's (a training job, ``ray job submit``'s cluster) when one is up,
-    else a local one for this build only, shut down after it so the caller can still start its own."""
+    else a local one for this build only (its object store ``object_store_memory`` bytes, None: Ray's default),
+    shut down after it so the caller can still start its own."""
     if ray.is_initialized():
         yield
         return
-    start_ray(dashboard=False, echo=False)
+    start_ray(dashboard=False, object_store_memory=object_store_memory, echo=False)
     _quiet_data_console()
     try:
         yield
