@@ -121,8 +121,9 @@ def test_bad_input_exits_non_zero_naming_file_line_and_field(tmp_path):
 
 
 def test_a_build_caps_the_object_store_of_the_ray_it_starts(tmp_path, monkeypatch):
-    """The kept reviews and shuffles live in the object store: a build's own Ray gets ``object_store_mib`` (then
-    spills to disk), so its memory does not grow with the dump; unset, Ray's default size."""
+    """The kept reviews and shuffles live in the object store: a build's own Ray gets ``object_store_mib`` (past
+    it Ray spills to disk), so that share of a build's memory follows the setting, not the machine; unset, Ray's
+    default size. The rows are the same either way."""
     assert not ray.is_initialized()  # the build starts its own Ray, as jobs/build_dataset.py does
     sizes = []
     start = ray.init
