@@ -350,6 +350,14 @@ def test_quality(benchmark: ModuleType, local_ray: None, synthetic_dataset: Path
     low, high = u2i["recfound_interval"]  # from the evaluation's per-query values
     assert low <= u2i["recfound"] - u2i["baseline_value"] <= high and isinstance(u2i["recfound_settled"], bool)
     assert report["figures"]["comparisons"] == len(verdicts) and (out / "merged" / "adapter").is_dir()
+    # With vs without Model Merge: the merged model against the final checkpoint it came from, paired per query.
+    paired = {(r["task"], r["metric"]): r for r in report["figures"]["merged_vs_final"]["rows"]}
+    row = paired["u2i", "pool.mrr@20"]
+    assert (row["recfound"], row["merged"]) == pytest.approx((u2i["recfound"], u2i["merged"]))  # the verdicts' means
+    assert row["difference"] == pytest.approx(u2i["merged"] - u2i["recfound"])
+    assert row["interval"][0] <= row["difference"] <= row["interval"][1] and isinstance(row["settled"], bool)
+    assert ("sentiment_analysis", "macro_f1") in paired
+    assert any(t["title"].startswith("The merged model vs the final checkpoint") for t in report["tables"])
 
 
 def test_exit(benchmark: ModuleType, synthetic_dataset: Path, tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from recfound.bench.common import Report, Table, fmt
+from recfound.bench.common import Report, Table
+from recfound.bench.paired import paired_rows, paired_table, summary, tally
 from recfound.bench.quality import RecipeRuns, evaluate_once, train_recipe, trained_tasks
-from recfound.bench.verdicts import Evidence, Scores, mean_over_seeds, targets
-from recfound.eval.significance import settled
+from recfound.bench.verdicts import Evidence, Scores
 
 RECIPE = "recipe"
 
@@ -79,26 +79,7 @@ def run(bench: AblationBench) -> Report:
             runs[arm].append(results["systems"]["recfound"])
             convergence[arm].append(results.get("convergence"))
             checkpoints[arm].append(final)
-    (base, base_sd), (ours, ours_sd) = (mean_over_seeds(runs[arm]) for arm in arms)
-    rows = []
-    for task, metric, _ in targets(base):
-        a, b = base.get(task, {}).get(metric), ours.get(task, {}).get(metric)
-        if a is None or b is None:
-            continue
-        bounds = evidence.interval(bench.name, RECIPE, task, metric)
-        rows.append(
-            {
-                "task": task,
-                "metric": metric,
-                RECIPE: a,
-                f"{RECIPE}_sd": base_sd[task][metric],
-                bench.name: b,
-                f"{bench.name}_sd": ours_sd[task][metric],
-                "difference": b - a,
-                "interval": bounds,
-                "settled": None if bounds is None else settled(bounds),
-            }
-        )
+    rows = paired_rows(evidence, RECIPE, bench.name, runs)
     return _report(bench, rows, runs, convergence, checkpoints, time.perf_counter() - began)
 
 
@@ -136,12 +117,6 @@ def _training_table(convergence: dict[str, list[dict[str, Any] | None]]) -> list
     ]
 
 
-def _verdict(row: dict[str, Any]) -> str:
-    """ "better"/"worse"/"same" for the variant, marked "(n.s.)" when the interval includes 0."""
-    word = "better" if row["difference"] > 0 else "worse" if row["difference"] < 0 else "same"
-    return word + ("" if row["settled"] is not False or word == "same" else " (n.s.)")
-
-
 def _report(
     bench: AblationBench,
     rows: list[dict[str, Any]],
@@ -150,51 +125,30 @@ def _report(
     checkpoints: dict[str, list[str]],
     seconds: float,
 ) -> Report:
-    several = len(bench.seeds) > 1
-    spread = lambda value, sd: fmt(value) + (f" ± {fmt(sd)}" if several else "")  # noqa: E731
-    table = [
-        [
-            r["task"],
-            r["metric"],
-            spread(r[RECIPE], r[f"{RECIPE}_sd"]),
-            spread(r[bench.name], r[f"{bench.name}_sd"]),
-            f"{r['difference']:+.3f}",
-            "-" if r["interval"] is None else f"[{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]",
-            _verdict(r),
-        ]
-        for r in rows
-    ]
-    tally = {
-        "better": sum(r["difference"] > 0 for r in rows),
-        "worse": sum(r["difference"] < 0 for r in rows),
-        "settled_better": sum(r["difference"] > 0 and bool(r["settled"]) for r in rows),
-        "settled_worse": sum(r["difference"] < 0 and bool(r["settled"]) for r in rows),
-    }
-    mean = " (mean ± sd)" if several else ""
+    counts = tally(rows)
     report = Report(
         "ablation",
         bench.model_dump(mode="json") | {"checkpoints": checkpoints},
-        ratios={"better_share": tally["better"] / max(1, len(rows))},
+        ratios={"better_share": counts["better"] / max(1, len(rows))},
         figures={
             "rows": rows,
-            **tally,
+            **counts,
             "comparisons": len(rows),
             "seconds": seconds,
             "per_seed": runs,
             "convergence": convergence,
         },
         tables=[
-            Table(
+            paired_table(
                 f"{bench.name} ({' '.join(bench.variant)}) vs the recipe on {bench.split} ({Path(bench.data).name}, "
                 f"seeds {bench.seeds}); higher is better; (n.s.): the paired interval of the difference includes 0",
-                ["task", "metric", RECIPE + mean, bench.name + mean, "difference", "95% CI", "variant"],
-                table,
+                rows,
+                RECIPE,
+                bench.name,
+                len(bench.seeds),
             ),
             *_training_table(convergence),
         ],
     )
-    report.notes.append(
-        f"{bench.name}: better on {tally['better']} of {len(rows)} ({tally['settled_better']} settled), worse on "
-        f"{tally['worse']} ({tally['settled_worse']} settled) | {seconds / 60:.1f} min"
-    )
+    report.notes.append(f"{summary(bench.name, rows)} | {seconds / 60:.1f} min")
     return report

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from recfound.bench.common import CONFIG_DIR, Report, Table, fmt
+from recfound.bench.paired import paired_rows, paired_table, summary, tally
 from recfound.bench.verdicts import (
     Evidence,
     Scores,
@@ -25,7 +26,7 @@ from recfound.bench.verdicts import (
 )
 from recfound.config import CommaList, Config, load_config
 from recfound.eval.config import EvalConfig
-from recfound.eval.runner import PER_QUERY, RESULTS, Dataset, evaluate
+from recfound.eval.runner import MODEL, PER_QUERY, RESULTS, Dataset, evaluate
 from recfound.eval.systems import resolve_model
 from recfound.merge.artifact import MergeConfig, merge_checkpoints
 from recfound.train.config import TrainConfig
@@ -107,7 +108,8 @@ class QualityBench(RecipeRuns):
     report (quality.json). Re-running with the same out resumes or reuses the finished training runs and reuses
     finished evaluations run with the same settings."""
     merge: bool = True
-    """Also merge the run's last two checkpoints (TIES, as the paper) and give the merged model its verdicts."""
+    """Also merge the run's last two checkpoints (TIES, as the paper), give the merged model its verdicts and compare
+    it with the final checkpoint, metric by metric, paired (with vs without Model Merge)."""
 
 
 def train_recipe(config: str, data: str, storage: Path, name: str, seed: int, overrides: list[str]) -> str:
@@ -257,4 +259,20 @@ def run(bench: QualityBench) -> Report:
         )
         + f" | {(finished - began) / 60:.1f} min | results: {out / 'eval' / RESULTS}"
     )
+    if MERGED in models:
+        _add_merge_ablation(report, bench, runs, evidence)
     return report
+
+
+def _add_merge_ablation(report: Report, bench: QualityBench, runs: list[Seeded], evidence: Evidence) -> None:
+    """With vs without Model Merge: the merged model against the final checkpoint it was merged from, per
+    metric, paired over the test queries and the seeds (the ablation benchmark's table)."""
+    sides = {MODEL: [r.scores[MODEL] for r in runs], MERGED: [r.scores[MERGED] for r in runs]}
+    rows = paired_rows(evidence, MODEL, MERGED, sides)
+    report.figures["merged_vs_final"] = {"rows": rows, **tally(rows)}
+    title = (
+        f"The merged model vs the final checkpoint on {bench.split} ({Path(bench.data).name}, seeds {bench.seeds});"
+        " higher is better; (n.s.): the paired interval of the difference includes 0"
+    )
+    report.tables.append(paired_table(title, rows, MODEL, MERGED, len(runs)))
+    report.notes.append(summary(MERGED, rows))
