@@ -4,7 +4,7 @@ chunks of whole users, merged in user order).
 Per-user rows (histories, options, reviews) are templated from one timeline at a time (``user_rows.py``); the few
 facts that cross users are kept here, bounded by the catalogue rather than by the reviews where they can be: an
 item's title of last resort, the earliest training reviews of the items questions ask about, and which items
-follow each other in training histories (one entry per distinct pair: i2i has a row for each). Which summaries are
+follow each other in training histories (one Arrow row per distinct pair: i2i has a row for each). Which summaries are
 generic is counted by Ray (``generic_summaries``): nearly every review's summary is distinct, so a driver-side
 count would grow with the reviews.
 """
@@ -32,6 +32,9 @@ def normal_summary(summary: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", summary.lower()).split())
 
 
+NEXT_ITEMS = pa.schema([("earlier", pa.string()), ("later", pa.string())])
+
+
 @dataclass
 class Behaviour:
     quoted: frozenset[str] = frozenset()
@@ -45,8 +48,12 @@ class Behaviour:
     the title of an item without metadata, never taken from a held-out review."""
     item_reviews: dict[str, list[tuple[int, str, int, str]]] = field(default_factory=dict)
     """Quoted item -> its earliest ``ITEM_REVIEWS`` training review texts as (timestamp, user, position, text)."""
-    next_items: set[tuple[str, str]] = field(default_factory=set)
-    """Consecutive training purchases (earlier, later) of any user."""
+    next_items: list[pa.Table] = field(default_factory=list, compare=False)
+    """Consecutive training purchases of any user, (earlier, later) in ``NEXT_ITEMS`` tables of distinct pairs, one
+    per gathered part (``next_item_pairs`` merges them): a Python object per pair would grow the driver with the
+    reviews (about 200 bytes a pair, millions of pairs in a big dump, where Arrow holds about 30)."""
+    _pairs: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
+    """The pairs ``add`` met since the last ``seal``."""
 
     def add(self, user: str, timeline: Timeline) -> None:
         self.users += 1
@@ -59,9 +66,23 @@ class Behaviour:
                 self.first_summaries[event.item] = (event.timestamp, event.summary)
             if event.text and event.item in self.quoted:
                 self._note_review(event.item, (event.timestamp, user, position, event.text))
-        self.next_items.update(
+        self._pairs.update(
             (a.item, b.item) for (s1, a), (s2, b) in zip(timeline, timeline[1:], strict=False) if s1 == s2 == "train"
         )
+
+    def seal(self) -> None:
+        """The pairs added so far into a table of ``next_items``."""
+        if self._pairs:
+            earlier, later = zip(*sorted(self._pairs), strict=True)
+            self.next_items.append(pa.table([pa.array(earlier, pa.string()), pa.array(later, pa.string())], NEXT_ITEMS))
+            self._pairs = set()
+
+    def next_item_pairs(self) -> pa.Table:
+        """Every distinct (earlier, later) pair, sorted."""
+        self.seal()
+        pairs = pa.concat_tables([NEXT_ITEMS.empty_table(), *self.next_items])
+        distinct = pairs.group_by(NEXT_ITEMS.names, use_threads=False).aggregate([])
+        return distinct.select(NEXT_ITEMS.names).sort_by([(name, "ascending") for name in NEXT_ITEMS.names])
 
     def _note_review(self, item: str, review: tuple[int, str, int, str]) -> None:
         kept = self.item_reviews.setdefault(item, [])
@@ -80,7 +101,9 @@ class Behaviour:
                 self.first_summaries[item] = first
         for item, reviews in later.item_reviews.items():
             self.item_reviews[item] = sorted(self.item_reviews.get(item, []) + reviews)[:ITEM_REVIEWS]
-        self.next_items |= later.next_items
+        self.seal()
+        later.seal()
+        self.next_items += later.next_items
 
     def reviews_of(self, item: str) -> list[str]:
         """Training review texts of ``item``, oldest first (at most ``ITEM_REVIEWS``)."""
@@ -94,6 +117,7 @@ def gather(timelines: Iterable[tuple[str, Timeline]], quoted: Iterable[str] = ()
     behaviour = Behaviour(frozenset(quoted))
     for user, timeline in timelines:
         behaviour.add(user, timeline)
+    behaviour.seal()
     return behaviour
 
 

@@ -6,16 +6,21 @@ teaches the model to push apart exactly the pairs it should retrieve.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence, Set
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from recfound.data.behaviour import normal_summary
 from recfound.data.context import Context
 from recfound.data.esci import Esci
 from recfound.data.rows import EmbeddingRow, Sample
-from recfound.data.split import Timeline
+from recfound.data.split import ROWS_AT_ONCE, Timeline
 from recfound.data.templates import ITEM_INSTRUCTIONS, QUERY_INSTRUCTIONS, history_text, pick
 
 # Clean negatives first: an irrelevant product is surely wrong, a substitute may satisfy the query.
@@ -132,31 +137,64 @@ def q2i_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     return out
 
 
-def related_pairs(ctx: Context) -> dict[tuple[str, str], str]:
-    """(anchor, related item) -> relation: also_buy, then also_view, then consecutive training purchases.
+RELATIONS = ("also_buy", "also_view", "next_item")
+"""Where a related pair comes from, in order of precedence: a pair listed twice keeps the first."""
+RELATED = pa.schema([("anchor", pa.string()), ("other", pa.string()), ("relation", pa.string())])
 
-    Only training transitions count, so a user's held-out next item is never learned as "related".
+
+def related_pairs(ctx: Context) -> pa.Table:
+    """(anchor, related item, relation) sorted by (anchor, related item), each pair once with its first relation of
+    ``RELATIONS``: the metadata's also_buy and also_view, then consecutive training purchases.
+
+    Only training transitions count, so a user's held-out next item is never learned as "related". In Arrow: the
+    consecutive purchases grow with the reviews.
     """
-    pairs: dict[tuple[str, str], str] = {}
-    for relation in ("also_buy", "also_view"):
-        for item in ctx.catalogue.values():
-            for other in getattr(item, relation):
-                pairs.setdefault((item.item_id, other), relation)
-    for pair in ctx.behaviour.next_items:
-        pairs.setdefault(pair, "next_item")
-    return dict(sorted(pairs.items()))
+    listed = [
+        (item.item_id, other, rank)
+        for rank, relation in enumerate(RELATIONS[:2])
+        for item in ctx.catalogue.values()
+        for other in getattr(item, relation)
+    ]
+    anchors, others, ranks = zip(*listed, strict=True) if listed else ((), (), ())
+    metadata = pa.table(
+        {
+            "anchor": pa.array(anchors, pa.string()),
+            "other": pa.array(others, pa.string()),
+            "rank": pa.array(ranks, pa.int8()),
+        }
+    )
+    purchases = ctx.behaviour.next_item_pairs()
+    purchased = pa.table(
+        {
+            "anchor": purchases["earlier"],
+            "other": purchases["later"],
+            "rank": pa.array(np.full(purchases.num_rows, 2, np.int8)),
+        }
+    )
+    first = (
+        pa.concat_tables([metadata, purchased])
+        .group_by(["anchor", "other"], use_threads=False)
+        .aggregate([("rank", "min")])
+    )
+    relation = pc.take(pa.array(RELATIONS), first["rank_min"])
+    table = pa.table([first["anchor"], first["other"], relation], RELATED)
+    return table.sort_by([("anchor", "ascending"), ("other", "ascending")])
+
+
+def related_rows(pairs: pa.Table) -> Iterator[tuple[str, str, str]]:
+    """``pairs``' rows as (anchor, other, relation), a slice at a time: only a slice is ever Python objects."""
+    for batch in pairs.to_batches(max_chunksize=ROWS_AT_ONCE):
+        yield from zip(*(batch[name].to_pylist() for name in RELATED.names), strict=True)
 
 
 def build_i2i(ctx: Context) -> Iterator[Sample]:
     """Item -> related item. Rows split by the anchor item, so an anchor's positives are evaluated together. Yielded
     one at a time: there is one per related pair, and consecutive purchases make them grow with the reviews."""
-    pairs = related_pairs(ctx)
-    related: dict[str, set[str]] = defaultdict(set)
-    for anchor, other in pairs:
-        related[anchor].add(other)
-    for (anchor, other), relation in pairs.items():
-        rng = ctx.rng("i2i", anchor, other)
-        exclude = frozenset(related[anchor] | {anchor})
-        source = f"{ctx.source}:{relation}"
-        row = _row(ctx, "i2i", rng, ctx.catalogue[anchor].text, other, exclude, "", source, query_item=anchor)
-        yield ctx.split(f"item:{anchor}"), row
+    for anchor, rows in itertools.groupby(related_rows(related_pairs(ctx)), key=lambda row: row[0]):
+        related = list(rows)
+        exclude = frozenset(other for _, other, _ in related) | {anchor}
+        for _, other, relation in related:
+            rng = ctx.rng("i2i", anchor, other)
+            source = f"{ctx.source}:{relation}"
+            row = _row(ctx, "i2i", rng, ctx.catalogue[anchor].text, other, exclude, "", source, query_item=anchor)
+            yield ctx.split(f"item:{anchor}"), row

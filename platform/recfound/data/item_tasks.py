@@ -9,9 +9,12 @@ from __future__ import annotations
 import random
 import re
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from recfound.data.catalogue import CatalogueItem
 from recfound.data.context import Context
-from recfound.data.embedding_tasks import related_pairs
+from recfound.data.embedding_tasks import related_pairs, related_rows
 from recfound.data.rows import GenerativeRow, Sample, TaskUnavailable
 from recfound.data.templates import INSTRUCTIONS, NO, RELATIONS, YES, alpaca, pair_text, pick
 
@@ -34,12 +37,13 @@ def build_product_relation_prediction(ctx: Context) -> list[Sample]:
     """(item, related item) -> also buy / also view, from the metadata's relation lists."""
     task = "product_relation_prediction"
     _with_meta(ctx, task)
-    pairs = {k: _RELATION_LABEL[v] for k, v in related_pairs(ctx).items() if v in _RELATION_LABEL}
-    options = [r for r in RELATIONS if r in set(pairs.values())]
+    listed = related_pairs(ctx).filter(pc.is_in(pc.field("relation"), pa.array(list(_RELATION_LABEL))))
+    pairs = [(a, b, _RELATION_LABEL[r]) for a, b, r in related_rows(listed)]
+    options = [r for r in RELATIONS if r in {label for *_, label in pairs}]
     if len(options) < 2:
         raise TaskUnavailable(f"{task} needs at least two relation types (also_buy, also_view) within the catalogue")
     out: list[Sample] = []
-    for (a, b), label in pairs.items():
+    for a, b, label in pairs:
         text = pair_text(ctx.catalogue[a].title, ctx.catalogue[b].title)
         prompt = alpaca(pick(ctx.rng(task, a, b), INSTRUCTIONS[task]), text, options)
         out.append((ctx.split(f"item:{a}"), GenerativeRow(prompt, label, "", a, ctx.source)))
