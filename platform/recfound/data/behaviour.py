@@ -73,7 +73,7 @@ class Behaviour:
     def seal(self) -> None:
         """The pairs added so far into a table of ``next_items``."""
         if self._pairs:
-            earlier, later = zip(*sorted(self._pairs), strict=True)
+            earlier, later = zip(*self._pairs, strict=True)  # in any order: next_item_pairs sorts
             self.next_items.append(pa.table([pa.array(earlier, pa.string()), pa.array(later, pa.string())], NEXT_ITEMS))
             self._pairs = set()
 

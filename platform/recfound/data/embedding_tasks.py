@@ -137,21 +137,21 @@ def q2i_rows(ctx: Context, user: str, timeline: Timeline) -> list[Sample]:
     return out
 
 
-RELATIONS = ("also_buy", "also_view", "next_item")
+RELATION_SOURCES = ("also_buy", "also_view", "next_item")
 """Where a related pair comes from, in order of precedence: a pair listed twice keeps the first."""
 RELATED = pa.schema([("anchor", pa.string()), ("other", pa.string()), ("relation", pa.string())])
 
 
 def related_pairs(ctx: Context) -> pa.Table:
     """(anchor, related item, relation) sorted by (anchor, related item), each pair once with its first relation of
-    ``RELATIONS``: the metadata's also_buy and also_view, then consecutive training purchases.
+    ``RELATION_SOURCES``: the metadata's also_buy and also_view, then consecutive training purchases.
 
     Only training transitions count, so a user's held-out next item is never learned as "related". In Arrow: the
     consecutive purchases grow with the reviews.
     """
     listed = [
         (item.item_id, other, rank)
-        for rank, relation in enumerate(RELATIONS[:2])
+        for rank, relation in enumerate(RELATION_SOURCES[:2])
         for item in ctx.catalogue.values()
         for other in getattr(item, relation)
     ]
@@ -176,7 +176,7 @@ def related_pairs(ctx: Context) -> pa.Table:
         .group_by(["anchor", "other"], use_threads=False)
         .aggregate([("rank", "min")])
     )
-    relation = pc.take(pa.array(RELATIONS), first["rank_min"])
+    relation = pc.take(pa.array(RELATION_SOURCES), first["rank_min"])
     table = pa.table([first["anchor"], first["other"], relation], RELATED)
     return table.sort_by([("anchor", "ascending"), ("other", "ascending")])
 
