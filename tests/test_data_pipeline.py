@@ -222,3 +222,26 @@ def test_kcore_degrees_summed_across_blocks_equal_one_count_over_all_rows() -> N
 
 def _chunks(rows: list, size: int) -> list[list]:
     return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+def test_deduplicated_blocks_hold_one_chunk_per_column_not_one_per_user() -> None:
+    """The de-duplication group-by returns one table per user, and Ray Data stacks them into a block as chunks:
+    on a 250k-review dump a 5 MB block came to the driver as ~3,000 chunks, ~120k buffers (49 MB of buffer objects
+    alive there), and every later pass paid per chunk. Its blocks must be contiguous."""
+    from recfound.data.kcore import dedupe
+
+    n = 3000
+    table = pa.table(
+        {
+            "user": [f"u{i % 600:04d}" for i in range(n)],
+            "item": [f"i{i % 37}" for i in range(n)],
+            "timestamp": list(range(n)),
+            "file_index": [0] * n,
+            "line": list(range(n)),
+        }
+    )
+    blocks = list(dedupe(ray.data.from_arrow(table), n, {}).iter_batches(batch_format="pyarrow", batch_size=None))
+    assert sum(block.num_rows for block in blocks) == len(
+        {(u, i) for u, i in zip(table["user"].to_pylist(), table["item"].to_pylist())}
+    )
+    assert max(column.num_chunks for block in blocks for column in block.columns) == 1
