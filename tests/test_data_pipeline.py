@@ -245,3 +245,26 @@ def test_deduplicated_blocks_hold_one_chunk_per_column_not_one_per_user() -> Non
         {(u, i) for u, i in zip(table["user"].to_pylist(), table["item"].to_pylist())}
     )
     assert max(column.num_chunks for block in blocks for column in block.columns) == 1
+
+
+def test_a_big_file_reaches_the_de_duplication_as_bounded_blocks(tmp_path, monkeypatch) -> None:
+    """A sort-based group-by makes one partition per input block, and Ray Data merged a file's rows into one block
+    of up to 128 MiB: an 8-file dump was 8 de-duplication tasks at any size (1.9 GB for one at 4M reviews). A
+    build's blocks are at most ``MAX_BLOCK_BYTES``, so the tasks multiply with the input instead of growing."""
+    from recfound.data import reading
+    from recfound.data.kcore import dedupe
+    from recfound.data.sources import BadRows
+
+    monkeypatch.setattr(reading, "MAX_BLOCK_BYTES", 64 * 2**10)
+    rows = [review(f"u{i % 500:03d}", f"i{i % 41}", i, summary=f"summary {i}") for i in range(4000)]
+    url = write_lines(tmp_path / "reviews.json.gz", rows, compress=True)
+    with reading.pipeline_context():
+        reviews, count, _ = reading.read_role([url], "reviews", BadRows())
+        read = reviews.materialize()
+        unique = dedupe(read, count, {})
+        blocks = list(unique.iter_batches(batch_format="pyarrow", batch_size=None))
+    assert read.num_blocks() >= 4 and max(read.size_bytes() / read.num_blocks(), 0) <= 2 * 64 * 2**10
+    assert len(blocks) >= 4
+    assert sum(b.num_rows for b in blocks) == len({(r["reviewerID"], r["asin"]) for r in rows})
+    users = [u for b in blocks for u in b["user"].to_pylist()]
+    assert users == sorted(users)  # still one user after another, in order, across the blocks

@@ -25,10 +25,14 @@ def start_ray(
     num_cpus: int | None = None,
     dashboard: bool | None = None,
     object_store_memory: int | None = None,
+    reap_idle_workers: bool = False,
     echo: bool,
 ) -> Any:
     """``ray.init`` for a job; returns its context. ``local_env_vars`` (added to ``env_vars``), ``num_cpus``,
-    ``dashboard`` and ``object_store_memory`` (bytes) apply to a local instance only (a cluster has its own);
+    ``dashboard``, ``object_store_memory`` (bytes) and ``reap_idle_workers`` apply to a local instance only (a
+    cluster has its own); ``reap_idle_workers``: a worker idle for a second exits, where Ray keeps one per CPU for
+    reuse holding whatever memory its last tasks left (a job of distinct stages, a build, gives it back between
+    them; a training run's streams keep reusing theirs);
     ``echo``: whether the workers' output is echoed to the driver (a build prints its own table; a training run
     shows its workers' progress lines)."""
     import ray
@@ -46,4 +50,5 @@ def start_ray(
         object_store_memory=object_store_memory,
         log_to_driver=echo,
         logging_level=RAY_CONSOLE_LEVEL,
+        _system_config={"num_workers_soft_limit": 0} if reap_idle_workers else None,
     )

@@ -38,6 +38,10 @@ BLOCK_ROWS = 4096
 """Rows per streamed block: small enough to keep a read task's memory flat, big enough for Arrow to pay off."""
 ROWS_PER_PARTITION = 250_000
 """Rows per shuffle partition of a group-by (see ``partitions``)."""
+MAX_BLOCK_BYTES = 16 * 2**20
+"""Ray Data's largest block in a build (its default 128 MiB). A file's rows arrive as blocks this size, and a
+sort-based group-by makes one partition per input block, so it bounds a de-duplication task: with the default, an
+8-file dump was 8 blocks at any size, and at 4M reviews one task's group-by took 1.9 GB."""
 _TAIL = [("file_index", pa.int32()), ("line", pa.int64()), ("kind", pa.string()), ("bad", pa.string())]
 _TEXTS = pa.list_(pa.string())
 REVIEW_SCHEMA = pa.schema(
@@ -211,27 +215,31 @@ def pipeline_context() -> Iterator[None]:
       6 to 34 s, and 1.6 GiB peak resident memory (driver and Ray) instead of 2.0;
     - blocks delivered in order: a sort-based group-by's partitions hold ascending key ranges, so the
       de-duplication's output reaches the driver one user after another in user order, which is what lets the
-      driver split and template one user's timeline at a time (``split.user_timelines`` checks it).
+      driver split and template one user's timeline at a time (``split.user_timelines`` checks it);
+    - blocks of at most ``MAX_BLOCK_BYTES``, so that a task's memory does not grow with the dump.
     """
     context = ray.data.DataContext.get_current()
-    before = context.shuffle_strategy, context.execution_options.preserve_order
+    before = context.shuffle_strategy, context.execution_options.preserve_order, context.target_max_block_size
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.execution_options.preserve_order = True
+    context.target_max_block_size = MAX_BLOCK_BYTES
     try:
         yield
     finally:
-        context.shuffle_strategy, context.execution_options.preserve_order = before
+        context.shuffle_strategy, context.execution_options.preserve_order, context.target_max_block_size = before
 
 
 @contextlib.contextmanager
 def local_ray(object_store_memory: int | None = None) -> Iterator[None]:
     """The Ray the pipeline runs on: the caller's (a training job, ``ray job submit``'s cluster) when one is up,
     else a local one for this build only (its object store ``object_store_memory`` bytes, None: Ray's default),
-    shut down after it so the caller can still start its own."""
+    shut down after it so the caller can still start its own. A local one lets idle workers exit: the two pooled
+    workers that templated a 4M-review dump held 1.5 GiB (the catalogue, what their tasks left) through the
+    cross-user tasks after it."""
     if ray.is_initialized():
         yield
         return
-    start_ray(dashboard=False, object_store_memory=object_store_memory, echo=False)
+    start_ray(dashboard=False, object_store_memory=object_store_memory, reap_idle_workers=True, echo=False)
     _quiet_data_console()
     try:
         yield
