@@ -203,6 +203,7 @@ def test_behaviour_merged_from_parts_equals_one_pass_over_all_users():
         merged.merge(gather(timelines[cut:], quoted={"i1", "i2"}))
         assert merged == whole, cut
         assert merged.next_item_pairs().equals(whole.next_item_pairs()), cut  # parts' tables: not in ==
+        assert len(merged.next_items) == 1  # the parts gave way to the merged table: not held beside it
 
 
 def test_kcore_degrees_summed_across_blocks_equal_one_count_over_all_rows() -> None:

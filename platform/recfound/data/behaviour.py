@@ -78,11 +78,12 @@ class Behaviour:
             self._pairs = set()
 
     def next_item_pairs(self) -> pa.Table:
-        """Every distinct (earlier, later) pair, sorted."""
+        """Every distinct (earlier, later) pair, sorted. The merged table replaces the parts, which are freed (the
+        parts and their copies were the driver's peak at 4M reviews)."""
         self.seal()
-        pairs = pa.concat_tables([NEXT_ITEMS.empty_table(), *self.next_items])
-        distinct = pairs.group_by(NEXT_ITEMS.names, use_threads=False).aggregate([])
-        return distinct.select(NEXT_ITEMS.names).sort_by([(name, "ascending") for name in NEXT_ITEMS.names])
+        distinct = _distinct(pa.concat_tables([NEXT_ITEMS.empty_table(), *self.next_items]))
+        self.next_items = [distinct.sort_by([(name, "ascending") for name in NEXT_ITEMS.names])]
+        return self.next_items[0]
 
     def _note_review(self, item: str, review: tuple[int, str, int, str]) -> None:
         kept = self.item_reviews.setdefault(item, [])
@@ -111,6 +112,10 @@ class Behaviour:
 
     def summaries(self) -> dict[str, list[str]]:
         return {item: [summary] for item, (_, summary) in self.first_summaries.items()}
+
+
+def _distinct(pairs: pa.Table) -> pa.Table:
+    return pairs.group_by(NEXT_ITEMS.names, use_threads=False).aggregate([]).select(NEXT_ITEMS.names)
 
 
 def gather(timelines: Iterable[tuple[str, Timeline]], quoted: Iterable[str] = ()) -> Behaviour:

@@ -149,36 +149,37 @@ def related_pairs(ctx: Context) -> pa.Table:
     Only training transitions count, so a user's held-out next item is never learned as "related". In Arrow: the
     consecutive purchases grow with the reviews.
     """
-    listed = [
-        (item.item_id, other, rank)
-        for rank, relation in enumerate(RELATION_SOURCES[:2])
-        for item in ctx.catalogue.values()
-        for other in getattr(item, relation)
-    ]
-    anchors, others, ranks = zip(*listed, strict=True) if listed else ((), (), ())
-    metadata = pa.table(
-        {
-            "anchor": pa.array(anchors, pa.string()),
-            "other": pa.array(others, pa.string()),
-            "rank": pa.array(ranks, pa.int8()),
-        }
-    )
-    purchases = ctx.behaviour.next_item_pairs()
-    purchased = pa.table(
-        {
-            "anchor": purchases["earlier"],
-            "other": purchases["later"],
-            "rank": pa.array(np.full(purchases.num_rows, 2, np.int8)),
-        }
-    )
-    first = (
-        pa.concat_tables([metadata, purchased])
-        .group_by(["anchor", "other"], use_threads=False)
-        .aggregate([("rank", "min")])
-    )
+    first = _first_relation(pa.concat_tables([*_listed(ctx), _purchased(ctx)]))  # the inputs freed before sorting
     relation = pc.take(pa.array(RELATION_SOURCES), first["rank_min"])
     table = pa.table([first["anchor"], first["other"], relation], RELATED)
     return table.sort_by([("anchor", "ascending"), ("other", "ascending")])
+
+
+_RANKED = pa.schema([("anchor", pa.string()), ("other", pa.string()), ("rank", pa.int8())])
+
+
+def _listed(ctx: Context) -> list[pa.Table]:
+    """The metadata's pairs per relation (catalogue order), built from the items' lists by Arrow: no Python object
+    per pair."""
+    items = list(ctx.catalogue.values())
+    ids = pa.array([item.item_id for item in items], pa.string())
+    tables = []
+    for rank, relation in enumerate(RELATION_SOURCES[:2]):
+        lists = pa.array([getattr(item, relation) for item in items], pa.list_(pa.string()))
+        others = pc.list_flatten(lists)
+        ranks = pa.array(np.full(len(others), rank, np.int8))
+        tables.append(pa.Table.from_arrays([ids.take(pc.list_parent_indices(lists)), others, ranks], schema=_RANKED))
+    return tables
+
+
+def _purchased(ctx: Context) -> pa.Table:
+    purchases = ctx.behaviour.next_item_pairs()
+    ranks = pa.array(np.full(purchases.num_rows, RELATION_SOURCES.index("next_item"), np.int8))
+    return pa.Table.from_arrays([purchases["earlier"], purchases["later"], ranks], schema=_RANKED)
+
+
+def _first_relation(ranked: pa.Table) -> pa.Table:
+    return ranked.group_by(["anchor", "other"], use_threads=False).aggregate([("rank", "min")])
 
 
 def related_rows(pairs: pa.Table) -> Iterator[tuple[str, str, str]]:
