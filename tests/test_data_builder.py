@@ -346,3 +346,24 @@ def test_a_cap_keeps_a_seeded_sample_of_each_split_in_order(tmp_path):
     assert not list((tmp_path / "capped").rglob("*.uncapped"))
     small_build(tmp_path / "again", tasks="u2i,user_profile", max_rows_per_task=7)
     assert _files(tmp_path / "again") == _files(tmp_path / "capped")
+
+
+def test_the_workers_template_from_the_item_fields_templates_read(tmp_path, monkeypatch):
+    """Every templating worker holds its own copy of the catalogue, so the item fields no per-user template reads
+    are blanked in it (``user_rows.UNREAD``): the rows must be those the whole catalogue gives. The synthetic
+    catalogue fills every blanked field, so a template that came to read one would change its rows here."""
+    from recfound.data import user_rows
+
+    unread = set(user_rows.UNREAD)
+    small_build(tmp_path / "blanked")
+    monkeypatch.setattr(user_rows, "UNREAD", {})
+    small_build(tmp_path / "whole")
+    meta = [json.loads(line) for line in gzip.open(next((tmp_path / "whole" / "raw").rglob("meta*")), "rt")]
+    filled = {"categories": "category", "description": "description", "features": "feature"}
+    filled |= {"also_buy": "also_buy", "also_view": "also_view"}
+    assert unread == set(filled) and all(any(m.get(key) for m in meta) for key in filled.values())
+    files = {
+        name: {p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*.parquet")}
+        for name in ("blanked", "whole")
+    }
+    assert files["blanked"] and files["blanked"] == files["whole"]

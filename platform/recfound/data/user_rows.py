@@ -68,9 +68,15 @@ def _template(chunk: pa.Table, ctx: Shared, tasks: Sequence[str]) -> Templated:
     return template_chunk(ctx.get(), chunk, tasks)
 
 
+UNREAD: dict[str, Any] = {"categories": (), "description": "", "features": (), "also_buy": (), "also_view": ()}
+"""The item fields no per-user template reads, blanked in the workers' catalogue: descriptions, features and related
+lists are most of a catalogue's bytes, and every worker holds a copy (at 4M synthetic reviews ~550 MiB a worker)."""
+
+
 def templated(ctx: Context, blocks: Iterable[pa.Table], tasks: Sequence[str]) -> Iterator[Templated]:
     """Each chunk of whole users templated by a Ray task, in input order. The cross-user facts (behaviour,
     judgements, questions) stay on the driver, where the tasks that read them are built: they grow with the input
-    and no per-user template needs them."""
-    shared = Shared(replace(ctx, behaviour=Behaviour(), judgements=(), questions=()))
+    and no per-user template needs them; nor the item fields in ``UNREAD``."""
+    catalogue = {key: replace(item, **UNREAD) for key, item in ctx.catalogue.items()}
+    shared = Shared(replace(ctx, catalogue=catalogue, behaviour=Behaviour(), judgements=(), questions=()))
     return in_order(_template, blocks, shared, list(tasks))
