@@ -187,14 +187,9 @@ def test_behaviour_keeps_cross_user_facts_from_training_events_only():
     assert list(zip(pairs["earlier"].to_pylist(), pairs["later"].to_pylist())) == [("i1", "i2"), ("i5", "i1")]
 
 
-@pytest.mark.parametrize("compact_rows", [0, 1 << 16])
-def test_behaviour_merged_from_parts_equals_one_pass_over_all_users(compact_rows, monkeypatch):
+def test_behaviour_merged_from_parts_equals_one_pass_over_all_users():
     """Ray tasks gather chunks of users and the driver merges their parts in user order: every cut gives the facts
-    of one pass, ties of first summaries (same second) and the earliest-five item reviews included, whether or not
-    the consecutive purchases' parts were compacted on the way (``COMPACT_ROWS`` 0: at every merge)."""
-    from recfound.data import behaviour
-
-    monkeypatch.setattr(behaviour, "COMPACT_ROWS", compact_rows)
+    of one pass, ties of first summaries (same second) and the earliest-five item reviews included."""
     users = [f"u{n}" for n in range(8)]
     timelines = [
         (u, leave_last_out([Interaction(u, i, 10 + (n + k) % 3, 5.0, f"{u}:{i}", f"text {u}:{i}") for k, i in items]))
@@ -209,11 +204,6 @@ def test_behaviour_merged_from_parts_equals_one_pass_over_all_users(compact_rows
         assert merged == whole, cut
         assert merged.next_item_pairs().equals(whole.next_item_pairs()), cut  # parts' tables: not in ==
         assert len(merged.next_items) == 1  # the parts gave way to the merged table: not held beside it
-    compacted = gather(timelines[:1], quoted=())
-    for timeline in timelines[1:]:
-        compacted.merge(gather([timeline], quoted=()))
-    assert (len(compacted.next_items) < len(timelines)) == (compact_rows == 0)  # merged on the way, or not yet
-    assert compacted.next_item_pairs().equals(whole.next_item_pairs())
 
 
 def test_kcore_degrees_summed_across_blocks_equal_one_count_over_all_rows() -> None:

@@ -33,8 +33,6 @@ def normal_summary(summary: str) -> str:
 
 
 NEXT_ITEMS = pa.schema([("earlier", pa.string()), ("later", pa.string())])
-COMPACT_ROWS = 1 << 16
-"""Consecutive-purchase rows a merged Behaviour lets pile up in parts before merging them (``_compact``)."""
 
 
 @dataclass
@@ -107,15 +105,6 @@ class Behaviour:
         self.seal()
         later.seal()
         self.next_items += later.next_items
-        self._compact()
-
-    def _compact(self) -> None:
-        """The parts merged into one distinct table whenever those after the first outgrow it, so the driver holds
-        about one row per distinct pair through the passes (a pair recurs across users' parts), not one per part's
-        pair, and the final merge starts from one table."""
-        first, *rest = self.next_items or [NEXT_ITEMS.empty_table()]
-        if sum(part.num_rows for part in rest) > max(first.num_rows, COMPACT_ROWS):
-            self.next_items = [_distinct(pa.concat_tables(self.next_items))]
 
     def reviews_of(self, item: str) -> list[str]:
         """Training review texts of ``item``, oldest first (at most ``ITEM_REVIEWS``)."""
