@@ -81,7 +81,8 @@ class SchedulerConfig(Config):
     """Multiply the convergence weights by task rows / the group's mean rows (the paper's data-size prior). On, a
     task with 10x the rows gets about 10x the samples while both converge alike, so the prior, not the convergence
     scores, sets most of the mix when task sizes differ widely (docs/evaluation.md, S2Sched vs uniform); off, the
-    convergence scores alone decide and a small task is drawn as often as a large one."""
+    convergence scores alone decide and a small task is drawn as often as a large one. Off on the Magazine slice
+    (three seeds): Q2I full NDCG@10 +0.045, U2I -0.013, I2I -0.024, the same way in every seed."""
     floor_scale: float = Field(5.0, ge=1)
     """Weight floor is 1/(floor_scale * G) in a group of G tasks. Smaller values guarantee every task more
     samples (1 means uniform); larger ones give the scheduler more freedom to starve a task."""
