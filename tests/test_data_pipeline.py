@@ -15,7 +15,10 @@ from data_fixtures import review, small_build, write_lines
 
 from recfound.data.behaviour import gather
 from recfound.data.builder import BuildConfig, build
+from recfound.data.catalogue import CatalogueItem
 from recfound.data.chunks import user_chunks
+from recfound.data.context import Context
+from recfound.data.embedding_tasks import related_pairs
 from recfound.data.sources import DataError, Interaction
 from recfound.data.split import leave_last_out, user_timelines
 
@@ -185,6 +188,28 @@ def test_behaviour_keeps_cross_user_facts_from_training_events_only():
     assert behaviour.reviews_of("i5") == []  # a training review, but no question quotes i5
     pairs = behaviour.next_item_pairs()  # b's i1 -> i3 crosses into valid
     assert list(zip(pairs["earlier"].to_pylist(), pairs["later"].to_pylist())) == [("i1", "i2"), ("i5", "i1")]
+
+
+def test_related_pairs_keep_each_pair_once_with_its_first_relation_sorted_by_anchor_then_item():
+    """i2i's pairs: the metadata's also_buy, then also_view, then consecutive training purchases; a pair met again
+    keeps the first of these, and the table is sorted by (anchor, other) as strings sort (ids of unequal length)."""
+    items = {
+        "i1": CatalogueItem("i1", "t1", "t1", "c", also_buy=("i2",), also_view=("i2", "i10")),
+        "i10": CatalogueItem("i10", "t10", "t10", "c", also_view=("i1",)),
+        "i2": CatalogueItem("i2", "t2", "t2", "c", also_buy=("i1",)),
+        "i9": CatalogueItem("i9", "t9", "t9", "c"),
+    }
+    events = [Interaction("u", i, t, 5.0, "", "") for t, i in enumerate(["i9", "i1", "i10", "i2", "i9", "i1"])]
+    behaviour = gather([("u", leave_last_out(events))])  # trains i9 -> i1 -> i10 -> i2 (then valid, test)
+    pairs = related_pairs(Context(seed=0, catalogue=items, behaviour=behaviour))
+    assert pairs.to_pylist() == [
+        {"anchor": "i1", "other": "i10", "relation": "also_view"},  # also a purchase: the listing wins
+        {"anchor": "i1", "other": "i2", "relation": "also_buy"},  # also viewed: also_buy wins
+        {"anchor": "i10", "other": "i1", "relation": "also_view"},
+        {"anchor": "i10", "other": "i2", "relation": "next_item"},
+        {"anchor": "i2", "other": "i1", "relation": "also_buy"},
+        {"anchor": "i9", "other": "i1", "relation": "next_item"},
+    ]
 
 
 def test_behaviour_merged_from_parts_equals_one_pass_over_all_users():

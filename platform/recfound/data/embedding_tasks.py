@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recfound.data.behaviour import normal_summary
+from recfound.data.behaviour import normal_summary, pair_codes
 from recfound.data.context import Context
 from recfound.data.esci import Esci
 from recfound.data.rows import EmbeddingRow, Sample
@@ -149,10 +149,23 @@ def related_pairs(ctx: Context) -> pa.Table:
     Only training transitions count, so a user's held-out next item is never learned as "related". In Arrow: the
     consecutive purchases grow with the reviews.
     """
-    first = _first_relation(pa.concat_tables([*_listed(ctx), _purchased(ctx)]))  # the inputs freed before sorting
-    relation = pc.take(pa.array(RELATION_SOURCES), first["rank_min"])
-    table = pa.table([first["anchor"], first["other"], relation], RELATED)
-    return table.sort_by([("anchor", "ascending"), ("other", "ascending")])
+    ids = pa.array(sorted(ctx.catalogue), pa.string())
+    ranked = [*_listed(ctx), _purchased(ctx)]
+    codes = [np.empty(0, np.int64)]
+    while ranked:  # each input freed once coded: pair code * 4 + rank, so a pair's first relation sorts first
+        table = ranked.pop()
+        codes.append(pair_codes(ids, table["anchor"], table["other"]) * _RANKS + table["rank"].to_numpy())
+    coded = np.sort(np.concatenate(codes))
+    pair = coded // _RANKS
+    first = np.ones(len(pair), bool)
+    first[1:] = pair[1:] != pair[:-1]
+    pair, rank = pair[first], coded[first] % _RANKS
+    relation = pa.array(RELATION_SOURCES).take(rank)
+    return pa.table([ids.take(pair // len(ids)), ids.take(pair % len(ids)), relation], RELATED)
+
+
+_RANKS = 4
+"""Room for each relation's rank (``RELATION_SOURCES``) in a related pair's code."""
 
 
 _RANKED = pa.schema([("anchor", pa.string()), ("other", pa.string()), ("rank", pa.int8())])
@@ -176,10 +189,6 @@ def _purchased(ctx: Context) -> pa.Table:
     purchases = ctx.behaviour.next_item_pairs()
     ranks = pa.array(np.full(purchases.num_rows, RELATION_SOURCES.index("next_item"), np.int8))
     return pa.Table.from_arrays([purchases["earlier"], purchases["later"], ranks], schema=_RANKED)
-
-
-def _first_relation(ranked: pa.Table) -> pa.Table:
-    return ranked.group_by(["anchor", "other"], use_threads=False).aggregate([("rank", "min")])
 
 
 def related_rows(pairs: pa.Table) -> Iterator[tuple[str, str, str]]:
