@@ -89,8 +89,7 @@ class Behaviour:
         while self.next_items:
             part = self.next_items.pop()
             codes.append(pair_codes(ids, part["earlier"], part["later"]))
-        distinct = np.unique(np.concatenate(codes))
-        self.next_items = [pa.table([ids.take(distinct // len(ids)), ids.take(distinct % len(ids))], NEXT_ITEMS)]
+        self.next_items = [pa.table(pair_ids(ids, np.unique(np.concatenate(codes))), NEXT_ITEMS)]
         return self.next_items[0]
 
     def _note_review(self, item: str, review: tuple[int, str, int, str]) -> None:
@@ -127,6 +126,11 @@ def pair_codes(ids: pa.Array, first: pa.ChunkedArray, second: pa.ChunkedArray) -
     holding every id of the pairs): the codes sort as the pairs of strings do, at 8 bytes a pair."""
     ranks = [pc.index_in(side, value_set=ids).to_numpy().astype(np.int64) for side in (first, second)]
     return ranks[0] * len(ids) + ranks[1]
+
+
+def pair_ids(ids: pa.Array, codes: np.ndarray) -> list[pa.Array]:
+    """The (first, second) id columns of ``pair_codes``' codes."""
+    return [ids.take(codes // len(ids)), ids.take(codes % len(ids))]
 
 
 def gather(timelines: Iterable[tuple[str, Timeline]], quoted: Iterable[str] = ()) -> Behaviour:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recfound.data.behaviour import normal_summary, pair_codes
+from recfound.data.behaviour import normal_summary, pair_codes, pair_ids
 from recfound.data.context import Context
 from recfound.data.esci import Esci
 from recfound.data.rows import EmbeddingRow, Sample
@@ -150,22 +150,18 @@ def related_pairs(ctx: Context) -> pa.Table:
     consecutive purchases grow with the reviews.
     """
     ids = pa.array(sorted(ctx.catalogue), pa.string())
-    ranked = [*_listed(ctx), _purchased(ctx)]
+    ranked, ranks = [*_listed(ctx), _purchased(ctx)], len(RELATION_SOURCES)
     codes = [np.empty(0, np.int64)]
-    while ranked:  # each input freed once coded: pair code * 4 + rank, so a pair's first relation sorts first
+    while ranked:  # each input freed once coded: pair code * ranks + rank, so a pair's first relation sorts first
         table = ranked.pop()
-        codes.append(pair_codes(ids, table["anchor"], table["other"]) * _RANKS + table["rank"].to_numpy())
+        codes.append(pair_codes(ids, table["anchor"], table["other"]) * ranks + table["rank"].to_numpy())
     coded = np.sort(np.concatenate(codes))
-    pair = coded // _RANKS
+    pair = coded // ranks
     first = np.ones(len(pair), bool)
     first[1:] = pair[1:] != pair[:-1]
-    pair, rank = pair[first], coded[first] % _RANKS
+    pair, rank = pair[first], coded[first] % ranks
     relation = pa.array(RELATION_SOURCES).take(rank)
-    return pa.table([ids.take(pair // len(ids)), ids.take(pair % len(ids)), relation], RELATED)
-
-
-_RANKS = 4
-"""Room for each relation's rank (``RELATION_SOURCES``) in a related pair's code."""
+    return pa.table([*pair_ids(ids, pair), relation], RELATED)
 
 
 _RANKED = pa.schema([("anchor", pa.string()), ("other", pa.string()), ("rank", pa.int8())])
