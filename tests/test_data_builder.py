@@ -367,3 +367,22 @@ def test_the_workers_template_from_the_item_fields_templates_read(tmp_path, monk
         for name in ("blanked", "whole")
     }
     assert files["blanked"] and files["blanked"] == files["whole"]
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_task_files_keep_the_text_of_items_the_catalogue_lacks_only(tmp_path, limit):
+    """Every item the per-user rows name is a catalogue item, whose text items.parquet takes from the catalogue:
+    a copy per task of every such text grew the driver with the catalogue (issue 16). Only items the catalogue
+    lacks (GritLM rows name items by their text alone) keep theirs, whether rows come as tables or one by one."""
+    from recfound.data.rows import EmbeddingRow
+    from recfound.data.tables import TaskFiles, row_columns
+
+    def row(pos: str, neg: str) -> EmbeddingRow:
+        return EmbeddingRow("q:", "query", "d:", f"text of {pos}", pos, (f"text of {neg}",), (neg,))
+
+    files = TaskFiles(str(tmp_path), "u2i", limit, seed=0, known={"a", "b"})
+    files.add("train", row("a", "x"))
+    files.add_table("train", pa.Table.from_pylist([row_columns("u2i", row("b", "y"))]))
+    assert files.close()["train"] == (limit or 2)
+    assert set(files.texts) <= {"x", "y"} and len(files.texts) == (limit or 2)  # a cap notes the kept rows only
+    assert all(text == f"text of {item}" for item, text in files.texts.items())

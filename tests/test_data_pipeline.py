@@ -294,3 +294,28 @@ def test_a_big_file_reaches_the_de_duplication_as_bounded_blocks(tmp_path, monke
     assert sum(b.num_rows for b in blocks) == len({(r["reviewerID"], r["asin"]) for r in rows})
     users = [u for b in blocks for u in b["user"].to_pylist()]
     assert users == sorted(users)  # still one user after another, in order, across the blocks
+
+
+def test_the_catalogue_holds_each_repeated_string_once():
+    """A dump's parser makes a new string per row for every brand, category path and related id; kept as parsed,
+    a 4M-review synthetic catalogue took 266 MiB of live objects, 68 MiB of them repeats. The catalogue keeps one
+    object per distinct value, which pickling keeps shared in the templating workers' copies too."""
+    from recfound.data.catalogue import build_catalogue
+    from recfound.data.sources import Item
+
+    def fresh(text: str) -> str:  # a distinct object with the same value, as json.loads makes one per row
+        return "".join(list(text))
+
+    meta = {
+        i: Item(
+            i, f"title {i}", "", (fresh("Books"), fresh("Poetry")), fresh("Acme"), (), (fresh("id-b"), fresh("id-c"))
+        )
+        for i in ("id-a", "id-b", "id-c")
+    }
+    for catalogue in (built := build_catalogue(list(meta), meta, {})), pickle.loads(pickle.dumps(built)):
+        first, *others = catalogue.values()
+        for item in others:
+            assert item.brand is first.brand and item.category is first.category
+            assert all(x is y for x, y in zip(item.categories, first.categories, strict=True))
+        ids = {key: key for key in catalogue}
+        assert first.also_buy == ("id-b", "id-c") and all(i is ids[i] for i in first.also_buy)

@@ -22,6 +22,7 @@ import ray
 import ray.data
 
 from recfound.data.chunks import in_order
+from recfound.data.memory import release_unused
 from recfound.data.split import Timeline, user_timelines
 
 GENERIC_SUMMARY_ITEMS = 3
@@ -143,7 +144,9 @@ def gather(timelines: Iterable[tuple[str, Timeline]], quoted: Iterable[str] = ()
 
 @ray.remote
 def _gather(chunk: pa.Table, quoted: frozenset[str]) -> Behaviour:
-    return gather(user_timelines([chunk]), quoted)
+    behaviour = gather(user_timelines([chunk]), quoted)
+    release_unused()  # as in user_rows._template: the chunk's timelines are freed
+    return behaviour
 
 
 def gathered(blocks: Iterable[pa.Table], quoted: Iterable[str] = ()) -> Behaviour:

@@ -183,7 +183,8 @@ class Written:
     skipped: dict[str, str] = field(default_factory=dict)
     """Why each task was left out."""
     texts: dict[str, str] = field(default_factory=dict)
-    """Item id -> text of every item an embedding row names (GritLM rows name items only by their text)."""
+    """Item id -> text of every item an embedding row names that the catalogue lacks (GritLM rows name items only
+    by their text)."""
 
 
 def _write_user_rows(loaded: Loaded, ctx: Context, files: dict[str, TaskFiles], out: str) -> None:
@@ -213,7 +214,8 @@ def _write_tasks(
     """Stream the per-user tasks' rows, then build each other task and write it before the next is built, so a
     build holds one such task's rows at a time (their sum grows with the dump); the reason for each task left out
     is kept (an error if it was asked for)."""
-    files = {task: TaskFiles(out, task, cfg.max_rows_per_task, cfg.seed) for task in requested or ALL_TASKS}
+    known = ctx.catalogue if ctx is not None else {}
+    files = {task: TaskFiles(out, task, cfg.max_rows_per_task, cfg.seed, known) for task in requested or ALL_TASKS}
     if loaded is not None and ctx is not None:
         _write_user_rows(loaded, ctx, files, out)
     else:

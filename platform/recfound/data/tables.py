@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from collections.abc import Container
 from typing import Any
 
 import fsspec
@@ -151,10 +152,11 @@ class TaskFiles:
     each split keeps ``limit`` rows chosen by seeded hash of their position (spread over users and items, order
     kept), found once the split's length is known by re-reading its file a row group at a time."""
 
-    def __init__(self, out: str, task: str, limit: int | None, seed: int):
-        self.task, self.limit, self.seed = task, limit, seed
+    def __init__(self, out: str, task: str, limit: int | None, seed: int, known: Container[str] = ()):
+        self.task, self.limit, self.seed, self._known = task, limit, seed, known
         self.texts: dict[str, str] = {}
-        """Item id -> text of every item an embedding row that is kept names."""
+        """Item id -> text of every item a kept embedding row names that is not ``known`` (the catalogue's items,
+        whose texts items.parquet takes from the catalogue: a copy here grew the driver with the catalogue)."""
         schema = SCHEMAS[mode_of(task)]
         self._streams = {s: ParquetStream(self._url(out, s), schema) for s in SPLITS}
         self._out = out
@@ -177,7 +179,7 @@ class TaskFiles:
         stream.add_table(table)
         if self.limit is None and "pos_item" in table.column_names:
             items, texts = (pa.concat_arrays([*table[a].chunks, *pc.list_flatten(table[b]).chunks]) for a, b in _NAMED)
-            self.texts.update(zip(items.to_pylist(), texts.to_pylist(), strict=True))
+            self._note_unknown(items.to_pylist(), texts.to_pylist())
 
     def close(self) -> dict[str, int]:
         """Rows written per split; no file at all when the task got no row."""
@@ -209,7 +211,10 @@ class TaskFiles:
 
     def _note(self, row: dict[str, Any]) -> None:
         if "pos_item" in row:
-            self.texts.update(zip((row["pos_item"], *row["neg_items"]), (row["pos"], *row["neg"]), strict=True))
+            self._note_unknown([row["pos_item"], *row["neg_items"]], [row["pos"], *row["neg"]])
+
+    def _note_unknown(self, items: list[str], texts: list[str]) -> None:
+        self.texts.update((i, t) for i, t in zip(items, texts, strict=True) if i not in self._known)
 
 
 def item_columns(catalogue: dict[str, CatalogueItem], extra_texts: dict[str, str]) -> dict[str, list]:

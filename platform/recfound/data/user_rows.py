@@ -25,6 +25,7 @@ from recfound.data.generative_tasks import (
     sequential_recommendation_rows,
     user_profile_rows,
 )
+from recfound.data.memory import release_unused
 from recfound.data.rows import Sample
 from recfound.data.split import Timeline, user_timelines
 from recfound.data.tables import INTERACTION_SCHEMA, SCHEMAS, interaction_row, row_columns
@@ -65,7 +66,9 @@ def template_chunk(ctx: Context, chunk: pa.Table, tasks: Sequence[str]) -> Templ
 
 @ray.remote
 def _template(chunk: pa.Table, ctx: Shared, tasks: Sequence[str]) -> Templated:
-    return template_chunk(ctx.get(), chunk, tasks)
+    templated = template_chunk(ctx.get(), chunk, tasks)
+    release_unused()  # the chunk's Python rows are freed: a worker that keeps their pages holds them all pass long
+    return templated
 
 
 UNREAD: dict[str, Any] = {"categories": (), "description": "", "features": (), "also_buy": (), "also_view": ()}
