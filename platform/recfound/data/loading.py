@@ -26,6 +26,7 @@ from recfound.data.behaviour import Behaviour, gathered
 from recfound.data.catalogue import CatalogueItem, build_catalogue, variant_aliases
 from recfound.data.esci import QueryJudgement, read_queries
 from recfound.data.kcore import dedupe, kcore_vertices, within
+from recfound.data.memory import release_unused
 from recfound.data.qa import Question, read_qa
 from recfound.data.reading import item, ray_errors, read_role, read_wanted
 from recfound.data.sources import BadRows, DataError, Item, named
@@ -61,7 +62,9 @@ def load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int)
     """Read reviews (plus meta, queries and qa when given), each role one or more files, merge item variants,
     dedupe, k-core, split."""
     with ray_errors():
-        return _load(urls, bad, min_interactions)
+        loaded = _load(urls, bad, min_interactions)
+    release_unused()  # the metadata rows are freed once the catalogue holds what it keeps: before templating starts
+    return loaded
 
 
 def _load(urls: Mapping[str, Sequence[str]], bad: BadRows, min_interactions: int) -> Loaded:
