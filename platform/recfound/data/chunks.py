@@ -29,7 +29,7 @@ small beside the worker (with 8192, the 4M-review synthetic build's templating w
 instead of ~300, its templating pass ~60 MiB more in all; rows and their order do not depend on it)."""
 MAX_IN_FLIGHT = 64
 """Most chunks submitted and not yet taken: the driver takes results one at a time, in order, so on a large cluster
-more would only pile finished results (~50 MB of rows each) up in the object store."""
+more would only pile finished results (~25 MB of rows each) up in the object store."""
 
 
 def user_chunks(blocks: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
