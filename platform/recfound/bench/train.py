@@ -115,8 +115,9 @@ class PlainLoop:
             for t in tasks
         }
         self.cost = StepCost.of(self.grm.tuner.model)
+        dtype = next(self.grm.parameters()).dtype
         self.telemetry = Telemetry(
-            None, peak_flops(self.device), every=10**9, total=steps, device=self.device
+            None, peak_flops(self.device, dtype), every=10**9, total=steps, device=self.device, dtype=dtype
         )  # no lines
         self.step_count = 0
 

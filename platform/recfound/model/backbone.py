@@ -35,7 +35,9 @@ class BackboneConfig(Config):
     path: str | None = None
     """For name=hf: a local checkpoint directory, or a hub id already in the local cache (no downloads)."""
     dtype: DType = "auto"
-    """Weight dtype. auto: bfloat16 on a GPU that supports it, float32 otherwise (CPU always float32)."""
+    """Weight dtype of the frozen backbone (adapters train in float32). auto: bfloat16 where the hardware computes it
+    natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, for pretrained backbones: 1.8x faster SmolLM2-135M
+    training steps on 2 EPYC cores), float32 otherwise and for the tiny test backbone on a CPU."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in backward to save activation memory (needed at paper scale)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

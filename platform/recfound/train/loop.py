@@ -118,7 +118,8 @@ def train(args: WorkerArgs) -> None:
     weights = _broadcast(ray.get(scheduler.weights.remote())[1] if scheduler is not None else None)
     telemetry = None
     if rank == 0:
-        telemetry = Telemetry(args.tensorboard, peak_flops(device), cfg.log_every, cfg.max_steps, device)
+        peak = peak_flops(device, dtype)
+        telemetry = Telemetry(args.tensorboard, peak, cfg.log_every, cfg.max_steps, device, dtype=dtype)
         telemetry.history = history
 
     skipped = 0

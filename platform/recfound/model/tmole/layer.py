@@ -134,12 +134,17 @@ class Linear(nn.Module, TMoLELayer):
         return adapter
 
     def _experts(self, x: torch.Tensor, adapter: str, routing: Routing) -> torch.Tensor:
+        """Computed in the input's dtype, as autocast would: float32 weights (the optimizer's) cast to a bf16
+        backbone's dtype per call. Upcasting the input instead ran these matmuls, about a quarter of the frozen
+        ones' FLOPs, at a CPU's float32 rate, a quarter of its bf16 one (a SmolLM2-135M embedding forward and
+        backward: 1.2-1.35x faster this way)."""
         a, b = self.tmole_A[adapter], self.tmole_B[adapter]
         experts, r, _ = a.shape
-        hidden = F.linear(self.tmole_dropout[adapter](x.to(a.dtype)), a.reshape(experts * r, -1))
+        hidden = F.linear(self.tmole_dropout[adapter](x), a.reshape(experts * r, -1).to(x.dtype))
         scale = (self.gates(adapter, routing) * self.scaling[adapter]).repeat_interleave(r, dim=-1)
         scale = scale.reshape(scale.shape[0], *([1] * (hidden.dim() - 2)), experts * r)
-        return F.linear(hidden * scale.to(hidden.dtype), b.permute(1, 0, 2).reshape(self.out_features, experts * r))
+        up = b.permute(1, 0, 2).reshape(self.out_features, experts * r).to(x.dtype)
+        return F.linear(hidden * scale.to(hidden.dtype), up)
 
     def _task_experts(self, x: torch.Tensor, adapter: str, routing: Routing) -> torch.Tensor:
         """Each private expert's (alpha/r) B_t A_t x on its own task's samples, zero on the others; experts of tasks
