@@ -51,7 +51,7 @@ def test_backbone_config_validation():
         load_config(BackboneConfig, overrides=["dtype=float64"])
     cfg = load_config(BackboneConfig, overrides=["name=hf", "path=/models/mistral", "max_query_len=128"])
     assert (cfg.path, cfg.max_query_len) == ("/models/mistral", 128)
-    assert resolve_dtype("auto") == (
+    assert resolve_dtype("auto", "tiny") == (
         torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     )
 

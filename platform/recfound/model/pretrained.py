@@ -37,7 +37,7 @@ from recfound.model.tokenizer import (
 OFFLINE_LOAD = {"use_kernels": False}
 
 
-def resolve_dtype(dtype: DType, name: str = "tiny") -> torch.dtype:
+def resolve_dtype(dtype: DType, name: str) -> torch.dtype:
     """``auto``: bf16 where the hardware computes it natively, float32 elsewhere (bf16 emulated in float32 is
     slower than float32). A GPU with bf16 qualifies, and so does a CPU with AVX512-BF16 or AMX for a pretrained
     backbone: there bf16 matmuls ran 4x float32's (2 EPYC cores, 819-909 vs 173-215 GFLOP/s) and a SmolLM2-135M
