@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from recfound.allocator import ray_jemalloc
 from recfound.config import ConfigError, load_config
 from recfound.train.config import TrainConfig
 from recfound.train.run import RunError, plan, scaling_config
@@ -101,7 +102,8 @@ def test_a_local_ray_gets_quicker_ray_train_settings_and_a_cluster_keeps_its_own
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A local instance's runs poll their workers every 0.5 s and start no preemption watcher (the job ends ~5 s
-    sooner); a variable the user set wins, and a cluster (RAY_ADDRESS) keeps Ray's defaults."""
+    sooner); a variable the user set wins, and a cluster (RAY_ADDRESS) keeps Ray's defaults. Both preload Ray's
+    jemalloc in the workers (recfound/allocator.py)."""
     import types
 
     import ray
@@ -115,6 +117,7 @@ def test_a_local_ray_gets_quicker_ray_train_settings_and_a_cluster_keeps_its_own
     monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs) or context)
     cfg = load_config(TrainConfig, str(CONFIGS / "tiny.yaml"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
     run_module._init_ray(cfg)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
@@ -123,3 +126,4 @@ def test_a_local_ray_gets_quicker_ray_train_settings_and_a_cluster_keeps_its_own
     assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == LOCAL_RAY_TRAIN["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in local  # the user's 3 s is what Ray reads
     assert not set(LOCAL_RAY_TRAIN) & set(cluster)
+    assert local["LD_PRELOAD"] == cluster["LD_PRELOAD"] == str(ray_jemalloc())  # every worker on jemalloc

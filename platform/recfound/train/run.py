@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from recfound.allocator import allocator_env_vars
 from recfound.artifacts import TENSORBOARD_DIR
 from recfound.io import exists, read_json
 from recfound.ray_start import RAY_CONSOLE_LEVEL, start_ray
@@ -139,7 +140,10 @@ def _init_ray(cfg: TrainConfig) -> None:
     needed = int(cfg.num_workers * cfg.cpus_per_worker) + 1
     local = {key: value for key, value in LOCAL_RAY_TRAIN.items() if key not in os.environ}
     context = start_ray(
-        env_vars=worker_env_vars(), local_env_vars=local, num_cpus=max(os.cpu_count() or 1, needed), echo=True
+        env_vars=worker_env_vars() | allocator_env_vars(),
+        local_env_vars=local,
+        num_cpus=max(os.cpu_count() or 1, needed),
+        echo=True,
     )
     dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
     print(f"ray: logs in {context.address_info['session_dir']}/logs{dashboard}", flush=True)
